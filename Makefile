@@ -1,0 +1,35 @@
+# `make test` and `make demo` create .venv when it is missing and install the project into it.
+# Without CUDA (no nvidia-smi) torch is pinned to the 2.13.0 CPU build first, so `torch>=2.3`
+# in setup.cfg is already satisfied and pip never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo
+DEMO_SCENES ?= 200
+DEMO_STEPS ?= 60
+
+.PHONY: test demo install clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: keeping/installing your CUDA torch"; \
+	else \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -x -q
+
+demo: install
+	$(PY) tools/make_scenes.py --scenes $(DEMO_SCENES) --out $(DEMO)/scenes --overwrite
+	$(PY) tools/make_shards.py $(DEMO)/scenes --out $(DEMO)/shards --overwrite
+	$(PY) tools/verify_shards.py $(DEMO)/shards
+	$(PY) train/run.py compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) --overwrite
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,132 @@
+"""Load the seed's checkpoints: plain or torch.compile'd state_dicts, sizes inferred from shapes.
+
+The seed saved bare `model.state_dict()`s with no record of the configuration, so the model kind,
+channel width, head sizes and SDF grid size are all read back from the tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .estimators import GRASP_DIM, GRID_DIVISOR, MODEL_KINDS, NUM_STAGES, GQEstimatorBase
+
+COMPILE_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to every key
+_HEAD_WEIGHT = re.compile(r"gq_head\.(\d+)\.weight")
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the source, the problem and the fix."""
+
+
+def strip_compile_prefix(state_dict: StateDict) -> dict[str, torch.Tensor]:
+    """Drop torch.compile's `_orig_mod.` key prefix so the dict loads into an uncompiled model."""
+    return {
+        key[len(COMPILE_PREFIX):] if key.startswith(COMPILE_PREFIX) else key: value
+        for key, value in state_dict.items()
+    }
+
+
+def infer_config(state_dict: StateDict, source: str = "state_dict") -> dict[str, Any]:
+    """The `build_model` arguments (kind, input_size, base_channels, fc_dims) a state_dict fits.
+
+    Raises CheckpointError when the tensors match neither estimator layout.
+    """
+    state_dict = strip_compile_prefix(state_dict)
+
+    def fail(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{source}: {problem}; expected a GQEstimator or GQEstimatorLarge state_dict (keys "
+            f"conv_block.<i>.*, gq_head.<i>.*), e.g. the seed's torch.save(model.state_dict())"
+        )
+
+    first_conv = state_dict.get("conv_block.0.weight")
+    if first_conv is None or first_conv.dim() != 5 or first_conv.shape[1] != 1:
+        raise fail("no 1-channel Conv3d weight at conv_block.0.weight")
+    base_channels = first_conv.shape[0]
+    # Only the large layout has a BatchNorm right after the first conv.
+    kind = "large" if "conv_block.1.running_mean" in state_dict else "small"
+
+    # The head's Linear weights are its only 2-D gq_head tensors; order them by layer index.
+    linears = sorted(
+        (int(match[1]), value)
+        for key, value in state_dict.items()
+        if (match := _HEAD_WEIGHT.fullmatch(key)) and value.dim() == 2
+    )
+    if not linears or linears[-1][1].shape[0] != 1:
+        raise fail("no gq_head Linear layers ending in a single output")
+    fc_dims = tuple(weight.shape[0] for _, weight in linears[:-1])
+
+    # in_features = 8c * (D/16)^3 + 19: solve for the SDF grid size D.
+    channels_out = base_channels * 2 ** (NUM_STAGES - 1)
+    cells, remainder = divmod(linears[0][1].shape[1] - GRASP_DIM, channels_out)
+    side = round(cells ** (1 / 3)) if cells > 0 else 0
+    if remainder or side < 1 or side**3 != cells:
+        raise fail(
+            f"first Linear takes {linears[0][1].shape[1]} inputs, which is not "
+            f"{channels_out} * k^3 + {GRASP_DIM} for base_channels={base_channels}"
+        )
+    return {
+        "kind": kind,
+        "input_size": side * GRID_DIVISOR,
+        "base_channels": base_channels,
+        "fc_dims": fc_dims,
+    }
+
+
+def _load_file(path: Path) -> StateDict:
+    """torch.load a weights-only state_dict, turning every failure into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found (or not a file); check the path")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load signals bad bytes with many types (UnpicklingError, RuntimeError, EOFError, ...).
+    except Exception as exc:
+        # First sentence only: torch's full text is long and may advise weights_only=False.
+        reason = type(exc).__name__
+        if first := str(exc).strip().split("\n")[0].split(". ")[0][:160]:
+            reason += f": {first}"
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({reason}); it is "
+            f"corrupt, truncated or not a state_dict file: re-save it with "
+            f"torch.save(model.state_dict(), path)"
+        ) from exc
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        raise CheckpointError(
+            f"{path}: holds a {type(loaded).__name__}, not a state_dict of tensors; "
+            f"re-save it with torch.save(model.state_dict(), path)"
+        )
+    return loaded
+
+
+def from_seed_checkpoint(checkpoint: str | Path | StateDict) -> GQEstimatorBase:
+    """A GQEstimator or GQEstimatorLarge, sized from and loaded (strictly) with a seed state_dict.
+
+    `checkpoint` is a path to a `.pth` file or an already-loaded state_dict; torch.compile'd
+    dicts (`_orig_mod.` keys) are accepted. The model is on the CPU in train mode, like a new one.
+    """
+    if isinstance(checkpoint, Mapping):
+        source, state_dict = "state_dict", checkpoint
+    else:
+        source, state_dict = str(checkpoint), _load_file(Path(checkpoint))
+    state_dict = strip_compile_prefix(state_dict)
+    config = infer_config(state_dict, source)
+    model = MODEL_KINDS[config.pop("kind")](**config)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        # torch's message lists every missing/unexpected key over many lines; keep the gist.
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"{source}: does not match the inferred {model.layout.kind} layout {model.config} "
+            f"({detail[:300]}); expected a seed GQEstimator/GQEstimatorLarge state_dict"
+        ) from exc
+    return model

@@ -1,0 +1,52 @@
+"""`scenes.parquet`: one row per scene, the dataset's index (pyarrow).
+
+Columns: scene (global index = position among the dataset's scenes), name (source name), split,
+shard, slot, num_grasps, checksum (CRC-32 of the record's bytes), and the seed's per-scene extras
+translation (3 floats) and global_scale, null where the source scene had none.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("scene", pa.int64()),
+    ("name", pa.string()),
+    ("split", pa.string()),
+    ("shard", pa.int32()),
+    ("slot", pa.int32()),
+    ("num_grasps", pa.int32()),
+    ("checksum", pa.int64()),
+    ("translation", pa.list_(pa.float32(), 3)),
+    ("global_scale", pa.float32()),
+])
+COLUMNS = tuple(SCHEMA.names)
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    """Write the index atomically (temporary name, then rename); rows are in scene order."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # No statistics timestamps exist in parquet; pin the writer options that shape the bytes.
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
+    os.replace(tmp, path)
+
+
+def read_index(path: Path) -> dict[str, np.ndarray]:
+    """The index as NumPy columns (translation as (n,3) float32 with NaN rows where null)."""
+    table = pq.read_table(path)
+    if tuple(table.schema.names) != COLUMNS:
+        raise ValueError(f"{path}: columns {table.schema.names}, expected {list(COLUMNS)}")
+    cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
+            ("scene", "name", "split", "shard", "slot", "num_grasps", "checksum")}
+    cols["name"] = cols["name"].astype(str)
+    cols["split"] = cols["split"].astype(str)
+    translation = table.column("translation").to_pylist()
+    cols["translation"] = np.array([t if t is not None else [np.nan] * 3 for t in translation],
+                                   dtype=np.float32).reshape(-1, 3)
+    cols["global_scale"] = table.column("global_scale").to_numpy(zero_copy_only=False).astype(np.float32)
+    return cols

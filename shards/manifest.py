@@ -1,0 +1,41 @@
+"""`manifest.json`: what a dataset is, written last; a directory without it is not a dataset."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+
+
+class DatasetError(ValueError):
+    """A directory that is not a readable dataset of this format; `str()` says what and what to do."""
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write atomically; keys sorted and no timestamps, so equal builds give equal bytes."""
+    path = root / MANIFEST
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(root: Path) -> dict:
+    """Load and check the manifest's format name and version."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset directory; build one with tools/make_shards.py")
+    path = root / MANIFEST
+    if not path.exists():
+        hint = " (an unfinished build: rerun make_shards with --resume)" if (root / ".build").exists() else ""
+        raise DatasetError(f"{path}: missing, so {root} is not a finished dataset{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{path}: unreadable manifest ({err}); rebuild the dataset") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format version {manifest.get('version')}, this reader reads "
+                           f"version {FORMAT_VERSION}; rebuild with this version's make_shards")
+    return manifest

@@ -1,0 +1,81 @@
+"""Memory-mapped reader: O(1) access to any scene's SDF and labels, or to a whole shard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .format import GRASP_DIM, INDEX, SCORE_COLUMN, labels_name, sdf_name
+from .index import read_index
+from .manifest import DatasetError, read_manifest
+from .writer import Layout
+
+SPLITS = ("train", "val", "test")
+
+
+class ShardReader:
+    """A finished dataset directory, opened read-only; shard files are mapped on first use."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        m = self.manifest
+        self.layout = Layout(grid=m["grid"][0], dtype=m["sdf_dtype"], max_grasps=m["max_grasps"],
+                             records_per_shard=m["records_per_shard"])
+        if not (self.root / INDEX).exists():
+            raise DatasetError(f"{self.root / INDEX}: missing index; rebuild the dataset")
+        self.index = read_index(self.root / INDEX)
+        self._maps: dict[str, np.ndarray] = {}
+
+    @property
+    def num_scenes(self) -> int:
+        return len(self.index["scene"])
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.manifest["num_shards"])
+
+    def sdf_path(self, shard: int) -> Path:
+        return self.root / sdf_name(shard)
+
+    def labels_path(self, shard: int) -> Path:
+        return self.root / labels_name(shard)
+
+    def _map(self, path: Path) -> np.ndarray:
+        if path.name not in self._maps:
+            self._maps[path.name] = np.load(path, mmap_mode="r")
+        return self._maps[path.name]
+
+    def sdf_shard(self, shard: int) -> np.ndarray:
+        """The whole shard's SDFs, (R, D, D, D) in the stored dtype, memory-mapped."""
+        return self._map(self.sdf_path(shard))
+
+    def labels_shard(self, shard: int) -> np.ndarray:
+        """The whole shard's labels, (R, max_grasps, 20) float32, memory-mapped."""
+        return self._map(self.labels_path(shard))
+
+    def locate(self, scene: int) -> tuple[int, int]:
+        """(shard, slot) of a scene."""
+        return int(self.index["shard"][scene]), int(self.index["slot"][scene])
+
+    def sdf(self, scene: int) -> np.ndarray:
+        """One scene's SDF, (D, D, D) in the stored dtype (a view into the map)."""
+        shard, slot = self.locate(scene)
+        return self.sdf_shard(shard)[slot]
+
+    def labels(self, scene: int) -> np.ndarray:
+        """One scene's used label rows, (num_grasps, 20): 19 grasp values, then the score."""
+        shard, slot = self.locate(scene)
+        return self.labels_shard(shard)[slot, : int(self.index["num_grasps"][scene])]
+
+    def grasps(self, scene: int) -> np.ndarray:
+        return self.labels(scene)[:, :GRASP_DIM]
+
+    def scores(self, scene: int) -> np.ndarray:
+        return self.labels(scene)[:, SCORE_COLUMN]
+
+    def split_scenes(self, split: str) -> np.ndarray:
+        """Global ids of a split's scenes, ascending."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        return self.index["scene"][self.index["split"] == split]

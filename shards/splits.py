@@ -1,0 +1,55 @@
+"""Which split each scene belongs to: the seed's `splits.json`, or a hash of the scene name.
+
+Splits are by scene, never by grasp, so no validation object is ever seen in training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .reader import SPLITS
+
+
+class SplitError(ValueError):
+    """A splits file that cannot assign every scene exactly one split."""
+
+
+def hash_split(name: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from the name alone: stable when scenes are added or removed."""
+    u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0 ** 64
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def load_splits(path: Path) -> dict[str, str]:
+    """name -> split from a `{"train": [...], "val": [...], "test": [...]}` file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SplitError(f"{path}: unreadable splits file ({err})") from None
+    if not isinstance(data, dict) or not set(data) <= set(SPLITS):
+        raise SplitError(f"{path}: expected an object with keys among {', '.join(SPLITS)}")
+    assignment: dict[str, str] = {}
+    for split, names in data.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise SplitError(f"{path}: '{split}' must be a list of scene names")
+        for name in names:
+            if name in assignment and assignment[name] != split:
+                raise SplitError(f"{path}: scene {name} is in both '{assignment[name]}' and '{split}'")
+            assignment[name] = split
+    return assignment
+
+
+def assign_splits(names: list[str], splits_file: Path | None,
+                  val_fraction: float, test_fraction: float) -> list[str]:
+    """The split of each name, from the file when given (a missing scene is an error)."""
+    if splits_file is None:
+        return [hash_split(n, val_fraction, test_fraction) for n in names]
+    assignment = load_splits(splits_file)
+    missing = [n for n in names if n not in assignment]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SplitError(f"{splits_file}: scene {missing[0]}{more} is in no split; add it to the file")
+    return [assignment[n] for n in names]

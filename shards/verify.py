@@ -1,0 +1,162 @@
+"""Verification: manifest, files and index agree; headers are right; every record's bytes match.
+
+`python -m shards.verify DIR [--quick]` (also `tools/verify_shards.py`): exit 0 with a one-line
+summary, or exit 1 with one line per problem naming the file, shard, slot and scene.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import zlib
+from pathlib import Path
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from .format import (HEADER_BYTES, INDEX, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, file_sha256, labels_name,
+                     read_npy_header, sdf_name)
+from .index import read_index
+from .manifest import DatasetError, read_manifest
+from .reader import SPLITS
+from .writer import Layout
+
+
+def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> list[str]:
+    try:
+        version, got_shape, fortran, got_dtype, offset = read_npy_header(path)
+    except (OSError, ValueError) as err:
+        return [f"{path.name}: unreadable NPY header ({err})"]
+    problems = []
+    if version != (1, 0):
+        problems.append(f"{path.name}: NPY version {version[0]}.{version[1]}, expected 1.0")
+    if fortran:
+        problems.append(f"{path.name}: Fortran order, expected C order")
+    if got_shape != shape:
+        problems.append(f"{path.name}: shape {got_shape}, expected {shape}")
+    if got_dtype != dtype:
+        problems.append(f"{path.name}: dtype {got_dtype}, expected {dtype}")
+    if offset != HEADER_BYTES:
+        problems.append(f"{path.name}: data starts at byte {offset}, expected {HEADER_BYTES}")
+    return problems
+
+
+def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
+    n, problems = manifest["num_scenes"], []
+    if len(index["scene"]) != n:
+        return [f"{INDEX}: {len(index['scene'])} rows, manifest says {n} scenes"]
+    if not np.array_equal(index["scene"], np.arange(n)):
+        problems.append(f"{INDEX}: scene column is not 0..{n - 1} in order")
+    position = index["shard"].astype(np.int64) * layout.records_per_shard + index["slot"]
+    if (index["slot"] < 0).any() or (index["slot"] >= layout.records_per_shard).any() \
+            or (index["shard"] < 0).any() or (index["shard"] >= manifest["num_shards"]).any() \
+            or len(np.unique(position)) != n:
+        problems.append(f"{INDEX}: shard/slot columns point outside the shards or twice at one record")
+    for scene in np.flatnonzero((index["num_grasps"] < 1) | (index["num_grasps"] > layout.max_grasps)):
+        problems.append(f"{INDEX}: scene {scene} ({index['name'][scene]}) has num_grasps "
+                        f"{index['num_grasps'][scene]}, outside 1..{layout.max_grasps}")
+    for split in SPLITS:
+        mask = index["split"] == split
+        got = {"scenes": int(mask.sum()), "grasps": int(index["num_grasps"][mask].sum())}
+        if got != manifest["splits"][split]:
+            problems.append(f"{INDEX}: split {split} has {got}, manifest says {manifest['splits'][split]}")
+    return problems
+
+
+def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int],
+                   digests: dict[str, str]) -> list[str]:
+    """One pass over a shard's two files: whole-file SHA-256 and every record's CRC-32."""
+    problems = []
+    sdf_path, lab_path = root / sdf_name(shard), root / labels_name(shard)
+    sdf_hash, lab_hash = hashlib.sha256(), hashlib.sha256()
+    with open(sdf_path, "rb") as fs, open(lab_path, "rb") as fl:
+        sdf_hash.update(fs.read(HEADER_BYTES))
+        lab_hash.update(fl.read(HEADER_BYTES))
+        for slot in range(layout.records_per_shard):
+            sdf_rec, lab_rec = fs.read(layout.sdf_record_bytes), fl.read(layout.labels_record_bytes)
+            sdf_hash.update(sdf_rec)
+            lab_hash.update(lab_rec)
+            scene = rows.get(slot)
+            if scene is None:
+                continue
+            where = f"{sdf_path.name}/{lab_path.name}: shard {shard} slot {slot} scene {scene} ({index['name'][scene]})"
+            crc = zlib.crc32(lab_rec, zlib.crc32(sdf_rec))
+            if crc != index["checksum"][scene]:
+                problems.append(f"{where}: record checksum {crc:08x}, index says {int(index['checksum'][scene]):08x}")
+                continue
+            scores = np.frombuffer(lab_rec, dtype=LABEL_DTYPE).reshape(layout.max_grasps, LABEL_DIM)[:, SCORE_COLUMN]
+            used = int(index["num_grasps"][scene])
+            if not np.isfinite(scores[:used]).all() or not np.isnan(scores[used:]).all():
+                problems.append(f"{where}: scores of the {used} used slots must be finite and the rest NaN")
+    for path, h in ((sdf_path, sdf_hash), (lab_path, lab_hash)):
+        if h.hexdigest() != digests[path.name]:
+            problems.append(f"{path.name}: shard {shard}: file SHA-256 differs from the manifest")
+    return problems
+
+
+def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tuple[list[str], str]:
+    """(problems, summary). `quick` checks sizes, headers and the index, not the bytes."""
+    root = Path(root)
+    try:
+        manifest = read_manifest(root)
+    except DatasetError as err:
+        return [str(err)], ""
+    m = manifest
+    layout = Layout(m["grid"][0], m["sdf_dtype"], m["max_grasps"], m["records_per_shard"])
+    listed = {f["name"]: f for f in m["files"]}
+    problems = []
+    for k in range(m["num_shards"]):
+        for name in (sdf_name(k), labels_name(k)):
+            if name not in listed:
+                problems.append(f"{name}: shard {k}: not listed in the manifest")
+    for name, entry in listed.items():
+        path = root / name
+        if not path.exists():
+            problems.append(f"{name}: listed in the manifest but missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    for k in range(m["num_shards"]):
+        if (root / sdf_name(k)).exists():
+            problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))
+        if (root / labels_name(k)).exists():
+            problems += _check_header(root / labels_name(k), layout.labels_shape(), LABEL_DTYPE)
+    try:
+        index = read_index(root / INDEX)
+    except (OSError, ValueError) as err:
+        return problems + [f"{INDEX}: unreadable index ({err})"], ""
+    problems += _check_index(m, index, layout)
+    if problems or quick:
+        checked = "sizes, headers and index match (records not read: --quick)"
+    else:
+        rows_by_shard: dict[int, dict[int, int]] = {k: {} for k in range(m["num_shards"])}
+        for scene, (shard, slot) in enumerate(zip(index["shard"], index["slot"])):
+            rows_by_shard[int(shard)][int(slot)] = scene
+        digests = {name: entry["sha256"] for name, entry in listed.items()}
+        for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=not progress):
+            problems += _check_records(root, k, layout, index, rows_by_shard[k], digests)
+        if INDEX in digests:
+            if file_sha256(root / INDEX) != digests[INDEX]:
+                problems.append(f"{INDEX}: file SHA-256 differs from the manifest")
+        checked = "every file hash and record checksum matches"
+    splits = " / ".join(f"{s} {m['splits'][s]['scenes']}" for s in SPLITS)
+    size = sum(entry["bytes"] for entry in m["files"]) / 1e6
+    summary = (f"OK {root}: {m['num_scenes']} scenes ({splits}), {m['num_shards']} shards of "
+               f"{m['records_per_shard']}, {size:.1f} MB; {checked}")
+    return problems, summary
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="Check sizes, headers and the index only; skip reading the records.")
+def cli(directory: Path, quick: bool) -> None:
+    """Verify the dataset in DIRECTORY: exit 0 with a summary, or 1 with one line per problem."""
+    problems, summary = verify(directory, quick=quick, progress=sys.stderr.isatty())
+    if problems:
+        for line in problems:
+            click.echo(line)
+        sys.exit(1)
+    click.echo(summary)
+
+
+if __name__ == "__main__":
+    cli()

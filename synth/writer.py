@@ -1,0 +1,189 @@
+"""Writing a dataset directory of synthetic scenes in parallel, all or nothing.
+
+Layout (the seed's processed layout): `<out>/scene_000000/scene.npz`, ... The dataset is built
+in a hidden temporary sibling of `<out>` and renamed into place only when every scene is
+written, so a failure or Ctrl-C leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .scenes import check_grid, check_int, make_scene
+
+QUANTILES = (1, 5, 25, 50, 75, 95, 99)
+SCENE_PREFIX = "scene_"
+
+
+def scene_name(index: int) -> str:
+    """Directory name of scene `index`; zero-padded so name order is index order."""
+    return f"{SCENE_PREFIX}{index:06d}"
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` as an uncompressed .npz (np.savez's format), atomically and reproducibly.
+
+    np.savez stamps the current time into each zip entry, so two runs would differ in bytes;
+    here every entry gets a fixed timestamp. Written to `<path>.partial` and renamed.
+    """
+    partial = path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
+        for key, value in arrays.items():
+            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w", force_zip64=True) as stream:
+                np.lib.format.write_array(stream, np.asanyarray(value), allow_pickle=False)
+    os.replace(partial, path)
+
+
+def _write_scene(task: tuple[Path, int, int, int, int]) -> tuple[int, np.ndarray]:
+    """Make and save one scene; returns its index and scores (for the summary)."""
+    root, seed, index, grid, num_grasps = task
+    scene = make_scene(seed, index, grid, num_grasps)
+    folder = root / scene_name(index)
+    folder.mkdir()
+    save_npz(folder / "scene.npz", scene)
+    return index, scene["scores"]
+
+
+def _ignore_sigint() -> None:
+    # Workers leave Ctrl-C to the parent, which stops the pool and removes the temporary output.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Raise ValueError if `out` cannot be (re)placed by a new dataset."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory; choose another path")
+    entries = sorted(out.iterdir())
+    if entries and not overwrite:
+        raise ValueError(f"output directory {out} is not empty; pass --overwrite "
+                         "(overwrite=True) to replace it, or choose another directory")
+    foreign = [e.name for e in entries if not (e.is_dir() and e.name.startswith(SCENE_PREFIX))]
+    if foreign:
+        raise ValueError(f"refusing to overwrite {out}: it holds {foreign[0]!r}, which this tool "
+                         "did not write; remove it yourself or choose another directory")
+
+
+def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
+    """Create a temporary sibling of `out` (and any missing parents, returned for cleanup)."""
+    missing = [p for p in reversed(out.parents) if not p.exists()]
+    existing = out.parent if not missing else missing[0].parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {out}: {existing} is not a directory; "
+                         "choose another output directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        _remove_empty(missing)
+        raise ValueError(f"cannot write to {out.parent}: {exc.strerror}; "
+                         "choose a writable output directory") from exc
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset gets the usual mode
+    return tmp, missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for folder in reversed(dirs):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty or already gone: someone else's now
+
+
+def _generate(tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, workers: int,
+              progress: bool) -> np.ndarray:
+    """Write every scene into `tmp`; returns all scores in scene order."""
+    tasks = [(tmp, seed, i, grid, num_grasps) for i in range(scenes)]
+    scores: list[np.ndarray | None] = [None] * scenes
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=scenes, unit="scene", desc="scenes", file=sys.stderr,
+                                       disable=not progress, dynamic_ncols=True))
+        if workers == 1:  # in-process: no pool start-up, and what the benchmark measures per worker
+            results = map(_write_scene, tasks)
+        else:
+            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_ignore_sigint))
+            chunk = max(1, min(16, scenes // (8 * workers)))  # few round trips, balanced tail
+            results = pool.imap_unordered(_write_scene, tasks, chunksize=chunk)
+        for index, s in results:
+            scores[index] = s
+            bar.update()
+    return np.concatenate(scores)
+
+
+def write_scenes(out_dir: str | os.PathLike, scenes: int, *, grasps_per_scene: int = 480,
+                 grid: int = 48, seed: int = 0, workers: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> dict:
+    """Write scenes 0..scenes-1 of dataset `seed` to `out_dir`; returns a summary dict.
+
+    `workers` processes (default: the CPUs available) share the work; the bytes written do not
+    depend on it. An existing non-empty `out_dir` is replaced only with `overwrite`, and only if
+    it holds nothing but scene directories. Bad arguments raise ValueError before anything is
+    written. Summary keys: out, scenes, grasps, grid, seed, workers, wall_s, scenes_per_s, score
+    (mean, std, min, max, quantiles {percent: value}).
+    """
+    check_int("scenes", scenes, 1)
+    check_int("grasps_per_scene", grasps_per_scene, 1)
+    check_grid(grid)
+    check_int("seed", seed, 0)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0))
+    check_int("workers", workers, 1)
+    workers = min(workers, scenes)
+    out = Path(out_dir).absolute()
+    _check_out_dir(out, overwrite)
+
+    start = time.perf_counter()
+    tmp, created = _make_temp_dir(out)
+    try:
+        scores = _generate(tmp, scenes, grid, grasps_per_scene, seed, workers, progress)
+        if out.exists():  # empty, or overwrite: move it aside, swap in the new one, then delete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    wall = time.perf_counter() - start
+    return {
+        "out": str(out), "scenes": scenes, "grasps": int(scores.size), "grid": grid, "seed": seed,
+        "workers": workers, "wall_s": wall, "scenes_per_s": scenes / wall,
+        "score": {
+            "mean": float(scores.mean()), "std": float(scores.std()),
+            "min": float(scores.min()), "max": float(scores.max()),
+            "quantiles": {q: float(v) for q, v in zip(QUANTILES, np.percentile(scores, QUANTILES))},
+        },
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A few human-readable lines describing a write_scenes summary."""
+    s = summary["score"]
+    quantiles = "  ".join(f"p{q}={v:.2f}" for q, v in s["quantiles"].items())
+    return "\n".join([
+        f"wrote {summary['scenes']} scenes ({summary['grasps']} grasps, grid {summary['grid']}) "
+        f"to {summary['out']}",
+        f"scores: mean {s['mean']:.2f}  std {s['std']:.2f}  min {s['min']:.2f}  max {s['max']:.2f}",
+        f"quantiles: {quantiles}",
+        f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.1f} scenes/s "
+        f"with {summary['workers']} worker(s)",
+    ])

@@ -1,0 +1,291 @@
+"""The shard format end to end: make_shards -> files -> reader / np.load / verify."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
+from shards import ShardReader, verify
+from shards.format import HEADER_BYTES, read_npy_header
+
+GRID = 16
+
+
+def build(src: Path, out: Path, *args) -> subprocess.CompletedProcess:
+    return run_tool("make_shards.py", src, "--out", out, "--grid", GRID, "--quiet", *args)
+
+
+def source_arrays(src: Path, name: str) -> dict:
+    with np.load(src / name / "scene.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_round_trip_float32_exact(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    result = build(small_source, out, "--dtype", "float32", "--records-per-shard", 4)
+    assert result.returncode == 0, result.stderr
+    assert "scenes" in result.stdout and "max conversion error 0" in result.stdout
+    reader = ShardReader(out)
+    assert reader.num_scenes == 11 and reader.num_shards == 3
+    for scene, name in enumerate(reader.index["name"]):
+        src = source_arrays(small_source, name)
+        assert name == f"scene_{scene:03d}"  # sorted by name: global index = sorted position
+        assert np.array_equal(reader.sdf(scene), src["sdf"])
+        assert np.array_equal(reader.grasps(scene), src["grasps"])
+        assert np.array_equal(reader.scores(scene), src["scores"])
+        assert np.array_equal(reader.index["translation"][scene], src["translation"])
+        assert reader.index["global_scale"][scene] == src["global_scale"]
+    # a whole shard is one array; the padded tail of the last shard is empty
+    last = reader.labels_shard(2)
+    assert last.shape == (4, 480, 20) and np.isnan(last[3:, :, 19]).all()
+
+
+def test_round_trip_float16_within_rounding(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    assert build(small_source, out).returncode == 0
+    reader = ShardReader(out)
+    worst = 0.0
+    for scene, name in enumerate(reader.index["name"]):
+        sdf = source_arrays(small_source, name)["sdf"]
+        stored = reader.sdf(scene)
+        assert stored.dtype == np.float16
+        assert np.array_equal(stored, sdf.astype(np.float16))
+        worst = max(worst, float(np.abs(stored.astype(np.float32) - sdf).max()))
+    assert reader.manifest["sdf_max_conversion_error"] == pytest.approx(worst)
+    assert 0 < worst < 1e-3
+
+
+def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    assert build(small_source, out, "--records-per-shard", 4).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "gq-shards" and manifest["version"] == 1
+    assert manifest["num_records"] == 12 and manifest["num_scenes"] == 11
+    for split, counts in manifest["splits"].items():
+        assert counts["scenes"] == sum(1 for s in ShardReader(out).index["split"] if s == split)
+    for name in ("sdf-00000.npy", "labels-00002.npy"):
+        version, shape, fortran, dtype, offset = read_npy_header(out / name)
+        assert version == (1, 0) and not fortran and offset == HEADER_BYTES
+    # any NumPy reads a shard with mmap; records of a 16^3 float16 grid are 4 KiB aligned
+    arr = np.load(out / "sdf-00001.npy", mmap_mode="r")
+    assert arr.shape == (4, GRID, GRID, GRID) and arr.dtype == np.float16 and arr.offset == HEADER_BYTES
+    assert arr[0].nbytes % 4096 == 0
+    sorted_names = sorted(p.name for p in out.iterdir())
+    assert sorted_names == ["labels-00000.npy", "labels-00001.npy", "labels-00002.npy", "manifest.json",
+                            "scenes.parquet", "sdf-00000.npy", "sdf-00001.npy", "sdf-00002.npy"]
+
+
+def test_two_builds_byte_identical_whatever_the_workers(small_source: Path, tmp_path: Path) -> None:
+    assert build(small_source, tmp_path / "a", "--workers", 1, "--records-per-shard", 4).returncode == 0
+    assert build(small_source, tmp_path / "b", "--workers", 2, "--records-per-shard", 4).returncode == 0
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+
+
+def _bad(kind: str, rng: np.random.Generator) -> dict | bytes | None:
+    scene = random_scene(rng, GRID, 10)
+    if kind == "corrupt":
+        return b"PK\x03\x04 this is not a zip archive"
+    if kind == "truncated":
+        return "truncate"
+    if kind == "missing_key":
+        del scene["scores"]
+    elif kind == "sdf_shape":
+        scene["sdf"] = scene["sdf"][:-1]
+    elif kind == "sdf_nan":
+        scene["sdf"][3, 4, 5] = np.nan
+    elif kind == "grasps_inf":
+        scene["grasps"][2, 7] = np.inf
+    elif kind == "grasps_shape":
+        scene["grasps"] = scene["grasps"][:, :18]
+    elif kind == "scores_shape":
+        scene["scores"] = scene["scores"][:-1]
+    elif kind == "no_grasps":
+        scene["grasps"], scene["scores"] = scene["grasps"][:0], scene["scores"][:0]
+    elif kind == "too_many":
+        scene["grasps"] = np.zeros((481, 19), np.float32)
+        scene["scores"] = np.zeros(481, np.float32)
+    elif kind == "float16_range":
+        scene["sdf"][0, 0, 0] = 1e5
+    elif kind == "int_sdf":
+        scene["sdf"] = scene["sdf"].astype(np.int32)
+    elif kind == "no_file":
+        return None
+    return scene
+
+
+BAD_CASES = {
+    "corrupt": "unreadable or corrupt npz",
+    "truncated": "unreadable or corrupt npz",
+    "missing_key": "missing key(s) scores",
+    "sdf_shape": "'sdf' has shape (15, 16, 16), expected (16, 16, 16)",
+    "sdf_nan": "'sdf' has 1 non-finite values",
+    "grasps_inf": "'grasps' has 1 non-finite values",
+    "grasps_shape": "'grasps' has shape (10, 18), expected (N, 19)",
+    "scores_shape": "'scores' has shape (9,), expected (10,)",
+    "no_grasps": "has no grasps (N = 0)",
+    "too_many": "has 481 grasps, more than --max-grasps 480",
+    "float16_range": "outside float16's finite range",
+    "int_sdf": "'sdf' has dtype int32, expected a floating-point array",
+    "no_file": "missing scene.npz",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_bad_scene_stops_with_one_line_and_leaves_nothing(kind: str, small_source: Path, tmp_path: Path) -> None:
+    bad = _bad(kind, np.random.default_rng(1))
+    path = small_source / "scene_005" / "scene.npz"
+    if bad is None:
+        path.unlink()
+    elif bad == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif isinstance(bad, bytes):
+        path.write_bytes(bad)
+    else:
+        write_scene(small_source, "scene_005", **bad)
+    out = tmp_path / "ds"
+    result = build(small_source, out, "--records-per-shard", 2)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0] and BAD_CASES[kind] in lines[0]
+    assert not out.exists()  # no manifest, no shards, no temporaries
+
+
+def test_bad_scene_in_existing_directory_leaves_it_empty(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    out.mkdir()
+    (small_source / "scene_009" / "scene.npz").write_bytes(b"garbage")
+    assert build(small_source, out, "--records-per-shard", 2).returncode == 2
+    assert out.exists() and list(out.iterdir()) == []
+
+
+def test_skip_bad_reports_and_never_substitutes(small_source: Path, tmp_path: Path) -> None:
+    (small_source / "scene_003" / "scene.npz").write_bytes(b"garbage")
+    write_scene(small_source, "scene_007", **{**random_scene(np.random.default_rng(2), 8, 4)})
+    out = tmp_path / "ds"
+    result = build(small_source, out, "--skip-bad", "--records-per-shard", 4)
+    assert result.returncode == 0, result.stderr
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["name"] for s in skipped] == ["scene_003", "scene_007"]
+    assert "corrupt npz" in skipped[0]["reason"] and "'sdf' has shape (8, 8, 8)" in skipped[1]["reason"]
+    reader = ShardReader(out)
+    assert reader.manifest["skipped"] == 2 and reader.num_scenes == 9
+    assert "scene_003" not in reader.index["name"] and "scene_007" not in reader.index["name"]
+    for scene, name in enumerate(reader.index["name"]):
+        assert np.array_equal(reader.scores(scene), source_arrays(small_source, name)["scores"])
+    problems, summary = verify(out)
+    assert problems == [] and summary.startswith("OK")
+
+
+def test_splits_file(small_source: Path, tmp_path: Path) -> None:
+    names = [f"scene_{i:03d}" for i in range(11)]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": names[:7], "val": names[7:9], "test": names[9:]}))
+    assert build(small_source, tmp_path / "ds", "--splits", splits).returncode == 0
+    reader = ShardReader(tmp_path / "ds")
+    assert list(reader.split_scenes("val")) == [7, 8] and list(reader.split_scenes("test")) == [9, 10]
+    splits.write_text(json.dumps({"train": names[:7], "val": names[7:9], "test": names[9:10]}))
+    result = build(small_source, tmp_path / "ds2", "--splits", splits)
+    assert result.returncode == 2 and "scene scene_010 is in no split" in result.stderr
+    assert not (tmp_path / "ds2").exists()
+
+
+def test_existing_dataset_needs_overwrite(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    assert build(small_source, out).returncode == 0
+    again = build(small_source, out)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert build(small_source, out, "--overwrite", "--limit", 5).returncode == 0
+    assert ShardReader(out).num_scenes == 5
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    foreign = build(small_source, tmp_path / "other", "--overwrite")
+    assert foreign.returncode == 2 and "not empty and not a dataset" in foreign.stderr
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    assert build(small_source, out, "--records-per-shard", 4).returncode == 0
+    ok = run_tool("verify_shards.py", out)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK") and len(ok.stdout.splitlines()) == 1
+    path = out / "sdf-00001.npy"
+    data = bytearray(path.read_bytes())
+    record = GRID ** 3 * 2
+    data[HEADER_BYTES + 2 * record + 100] ^= 0x40  # shard 1, slot 2 -> scene 6
+    path.write_bytes(bytes(data))
+    quick = run_tool("verify_shards.py", out, "--quick")
+    assert quick.returncode == 0  # sizes and headers still agree
+    bad = subprocess.run([sys.executable, "-m", "shards.verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "shard 1 slot 2 scene 6 (scene_006): record checksum" in bad.stdout
+    assert "sdf-00001.npy: shard 1: file SHA-256 differs" in bad.stdout
+
+
+def test_verify_reports_missing_manifest_and_truncated_file(small_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    assert build(small_source, out, "--records-per-shard", 4).returncode == 0
+    path = out / "labels-00000.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+    result = run_tool("verify_shards.py", out, "--quick")
+    assert result.returncode == 1 and "labels-00000.npy:" in result.stdout and "manifest says" in result.stdout
+    (out / "manifest.json").unlink()
+    missing = run_tool("verify_shards.py", out)
+    assert missing.returncode == 1 and "manifest.json: missing" in missing.stdout
+
+
+def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src", scenes=30)
+    ref = tmp_path / "ref"
+    assert build(src, ref, "--records-per-shard", 4).returncode == 0
+    # scene_021 becomes a FIFO: loading it blocks, so the build stalls right after shards 0-4
+    # (scenes 0-19) are complete; the test then kills the whole process group with SIGKILL.
+    npz = src / "scene_021" / "scene.npz"
+    data = npz.read_bytes()
+    npz.unlink()
+    os.mkfifo(npz)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), str(src), "--out", str(out),
+           "--grid", str(GRID), "--records-per-shard", "4", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / ".build" / "journal.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (journal.exists() and len(journal.read_text().splitlines()) >= 6):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(journal.read_text().splitlines()) == 6, "the build should have stalled after 5 shards"
+    assert not (out / "manifest.json").exists()
+    npz.unlink()
+    npz.write_bytes(data)
+    refused = build(src, out, "--records-per-shard", 4)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = build(src, out, "--records-per-shard", 4, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree_bytes(out) == tree_bytes(ref)
+    other = build(src, tmp_path / "ref", "--records-per-shard", 8, "--resume")
+    assert other.returncode == 2 and "already a finished dataset" in other.stderr
+
+
+def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src", scenes=6)
+    out = tmp_path / "out"
+    (out / ".build").mkdir(parents=True)
+    (out / ".build" / "journal.jsonl").write_text(json.dumps({"format": "gq-shards", "args": {}}) + "\n")
+    result = build(src, out, "--resume")
+    assert result.returncode == 2 and "used other sources or options" in result.stderr
+
+
+def test_help_and_bad_flags() -> None:
+    for tool in ("make_shards.py", "verify_shards.py"):
+        assert run_tool(tool, "--help").returncode == 0
+    result = run_tool("make_shards.py", "/nonexistent", "--out", "/tmp/x-never")
+    assert result.returncode == 2 and "no such directory" in result.stderr
