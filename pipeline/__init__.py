@@ -1,0 +1,11 @@
+"""Loaders that turn a shard dataset into `Batch`es on the training device.
+
+`open_loader(..., mode="cache")` holds the split in one device tensor; `mode="dali"` streams the
+planned records with DALI. Both follow the same epoch plan and yield bit-identical batches.
+"""
+from .batch import Batch
+from .loader import MODES, Loader, LoaderError, open_loader, resolve_device
+from .plan import EpochPlan, PlanSpec, make_plan, num_batches
+
+__all__ = ["Batch", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device", "EpochPlan", "PlanSpec",
+           "make_plan", "num_batches"]

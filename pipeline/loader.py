@@ -1,0 +1,174 @@
+"""`open_loader` and what both loader modes share: checks, the epoch plan, resumable position."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards import GRASP_DIM, SCORE_COLUMN, DatasetError, ShardReader, verify
+
+from .batch import Batch
+from .plan import EpochPlan, PlanSpec, make_plan, num_batches
+
+log = logging.getLogger("pipeline")
+MODES = ("cache", "dali")
+
+
+class LoaderError(ValueError):
+    """Settings that cannot work with this dataset; `str()` gives the reason."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device, refusing CUDA when this torch has none."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise LoaderError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoaderError(f"device {device!r}: CUDA is not available to this torch; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise LoaderError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+class Loader:
+    """Batches of one split for one rank, in the order of the epoch plan.
+
+    Iterating yields the current epoch's batches from `position` on; `state_dict()` /
+    `load_state_dict()` carry (seed, epoch, position), so a run resumes mid-epoch.
+    """
+
+    mode = ""
+
+    def __init__(self, reader: ShardReader, split: str, spec: PlanSpec, device: torch.device):
+        self.reader, self.split, self.spec, self.device = reader, split, spec, device
+        self.scene_ids = reader.split_scenes(split)
+        self.num_grasps = reader.index["num_grasps"][self.scene_ids].astype(np.int64)
+        self.epoch, self.position = 0, 0
+        self._len = num_batches(self.num_grasps, spec)
+
+    @property
+    def grid(self) -> int:
+        return self.reader.layout.grid
+
+    @property
+    def max_grasps(self) -> int:
+        return self.reader.layout.max_grasps
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of data this loader holds in memory (host or device)."""
+        return 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.spec.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.spec.seed:
+            raise LoaderError(f"loader state has seed {state['seed']}, this loader was opened with {self.spec.seed}")
+        if not 0 <= state["position"] <= len(self):
+            raise LoaderError(f"loader state position {state['position']} is outside 0..{len(self)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def plan(self) -> EpochPlan:
+        return make_plan(self.scene_ids, self.num_grasps, self.spec, self.epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.position >= len(self):
+            self.position = 0  # a finished epoch iterates again from its start, like a DataLoader
+        plan = self.plan()
+        for batch in self._iterate(plan, self.position):
+            self.position += 1
+            yield batch
+
+    def _epoch_index(self, plan: EpochPlan) -> dict[str, torch.Tensor]:
+        """The plan's per-group and per-grasp arrays on the device, built once per epoch."""
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        group_of_grasp = plan.group_of_grasp()
+        return {"group_scene": dev(plan.group_scene), "slots": dev(plan.slots),
+                "group_of_grasp": dev(group_of_grasp),
+                "scene_of_grasp": dev(group_of_grasp % self.spec.scenes_per_batch)}
+
+    def _batch(self, plan: EpochPlan, b: int, idx: dict[str, torch.Tensor], sdf: torch.Tensor,
+               labels: torch.Tensor, label_index: torch.Tensor) -> Batch:
+        """Assemble batch b from its SDFs (any float dtype, S first) and a flat [*, 20] label table
+        indexed by `label_index` (one entry per grasp of the epoch)."""
+        g0, g1 = plan.groups(b)
+        a, z = plan.grasp_range(b)
+        lab = labels.index_select(0, label_index[a:z])
+        return Batch(sdf=sdf.reshape((g1 - g0, 1) + tuple(sdf.shape[-3:])).float(),
+                     grasps=lab[:, :GRASP_DIM].contiguous(), scores=lab[:, SCORE_COLUMN].contiguous(),
+                     scene_of_grasp=idx["scene_of_grasp"][a:z], scene_ids=idx["group_scene"][g0:g1])
+
+    def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the loader holds; it cannot be iterated afterwards."""
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_dataset(root: Path) -> None:
+    """Fail before any work when the directory is not a usable dataset (quick verify)."""
+    problems, _ = verify(root, quick=True)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DatasetError(f"{root}: not a usable dataset: {problems[0]}{more}; "
+                           "run tools/verify_shards.py on it, or rebuild it with tools/make_shards.py")
+
+
+def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train", scenes_per_batch: int = 8,
+                grasps_per_scene: int = 16, seed: int = 0, device: str | torch.device = "cpu", rank: int = 0,
+                world_size: int = 1, drop_last: bool = False, *, memory_budget: int | None = None,
+                prefetch: int = 2, num_threads: int | None = None, progress: bool = True) -> Loader:
+    """Open a loader of `Batch`es over one split of a shard dataset.
+
+    mode "cache" reads the split once into one device tensor (pass `memory_budget` to cap it);
+    mode "dali" streams exactly the planned records with DALI (`prefetch` batches ahead).
+    Both yield bit-identical batches for the same settings.
+    """
+    if mode not in MODES:
+        raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    spec = PlanSpec(scenes_per_batch, grasps_per_scene, seed, rank, world_size, drop_last)
+    try:
+        spec.check()
+    except ValueError as err:
+        raise LoaderError(str(err)) from None
+    root = Path(shards_dir)
+    _check_dataset(root)
+    reader = ShardReader(root)
+    if grasps_per_scene > reader.layout.max_grasps:
+        raise LoaderError(f"grasps_per_scene {grasps_per_scene}: more than the {reader.layout.max_grasps} "
+                          f"grasp slots per scene of {root}")
+    scenes = reader.split_scenes(split)
+    if len(scenes) == 0:
+        raise LoaderError(f"split {split!r} of {root} has no scenes")
+    if num_batches(reader.index["num_grasps"][scenes], spec) == 0:
+        raise LoaderError(f"split {split!r} of {root} gives no batches with scenes_per_batch {scenes_per_batch}, "
+                          f"grasps_per_scene {grasps_per_scene}, world_size {world_size}, drop_last {drop_last}")
+    dev = resolve_device(device)
+    if mode == "cache":
+        from .cache import CacheLoader
+        loader: Loader = CacheLoader(reader, split, spec, dev, memory_budget=memory_budget, progress=progress)
+    else:
+        from .dali_loader import DaliLoader
+        loader = DaliLoader(reader, split, spec, dev, prefetch=prefetch, num_threads=num_threads)
+    return loader
