@@ -56,7 +56,7 @@ class CacheLoader(Loader):
         dtype = getattr(torch, lay.dtype)
         self.sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=dtype, device=device)
         self.labels = torch.empty((n, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=device)
-        self._row = np.full(reader.num_scenes, -1, dtype=np.int64)  # global scene id -> cache row
+        self._row = np.full(reader.manifest["num_records"], -1, dtype=np.int64)  # scene id -> cache row
         self._row[self.scene_ids] = np.arange(n)
         self._load(progress)
 
@@ -71,8 +71,7 @@ class CacheLoader(Loader):
         CPU it lands in the cache tensor itself. Rows follow ascending scene id, one run per shard.
         """
         start = time.perf_counter()
-        shard_of = self.reader.index["shard"][self.scene_ids]
-        slot_of = self.reader.index["slot"][self.scene_ids]
+        shard_of, slot_of = np.divmod(self.scene_ids, self.reader.layout.records_per_shard)
         shards = np.unique(shard_of)
         staging = None
         if self.device.type == "cuda":

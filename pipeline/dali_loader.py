@@ -49,8 +49,8 @@ class DaliLoader(Loader):
         self.close()
         s, lay = self.spec.scenes_per_batch, self.reader.layout
         groups = plan.group_scene[start * s:]
-        shard = self.reader.index["shard"][groups]
-        slot = self.reader.index["slot"][groups].astype(np.int32)
+        shard, slot = np.divmod(groups, lay.records_per_shard)
+        slot = slot.astype(np.int32)
         # The readers pad the last batch by repeating the last sample; the ROI feed does the same.
         padded = np.concatenate([slot, np.repeat(slot[-1:], -len(slot) % s)])
         sdf_start = np.zeros((len(padded), 4), np.int32)

@@ -49,7 +49,7 @@ class Loader:
     def __init__(self, reader: ShardReader, split: str, spec: PlanSpec, device: torch.device):
         self.reader, self.split, self.spec, self.device = reader, split, spec, device
         self.scene_ids = reader.split_scenes(split)
-        self.num_grasps = reader.index["num_grasps"][self.scene_ids].astype(np.int64)
+        self.num_grasps = reader.column("num_grasps", self.scene_ids).astype(np.int64)
         self.epoch, self.position = 0, 0
         self._len = num_batches(self.num_grasps, spec)
 
@@ -161,7 +161,7 @@ def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train
     scenes = reader.split_scenes(split)
     if len(scenes) == 0:
         raise LoaderError(f"split {split!r} of {root} has no scenes")
-    if num_batches(reader.index["num_grasps"][scenes], spec) == 0:
+    if num_batches(reader.column("num_grasps", scenes), spec) == 0:
         raise LoaderError(f"split {split!r} of {root} gives no batches with scenes_per_batch {scenes_per_batch}, "
                           f"grasps_per_scene {grasps_per_scene}, world_size {world_size}, drop_last {drop_last}")
     dev = resolve_device(device)

@@ -12,8 +12,8 @@ from .reader import SPLITS, ShardReader  # noqa: E402
 from .source import SceneError  # noqa: E402
 from .splits import SplitError  # noqa: E402
 from .verify import verify  # noqa: E402
-from .writer import Layout, ShardWriter  # noqa: E402
+from .writer import Layout  # noqa: E402
 
 __all__ = ["BuildError", "BuildOptions", "build_shards", "FORMAT_NAME", "FORMAT_VERSION", "GRASP_DIM",
            "LABEL_DIM", "SCORE_COLUMN", "DatasetError", "read_manifest", "SPLITS", "ShardReader",
-           "SceneError", "SplitError", "verify", "Layout", "ShardWriter"]
+           "SceneError", "SplitError", "verify", "Layout"]

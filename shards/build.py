@@ -1,34 +1,38 @@
-"""Building a dataset from the seed's processed layout: parallel decode, streaming write, resume.
+"""Building a dataset from the seed's processed layout: parallel decode and write, resume.
 
-Worker processes load and check scenes (`source.load_record`); the parent writes records in scene
-order through one `ShardWriter`. After each completed shard a line goes to `.build/journal.jsonl`
-(its files' hashes, its index rows, where the source stands); `--resume` keeps the journalled
-shards whose hashes still match and continues from there, so a resumed build writes the same
-bytes as an uninterrupted one. The manifest is written last and the journal removed.
+Scenes are sorted by name; a scene's id is its sorted position, which also fixes its record
+(shard = id // R, slot = id % R). Worker processes load, check and convert scenes and write each
+record straight into its shard's temporary files; only metadata comes back. The builder consumes
+results in order, folds the record CRC-32s into the files' CRC-32s, and when a shard's R records
+are all in, renames its files into place and appends a line to `.build/journal.jsonl` (its files,
+its index rows). `--resume` keeps the journalled shards whose files still match and rebuilds the
+rest, so a resumed build writes the same bytes as an uninterrupted one. The manifest is last.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from . import __version__
+from .crc import CRCAppender
 from .format import (BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, GRASP_DIM, HEADER_BYTES, INDEX, LABEL_DIM,
-                     MANIFEST, SDF_DTYPES, SKIPPED, file_sha256)
+                     MANIFEST, SDF_DTYPES, SKIPPED, file_crc32)
 from .index import write_index
 from .manifest import write_manifest
 from .reader import SPLITS
 from .source import Record, SceneError, list_scenes, load_record
 from .splits import assign_splits
-from .writer import Layout, ShardWriter
+from .writer import Layout, commit_shard, create_shard, write_record
 
 JOURNAL = "journal.jsonl"
 
@@ -82,20 +86,35 @@ class _ShardStats:
     def add(self, record: Record, split: str) -> None:
         self.conversion_error = max(self.conversion_error, record.conversion_error)
         if split == "train":
-            s = record.scores
-            self.train_count += s.size
-            self.train_sum += float(s.sum())
-            self.train_sumsq += float(np.square(s).sum())
-            self.train_min = min(self.train_min, float(s.min()))
-            self.train_max = max(self.train_max, float(s.max()))
+            self.train_count += record.num_grasps
+            self.train_sum += record.score_sum
+            self.train_sumsq += record.score_sumsq
+            self.train_min = min(self.train_min, record.score_min)
+            self.train_max = max(self.train_max, record.score_max)
 
 
-def _load(source: Path, opts: BuildOptions, name: str) -> Record | SceneError:
-    """Worker task: a bad scene comes back as a value, so the parent decides skip or stop."""
+class _Shard:
+    """The shard being completed: its rows, skips, statistics and running file CRC-32s."""
+
+    def __init__(self, number: int, header_crcs: tuple[int, int]):
+        self.number, self.crcs = number, list(header_crcs)
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.stats = _ShardStats()
+
+    def add_crcs(self, appenders: tuple[CRCAppender, CRCAppender], crcs: tuple[int, int]) -> None:
+        self.crcs = [a.append(c, r) for a, c, r in zip(appenders, self.crcs, crcs)]
+
+
+def _convert(source: Path, out: Path, opts: BuildOptions, task: tuple[int, str]) -> Record | SceneError:
+    """Worker task: load, check, convert and write one scene; returns its metadata or its error."""
+    position, name = task
     try:
-        return load_record(source, name, opts.grid, opts.dtype, opts.max_grasps)
+        record = load_record(source, name, opts.grid, opts.dtype, opts.max_grasps)
     except SceneError as err:
-        return err
+        return err  # a value, not a raise: the builder decides to skip or stop
+    write_record(out, opts.layout(), position, record.sdf, record.labels)
+    return dataclasses.replace(record, sdf=b"", labels=b"")
 
 
 def _ours(path: Path) -> bool:
@@ -134,8 +153,8 @@ def _remove_outputs(out: Path, created: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def _read_journal(out: Path, header: dict, layout: Layout) -> list[dict]:
-    """The journalled shards that still verify, in order; the rest of the journal is dropped."""
+def _read_journal(out: Path, header: dict) -> list[dict]:
+    """The journalled shards whose files still match, in order; later ones are rebuilt."""
     path = out / BUILD_DIR / JOURNAL
     if not path.exists():
         return []
@@ -153,22 +172,27 @@ def _read_journal(out: Path, header: dict, layout: Layout) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             break  # the line being written when the build was killed
-        good = all((out / f["name"]).exists() and (out / f["name"]).stat().st_size == f["bytes"]
-                   and file_sha256(out / f["name"]) == f["sha256"] for f in entry["files"])
-        if not good or entry["shard"] != len(kept):
+        good = entry["shard"] == len(kept) and all(
+            (out / f["name"]).exists() and (out / f["name"]).stat().st_size == f["bytes"]
+            and file_crc32(out / f["name"]) == f["crc32"] for f in entry["files"])
+        if not good:
             break
         kept.append(entry)
     return kept
 
 
-def _journal_line(path: Path, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-        f.flush()
+def _restart_journal(out: Path, header: dict, done: list[dict]) -> None:
+    """Rewrite the journal with the kept shards only, and delete every other file."""
+    keep = {f["name"] for entry in done for f in entry["files"]}
+    for path in out.iterdir():
+        if path.is_file() and path.name not in keep:
+            path.unlink()
+    lines = [header] + done
+    (out / BUILD_DIR / JOURNAL).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
 
 
 def _allocated_bytes(paths: list[Path]) -> int:
-    """Bytes the files occupy on disk (sparse padding excluded), as `du` counts them."""
+    """Bytes the files occupy on disk (sparse holes excluded), as `du` counts them."""
     return sum(p.stat().st_blocks * 512 for p in paths)
 
 
@@ -189,98 +213,89 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
     if not names:
         raise BuildError(f"SOURCE {source}: no scene directories found (expected <name>/scene.npz)")
     splits = assign_splits(names, Path(opts.splits) if opts.splits else None, opts.val_fraction, opts.test_fraction)
-    layout = opts.layout()
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source), "args": asdict(opts)}
 
     created = _prepare_out(out, resume, overwrite)
-    writer = ShardWriter(out, layout)
     try:
-        done = _read_journal(out, header, layout) if resume else []
+        done = _read_journal(out, header) if resume else []
         _restart_journal(out, header, done)
-        writer.shard = len(done)
-        summary = _write_all(source, out, opts, names, splits, done, writer, workers, progress)
+        summary = _write_all(source, out, opts, names, splits, done, workers, progress)
     except (SceneError, BuildError, OSError, MemoryError):
-        writer.abort()
         _remove_outputs(out, created)
         raise
     except BaseException:  # KeyboardInterrupt, SystemExit: keep complete shards for --resume
-        writer.abort()
+        for tmp in out.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         raise
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
 
-def _restart_journal(out: Path, header: dict, done: list[dict]) -> None:
-    """Rewrite the journal with the kept shards only, and delete every file beyond them."""
-    keep = {f["name"] for entry in done for f in entry["files"]}
-    for path in out.iterdir():
-        if path.is_file() and path.name not in keep:
-            path.unlink()
-    lines = [header] + done
-    (out / BUILD_DIR / JOURNAL).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
-
-
 def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], splits: list[str],
-               done: list[dict], writer: ShardWriter, workers: int | None, progress: bool) -> dict:
-    layout = writer.layout
-    rows = [row for entry in done for row in entry["rows"]]
-    skipped = [s for entry in done for s in entry["skipped"]]
-    stats = [_ShardStats(**entry["stats"]) for entry in done]
-    files = [f for entry in done for f in entry["files"]]
-    position = done[-1]["next"] if done else 0
-    pending_skips: list[dict] = []
-    current = _ShardStats()
-    record_bytes = layout.sdf_record_bytes + layout.labels_record_bytes
+               done: list[dict], workers: int | None, progress: bool) -> dict:
+    layout = opts.layout()
+    r = layout.records_per_shard
+    num_shards = -(-len(names) // r)
+    header_crcs = tuple(zlib.crc32(h) for h in layout.headers())
+    appenders = (CRCAppender(layout.sdf_record_bytes), CRCAppender(layout.labels_record_bytes))
+    empty_crcs, empty_labels = layout.empty_checksums(), layout.empty_labels()
     journal = out / BUILD_DIR / JOURNAL
+    for k in range(len(done), num_shards):
+        create_shard(out, layout, k, min(r, len(names) - k * r))
 
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(names), initial=position, unit="scene", disable=not progress,
-               desc="make_shards", dynamic_ncols=True)
-    bar_start, bar_bytes = time.perf_counter(), 0
-    with multiprocessing.Pool(workers) as pool:
-        results = pool.imap(partial(_load, source, opts), names[position:], chunksize=4)
-        for i, result in enumerate(results, start=position):
-            bar.update(1)
-            if isinstance(result, SceneError):
-                if not opts.skip_bad:
-                    raise result
-                pending_skips.append({"name": names[i], "reason": result.reason})
-                continue
-            scene = len(rows)
-            rows.append({"scene": scene, "name": result.name, "split": splits[i], "shard": writer.shard,
-                         "slot": writer.slot, "num_grasps": result.num_grasps, "checksum": result.checksum,
-                         "translation": result.translation, "global_scale": result.global_scale})
-            current.add(result, splits[i])
-            completed = writer.append(result.sdf, result.labels)
-            bar_bytes += record_bytes
-            if scene % 64 == 0:
-                bar.set_postfix_str(f"{bar_bytes / 1e6 / max(time.perf_counter() - bar_start, 1e-9):.0f} MB/s")
-            if completed:
-                entry = {"shard": writer.shard - 1, "files": completed, "next": i + 1,
-                         "rows": rows[-layout.records_per_shard:], "skipped": pending_skips,
-                         "stats": asdict(current)}
-                _journal_line(journal, entry)
-                files += completed
-                stats.append(current)
-                skipped += pending_skips
-                pending_skips, current = [], _ShardStats()
+    entries = list(done)
+    shard = _Shard(len(done), header_crcs)
+    first = len(done) * r
+    record_bytes = layout.sdf_record_bytes + layout.labels_record_bytes
+    bar = tqdm(total=len(names), initial=first, unit="scene", disable=not progress, desc="make_shards",
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
+        tasks = list(enumerate(names))[first:]
+        results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
+        for position in range(first, num_shards * r):
+            result = next(results) if position < len(names) else None
+            if isinstance(result, Record):
+                shard.rows.append({"scene": position, "name": result.name, "split": splits[position],
+                                   "shard": shard.number, "slot": position % r, "num_grasps": result.num_grasps,
+                                   "checksum": result.checksum, "translation": result.translation,
+                                   "global_scale": result.global_scale})
+                shard.stats.add(result, splits[position])
+                shard.add_crcs(appenders, (result.sdf_crc, result.labels_crc))
+            else:  # a skipped scene or the last shard's padding: an empty record
+                if isinstance(result, SceneError):
+                    if not opts.skip_bad:
+                        raise result
+                    shard.skipped.append({"name": names[position], "reason": result.reason})
+                write_record(out, layout, position, None, empty_labels)
+                shard.add_crcs(appenders, empty_crcs)
+            if position < len(names):
+                bar.update(1)
+                if position % 64 == 0:
+                    rate = (position - first + 1) * record_bytes / 1e6 / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix_str(f"{rate:.0f} MB/s")
+            if position % r == r - 1:
+                entry = {"shard": shard.number, "files": commit_shard(out, shard.number, tuple(shard.crcs)),
+                         "rows": shard.rows, "skipped": shard.skipped, "stats": asdict(shard.stats)}
+                with open(journal, "a") as f:
+                    f.write(json.dumps(entry, sort_keys=True) + "\n")
+                entries.append(entry)
+                shard = _Shard(shard.number + 1, header_crcs)
     bar.close()
-    tail = writer.finish()
-    if tail:
-        files += tail
-        stats.append(current)
-    skipped += pending_skips
-    if not rows:
-        raise BuildError(f"SOURCE {source}: every scene was skipped as bad; see the reasons above")
-    return _finish(out, opts, source, rows, files, stats, skipped, len(names))
+    if not any(entry["rows"] for entry in entries):
+        raise BuildError(f"SOURCE {source}: every scene was skipped as bad; see skipped.jsonl reasons above")
+    return _finish(out, opts, source, entries, len(names))
 
 
-def _finish(out: Path, opts: BuildOptions, source: Path, rows: list[dict], files: list[dict],
-            stats: list[_ShardStats], skipped: list[dict], considered: int) -> dict:
+def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], considered: int) -> dict:
     """Index, skip report and manifest (last), then drop the journal."""
     layout = opts.layout()
+    rows = [row for e in entries for row in e["rows"]]
+    skipped = [s for e in entries for s in e["skipped"]]
+    stats = [_ShardStats(**e["stats"]) for e in entries]
+    files = [f for e in entries for f in e["files"]]
     write_index(out / INDEX, rows)
-    files = files + [{"name": INDEX, "bytes": (out / INDEX).stat().st_size, "sha256": file_sha256(out / INDEX)}]
+    files.append({"name": INDEX, "bytes": (out / INDEX).stat().st_size, "crc32": file_crc32(out / INDEX)})
     if opts.skip_bad:
         tmp = out / f".{SKIPPED}.tmp"
         tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
@@ -292,21 +307,21 @@ def _finish(out: Path, opts: BuildOptions, source: Path, rows: list[dict], files
         per_split[row["split"]]["grasps"] += row["num_grasps"]
     n = sum(s.train_count for s in stats)
     mean = sum(s.train_sum for s in stats) / n if n else None
-    std = float(np.sqrt(max(sum(s.train_sumsq for s in stats) / n - mean ** 2, 0.0))) if n else None
+    std = max(sum(s.train_sumsq for s in stats) / n - mean ** 2, 0.0) ** 0.5 if n else None
     score_stats = {"split": "train", "count": n, "mean": mean, "std": std,
                    "min": min(s.train_min for s in stats) if n else None,
                    "max": max(s.train_max for s in stats) if n else None}
-    num_shards = len(stats)
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "grid": [layout.grid] * 3, "sdf_dtype": layout.dtype, "label_dtype": "float32",
         "grasp_dim": GRASP_DIM, "label_dim": LABEL_DIM, "max_grasps": layout.max_grasps,
         "records_per_shard": layout.records_per_shard, "header_bytes": HEADER_BYTES,
-        "num_shards": num_shards, "num_scenes": len(rows), "num_records": num_shards * layout.records_per_shard,
+        "num_shards": len(entries), "num_scenes": len(rows), "num_records": len(entries) * layout.records_per_shard,
         "splits": per_split, "score_stats": score_stats,
         "sdf_max_conversion_error": max(s.conversion_error for s in stats),
         "skipped": len(skipped),
-        "checksums": {"files": "sha256", "records": "crc32 of the SDF record bytes, then the labels record bytes"},
+        "checksums": {"files": "crc32 of the whole file",
+                      "records": "crc32 of the record's SDF bytes, then its labels bytes"},
         "files": files,
         "made_by": {"tool": "make_shards", "version": __version__, "source": str(source), "args": asdict(opts)},
     }
@@ -315,7 +330,7 @@ def _finish(out: Path, opts: BuildOptions, source: Path, rows: list[dict], files
     paths = [out / f["name"] for f in files] + [out / MANIFEST]
     return {
         "out": str(out), "scenes": len(rows), "considered": considered, "skipped": len(skipped),
-        "splits": per_split, "shards": num_shards, "records": manifest["num_records"],
+        "splits": per_split, "shards": len(entries), "records": manifest["num_records"],
         "bytes_on_disk": _allocated_bytes(paths), "bytes_apparent": sum(p.stat().st_size for p in paths),
         "score_stats": score_stats, "sdf_dtype": layout.dtype,
         "sdf_max_conversion_error": manifest["sdf_max_conversion_error"],

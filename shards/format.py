@@ -6,7 +6,6 @@ any NumPy reads it with `np.load(mmap_mode="r")`, and every record of a 48^3 flo
 """
 from __future__ import annotations
 
-import hashlib
 import zlib
 from pathlib import Path
 
@@ -62,15 +61,10 @@ def read_npy_header(path: Path) -> tuple[tuple[int, int], tuple[int, ...], bool,
         return version, shape, fortran, dtype, f.tell()
 
 
-def record_checksum(sdf_record: bytes | memoryview, labels_record: bytes | memoryview) -> int:
-    """CRC-32 of one record's stored bytes: its SDF, then its labels. Cheap enough per record."""
-    return zlib.crc32(labels_record, zlib.crc32(sdf_record))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Whole-file SHA-256 (what `sha256sum` prints), streamed in 4 MiB chunks."""
-    h = hashlib.sha256()
+def file_crc32(path: Path, chunk: int = 1 << 22) -> str:
+    """Whole-file CRC-32 as 8 hex digits (zlib's, the same as the `crc32` command prints)."""
+    crc = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"

@@ -1,6 +1,7 @@
 """`scenes.parquet`: one row per scene, the dataset's index (pyarrow).
 
-Columns: scene (global index = position among the dataset's scenes), name (source name), split,
+Columns: scene (global id = position in the name-sorted source, which fixes the record: shard =
+id // R, slot = id % R; skipped scenes leave gaps), name (source name), split,
 shard, slot, num_grasps, checksum (CRC-32 of the record's bytes), and the seed's per-scene extras
 translation (3 floats) and global_scale, null where the source scene had none.
 """

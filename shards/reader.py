@@ -14,7 +14,10 @@ SPLITS = ("train", "val", "test")
 
 
 class ShardReader:
-    """A finished dataset directory, opened read-only; shard files are mapped on first use."""
+    """A finished dataset directory, opened read-only; shard files are mapped on first use.
+
+    Scenes are addressed by id (`scenes.parquet`'s `scene` column): record = divmod(id, R).
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -25,6 +28,9 @@ class ShardReader:
         if not (self.root / INDEX).exists():
             raise DatasetError(f"{self.root / INDEX}: missing index; rebuild the dataset")
         self.index = read_index(self.root / INDEX)
+        # Scene ids are sorted source positions; with skipped scenes they have gaps.
+        self._row = np.full(m["num_records"], -1, dtype=np.int64)
+        self._row[self.index["scene"]] = np.arange(len(self.index["scene"]))
         self._maps: dict[str, np.ndarray] = {}
 
     @property
@@ -54,9 +60,23 @@ class ShardReader:
         """The whole shard's labels, (R, max_grasps, 20) float32, memory-mapped."""
         return self._map(self.labels_path(shard))
 
+    def rows(self, scenes) -> np.ndarray:
+        """Index rows of scene ids (KeyError for an id that is not in the dataset)."""
+        scenes = np.asarray(scenes, dtype=np.int64)
+        inside = (scenes >= 0) & (scenes < len(self._row))
+        rows = np.where(inside, self._row[np.where(inside, scenes, 0)], -1)
+        if (rows < 0).any():
+            raise KeyError(f"scene id {int(scenes[rows < 0].flat[0])} is not in {self.root}")
+        return rows
+
+    def column(self, name: str, scenes) -> np.ndarray:
+        """One index column (name, split, num_grasps, ...) for the given scene ids."""
+        return self.index[name][self.rows(scenes)]
+
     def locate(self, scene: int) -> tuple[int, int]:
-        """(shard, slot) of a scene."""
-        return int(self.index["shard"][scene]), int(self.index["slot"][scene])
+        """(shard, slot) of a scene: its record is fixed by its id."""
+        self.rows([scene])
+        return divmod(int(scene), self.layout.records_per_shard)
 
     def sdf(self, scene: int) -> np.ndarray:
         """One scene's SDF, (D, D, D) in the stored dtype (a view into the map)."""
@@ -66,7 +86,7 @@ class ShardReader:
     def labels(self, scene: int) -> np.ndarray:
         """One scene's used label rows, (num_grasps, 20): 19 grasp values, then the score."""
         shard, slot = self.locate(scene)
-        return self.labels_shard(shard)[slot, : int(self.index["num_grasps"][scene])]
+        return self.labels_shard(shard)[slot, : int(self.column("num_grasps", [scene])[0])]
 
     def grasps(self, scene: int) -> np.ndarray:
         return self.labels(scene)[:, :GRASP_DIM]

@@ -6,12 +6,14 @@ or substituted. A scene that passes becomes a `Record`: its bytes exactly as the
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, record_checksum
+from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN
+from .half import to_float16
 
 SCENE_FILE = "scene.npz"
 REQUIRED_KEYS = ("sdf", "grasps", "scores")
@@ -32,16 +34,21 @@ class SceneError(ValueError):
 
 @dataclass
 class Record:
-    """One scene, converted to the shard's layout, plus what the manifest and index need."""
+    """One scene converted to the shard's layout, plus what the manifest and index need."""
 
     name: str
-    sdf: bytes                 # (D,D,D) in the shard dtype, C order
-    labels: bytes              # (max_grasps, 20) float32; unused slots: zeros, NaN score
+    sdf: memoryview            # (D,D,D) in the shard dtype, C order (dropped before crossing processes)
+    labels: memoryview         # (max_grasps, 20) float32; unused slots: zeros, NaN score
     num_grasps: int
-    checksum: int
+    checksum: int              # CRC-32 of sdf then labels: the index's per-record checksum
+    sdf_crc: int               # CRC-32 of sdf alone and of labels alone: folded into the files' CRC-32
+    labels_crc: int
     translation: list[float] | None
     global_scale: float | None
-    scores: np.ndarray         # float64 copy, for the split's score statistics
+    score_sum: float           # float64 sums, for the split's score statistics
+    score_sumsq: float
+    score_min: float
+    score_max: float
     conversion_error: float    # max |sdf - stored sdf| (0 for float32)
 
 
@@ -105,19 +112,24 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
         if peak > FLOAT16_MAX:
             raise SceneError(path, f"'sdf' reaches |{peak:.6g}|, outside float16's finite range "
                                    f"(±{FLOAT16_MAX:.0f}); store with --dtype float32")
-    stored = np.ascontiguousarray(sdf, dtype=dtype)
-    error = 0.0 if dtype == "float32" and sdf.dtype == np.float32 else \
-        float(np.abs(stored.astype(np.float32) - sdf).max())
+    if dtype == "float16" and sdf.dtype == np.float32:
+        stored, error = to_float16(sdf)
+    else:
+        stored = np.ascontiguousarray(sdf, dtype=dtype)
+        error = float(np.abs(stored.astype(np.float64) - sdf).max())
 
     labels = np.zeros((max_grasps, LABEL_DIM), dtype=LABEL_DTYPE)
     labels[n:, SCORE_COLUMN] = np.nan
     labels[:n, :GRASP_DIM] = grasps
     labels[:n, SCORE_COLUMN] = scores
-    sdf_bytes, label_bytes = stored.tobytes(), labels.tobytes()
+    sdf_bytes, label_bytes = memoryview(stored).cast("B"), memoryview(labels).cast("B")
+    sdf_crc = zlib.crc32(sdf_bytes)
+    s64 = scores.astype(np.float64)
     return Record(
         name=name, sdf=sdf_bytes, labels=label_bytes, num_grasps=n,
-        checksum=record_checksum(sdf_bytes, label_bytes),
+        checksum=zlib.crc32(label_bytes, sdf_crc), sdf_crc=sdf_crc, labels_crc=zlib.crc32(label_bytes),
         translation=None if translation is None else [float(v) for v in translation.astype(np.float32)],
         global_scale=None if global_scale is None else float(np.float32(global_scale)),
-        scores=scores.astype(np.float64), conversion_error=error,
+        score_sum=float(s64.sum()), score_sumsq=float(np.square(s64).sum()),
+        score_min=float(s64.min()), score_max=float(s64.max()), conversion_error=error,
     )

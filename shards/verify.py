@@ -5,7 +5,6 @@ summary, or exit 1 with one line per problem naming the file, shard, slot and sc
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import zlib
 from pathlib import Path
@@ -14,7 +13,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from .format import (HEADER_BYTES, INDEX, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, file_sha256, labels_name,
+from .format import (HEADER_BYTES, INDEX, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, file_crc32, labels_name,
                      read_npy_header, sdf_name)
 from .index import read_index
 from .manifest import DatasetError, read_manifest
@@ -43,18 +42,17 @@ def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> list[s
 
 def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
     n, problems = manifest["num_scenes"], []
-    if len(index["scene"]) != n:
-        return [f"{INDEX}: {len(index['scene'])} rows, manifest says {n} scenes"]
-    if not np.array_equal(index["scene"], np.arange(n)):
-        problems.append(f"{INDEX}: scene column is not 0..{n - 1} in order")
-    position = index["shard"].astype(np.int64) * layout.records_per_shard + index["slot"]
-    if (index["slot"] < 0).any() or (index["slot"] >= layout.records_per_shard).any() \
-            or (index["shard"] < 0).any() or (index["shard"] >= manifest["num_shards"]).any() \
-            or len(np.unique(position)) != n:
-        problems.append(f"{INDEX}: shard/slot columns point outside the shards or twice at one record")
-    for scene in np.flatnonzero((index["num_grasps"] < 1) | (index["num_grasps"] > layout.max_grasps)):
-        problems.append(f"{INDEX}: scene {scene} ({index['name'][scene]}) has num_grasps "
-                        f"{index['num_grasps'][scene]}, outside 1..{layout.max_grasps}")
+    scene = index["scene"]
+    if len(scene) != n:
+        return [f"{INDEX}: {len(scene)} rows, manifest says {n} scenes"]
+    if (np.diff(scene) <= 0).any() or (scene < 0).any() or (scene >= manifest["num_records"]).any():
+        problems.append(f"{INDEX}: scene ids must be ascending, unique and below {manifest['num_records']}")
+    shard, slot = np.divmod(scene, layout.records_per_shard)
+    if not (np.array_equal(index["shard"], shard) and np.array_equal(index["slot"], slot)):
+        problems.append(f"{INDEX}: shard/slot columns disagree with the scene ids (id = shard * R + slot)")
+    for row in np.flatnonzero((index["num_grasps"] < 1) | (index["num_grasps"] > layout.max_grasps)):
+        problems.append(f"{INDEX}: scene {scene[row]} ({index['name'][row]}) has num_grasps "
+                        f"{index['num_grasps'][row]}, outside 1..{layout.max_grasps}")
     for split in SPLITS:
         mask = index["split"] == split
         got = {"scenes": int(mask.sum()), "grasps": int(index["num_grasps"][mask].sum())}
@@ -64,33 +62,34 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
 
 
 def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int],
-                   digests: dict[str, str]) -> list[str]:
-    """One pass over a shard's two files: whole-file SHA-256 and every record's CRC-32."""
+                   crcs: dict[str, str]) -> list[str]:
+    """One pass over a shard's two files: whole-file CRC-32 and every record's CRC-32 and scores."""
     problems = []
     sdf_path, lab_path = root / sdf_name(shard), root / labels_name(shard)
-    sdf_hash, lab_hash = hashlib.sha256(), hashlib.sha256()
     with open(sdf_path, "rb") as fs, open(lab_path, "rb") as fl:
-        sdf_hash.update(fs.read(HEADER_BYTES))
-        lab_hash.update(fl.read(HEADER_BYTES))
+        sdf_crc, lab_crc = zlib.crc32(fs.read(HEADER_BYTES)), zlib.crc32(fl.read(HEADER_BYTES))
         for slot in range(layout.records_per_shard):
             sdf_rec, lab_rec = fs.read(layout.sdf_record_bytes), fl.read(layout.labels_record_bytes)
-            sdf_hash.update(sdf_rec)
-            lab_hash.update(lab_rec)
-            scene = rows.get(slot)
-            if scene is None:
-                continue
-            where = f"{sdf_path.name}/{lab_path.name}: shard {shard} slot {slot} scene {scene} ({index['name'][scene]})"
-            crc = zlib.crc32(lab_rec, zlib.crc32(sdf_rec))
-            if crc != index["checksum"][scene]:
-                problems.append(f"{where}: record checksum {crc:08x}, index says {int(index['checksum'][scene]):08x}")
-                continue
+            sdf_crc, lab_crc = zlib.crc32(sdf_rec, sdf_crc), zlib.crc32(lab_rec, lab_crc)
             scores = np.frombuffer(lab_rec, dtype=LABEL_DTYPE).reshape(layout.max_grasps, LABEL_DIM)[:, SCORE_COLUMN]
-            used = int(index["num_grasps"][scene])
+            row = rows.get(slot)
+            where = f"{sdf_path.name}/{lab_path.name}: shard {shard} slot {slot}"
+            if row is None:
+                if not np.isnan(scores).all():
+                    problems.append(f"{where} (empty record): scores must all be NaN")
+                continue
+            where += f" scene {index['scene'][row]} ({index['name'][row]})"
+            crc = zlib.crc32(lab_rec, zlib.crc32(sdf_rec))
+            if crc != index["checksum"][row]:
+                problems.append(f"{where}: record checksum {crc:08x}, index says {int(index['checksum'][row]):08x}")
+                continue
+            used = int(index["num_grasps"][row])
             if not np.isfinite(scores[:used]).all() or not np.isnan(scores[used:]).all():
                 problems.append(f"{where}: scores of the {used} used slots must be finite and the rest NaN")
-    for path, h in ((sdf_path, sdf_hash), (lab_path, lab_hash)):
-        if h.hexdigest() != digests[path.name]:
-            problems.append(f"{path.name}: shard {shard}: file SHA-256 differs from the manifest")
+    for path, crc in ((sdf_path, sdf_crc), (lab_path, lab_crc)):
+        if f"{crc:08x}" != crcs[path.name]:
+            problems.append(f"{path.name}: shard {shard}: file CRC-32 {crc:08x} differs from the manifest's "
+                            f"{crcs[path.name]}")
     return problems
 
 
@@ -129,15 +128,14 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         checked = "sizes, headers and index match (records not read: --quick)"
     else:
         rows_by_shard: dict[int, dict[int, int]] = {k: {} for k in range(m["num_shards"])}
-        for scene, (shard, slot) in enumerate(zip(index["shard"], index["slot"])):
-            rows_by_shard[int(shard)][int(slot)] = scene
-        digests = {name: entry["sha256"] for name, entry in listed.items()}
+        for row, (shard, slot) in enumerate(zip(index["shard"], index["slot"])):
+            rows_by_shard[int(shard)][int(slot)] = row
+        crcs = {name: entry["crc32"] for name, entry in listed.items()}
         for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=not progress):
-            problems += _check_records(root, k, layout, index, rows_by_shard[k], digests)
-        if INDEX in digests:
-            if file_sha256(root / INDEX) != digests[INDEX]:
-                problems.append(f"{INDEX}: file SHA-256 differs from the manifest")
-        checked = "every file hash and record checksum matches"
+            problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs)
+        if INDEX in crcs and file_crc32(root / INDEX) != crcs[INDEX]:
+            problems.append(f"{INDEX}: file CRC-32 differs from the manifest")
+        checked = "every file and record checksum matches"
     splits = " / ".join(f"{s} {m['splits'][s]['scenes']}" for s in SPLITS)
     size = sum(entry["bytes"] for entry in m["files"]) / 1e6
     summary = (f"OK {root}: {m['num_scenes']} scenes ({splits}), {m['num_shards']} shards of "

@@ -1,14 +1,15 @@
-"""Streaming shard writer: records go straight to disk, one open shard at a time.
+"""Shard files on disk: created under temporary names, filled record by record, renamed when complete.
 
-Each shard's two files are written under temporary names, hashed as they are written, and renamed
-into place only when the shard holds all R records, so a complete-looking file is a complete file.
-The last shard is padded with empty records; its SDF padding is a sparse hole (zeros that take no
-disk space).
+A record's place is fixed by its scene's position in the sorted source (shard = position // R,
+slot = position % R), so worker processes write their records straight into the shard files with
+`pwrite`, in any order, and nothing but small metadata travels back to the builder. Files are
+created at full size; the last shard's padding is left a sparse hole of zeros that takes no disk
+space (its SDFs are never written; its labels are written as empty records).
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,94 +41,62 @@ class Layout:
     def labels_shape(self) -> tuple[int, ...]:
         return (self.records_per_shard, self.max_grasps, LABEL_DIM)
 
-    def file_bytes(self, kind: str) -> int:
-        per = self.sdf_record_bytes if kind == "sdf" else self.labels_record_bytes
-        return HEADER_BYTES + self.records_per_shard * per
+    def headers(self) -> tuple[bytes, bytes]:
+        """The NPY headers of a shard's SDF file and labels file."""
+        return npy_header(self.sdf_shape(), np.dtype(self.dtype)), npy_header(self.labels_shape(), LABEL_DTYPE)
 
     def empty_labels(self) -> bytes:
-        """Labels of a padding record: zero grasps, NaN scores."""
+        """Labels of an empty record: zero grasps, NaN scores."""
         labels = np.zeros((self.max_grasps, LABEL_DIM), dtype=LABEL_DTYPE)
         labels[:, SCORE_COLUMN] = np.nan
         return labels.tobytes()
 
-
-class _HashedFile:
-    """A file written under a temporary name, SHA-256 hashed on the way, renamed on close."""
-
-    def __init__(self, path: Path, header: bytes):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.file = open(self.tmp, "wb")
-        self.hash = hashlib.sha256()
-        self.write(header)
-
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.hash.update(data)
-
-    def skip_zeros(self, nbytes: int) -> None:
-        """Leave a hole of zeros: hashed as zeros, allocated on disk by nobody."""
-        zeros = bytes(min(nbytes, 1 << 22))
-        left = nbytes
-        while left:
-            step = min(left, len(zeros))
-            self.hash.update(zeros[:step])
-            left -= step
-        self.file.seek(nbytes, os.SEEK_CUR)
-
-    def commit(self) -> dict:
-        self.file.truncate()  # materialises a trailing hole
-        size = self.file.tell()
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return {"name": self.path.name, "bytes": size, "sha256": self.hash.hexdigest()}
-
-    def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+    def empty_checksums(self) -> tuple[int, int]:
+        """CRC-32s of an empty record's SDF (zeros) and labels."""
+        return zlib.crc32(bytes(self.sdf_record_bytes)), zlib.crc32(self.empty_labels())
 
 
-class ShardWriter:
-    """Appends records to shards `first_shard, first_shard + 1, ...` in `out_dir`."""
+def temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
 
-    def __init__(self, out_dir: Path, layout: Layout, first_shard: int = 0):
-        self.out_dir, self.layout = Path(out_dir), layout
-        self.shard, self.slot = first_shard, 0
-        self._files: tuple[_HashedFile, _HashedFile] | None = None
 
-    def append(self, sdf: bytes, labels: bytes) -> list[dict] | None:
-        """Write one record; returns the shard's file entries when this record completes it."""
-        if self._files is None:
-            lay = self.layout
-            self._files = (
-                _HashedFile(self.out_dir / sdf_name(self.shard), npy_header(lay.sdf_shape(), np.dtype(lay.dtype))),
-                _HashedFile(self.out_dir / labels_name(self.shard), npy_header(lay.labels_shape(), LABEL_DTYPE)),
-            )
-        self._files[0].write(sdf)
-        self._files[1].write(labels)
-        self.slot += 1
-        return self._complete() if self.slot == self.layout.records_per_shard else None
+def shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
+    return out / sdf_name(shard), out / labels_name(shard)
 
-    def finish(self) -> list[dict] | None:
-        """Pad the open shard with empty records and commit it; None when no shard is open."""
-        if self._files is None:
-            return None
-        pad = self.layout.records_per_shard - self.slot
-        self._files[0].skip_zeros(pad * self.layout.sdf_record_bytes)
-        empty = self.layout.empty_labels()
-        for _ in range(pad):
-            self._files[1].write(empty)
-        return self._complete()
 
-    def abort(self) -> None:
-        """Drop the open shard's temporary files."""
-        if self._files is not None:
-            for f in self._files:
-                f.discard()
-            self._files = None
+def create_shard(out: Path, layout: Layout, shard: int, records: int) -> None:
+    """Create a shard's two temporary files at full size, header written.
 
-    def _complete(self) -> list[dict]:
-        entries = [f.commit() for f in self._files]
-        self._files = None
-        self.shard, self.slot = self.shard + 1, 0
-        return entries
+    The first `records` slots are allocated up front (writes into a hole cost ~5x more than into
+    allocated blocks); the slots after them, the last shard's padding, stay a hole.
+    """
+    for path, header, record in zip(shard_paths(out, shard), layout.headers(),
+                                    (layout.sdf_record_bytes, layout.labels_record_bytes)):
+        with open(temporary(path), "wb") as f:
+            f.write(header)
+            if records:
+                os.posix_fallocate(f.fileno(), HEADER_BYTES, records * record)
+            f.truncate(HEADER_BYTES + layout.records_per_shard * record)
+
+
+def write_record(out: Path, layout: Layout, position: int, sdf: bytes | None, labels: bytes) -> None:
+    """Write one record into its shard's temporary files; `sdf=None` leaves the SDF a hole (zeros)."""
+    shard, slot = divmod(position, layout.records_per_shard)
+    for path, data, record in zip(shard_paths(out, shard), (sdf, labels),
+                                  (layout.sdf_record_bytes, layout.labels_record_bytes)):
+        if data is None:
+            continue
+        fd = os.open(temporary(path), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, HEADER_BYTES + slot * record)
+        finally:
+            os.close(fd)
+
+
+def commit_shard(out: Path, shard: int, checksums: tuple[int, int]) -> list[dict]:
+    """Rename a complete shard's files into place; returns their manifest entries."""
+    entries = []
+    for path, crc in zip(shard_paths(out, shard), checksums):
+        os.replace(temporary(path), path)
+        entries.append({"name": path.name, "bytes": path.stat().st_size, "crc32": f"{crc:08x}"})
+    return entries

@@ -107,7 +107,7 @@ def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int) -> None:
             assert len(a) == len(b) == len(cache)
             assert all(_same(x, y) for x, y in zip(a, b))
         total = sum(bt.num_grasps for bt in a)
-        assert total == int(ShardReader(shards).index["num_grasps"][cache.scene_ids].sum())
+        assert total == int(ShardReader(shards).column("num_grasps", cache.scene_ids).sum())
 
 
 @pytest.mark.parametrize("mode", ["cache", "dali"])
@@ -119,7 +119,7 @@ def test_batches_match_the_source_scene_files(dataset, mode: str) -> None:
             assert batch.sdf.dtype == torch.float32 and batch.sdf.shape[1:] == (1, GRID, GRID, GRID)
             assert batch.grasps.shape == (batch.num_grasps, 19) and batch.scores.shape == (batch.num_grasps,)
             for i, scene in enumerate(batch.scene_ids.tolist()):
-                with np.load(src / reader.index["name"][scene] / "scene.npz") as z:
+                with np.load(src / reader.column("name", [scene])[0] / "scene.npz") as z:
                     assert torch.equal(batch.sdf[i, 0], torch.from_numpy(z["sdf"].astype(np.float16)).float())
                     mine = batch.scene_of_grasp == i
                     # every grasp of this group is a row of this scene's file, with its own score
@@ -156,7 +156,7 @@ def test_ranks_split_the_epoch(dataset) -> None:
             for b in loader:
                 seen += list(zip(b.scene_ids[b.scene_of_grasp].tolist(), b.grasps[:, 0].tolist()))
     reader = ShardReader(shards)
-    assert len(seen) == len(set(seen)) == int(reader.index["num_grasps"][reader.split_scenes("train")].sum())
+    assert len(seen) == len(set(seen)) == int(reader.column("num_grasps", reader.split_scenes("train")).sum())
 
 
 def test_memory_check_names_both_numbers_and_suggests_dali(dataset) -> None:

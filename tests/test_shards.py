@@ -35,14 +35,14 @@ def test_round_trip_float32_exact(small_source: Path, tmp_path: Path) -> None:
     assert "scenes" in result.stdout and "max conversion error 0" in result.stdout
     reader = ShardReader(out)
     assert reader.num_scenes == 11 and reader.num_shards == 3
-    for scene, name in enumerate(reader.index["name"]):
+    for scene, name in zip(reader.index["scene"], reader.index["name"]):
         src = source_arrays(small_source, name)
-        assert name == f"scene_{scene:03d}"  # sorted by name: global index = sorted position
+        assert name == f"scene_{scene:03d}"  # sorted by name: the scene id is the sorted position
         assert np.array_equal(reader.sdf(scene), src["sdf"])
         assert np.array_equal(reader.grasps(scene), src["grasps"])
         assert np.array_equal(reader.scores(scene), src["scores"])
-        assert np.array_equal(reader.index["translation"][scene], src["translation"])
-        assert reader.index["global_scale"][scene] == src["global_scale"]
+        assert np.array_equal(reader.column("translation", [scene])[0], src["translation"])
+        assert reader.column("global_scale", [scene])[0] == src["global_scale"]
     # a whole shard is one array; the padded tail of the last shard is empty
     last = reader.labels_shard(2)
     assert last.shape == (4, 480, 20) and np.isnan(last[3:, :, 19]).all()
@@ -53,7 +53,7 @@ def test_round_trip_float16_within_rounding(small_source: Path, tmp_path: Path) 
     assert build(small_source, out).returncode == 0
     reader = ShardReader(out)
     worst = 0.0
-    for scene, name in enumerate(reader.index["name"]):
+    for scene, name in zip(reader.index["scene"], reader.index["name"]):
         sdf = source_arrays(small_source, name)["sdf"]
         stored = reader.sdf(scene)
         assert stored.dtype == np.float16
@@ -179,8 +179,14 @@ def test_skip_bad_reports_and_never_substitutes(small_source: Path, tmp_path: Pa
     reader = ShardReader(out)
     assert reader.manifest["skipped"] == 2 and reader.num_scenes == 9
     assert "scene_003" not in reader.index["name"] and "scene_007" not in reader.index["name"]
-    for scene, name in enumerate(reader.index["name"]):
+    # ids stay the sorted source positions: the skipped scenes leave empty records, nothing moves up
+    assert list(reader.index["scene"]) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    for scene, name in zip(reader.index["scene"], reader.index["name"]):
+        assert name == f"scene_{scene:03d}"
         assert np.array_equal(reader.scores(scene), source_arrays(small_source, name)["scores"])
+    with pytest.raises(KeyError, match="scene id 3 is not in"):
+        reader.sdf(3)
+    assert np.isnan(reader.labels_shard(0)[3, :, 19]).all() and not reader.sdf_shard(0)[3].any()
     problems, summary = verify(out)
     assert problems == [] and summary.startswith("OK")
 
@@ -227,7 +233,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, t
     bad = subprocess.run([sys.executable, "-m", "shards.verify", str(out)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "shard 1 slot 2 scene 6 (scene_006): record checksum" in bad.stdout
-    assert "sdf-00001.npy: shard 1: file SHA-256 differs" in bad.stdout
+    assert "sdf-00001.npy: shard 1: file CRC-32" in bad.stdout
 
 
 def test_verify_reports_missing_manifest_and_truncated_file(small_source: Path, tmp_path: Path) -> None:
@@ -246,9 +252,9 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", scenes=30)
     ref = tmp_path / "ref"
     assert build(src, ref, "--records-per-shard", 4).returncode == 0
-    # scene_021 becomes a FIFO: loading it blocks, so the build stalls right after shards 0-4
-    # (scenes 0-19) are complete; the test then kills the whole process group with SIGKILL.
-    npz = src / "scene_021" / "scene.npz"
+    # scene_025 becomes a FIFO: loading it blocks, so the build stalls with the shards before it
+    # complete; the test then kills the whole process group with SIGKILL.
+    npz = src / "scene_025" / "scene.npz"
     data = npz.read_bytes()
     npz.unlink()
     os.mkfifo(npz)
@@ -257,13 +263,16 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
            "--grid", str(GRID), "--records-per-shard", "4", "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / ".build" / "journal.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (journal.exists() and len(journal.read_text().splitlines()) >= 6):
+    lines, stable_since, deadline = 0, time.time(), time.time() + 60
+    while time.time() < deadline and (lines < 3 or time.time() - stable_since < 1.0):
+        now = len(journal.read_text().splitlines()) if journal.exists() else 0
+        if now != lines:
+            lines, stable_since = now, time.time()
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(journal.read_text().splitlines()) == 6, "the build should have stalled after 5 shards"
-    assert not (out / "manifest.json").exists()
+    assert lines >= 3, "the build should have completed some shards before stalling"
+    assert not (out / "manifest.json").exists() and list(out.glob(".*.tmp"))
     npz.unlink()
     npz.write_bytes(data)
     refused = build(src, out, "--records-per-shard", 4)
@@ -289,3 +298,18 @@ def test_help_and_bad_flags() -> None:
         assert run_tool(tool, "--help").returncode == 0
     result = run_tool("make_shards.py", "/nonexistent", "--out", "/tmp/x-never")
     assert result.returncode == 2 and "no such directory" in result.stderr
+
+
+def test_float16_conversion_is_bit_identical_to_numpy() -> None:
+    from shards.half import to_float16
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2 ** 32, 4_000_000, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    values = values[np.isfinite(values) & (np.abs(values) <= 65504)]
+    ties = (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0 ** -10)  # exact halfway cases
+    edge = np.array([0.0, -0.0, 65504.0, -65504.0, 65519.0, 6.1e-5, 6.0e-8, 1e-9, 2.0 ** -24], np.float32)
+    for x in (values, ties, edge, rng.standard_normal((16, 16, 16)).astype(np.float32)):
+        half, error = to_float16(x)
+        expected = x.astype(np.float16)
+        assert half.shape == x.shape and np.array_equal(half.view(np.uint16), expected.view(np.uint16))
+        assert error == float(np.abs(expected.astype(np.float64) - x).max())
