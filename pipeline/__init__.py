@@ -4,8 +4,9 @@
 planned records with DALI. Both follow the same epoch plan and yield bit-identical batches.
 """
 from .batch import Batch
+from .host_memory import keep_freed_host_memory
 from .loader import MODES, Loader, LoaderError, open_loader, resolve_device
 from .plan import EpochPlan, PlanSpec, make_plan, num_batches
 
-__all__ = ["Batch", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device", "EpochPlan", "PlanSpec",
+__all__ = ["Batch", "keep_freed_host_memory", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device", "EpochPlan", "PlanSpec",
            "make_plan", "num_batches"]

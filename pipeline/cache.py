@@ -65,10 +65,10 @@ class CacheLoader(Loader):
         return self.sdf.nbytes + self.labels.nbytes
 
     def _load(self, progress: bool) -> None:
-        """Shard by shard: gather the split's records from the map into the cache rows.
+        """Shard by shard: read the split's records into the cache rows.
 
-        On CUDA the gather lands in a pinned staging buffer and is copied to the device; on the
-        CPU it lands in the cache tensor itself. Rows follow ascending scene id, one run per shard.
+        On CUDA the reads land in a pinned staging buffer and are copied to the device; on the
+        CPU they land in the cache tensor itself. Rows follow ascending scene id.
         """
         start = time.perf_counter()
         shard_of, slot_of = np.divmod(self.scene_ids, self.reader.layout.records_per_shard)
@@ -83,14 +83,13 @@ class CacheLoader(Loader):
         for shard in bar:
             sel = slot_of[shard_of == shard]
             k = len(sel)
-            for i, (cache, src) in enumerate(((self.sdf, self.reader.sdf_shard(shard)),
-                                              (self.labels, self.reader.labels_shard(shard)))):
+            for i, (kind, cache) in enumerate((("sdf", self.sdf), ("labels", self.labels))):
                 dest = cache[row:row + k]
                 if staging is None:
-                    np.take(src, sel, axis=0, out=dest.numpy())
+                    self.reader.read_records(kind, shard, sel, dest.numpy())
                 else:
                     stage = staging[i][:k]
-                    np.take(src, sel, axis=0, out=stage.numpy())
+                    self.reader.read_records(kind, shard, sel, stage.numpy())
                     dest.copy_(stage, non_blocking=True)
                     torch.cuda.current_stream(self.device).synchronize()  # before the buffer is refilled
             row += k

@@ -1,11 +1,12 @@
 """Memory-mapped reader: O(1) access to any scene's SDF and labels, or to a whole shard."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .format import GRASP_DIM, INDEX, SCORE_COLUMN, labels_name, sdf_name
+from .format import GRASP_DIM, HEADER_BYTES, INDEX, SCORE_COLUMN, labels_name, sdf_name
 from .index import read_index
 from .manifest import DatasetError, read_manifest
 from .writer import Layout
@@ -72,6 +73,29 @@ class ShardReader:
     def column(self, name: str, scenes) -> np.ndarray:
         """One index column (name, split, num_grasps, ...) for the given scene ids."""
         return self.index[name][self.rows(scenes)]
+
+    def read_records(self, kind: str, shard: int, slots: np.ndarray, out: np.ndarray) -> None:
+        """Read records `slots` (ascending) of a shard's "sdf" or "labels" file into `out` (one per slot).
+
+        Positional reads straight into the caller's buffer, one per run of consecutive slots: no
+        mapping, so no page faults on the source and a single copy (used for bulk loads).
+        """
+        path = self.sdf_path(shard) if kind == "sdf" else self.labels_path(shard)
+        record = self.layout.sdf_record_bytes if kind == "sdf" else self.layout.labels_record_bytes
+        slots = np.asarray(slots, dtype=np.int64)
+        if out.shape[0] != len(slots) or out.nbytes != len(slots) * record or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous with {len(slots)} records of {record} bytes")
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+        with open(path, "rb", buffering=0) as f:
+            for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(slots)]])):
+                view = buffer[first * record:last * record]
+                offset = HEADER_BYTES + int(slots[first]) * record
+                while len(view):
+                    n = os.preadv(f.fileno(), [view], offset)
+                    if n == 0:
+                        raise DatasetError(f"{path}: ends before record {int(slots[first])}; rebuild the dataset")
+                    view, offset = view[n:], offset + n
 
     def locate(self, scene: int) -> tuple[int, int]:
         """(shard, slot) of a scene: its record is fixed by its id."""
