@@ -79,7 +79,7 @@ class CacheLoader(Loader):
             staging = (torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
                        torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True))
         row, done = 0, 0
-        bar = tqdm(shards, unit="shard", desc=f"cache {self.split}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(shards, unit="shard", desc=f"cache {self.split}", disable=(not progress) or None, dynamic_ncols=True)
         for shard in bar:
             sel = slot_of[shard_of == shard]
             k = len(sel)

@@ -247,7 +247,7 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
     shard = _Shard(len(done), header_crcs)
     first = len(done) * r
     record_bytes = layout.sdf_record_bytes + layout.labels_record_bytes
-    bar = tqdm(total=len(names), initial=first, unit="scene", disable=not progress, desc="make_shards",
+    bar = tqdm(total=len(names), initial=first, unit="scene", disable=(not progress) or None, desc="make_shards",
                dynamic_ncols=True)
     started = time.perf_counter()
     with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:

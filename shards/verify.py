@@ -131,7 +131,7 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         for row, (shard, slot) in enumerate(zip(index["shard"], index["slot"])):
             rows_by_shard[int(shard)][int(slot)] = row
         crcs = {name: entry["crc32"] for name, entry in listed.items()}
-        for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=not progress):
+        for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=(not progress) or None):
             problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs)
         if INDEX in crcs and file_crc32(root / INDEX) != crcs[INDEX]:
             problems.append(f"{INDEX}: file CRC-32 differs from the manifest")

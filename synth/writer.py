@@ -113,7 +113,7 @@ def _generate(tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, wor
     scores: list[np.ndarray | None] = [None] * scenes
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=scenes, unit="scene", desc="scenes", file=sys.stderr,
-                                       disable=not progress, dynamic_ncols=True))
+                                       disable=(not progress) or None, dynamic_ncols=True))
         if workers == 1:  # in-process: no pool start-up, and what the benchmark measures per worker
             results = map(_write_scene, tasks)
         else:

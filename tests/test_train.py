@@ -1,0 +1,197 @@
+"""Training end to end on CPU: learning, loader parity, kill and resume, signals, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, REPO
+from models import from_seed_checkpoint
+from shards import BuildOptions, build_shards
+from synth import write_scenes
+from train.checkpoint import load_checkpoint, load_model
+from train.config import FitConfig
+from train.loop import _build_model
+
+GRID, GRASPS = 32, 96
+SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_scenes(root / "scenes", 200, grasps_per_scene=GRASPS, grid=GRID, seed=1, workers=2, progress=False)
+    build_shards(root / "scenes", root / "shards", BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16,
+                                                                val_fraction=0.2, test_fraction=0.1),
+                 workers=1, progress=False)
+    return root / "shards"
+
+
+def run(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "train" / "run.py"), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_path: Path) -> None:
+    # ~30 s each on 2 cores; the labels depend on the object, so only the model that sees it learns
+    common = ["fit", "--shards", shards, "--max-steps", 600, "-S", 8, "-G", 32, "--lr", "2e-3", "--val-every", 200,
+              "--early-stopping", 0, "--base-channels", 8, "--fc-dims", "64,32", "--threads", 2, "--quiet"]
+    run(*common, "--out", tmp_path / "real")
+    run(*common, "--out", tmp_path / "blind", "--zero-sdf")
+    real = json.loads((tmp_path / "real" / "summary.json").read_text())
+    blind = json.loads((tmp_path / "blind" / "summary.json").read_text())
+    baseline = real["val_mse_mean_baseline"]
+    assert real["val_mse"] < 0.75 * baseline, (real["val_mse"], baseline)
+    assert blind["val_mse"] > 1.2 * real["val_mse"], (real["val_mse"], blind["val_mse"])
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png"):
+        assert (tmp_path / "real" / name).exists()
+    rows = [json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert all({"step", "loss", "lr", "samples_per_s", "data_wait"} <= r.keys() for r in train_rows)
+    val_rows = [r for r in rows if "val_mse" in r]
+    assert [r["step"] for r in val_rows] == [200, 400, 600]
+    assert all({"val_mse", "val_mae", "val_r2", "val_spearman"} <= r.keys() for r in val_rows)
+    ev = json.loads(run("eval", tmp_path / "real" / "last.pt", "--shards", shards, "--split", "val").stdout)
+    assert ev["val_mse"] == pytest.approx(real["val_mse"], rel=1e-6)
+    test = json.loads(run("eval", tmp_path / "real" / "best.pt", "--shards", shards, "--split", "test").stdout)
+    assert test["split"] == "test" and test["val_grasps"] > 0
+
+
+def test_dali_and_cache_fits_give_the_same_losses(shards: Path, tmp_path: Path) -> None:
+    common = ["fit", "--shards", shards, "--max-steps", 24, "-S", 3, "-G", 8, "--log-every", 2, *SMALL]
+    run(*common, "--out", tmp_path / "cache", "--loader", "cache")
+    run(*common, "--out", tmp_path / "dali", "--loader", "dali")
+    a, b = losses(tmp_path / "cache"), losses(tmp_path / "dali")
+    assert len(a) == 12 and a == b
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
+    common = ["fit", "--shards", shards, "--max-steps", 40, "-S", 3, "-G", 8, "--ckpt-every", 4,
+              "--val-every", 15, "--model", "large", "--base-channels", "2", "--fc-dims", "16",
+              "--threads", "1", "--quiet"]
+    run(*common, "--out", tmp_path / "whole")
+    cmd = [sys.executable, str(REPO / "train" / "run.py"), *map(str, common), "--out", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(x)["step"] >= 18 for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = load_checkpoint(tmp_path / "killed" / "last.pt")["state"]["step"]
+    assert 4 <= step < 40, "the kill should land mid-run"
+    run(*common, "--out", tmp_path / "killed", "--resume")
+    whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "killed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out),
+           "--max-steps", "100000", "-S", "2", "-G", "4", "--ckpt-every", "100000", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    payload = load_checkpoint(out / "last.pt")
+    assert payload["state"]["step"] >= 10 and set(payload) >= {"model", "optimizer", "scheduler", "loader", "rng"}
+    model, stats = load_model(out / "last.pt")
+    assert stats is not None and model.config["base_channels"] == 4
+
+
+def test_compare_runs_both_loaders_and_finds_identical_curves(shards: Path, tmp_path: Path) -> None:
+    result = run("compare", "--shards", shards, "--out", tmp_path / "cmp", "--max-steps", 12, "-S", 2, "-G", 8,
+                 "--log-every", 3, *SMALL)
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert report["loss_curves_identical"] and set(report["runs"]) == {"cache", "dali"}
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    assert "loss curves identical" in result.stdout
+    for row in report["runs"].values():
+        assert row["samples_per_s"] > 0 and 0 <= row["data_wait"] <= 1 and row["peak_memory_bytes"] > 0
+
+
+@pytest.mark.skipif(not FIXTURES.exists(), reason="../shared/fixtures is not beside the repository")
+def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
+    path = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
+    seed = from_seed_checkpoint(path).eval()
+    mean, std = 4.9, 6.7
+    model = _build_model(FitConfig(shards="-", out="-", init_from=str(path)), 48, mean, std).eval()
+    gen = torch.Generator().manual_seed(0)
+    sdf = torch.rand(2, 1, 48, 48, 48, generator=gen) * 2 - 1
+    grasps = torch.rand(5, 19, generator=gen)
+    which = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        raw = seed(sdf, grasps, which)
+        ours = model(sdf, grasps, which) * std + mean
+    assert torch.allclose(raw, ours, atol=1e-4)
+    with pytest.raises(ValueError, match="does not match: kind large"):
+        _build_model(FitConfig(shards="-", out="-", init_from=str(path), model="large"), 48, mean, std)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "cuda"], "CUDA is not available") if not torch.cuda.is_available() else (["-S", "0"], "-S 0"),
+    (["--fc-dims", "64,x"], "--fc-dims 64,x: comma-separated integers"),
+    (["-S", "0"], "--scenes-per-batch 0: must be at least 1"),
+    (["-G", "1000"], "more than the 96 grasp slots"),
+    (["--init-from", "/nonexistent.pt"], "/nonexistent.pt: no such checkpoint file"),
+    (["--resume"], "last.pt not found"),
+])
+def test_bad_flags_give_one_line_errors(shards: Path, tmp_path: Path, args: list, message: str) -> None:
+    result = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_corrupt_checkpoints_and_reused_run_dirs_are_refused(shards: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(1000))
+    result = run("eval", bad, "--shards", shards, check=False)
+    assert result.returncode == 2 and f"{bad}: unreadable checkpoint" in result.stderr
+    run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *SMALL)
+    again = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *SMALL, check=False)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    other = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 4, "--lr", "1e-3", "--resume",
+                *SMALL, check=False)
+    assert other.returncode == 2 and "options differ" in other.stderr and "lr" in other.stderr
+    missing = run("fit", "--shards", tmp_path / "nope", "--out", tmp_path / "r2", check=False)
+    assert missing.returncode == 2 and "no such dataset directory" in missing.stderr
+
+
+def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path) -> None:
+    result = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 200, "--lr", "1e30",
+                 "-S", 2, "-G", 4, *SMALL, check=False)
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss" in line and "at step" in line and "batch of scenes [" in line
+
+
+def test_help() -> None:
+    for command in ([], ["fit"], ["compare"], ["eval"]):
+        assert run(*command, "--help").returncode == 0

@@ -1,0 +1,56 @@
+"""Figures a person would rather look at than read: loss curves, and the loader comparison."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """curves.png: train MSE (per log window) and validation MSE over steps, in score units."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(*_series(rows, "train_mse"), label="train MSE (window mean)", lw=1.2)
+    steps, val = _series(rows, "val_mse")
+    ax.plot(steps, val, "o-", label="val MSE", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE (score units)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(runs: dict[str, list[dict]], table: dict[str, dict], path: Path, title: str) -> None:
+    """compare.png: both loaders' train loss curves overlaid, and their throughput side by side."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for (name, rows), style in zip(runs.items(), ("-", "--")):
+        left.plot(*_series(rows, "train_mse"), style, label=f"{name}", lw=1.6)
+    left.set_xlabel("step")
+    left.set_ylabel("train MSE (score units)")
+    left.set_yscale("log")
+    left.grid(alpha=0.3)
+    left.legend(title="loader")
+    left.set_title("loss curves (identical batches coincide)", fontsize=10)
+    names = list(table)
+    bars = right.bar(names, [table[n]["samples_per_s"] for n in names], color=["#4c72b0", "#dd8452"][:len(names)])
+    for bar, n in zip(bars, names):
+        right.annotate(f"wait {table[n]['data_wait']:.0%}\nfirst {table[n]['first_batch_s']:.2f}s",
+                       (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    right.set_ylabel("steady-state samples/s")
+    right.set_title("throughput", fontsize=10)
+    right.margins(y=0.25)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
