@@ -82,6 +82,9 @@ def _time(make, to_device, count, device: torch.device, batches: int) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     source = make()
+    if len(source) < 1 + WARMUP + batches:
+        raise click.UsageError(f"an epoch has {len(source)} batches, fewer than the {1 + WARMUP + batches} timed; "
+                               "use a larger dataset or fewer --batches")
     it = iter(source)
     to_device(next(it))
     sync()

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
-RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "log_every", "ckpt_every", "threads", "progress"}
+RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads",
+             "progress"}
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,7 @@ class FitConfig:
     grasps_per_scene: int = 16
     epochs: int = 100
     max_steps: int | None = None
+    max_time: float | None = None  # seconds of training (validation excluded)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     plateau_factor: float = 0.5
@@ -62,6 +64,8 @@ class FitConfig:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be at least 1")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ConfigError(f"--max-time {self.max_time}: must be > 0 seconds")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"--lr {self.lr} --weight-decay {self.weight_decay}: need lr > 0 and weight decay >= 0")
         if self.early_stopping < 0 or self.plateau_patience < 0 or not 0 < self.plateau_factor < 1:

@@ -56,6 +56,21 @@ def predict(model: torch.nn.Module, batch: Batch, amp: str, channels_last: bool,
         return model(sdf, batch.grasps, batch.scene_of_grasp).float()
 
 
+def train_step(net: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               mean: float, std: float, amp: str, channels_last: bool, zero_sdf: bool, step: int) -> torch.Tensor:
+    """One optimisation step on standardised scores; returns the loss. `step` names it in errors."""
+    pred = predict(net, batch, amp, channels_last, zero_sdf)
+    loss = F.mse_loss(pred, (batch.scores - mean) / std)
+    if not torch.isfinite(loss):
+        raise TrainError(f"non-finite loss ({loss.item()}) at step {step}, batch of scenes "
+                         f"{batch.scene_ids.tolist()}; lower --lr, or try --amp off")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def evaluate(model: torch.nn.Module, loader: Loader, mean: float, std: float, amp: str = "off",
              channels_last: bool = False, zero_sdf: bool = False) -> dict[str, float]:
     """Metrics in score units over every grasp of the loader's split (whole scenes per group)."""
@@ -170,7 +185,7 @@ def fit(cfg: FitConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    state = {"step": 0, "best_val_mse": math.inf, "best_step": 0, "bad_validations": 0}
+    state = {"step": 0, "best_val_mse": math.inf, "best_step": 0, "bad_validations": 0, "train_time": 0.0}
     window = {"loss": 0.0, "steps": 0, "samples": 0, "wait": 0.0, "time": 0.0}
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -206,7 +221,7 @@ def fit(cfg: FitConfig) -> dict:
 
     def validate() -> dict:
         result = {"step": state["step"], "epoch": round(state["step"] / len(train_loader), 4),
-                  **evaluate(model, val_loader, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf)}
+                  "time_s": round(state["train_time"], 3), **evaluate(model, val_loader, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf)}
         run.log(result)
         if result["val_mse"] < state["best_val_mse"]:
             state.update(best_val_mse=result["val_mse"], best_step=state["step"], bad_validations=0)
@@ -232,20 +247,14 @@ def fit(cfg: FitConfig) -> dict:
                 batches = iter(train_loader)
                 continue
             wait = time.perf_counter() - t0
-            pred = predict(net, batch, cfg.amp, cfg.channels_last, cfg.zero_sdf)
-            loss = F.mse_loss(pred, (batch.scores - mean) / std)
-            if not torch.isfinite(loss):
-                raise TrainError(f"non-finite loss ({loss.item()}) at step {state['step'] + 1}, batch of scenes "
-                                 f"{batch.scene_ids.tolist()}; lower --lr, or try --amp off")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(net, batch, optimizer, scaler, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf,
+                              state["step"] + 1)
             state["step"] += 1
             if train_loader.position == len(train_loader):  # never checkpoint a finished epoch's position
                 train_loader.set_epoch(train_loader.epoch + 1)
                 batches = iter(train_loader)
             elapsed = time.perf_counter() - t0
+            state["train_time"] += elapsed
             if first_batch_s is None:
                 first_batch_s = time.perf_counter() - start
             else:  # the first step carries start-up (cache load, compile): kept out of the rates
@@ -259,8 +268,10 @@ def fit(cfg: FitConfig) -> dict:
             window["time"] += elapsed
             bar.update(1)
             step = state["step"]
+            if cfg.max_time and state["train_time"] >= cfg.max_time:
+                stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
             if step % cfg.log_every == 0 or step == total:
-                row = {"step": step, "epoch": round(step / len(train_loader), 4),
+                row = {"step": step, "epoch": round(step / len(train_loader), 4), "time_s": round(state["train_time"], 3),
                        "loss": window["loss"] / window["steps"],
                        "train_mse": window["loss"] / window["steps"] * std * std,
                        "lr": optimizer.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["time"],
@@ -274,7 +285,7 @@ def fit(cfg: FitConfig) -> dict:
                     stopped = "early_stopping"
             if step % cfg.ckpt_every == 0 or last_val and last_val["step"] == step:
                 checkpoint(run.path / "last.pt")
-            if stopped == "early_stopping":
+            if stopped in ("early_stopping", "max_time"):
                 break
             if stop.requested(dist, device):
                 stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
@@ -290,6 +301,7 @@ def fit(cfg: FitConfig) -> dict:
     peak, peak_kind = _peak_memory(device)
     summary = {
         "steps": state["step"], "epochs": round(state["step"] / len(train_loader), 4), "stopped": stopped,
+        "train_time_s": state["train_time"],
         "samples_per_s": totals["samples"] / totals["time"] if totals["time"] else None,
         "data_wait": totals["wait"] / totals["time"] if totals["time"] else None,
         "first_batch_s": first_batch_s, "steps_this_process": state["step"] - steps_at_start,

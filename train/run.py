@@ -54,6 +54,8 @@ def fit_options(fn):
                      help="Grasps per SDF per batch (1 = the seed's independent grasps)."),
         click.option("--epochs", default=100, show_default=True),
         click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs)."),
+        click.option("--max-time", type=float, default=None,
+                     help="Stop after this many seconds of training (validation not counted)."),
         click.option("--lr", default=1e-4, show_default=True),
         click.option("--weight-decay", default=1e-4, show_default=True),
         click.option("--early-stopping", default=15, show_default=True,

@@ -1,0 +1,59 @@
+"""The benchmark scripts run end to end on tiny data and write the JSON their issues specify.
+
+These check that the benchmarks work, not how fast anything is: figures come from full runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_tool
+from shards import BuildOptions, build_shards
+from synth import write_scenes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    write_scenes(root / "scenes", 30, grasps_per_scene=64, grid=16, seed=2, workers=1, progress=False)
+    build_shards(root / "scenes", root / "shards", BuildOptions(grid=16, max_grasps=64, records_per_shard=8),
+                 workers=1, progress=False)
+    return root / "scenes", root / "shards"
+
+
+def test_bench_shards(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    result = run_tool("bench_shards.py", "--scenes", 8, "--grid", 16, "--grasps", 16, "--repeat", 1, "--json", out,
+                      check=True)
+    figures = json.loads(out.read_text())
+    for key in ("scenes", "workers", "decode_floor_s", "make_shards_s", "read_shards_s", "read_npz_s",
+                "bytes_per_scene", "seed_bytes_per_scene"):
+        assert key in figures
+    assert figures["scenes"] == 8 and figures["seed_bytes_per_scene"] == 16 ** 3 * 4 + 16 * 20 * 4
+    assert "x floor" in result.stdout
+
+
+def test_bench_loaders(tiny, tmp_path: Path) -> None:
+    scenes, shards = tiny
+    out = tmp_path / "l.json"
+    run_tool("bench_loaders.py", "--shards", shards, "--seed-scenes", scenes, "--batches", 2, "--json", out, check=True)
+    rows = json.loads(out.read_text())
+    assert [r["loader"] for r in rows] == ["cache", "cache", "dali", "dali", "seed-npz", "seed-memory"]
+    for row in rows:
+        assert {"device", "scenes_per_batch", "grasps_per_scene", "first_batch_s", "batches_per_s", "samples_per_s",
+                "resident_bytes"} <= row.keys()
+        assert row["samples_per_s"] > 0
+
+
+def test_bench_train(tiny, tmp_path: Path) -> None:
+    _, shards = tiny
+    out = tmp_path / "t.json"
+    run_tool("bench_train.py", "--shards", shards, "--steps", 1, "--large-steps", 1, "--base-channels", 2,
+             "--fc-dims", 8, "--budget-s", 1, "--val-every", 2, "--json", out, check=True)
+    result = json.loads(out.read_text())
+    assert len(result["throughput"]) == 8
+    assert {"model", "loader", "device", "scenes_per_batch", "grasps_per_scene", "samples_per_s"} <= \
+        result["throughput"][0].keys()
+    assert {"target_val_mse", "g1_s", "g16_s"} <= result["time_to_quality"].keys()

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Benchmark training: samples/s per model, loader and grouping, and time-to-quality of G=16 vs G=1.
+
+Throughput rows time whole training steps (batch fetch, forward, backward, optimizer) with the
+trainer's own `train_step`, after warm-up steps. Time-to-quality runs the real trainer (`fit`):
+G=1 (S=128) trains for --budget-s seconds and its final val MSE becomes the target; G=16 (S=8,
+the same 128 grasps per batch) then trains, validating every --val-every steps, and the training
+time (validation excluded) at which its val MSE first reaches the target is reported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from models import build_model
+from pipeline import keep_freed_host_memory, open_loader
+from train.config import FitConfig, parse_fc_dims
+from train.loop import fit, resolve_device, train_step
+
+CONFIGS = [(128, 1), (8, 16)]
+
+
+def throughput(shards: Path, kind: str, mode: str, s: int, g: int, device: torch.device, steps: int, warmup: int,
+               base_channels: int | None, fc_dims: tuple[int, ...] | None, amp: str, channels_last: bool,
+               compile_model: bool) -> float:
+    """Training samples/s over `steps` steps after `warmup` steps."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with open_loader(shards, mode, "train", s, g, seed=0, device=device, progress=False) as loader:
+        stats = loader.reader.manifest["score_stats"]
+        torch.manual_seed(0)
+        model = build_model(kind, loader.grid, base_channels, fc_dims).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        net = torch.compile(model) if compile_model else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        if len(loader) < warmup + steps:
+            raise click.UsageError(f"{kind}/{mode} S={s} G={g}: an epoch has {len(loader)} batches, fewer than "
+                                   f"the {warmup + steps} needed; use a larger dataset or fewer --steps")
+        batches = iter(loader)
+        samples = 0
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                start = time.perf_counter()
+            batch = next(batches)
+            train_step(net, batch, optimizer, scaler, stats["mean"], stats["std"], amp, channels_last, False, i + 1)
+            samples += batch.num_grasps if i >= warmup else 0
+        sync()
+        return samples / (time.perf_counter() - start)
+
+
+def time_to_quality(shards: Path, device: str, budget_s: float, val_every: int, base_channels: int | None,
+                    fc_dims: tuple[int, ...] | None, lr: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        common = dict(shards=str(shards), device=device, base_channels=base_channels, fc_dims=fc_dims, lr=lr,
+                      max_time=budget_s, early_stopping=0, ckpt_every=10 ** 9, progress=False)
+        g1 = fit(FitConfig(out=f"{tmp}/g1", scenes_per_batch=128, grasps_per_scene=1, val_every=10 ** 9, **common))
+        target = g1["val_mse"]
+        fit(FitConfig(out=f"{tmp}/g16", scenes_per_batch=8, grasps_per_scene=16, val_every=val_every, **common))
+        rows = [json.loads(x) for x in Path(f"{tmp}/g16/metrics.jsonl").read_text().splitlines()]
+        reached = [r for r in rows if "val_mse" in r and r["val_mse"] <= target]
+        return {"target_val_mse": target, "budget_s": budget_s, "g1_s": g1["train_time_s"], "g1_steps": g1["steps"],
+                "g16_s": reached[0]["time_s"] if reached else None,
+                "g16_steps": reached[0]["step"] if reached else None,
+                "g16_final_val_mse": [r for r in rows if "val_mse" in r][-1]["val_mse"]}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--shards", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--models", default="small,large", show_default=True, help="Comma-separated: small, large.")
+@click.option("--loaders", default="cache,dali", show_default=True)
+@click.option("--steps", default=10, show_default=True, help="Timed steps per small-model row.")
+@click.option("--large-steps", default=2, show_default=True, help="Timed steps per large-model row.")
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--base-channels", type=int, default=None, help="Applies to every model [default: each model's own].")
+@click.option("--fc-dims", default=None)
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
+@click.option("--channels-last", is_flag=True)
+@click.option("--compile", "compile_model", is_flag=True)
+@click.option("--budget-s", default=300.0, show_default=True, help="Time-to-quality: G=1's training budget (s).")
+@click.option("--val-every", default=50, show_default=True, help="Time-to-quality: G=16's validation period (steps).")
+@click.option("--lr", default=1e-3, show_default=True, help="Time-to-quality learning rate (both runs).")
+@click.option("--skip-quality", is_flag=True, help="Only the throughput rows.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path))
+def main(shards: Path, device: str, models: str, loaders: str, steps: int, large_steps: int, warmup: int,
+         base_channels: int | None, fc_dims: str | None, amp: str, channels_last: bool, compile_model: bool,
+         budget_s: float, val_every: int, lr: float, skip_quality: bool, json_path: Path | None) -> None:
+    """Training samples/s (each model x loader x (S,G)) and time for G=16 to reach G=1's val MSE."""
+    logging.basicConfig(level=logging.WARNING)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_host_memory()
+    dims = parse_fc_dims(fc_dims)
+    rows = []
+    click.echo(f"bench_train: {shards}, device {dev}, amp {amp}, channels_last {channels_last}, compile {compile_model}")
+    click.echo(f"  {'model':<6} {'loader':<6} {'S':>4} {'G':>3} {'samples/s':>10}")
+    for kind in models.split(","):
+        for mode in loaders.split(","):
+            for s, g in CONFIGS:
+                rate = throughput(shards, kind, mode, s, g, dev, large_steps if kind == "large" else steps, warmup,
+                                  base_channels, dims, amp, channels_last, compile_model)
+                rows.append({"model": kind, "loader": mode, "device": str(dev), "scenes_per_batch": s,
+                             "grasps_per_scene": g, "samples_per_s": rate, "amp": amp,
+                             "channels_last": channels_last, "compile": compile_model})
+                click.echo(f"  {kind:<6} {mode:<6} {s:>4} {g:>3} {rate:>10,.0f}")
+    for kind in models.split(","):
+        for mode in loaders.split(","):
+            pick = {(r["scenes_per_batch"]): r["samples_per_s"] for r in rows if r["model"] == kind and r["loader"] == mode}
+            click.echo(f"  {kind} / {mode}: G=16 trains {pick[8] / pick[128]:.1f} x the samples/s of G=1 (target >= 8)")
+    result = {"throughput": rows}
+    if not skip_quality:
+        ttq = time_to_quality(shards, device, budget_s, val_every, base_channels, dims, lr)
+        result["time_to_quality"] = ttq
+        if ttq["g16_s"] is None:
+            click.echo(f"  time to quality: G=16 did not reach G=1's val MSE {ttq['target_val_mse']:.3f} "
+                       f"within {budget_s:.0f} s (its final: {ttq['g16_final_val_mse']:.3f})")
+        else:
+            click.echo(f"  time to quality: G=1 reached val MSE {ttq['target_val_mse']:.3f} in {ttq['g1_s']:.0f} s; "
+                       f"G=16 reached it in {ttq['g16_s']:.0f} s = {ttq['g16_s'] / ttq['g1_s']:.2f} x (target <= 0.33)")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
