@@ -86,6 +86,8 @@ class DaliLoader(Loader):
         return self._iter
 
     def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        if start >= len(plan):
+            return  # nothing left for this rank this epoch (DALI cannot read an empty file list)
         idx = self._epoch_index(plan)
         label_index = idx["scene_of_grasp"] * self.max_grasps + idx["slots"]
         batches = self._open(plan, start)

@@ -161,7 +161,8 @@ def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train
     scenes = reader.split_scenes(split)
     if len(scenes) == 0:
         raise LoaderError(f"split {split!r} of {root} has no scenes")
-    if num_batches(reader.column("num_grasps", scenes), spec) == 0:
+    # A rank may get no batch (a small split, many ranks, no drop_last); the split as a whole must.
+    if num_batches(reader.column("num_grasps", scenes), spec, all_ranks=True) == 0:
         raise LoaderError(f"split {split!r} of {root} gives no batches with scenes_per_batch {scenes_per_batch}, "
                           f"grasps_per_scene {grasps_per_scene}, world_size {world_size}, drop_last {drop_last}")
     dev = resolve_device(device)

@@ -79,10 +79,10 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def num_batches(num_grasps: np.ndarray, spec: PlanSpec) -> int:
-    """Batches per epoch for `spec.rank`: the same every epoch (group counts do not change)."""
+def num_batches(num_grasps: np.ndarray, spec: PlanSpec, all_ranks: bool = False) -> int:
+    """Batches per epoch for `spec.rank` (or for all ranks together): the same every epoch."""
     groups = int((-(-np.asarray(num_grasps, dtype=np.int64) // spec.grasps_per_scene)).sum())
-    return _rank_batches(groups, spec)[1]
+    return _rank_batches(groups, spec)[0 if all_ranks else 1]
 
 
 def _rank_batches(groups: int, spec: PlanSpec) -> tuple[int, int]:

@@ -192,6 +192,22 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
     assert "non-finite loss" in line and "at step" in line and "batch of scenes [" in line
 
 
+def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out),
+                             "--max-steps", "6", "-S", "2", "-G", "8", *SMALL], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    reader_val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_mse" in x][-1]
+    single = json.loads(run("eval", out / "last.pt", "--shards", shards).stdout)
+    assert reader_val["val_grasps"] == single["val_grasps"]  # the ranks' parts add up to the whole split
+    assert reader_val["val_mse"] == pytest.approx(single["val_mse"], rel=1e-5)
+    assert result.stdout.count("fit: 6 steps") == 1
+
+
 def test_help() -> None:
     for command in ([], ["fit"], ["compare"], ["eval"]):
         assert run(*command, "--help").returncode == 0

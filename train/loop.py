@@ -159,7 +159,9 @@ def fit(cfg: FitConfig) -> dict:
     if device.type == "cpu":
         keep_freed_host_memory()
     run = RunDir(Path(cfg.out), writer=dist.is_main)
-    run.prepare(cfg)
+    if dist.is_main:
+        run.prepare(cfg)
+    dist.barrier()  # the other ranks start once rank 0 has checked (and maybe cleared) RUN_DIR
     resumed = load_checkpoint(run.path / "last.pt") if cfg.resume else None
     if resumed is not None:
         if not is_trainer_checkpoint(resumed):
@@ -298,6 +300,12 @@ def fit(cfg: FitConfig) -> dict:
     elif last_val is None or last_val["step"] != state["step"]:
         last_val = validate()
         checkpoint(run.path / "last.pt")
+    if dist.enabled:  # throughput of the whole job: all ranks' samples over the slowest rank's time
+        sums = torch.tensor([totals["samples"], totals["wait"]], dtype=torch.float64, device=device)
+        slowest = torch.tensor([totals["time"]], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        totals = {"samples": sums[0].item(), "wait": sums[1].item() / dist.world_size, "time": slowest.item()}
     peak, peak_kind = _peak_memory(device)
     summary = {
         "steps": state["step"], "epochs": round(state["step"] / len(train_loader), 4), "stopped": stopped,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def fit_cmd(**kwargs) -> None:
     """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png."""
     out = kwargs.pop("out")
     summary = fit(_config(kwargs, out=str(out)))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 speaks for the job
     val = " ".join(f"{k[4:]} {summary[k]:.4f}" for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
                    if isinstance(summary.get(k), float))
     click.echo(f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
