@@ -97,14 +97,14 @@ def make_plan(scene_ids: np.ndarray, num_grasps: np.ndarray, spec: PlanSpec, epo
     spec.check()
     n = np.asarray(num_grasps, dtype=np.int64)
     rng = np.random.default_rng([spec.seed, epoch])
-    total, g = int(n.sum()), spec.grasps_per_scene
+    g = spec.grasps_per_scene
 
-    # Shuffle grasps within each scene: sort by (scene, random key) as one int64 key.
-    scene_pos = np.repeat(np.arange(len(n), dtype=np.int64), n)
-    first = _exclusive_cumsum(n)
-    within = np.arange(total, dtype=np.int64) - np.repeat(first[:-1], n)
-    keys = (scene_pos << 32) | rng.integers(0, 1 << 32, total, dtype=np.int64)
-    shuffled_slot = within[np.argsort(keys, kind="stable")]
+    # Shuffle grasps within each scene: permute each row of a (scenes, max grasps) slot table, in
+    # which missing slots are -1, then read the valid entries back row by row (no sort needed).
+    width = int(n.max()) if len(n) else 0
+    table = np.where(np.arange(width, dtype=np.int32) < n[:, None], np.arange(width, dtype=np.int32), -1)
+    table = rng.permuted(table, axis=1)
+    shuffled_slot = table[table >= 0].astype(np.int64)
 
     # Cut each scene's shuffled grasps into groups of G; groups are contiguous in that order.
     groups_per_scene = -(-n // g)
@@ -117,9 +117,11 @@ def make_plan(scene_ids: np.ndarray, num_grasps: np.ndarray, spec: PlanSpec, epo
     # Shuffle groups across the split, cut into batches, deal batches to ranks.
     order = rng.permutation(len(group_len))
     kept, _ = _rank_batches(len(group_len), spec)
-    s = spec.scenes_per_batch
-    mine = [order[j * s:(j + 1) * s] for j in range(spec.rank, kept, spec.world_size)]
-    rank_groups = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    s, w = spec.scenes_per_batch, spec.world_size
+    full = min(kept, len(order) // s)
+    rank_groups = order[:full * s].reshape(full, s)[spec.rank::w].ravel()
+    if kept > full and full % w == spec.rank:  # the short last batch (no drop_last) is batch `full`
+        rank_groups = np.concatenate([rank_groups, order[full * s:]])
 
     lengths = group_len[rank_groups]
     starts = _exclusive_cumsum(lengths)

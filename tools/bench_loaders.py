@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import click
@@ -105,6 +107,32 @@ def _seed_batch_to(device: torch.device):
     return lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
+def measure(loader: str, shards_dir: Path, paths: list[Path], split: str, s: int, g: int, device: str,
+            batches: int, workers: int) -> dict:
+    """One row, timed in the calling process (main runs each row in a fresh one)."""
+    keep_freed_host_memory()  # the same process setting for every row, seed baselines included
+    dev = resolve_device(device)
+    if loader in ("cache", "dali"):
+        r = _time(lambda: open_loader(shards_dir, loader, split, s, g, seed=0, device=dev, progress=False),
+                  lambda b: b, lambda b: b.num_grasps, dev, batches)
+        source = r.pop("source")
+        resident = source.resident_bytes
+        source.close()
+    else:
+        gen = torch.Generator().manual_seed(0)
+        if loader == "seed-npz":
+            make = lambda: DataLoader(SeedNpzDataset(paths), batch_size=s, shuffle=True, generator=gen,  # noqa: E731
+                                      num_workers=workers)
+        else:
+            make = lambda: DataLoader(SeedMemoryDataset(paths, dev), batch_size=s, shuffle=True,  # noqa: E731
+                                      generator=gen, num_workers=0)
+        r = _time(make, _seed_batch_to(dev), lambda b: len(b["score"]), dev, batches)
+        source = r.pop("source")
+        resident = source.dataset.resident_bytes if loader == "seed-memory" else 0
+    return {"loader": loader, "device": str(dev), "scenes_per_batch": s, "grasps_per_scene": g,
+            "resident_bytes": resident, **r}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--shards", "shards_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--seed-scenes", type=click.Path(path_type=Path, file_okay=False),
@@ -116,54 +144,42 @@ def _seed_batch_to(device: torch.device):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows here as JSON.")
 def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, split: str, workers: int,
          json_path: Path | None) -> None:
-    """Time cache and dali loaders at (S=128,G=1) and (S=8,G=16) against the seed's DataLoaders."""
+    """Time cache and dali loaders at (S=128,G=1) and (S=8,G=16) against the seed's DataLoaders.
+
+    Every row runs in a fresh process, so each time to first batch is a cold start of that loader
+    (with the files in the page cache) and no row inherits another's memory state.
+    """
     logging.basicConfig(level=logging.WARNING)
-    allocator = keep_freed_host_memory()  # the same process setting for every row, seed baselines included
-    dev = resolve_device(device)
-    rows = []
-    for mode in ("cache", "dali"):
-        for s, g in CONFIGS:
-            r = _time(lambda: open_loader(shards_dir, mode, split, s, g, seed=0, device=dev, progress=False),
-                      lambda b: b, lambda b: b.num_grasps, dev, batches)
-            loader = r.pop("source")
-            rows.append({"loader": mode, "device": str(dev), "scenes_per_batch": s, "grasps_per_scene": g,
-                         "resident_bytes": loader.resident_bytes, **r})
-            loader.close()
+    plan = [(mode, s, g) for mode in ("cache", "dali") for s, g in CONFIGS]
+    paths: list[Path] = []
     if seed_scenes:
         reader = ShardReader(shards_dir)
-        names = reader.column("name", reader.split_scenes(split))
-        paths = [seed_scenes / n / "scene.npz" for n in names]
+        paths = [seed_scenes / n / "scene.npz" for n in reader.column("name", reader.split_scenes(split))]
         missing = [p for p in paths if not p.exists()]
         if missing:
             raise click.UsageError(f"--seed-scenes {seed_scenes}: {missing[0]} is missing; point it at the "
                                    "directory the shards were built from")
-        gen = torch.Generator().manual_seed(0)
-        r = _time(lambda: DataLoader(SeedNpzDataset(paths), batch_size=SEED_BATCH, shuffle=True, generator=gen,
-                                     num_workers=workers, persistent_workers=False),
-                  _seed_batch_to(dev), lambda b: len(b["score"]), dev, batches)
-        r.pop("source")
-        rows.append({"loader": "seed-npz", "device": str(dev), "scenes_per_batch": SEED_BATCH,
-                     "grasps_per_scene": 1, "resident_bytes": 0, **r})
-        r = _time(lambda: DataLoader(SeedMemoryDataset(paths, dev), batch_size=SEED_BATCH, shuffle=True,
-                                     generator=gen, num_workers=0),
-                  _seed_batch_to(dev), lambda b: len(b["score"]), dev, batches)
-        rows.append({"loader": "seed-memory", "device": str(dev), "scenes_per_batch": SEED_BATCH,
-                     "grasps_per_scene": 1, "resident_bytes": r.pop("source").dataset.resident_bytes, **r})
+        plan += [("seed-npz", SEED_BATCH, 1), ("seed-memory", SEED_BATCH, 1)]
+    rows = []
+    for loader, s, g in plan:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(measure, loader, shards_dir, paths, split, s, g, device, batches, workers).result())
+    dev = rows[0]["device"]
 
     base = {row["loader"]: row for row in rows if row["loader"].startswith("seed")}
     click.echo(f"bench_loaders: {shards_dir} split {split}, device {dev}, {batches} steady-state batches per row, "
-               f"host allocator keeps freed memory: {allocator}")
+               "each row in a fresh process")
     click.echo(f"  {'loader':<12} {'S':>4} {'G':>3} {'first batch':>12} {'batches/s':>10} {'samples/s':>10} "
-               f"{'resident':>10}  {'x seed-memory':>13} {'x seed-npz':>10}")
+               f"{'resident':>10}  {'samples/s x seed-memory':>23} {'x seed-npz':>10} {'first batch x seed-memory':>25}")
     for row in rows:
         ratio = {k: (f"{row['samples_per_s'] / base[k]['samples_per_s']:.1f}" if k in base else "-")
                  for k in ("seed-memory", "seed-npz")}
+        first = (f"{base['seed-memory']['first_batch_s'] / row['first_batch_s']:.1f}" if "seed-memory" in base
+                 else "-")
         click.echo(f"  {row['loader']:<12} {row['scenes_per_batch']:>4} {row['grasps_per_scene']:>3} "
                    f"{row['first_batch_s']:>10.3f} s {row['batches_per_s']:>10.1f} {row['samples_per_s']:>10,.0f} "
-                   f"{row['resident_bytes'] / 1e6:>8.1f}MB  {ratio['seed-memory']:>13} {ratio['seed-npz']:>10}")
-    if "seed-memory" in base:
-        cache_first = min(r["first_batch_s"] for r in rows if r["loader"] == "cache")
-        click.echo(f"  time to first batch, seed-memory / cache: {base['seed-memory']['first_batch_s'] / cache_first:.1f} x")
+                   f"{row['resident_bytes'] / 1e6:>8.1f}MB  {ratio['seed-memory']:>23} {ratio['seed-npz']:>10} "
+                   f"{first:>25}")
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
 
