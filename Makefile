@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
 DEMO_SCENES ?= 200
-DEMO_STEPS ?= 60
+DEMO_STEPS ?= 100
 
 .PHONY: test demo install clean-demo
 
@@ -29,7 +29,7 @@ demo: install
 	$(PY) tools/make_scenes.py --scenes $(DEMO_SCENES) --out $(DEMO)/scenes --overwrite
 	$(PY) tools/make_shards.py $(DEMO)/scenes --out $(DEMO)/shards --overwrite
 	$(PY) tools/verify_shards.py $(DEMO)/shards
-	$(PY) train/run.py compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) --overwrite
+	$(PY) train/run.py compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) --lr 1e-3 --log-every 5 --overwrite
 
 clean-demo:
 	rm -rf $(DEMO)

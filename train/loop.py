@@ -249,6 +249,9 @@ def fit(cfg: FitConfig) -> dict:
                 batches = iter(train_loader)
                 continue
             wait = time.perf_counter() - t0
+            first = first_batch_s is None
+            if first:  # from the start of fit (opening, cache loading) to a batch in hand
+                first_batch_s = time.perf_counter() - start
             loss = train_step(net, batch, optimizer, scaler, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf,
                               state["step"] + 1)
             state["step"] += 1
@@ -257,9 +260,7 @@ def fit(cfg: FitConfig) -> dict:
                 batches = iter(train_loader)
             elapsed = time.perf_counter() - t0
             state["train_time"] += elapsed
-            if first_batch_s is None:
-                first_batch_s = time.perf_counter() - start
-            else:  # the first step carries start-up (cache load, compile): kept out of the rates
+            if not first:  # the first step carries start-up (first-call kernels, compile): kept out of the rates
                 totals["samples"] += batch.num_grasps
                 totals["wait"] += wait
                 totals["time"] += elapsed

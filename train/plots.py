@@ -7,6 +7,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+
+
+def _log_y(ax) -> None:
+    """Log scale with plain numbers (12, 20, 40), not 1.2x10^1."""
+    ax.set_yscale("log")
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -22,7 +31,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     ax.plot(steps, val, "o-", label="val MSE", lw=1.5, ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("MSE (score units)")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -38,7 +47,7 @@ def plot_compare(runs: dict[str, list[dict]], table: dict[str, dict], path: Path
         left.plot(*_series(rows, "train_mse"), style, label=f"{name}", lw=1.6)
     left.set_xlabel("step")
     left.set_ylabel("train MSE (score units)")
-    left.set_yscale("log")
+    _log_y(left)
     left.grid(alpha=0.3)
     left.legend(title="loader")
     left.set_title("loss curves (identical batches coincide)", fontsize=10)
