@@ -173,8 +173,10 @@ def fit(cfg: FitConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     progress = cfg.progress and dist.is_main
+    opening = time.perf_counter()
     train_loader = open_loader(cfg.shards, cfg.loader, "train", cfg.scenes_per_batch, cfg.grasps_per_scene,
                                cfg.seed, device, dist.rank, dist.world_size, drop_last=dist.enabled, progress=progress)
+    open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
     max_grasps = train_loader.max_grasps
     val_loader = open_loader(cfg.shards, cfg.loader, "val", cfg.val_scenes_per_batch, max_grasps, 0, device,
                              dist.rank, dist.world_size, progress=progress)
@@ -250,8 +252,8 @@ def fit(cfg: FitConfig) -> dict:
                 continue
             wait = time.perf_counter() - t0
             first = first_batch_s is None
-            if first:  # from the start of fit (opening, cache loading) to a batch in hand
-                first_batch_s = time.perf_counter() - start
+            if first:  # opening the loader (cache load, DALI build) plus waiting for the first batch
+                first_batch_s = open_s + wait
             loss = train_step(net, batch, optimizer, scaler, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf,
                               state["step"] + 1)
             state["step"] += 1
