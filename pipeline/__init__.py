@@ -8,5 +8,5 @@ from .host_memory import keep_freed_host_memory
 from .loader import MODES, Loader, LoaderError, open_loader, resolve_device
 from .plan import EpochPlan, PlanSpec, make_plan, num_batches
 
-__all__ = ["Batch", "keep_freed_host_memory", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device", "EpochPlan", "PlanSpec",
-           "make_plan", "num_batches"]
+__all__ = ["Batch", "keep_freed_host_memory", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device",
+           "EpochPlan", "PlanSpec", "make_plan", "num_batches"]

@@ -1,7 +1,6 @@
 """`open_loader` and what both loader modes share: checks, the epoch plan, resumable position."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from shards import GRASP_DIM, SCORE_COLUMN, DatasetError, ShardReader, verify
 from .batch import Batch
 from .plan import EpochPlan, PlanSpec, make_plan, num_batches
 
-log = logging.getLogger("pipeline")
 MODES = ("cache", "dali")
 
 

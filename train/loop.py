@@ -225,7 +225,8 @@ def fit(cfg: FitConfig) -> dict:
 
     def validate() -> dict:
         result = {"step": state["step"], "epoch": round(state["step"] / len(train_loader), 4),
-                  "time_s": round(state["train_time"], 3), **evaluate(model, val_loader, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf)}
+                  "time_s": round(state["train_time"], 3),
+                  **evaluate(model, val_loader, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf)}
         run.log(result)
         if result["val_mse"] < state["best_val_mse"]:
             state.update(best_val_mse=result["val_mse"], best_step=state["step"], bad_validations=0)
@@ -325,8 +326,8 @@ def fit(cfg: FitConfig) -> dict:
     }
     run.write_summary(summary)
     if dist.is_main:
-        plot_curves(run.rows(), run.path / "curves.png",
-                    f"{model.config['kind']} model, {cfg.loader} loader, S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}")
+        title = f"{model.config['kind']} model, {cfg.loader} loader, S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}"
+        plot_curves(run.rows(), run.path / "curves.png", title)
     run.close()
     train_loader.close()
     val_loader.close()
