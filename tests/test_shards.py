@@ -313,3 +313,29 @@ def test_float16_conversion_is_bit_identical_to_numpy() -> None:
         expected = x.astype(np.float16)
         assert half.shape == x.shape and np.array_equal(half.view(np.uint16), expected.view(np.uint16))
         assert error == float(np.abs(expected.astype(np.float64) - x).max())
+
+
+def test_records_read_by_mmap_and_by_dali_roi_equal_the_source(small_source: Path, tmp_path: Path) -> None:
+    from nvidia.dali import fn, pipeline_def
+
+    out = tmp_path / "ds"
+    assert build(small_source, out, "--records-per-shard", 4).returncode == 0
+    reader = ShardReader(out)
+    scenes = [6, 0, 10, 3, 9]  # a file list that names a shard once per record to read
+    files = [str(reader.sdf_path(s // 4)) for s in scenes]
+    starts = [np.array([s % 4, 0, 0, 0], np.int32) for s in scenes]
+
+    @pipeline_def(batch_size=len(scenes), num_threads=1, device_id=None)
+    def records():
+        roi = fn.external_source(lambda: starts, batch=True)
+        return fn.readers.numpy(files=files, roi_start=roi, roi_shape=[1, GRID, GRID, GRID], device="cpu")
+
+    pipe = records()
+    pipe.build()
+    (batch,) = pipe.run()
+    for i, scene in enumerate(scenes):
+        expected = source_arrays(small_source, f"scene_{scene:03d}")["sdf"].astype(np.float16)
+        mapped = np.load(out / f"sdf-{scene // 4:05d}.npy", mmap_mode="r")[scene % 4]
+        assert np.array_equal(mapped, expected)
+        assert np.array_equal(np.array(batch[i])[0], expected)
+    del pipe

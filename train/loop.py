@@ -72,7 +72,7 @@ def train_step(net: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimi
 
 
 def evaluate(model: torch.nn.Module, loader: Loader, mean: float, std: float, amp: str = "off",
-             channels_last: bool = False, zero_sdf: bool = False) -> dict[str, float]:
+             channels_last: bool = False, zero_sdf: bool = False, prefix: str = "val_") -> dict[str, float]:
     """Metrics in score units over every grasp of the loader's split (whole scenes per group)."""
     was_training = model.training
     model.eval()
@@ -83,7 +83,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, mean: float, std: float, am
             pred = predict(model, batch, amp, channels_last, zero_sdf) * std + mean
             metrics.add(pred, batch.scores, batch.scene_of_grasp, batch.num_scenes)
     model.train(was_training)
-    return metrics.result(baseline=mean)
+    return metrics.result(baseline=mean, prefix=prefix)
 
 
 def _refold_output(model: GQEstimatorBase, scale: float, shift: float) -> None:

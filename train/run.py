@@ -153,7 +153,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
         raise ConfigError(f"{checkpoint}: model input size {model.input_size} != the dataset's grid {grid}")
     mean, std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
     with open_loader(shards, loader, split, scenes_per_batch, max_grasps, device=dev, progress=False) as data:
-        metrics = evaluate(model.to(dev), data, mean, std)
+        metrics = evaluate(model.to(dev), data, mean, std, prefix=f"{split}_")
     click.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, **metrics}, indent=2))
 
 
