@@ -20,7 +20,9 @@ class LoaderError(ValueError):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device, refusing CUDA when this torch has none."""
+    """A torch device ("auto": CUDA when present, else CPU), refusing CUDA when this torch has none."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as err:

@@ -19,9 +19,9 @@ import click
 import torch
 
 from models import build_model
-from pipeline import keep_freed_host_memory, open_loader
+from pipeline import keep_freed_host_memory, open_loader, resolve_device
 from train.config import FitConfig, parse_fc_dims
-from train.loop import fit, resolve_device, train_step
+from train.loop import fit, train_step
 
 CONFIGS = [(128, 1), (8, 16)]
 

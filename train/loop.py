@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import CheckpointError, GQEstimatorBase, build_model
-from pipeline import Batch, Loader, keep_freed_host_memory, open_loader
+from pipeline import Batch, Loader, keep_freed_host_memory, open_loader, resolve_device
 
 from .checkpoint import is_trainer_checkpoint, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, FitConfig
@@ -39,14 +39,6 @@ class TrainError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); `str()` says where and what to try."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available to this torch; use --device cpu or auto")
-    return torch.device(name)
-
-
 def predict(model: torch.nn.Module, batch: Batch, amp: str, channels_last: bool, zero_sdf: bool) -> torch.Tensor:
     """The model's (standardised) scores for a batch, float32."""
     sdf = torch.zeros_like(batch.sdf) if zero_sdf else batch.sdf
@@ -57,18 +49,19 @@ def predict(model: torch.nn.Module, batch: Batch, amp: str, channels_last: bool,
 
 
 def train_step(net: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               mean: float, std: float, amp: str, channels_last: bool, zero_sdf: bool, step: int) -> torch.Tensor:
+               mean: float, std: float, amp: str, channels_last: bool, zero_sdf: bool, step: int) -> float:
     """One optimisation step on standardised scores; returns the loss. `step` names it in errors."""
     pred = predict(net, batch, amp, channels_last, zero_sdf)
     loss = F.mse_loss(pred, (batch.scores - mean) / std)
-    if not torch.isfinite(loss):
-        raise TrainError(f"non-finite loss ({loss.item()}) at step {step}, batch of scenes "
+    value = loss.item()  # the step's one device sync: checked here, logged by the caller
+    if not math.isfinite(value):
+        raise TrainError(f"non-finite loss ({value}) at step {step}, batch of scenes "
                          f"{batch.scene_ids.tolist()}; lower --lr, or try --amp off")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss
+    return value
 
 
 def evaluate(model: torch.nn.Module, loader: Loader, mean: float, std: float, amp: str = "off",
@@ -152,8 +145,9 @@ def fit(cfg: FitConfig) -> dict:
     """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json)."""
     cfg.check()
     start = time.perf_counter()
-    dist = Distributed.from_env(resolve_device(cfg.device).type)
-    device = dist.device(resolve_device(cfg.device))
+    requested = resolve_device(cfg.device)
+    dist = Distributed.from_env(requested.type)
+    device = dist.device(requested)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
@@ -267,7 +261,7 @@ def fit(cfg: FitConfig) -> dict:
                 totals["samples"] += batch.num_grasps
                 totals["wait"] += wait
                 totals["time"] += elapsed
-            window["loss"] += loss.item()
+            window["loss"] += loss
             window["steps"] += 1
             window["samples"] += batch.num_grasps
             window["wait"] += wait

@@ -17,12 +17,12 @@ from pathlib import Path
 import click
 
 from models import CheckpointError
-from pipeline import LoaderError
+from pipeline import LoaderError, resolve_device
 from shards import DatasetError
 from train.compare import compare as run_compare
 from train.compare import format_table
 from train.config import ConfigError, FitConfig, parse_fc_dims
-from train.loop import TrainError, evaluate, fit, resolve_device
+from train.loop import TrainError, evaluate, fit
 
 USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError)
 
