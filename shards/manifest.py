@@ -1,6 +1,7 @@
 """`manifest.json`: what a dataset is, written last; a directory without it is not a dataset."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,8 +13,20 @@ class DatasetError(ValueError):
     """A directory that is not a readable dataset of this format; `str()` says what and what to do."""
 
 
+# Not part of a dataset's identity: where and how it was made, and the fingerprint itself.
+_NOT_IDENTITY = ("fingerprint", "made_by")
+
+
+def fingerprint(manifest: dict) -> str:
+    """The dataset's identity: SHA-256 of its manifest's contents (files, checksums, layout, splits,
+    statistics), so a moved or re-spelled directory keeps it and a rebuild with other data changes it."""
+    content = {k: v for k, v in manifest.items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(root: Path, manifest: dict) -> None:
-    """Write atomically; keys sorted and no timestamps, so equal builds give equal bytes."""
+    """Write atomically with its fingerprint; keys sorted and no timestamps, so equal builds give equal bytes."""
+    manifest = {**manifest, "fingerprint": fingerprint(manifest)}
     path = root / MANIFEST
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
