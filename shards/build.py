@@ -1,12 +1,13 @@
 """Building a dataset from the seed's processed layout: parallel decode and write, resume.
 
-Scenes are sorted by name; a scene's id is its sorted position, which also fixes its record
-(shard = id // R, slot = id % R). Worker processes load, check and convert scenes and write each
-record straight into its shard's temporary files; only metadata comes back. The builder consumes
-results in order, folds the record CRC-32s into the files' CRC-32s, and when a shard's R records
-are all in, renames its files into place and appends a line to `.build/journal.jsonl` (its files,
-its index rows). `--resume` keeps the journalled shards whose files still match and rebuilds the
-rest, so a resumed build writes the same bytes as an uninterrupted one. The manifest is last.
+Scenes are sorted by name; a scene's id is its sorted position. Its record's place is fixed up
+front (`placement.py`): each split fills its own consecutive shards, its scenes in a seeded order.
+Worker processes load, check and convert scenes and write each record straight into its shard's
+temporary files; only metadata comes back. The builder consumes results in record order, folds
+the record CRC-32s into the files' CRC-32s, and when a shard's R records are all in, renames its
+files into place and appends a line to `.build/journal.jsonl` (its files, its index rows).
+`--resume` keeps the journalled shards whose files still match and rebuilds the rest, so a resumed
+build writes the same bytes as an uninterrupted one. The manifest is last.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from tqdm import tqdm
 from . import __version__
 from .crc import CRCAppender
 from .format import (BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, GRASP_DIM, HEADER_BYTES, INDEX, LABEL_DIM,
-                     MANIFEST, SDF_DTYPES, SKIPPED, file_crc32)
+                     MANIFEST, SDF_DTYPES, SKIPPED, file_crc32, grid_points)
 from .index import write_index
 from .manifest import write_manifest
+from .placement import Placement, place_scenes
 from .reader import SPLITS
 from .source import Record, SceneError, list_scenes, load_record
 from .splits import assign_splits
@@ -54,6 +56,7 @@ class BuildOptions:
     test_fraction: float = 0.1
     limit: int | None = None
     skip_bad: bool = False
+    shuffle_seed: int = 0
 
     def check(self) -> None:
         if self.dtype not in SDF_DTYPES:
@@ -62,6 +65,10 @@ class BuildOptions:
                             ("--max-grasps", self.max_grasps)):
             if value < 1:
                 raise BuildError(f"{flag} {value}: must be at least 1")
+        if self.grid % 2:
+            raise BuildError(f"--grid {self.grid}: must be even (records are whole 32-bit words)")
+        if self.shuffle_seed < 0:
+            raise BuildError(f"--shuffle-seed {self.shuffle_seed}: must be >= 0")
         if self.limit is not None and self.limit < 1:
             raise BuildError(f"--limit {self.limit}: must be at least 1")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
@@ -213,13 +220,14 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
     if not names:
         raise BuildError(f"SOURCE {source}: no scene directories found (expected <name>/scene.npz)")
     splits = assign_splits(names, Path(opts.splits) if opts.splits else None, opts.val_fraction, opts.test_fraction)
+    placement = place_scenes(names, splits, opts.shuffle_seed, opts.records_per_shard)
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source), "args": asdict(opts)}
 
     created = _prepare_out(out, resume, overwrite)
     try:
         done = _read_journal(out, header) if resume else []
         _restart_journal(out, header, done)
-        summary = _write_all(source, out, opts, names, splits, done, workers, progress)
+        summary = _write_all(source, out, opts, names, splits, placement, done, workers, progress)
     except (SceneError, BuildError, OSError, MemoryError):
         _remove_outputs(out, created)
         raise
@@ -232,16 +240,17 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
 
 
 def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], splits: list[str],
-               done: list[dict], workers: int | None, progress: bool) -> dict:
+               placement: Placement, done: list[dict], workers: int | None, progress: bool) -> dict:
     layout = opts.layout()
     r = layout.records_per_shard
-    num_shards = -(-len(names) // r)
+    num_shards = placement.num_shards
+    scene_at = placement.scene_at
     header_crcs = tuple(zlib.crc32(h) for h in layout.headers())
     appenders = (CRCAppender(layout.sdf_record_bytes), CRCAppender(layout.labels_record_bytes))
     empty_crcs, empty_labels = layout.empty_checksums(), layout.empty_labels()
     journal = out / BUILD_DIR / JOURNAL
     for k in range(len(done), num_shards):
-        create_shard(out, layout, k, min(r, len(names) - k * r))
+        create_shard(out, layout, k, int((scene_at[k * r:(k + 1) * r] >= 0).sum()))
 
     entries = list(done)
     shard = _Shard(len(done), header_crcs)
@@ -251,25 +260,26 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
                dynamic_ncols=True)
     started = time.perf_counter()
     with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
-        tasks = list(enumerate(names))[first:]
+        tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
         results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
         for position in range(first, num_shards * r):
-            result = next(results) if position < len(names) else None
+            scene = int(scene_at[position])
+            result = next(results) if scene >= 0 else None
             if isinstance(result, Record):
-                shard.rows.append({"scene": position, "name": result.name, "split": splits[position],
+                shard.rows.append({"scene": scene, "name": result.name, "split": splits[scene],
                                    "shard": shard.number, "slot": position % r, "num_grasps": result.num_grasps,
-                                   "checksum": result.checksum, "translation": result.translation,
-                                   "global_scale": result.global_scale})
-                shard.stats.add(result, splits[position])
+                                   "checksum": result.checksum, "device_checksum": result.device_checksum,
+                                   "translation": result.translation, "global_scale": result.global_scale})
+                shard.stats.add(result, splits[scene])
                 shard.add_crcs(appenders, (result.sdf_crc, result.labels_crc))
-            else:  # a skipped scene or the last shard's padding: an empty record
+            else:  # a skipped scene or a split's padding: an empty record
                 if isinstance(result, SceneError):
                     if not opts.skip_bad:
                         raise result
-                    shard.skipped.append({"name": names[position], "reason": result.reason})
+                    shard.skipped.append({"name": names[scene], "reason": result.reason})
                 write_record(out, layout, position, None, empty_labels)
                 shard.add_crcs(appenders, empty_crcs)
-            if position < len(names):
+            if scene >= 0:
                 bar.update(1)
                 if position % 64 == 0:
                     rate = (position - first + 1) * record_bytes / 1e6 / max(time.perf_counter() - started, 1e-9)
@@ -284,10 +294,11 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
     bar.close()
     if not any(entry["rows"] for entry in entries):
         raise BuildError(f"SOURCE {source}: every scene was skipped as bad; see skipped.jsonl reasons above")
-    return _finish(out, opts, source, entries, len(names))
+    return _finish(out, opts, source, entries, len(names), placement)
 
 
-def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], considered: int) -> dict:
+def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], considered: int,
+            placement: Placement) -> dict:
     """Index, skip report and manifest (last), then drop the journal."""
     layout = opts.layout()
     rows = [row for e in entries for row in e["rows"]]
@@ -301,7 +312,8 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
         tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
         os.replace(tmp, out / SKIPPED)
 
-    per_split = {s: {"scenes": 0, "grasps": 0} for s in SPLITS}
+    per_split = {s: {"scenes": 0, "grasps": 0, "first_shard": placement.shards[s][0],
+                     "num_shards": placement.shards[s][1]} for s in SPLITS}
     for row in rows:
         per_split[row["split"]]["scenes"] += 1
         per_split[row["split"]]["grasps"] += row["num_grasps"]
@@ -313,15 +325,19 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
                    "max": max(s.train_max for s in stats) if n else None}
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "grid": [layout.grid] * 3, "sdf_dtype": layout.dtype, "label_dtype": "float32",
+        "grid": [layout.grid] * 3, "grid_origin": grid_points(layout.grid)[0],
+        "grid_spacing": grid_points(layout.grid)[1], "sdf_dtype": layout.dtype, "label_dtype": "float32",
         "grasp_dim": GRASP_DIM, "label_dim": LABEL_DIM, "max_grasps": layout.max_grasps,
         "records_per_shard": layout.records_per_shard, "header_bytes": HEADER_BYTES,
         "num_shards": len(entries), "num_scenes": len(rows), "num_records": len(entries) * layout.records_per_shard,
+        "source_scenes": considered,
         "splits": per_split, "score_stats": score_stats,
         "sdf_max_conversion_error": max(s.conversion_error for s in stats),
         "skipped": len(skipped),
         "checksums": {"files": "crc32 of the whole file",
-                      "records": "crc32 of the record's SDF bytes, then its labels bytes"},
+                      "records": "xxh3_64 of the record's SDF bytes, then its labels bytes",
+                      "device_records": "sum of the record's little-endian 32-bit words times splitmix64 keys, "
+                                        "mod 2^64 (shards/checksum.py)"},
         "files": files,
         "made_by": {"tool": "make_shards", "version": __version__, "source": str(source), "args": asdict(opts)},
     }

@@ -1,8 +1,9 @@
-"""The shard format, version 1: names, constants and the 4 KiB-aligned NPY header.
+"""The shard format, version 2: names, constants and the 4 KiB-aligned NPY header.
 
 A shard file is a plain NPY 1.0 file whose header is padded so the data starts at byte 4096:
 any NumPy reads it with `np.load(mmap_mode="r")`, and every record of a 48^3 float16 grid is
-4 KiB aligned on disk, which is what O_DIRECT and GPUDirect Storage reads want.
+4 KiB aligned on disk, which is what O_DIRECT and GPUDirect Storage reads want. Version 2 keeps
+each split in its own consecutive shards, in a seeded order of its scenes (see `build.py`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "gq-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_BYTES = 4096
 GRASP_DIM = 19
 LABEL_DIM = GRASP_DIM + 1  # the 19 grasp values, then the score
@@ -26,6 +27,11 @@ SKIPPED = "skipped.jsonl"
 BUILD_DIR = ".build"  # resume journal of an unfinished build; removed when the manifest is written
 
 _MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def grid_points(grid: int) -> tuple[float, float]:
+    """(origin, spacing) of the seed's (mesh2sdf's) grid: voxel i sits at origin + i * spacing = -1 + 2i/n."""
+    return -1.0, 2.0 / grid
 
 
 def sdf_name(shard: int) -> str:

@@ -1,9 +1,9 @@
 """`scenes.parquet`: one row per scene, the dataset's index (pyarrow).
 
-Columns: scene (global id = position in the name-sorted source, which fixes the record: shard =
-id // R, slot = id % R; skipped scenes leave gaps), name (source name), split,
-shard, slot, num_grasps, checksum (CRC-32 of the record's bytes), and the seed's per-scene extras
-translation (3 floats) and global_scale, null where the source scene had none.
+Rows in storage order (shard, then slot). Columns: scene (id = position in the name-sorted source;
+skipped scenes leave gaps), name (source name), split, shard, slot, num_grasps, checksum (XXH3-64
+of the record's bytes) and device_checksum (their word hash, for GPUs; see `checksum.py`), and the
+seed's per-scene extras translation (3 floats) and global_scale, null where the source had none.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ SCHEMA = pa.schema([
     ("shard", pa.int32()),
     ("slot", pa.int32()),
     ("num_grasps", pa.int32()),
-    ("checksum", pa.int64()),
+    ("checksum", pa.uint64()),
+    ("device_checksum", pa.uint64()),
     ("translation", pa.list_(pa.float32(), 3)),
     ("global_scale", pa.float32()),
 ])
@@ -43,7 +44,7 @@ def read_index(path: Path) -> dict[str, np.ndarray]:
     if tuple(table.schema.names) != COLUMNS:
         raise ValueError(f"{path}: columns {table.schema.names}, expected {list(COLUMNS)}")
     cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
-            ("scene", "name", "split", "shard", "slot", "num_grasps", "checksum")}
+            ("scene", "name", "split", "shard", "slot", "num_grasps", "checksum", "device_checksum")}
     cols["name"] = cols["name"].astype(str)
     cols["split"] = cols["split"].astype(str)
     translation = table.column("translation").to_pylist()

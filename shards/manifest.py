@@ -49,6 +49,6 @@ def read_manifest(root: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format version {manifest.get('version')}, this reader reads "
-                           f"version {FORMAT_VERSION}; rebuild with this version's make_shards")
+        raise DatasetError(f"{path}: format version {manifest.get('version')}, this reader reads version "
+                           f"{FORMAT_VERSION}; rebuild the dataset with tools/make_shards.py SOURCE --out DIR")
     return manifest

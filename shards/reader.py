@@ -17,7 +17,8 @@ SPLITS = ("train", "val", "test")
 class ShardReader:
     """A finished dataset directory, opened read-only; shard files are mapped on first use.
 
-    Scenes are addressed by id (`scenes.parquet`'s `scene` column): record = divmod(id, R).
+    Scenes are addressed by id (`scenes.parquet`'s `scene` column); the index gives each its
+    record (shard, slot). Index rows are in storage order, so a split's rows are its shards' records.
     """
 
     def __init__(self, root: str | Path):
@@ -30,7 +31,7 @@ class ShardReader:
             raise DatasetError(f"{self.root / INDEX}: missing index; rebuild the dataset")
         self.index = read_index(self.root / INDEX)
         # Scene ids are sorted source positions; with skipped scenes they have gaps.
-        self._row = np.full(m["num_records"], -1, dtype=np.int64)
+        self._row = np.full(int(m["source_scenes"]), -1, dtype=np.int64)
         self._row[self.index["scene"]] = np.arange(len(self.index["scene"]))
         self._maps: dict[str, np.ndarray] = {}
 
@@ -98,9 +99,9 @@ class ShardReader:
                     view, offset = view[n:], offset + n
 
     def locate(self, scene: int) -> tuple[int, int]:
-        """(shard, slot) of a scene: its record is fixed by its id."""
-        self.rows([scene])
-        return divmod(int(scene), self.layout.records_per_shard)
+        """(shard, slot) of a scene's record."""
+        row = self.rows([scene])[0]
+        return int(self.index["shard"][row]), int(self.index["slot"][row])
 
     def sdf(self, scene: int) -> np.ndarray:
         """One scene's SDF, (D, D, D) in the stored dtype (a view into the map)."""
@@ -119,7 +120,12 @@ class ShardReader:
         return self.labels(scene)[:, SCORE_COLUMN]
 
     def split_scenes(self, split: str) -> np.ndarray:
-        """Global ids of a split's scenes, ascending."""
+        """Global ids of a split's scenes, in storage order (shard, then slot)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         return self.index["scene"][self.index["split"] == split]
+
+    def split_shards(self, split: str) -> np.ndarray:
+        """The shard numbers that hold a split (consecutive: splits never share a shard)."""
+        entry = self.manifest["splits"][split]
+        return np.arange(entry["first_shard"], entry["first_shard"] + entry["num_shards"], dtype=np.int64)

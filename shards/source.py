@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checksum import checksum, device_checksum, word_keys
 from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN
 from .half import to_float16
 
@@ -40,7 +41,8 @@ class Record:
     sdf: memoryview            # (D,D,D) in the shard dtype, C order (dropped before crossing processes)
     labels: memoryview         # (max_grasps, 20) float32; unused slots: zeros, NaN score
     num_grasps: int
-    checksum: int              # CRC-32 of sdf then labels: the index's per-record checksum
+    checksum: int              # XXH3-64 of sdf then labels: the index's per-record checksum
+    device_checksum: int       # the same bytes' word hash, checked on GPUs (shards/checksum.py)
     sdf_crc: int               # CRC-32 of sdf alone and of labels alone: folded into the files' CRC-32
     labels_crc: int
     translation: list[float] | None
@@ -123,11 +125,12 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
     labels[:n, :GRASP_DIM] = grasps
     labels[:n, SCORE_COLUMN] = scores
     sdf_bytes, label_bytes = memoryview(stored).cast("B"), memoryview(labels).cast("B")
-    sdf_crc = zlib.crc32(sdf_bytes)
     s64 = scores.astype(np.float64)
+    keys = word_keys((len(sdf_bytes) + len(label_bytes)) // 4)
     return Record(
-        name=name, sdf=sdf_bytes, labels=label_bytes, num_grasps=n,
-        checksum=zlib.crc32(label_bytes, sdf_crc), sdf_crc=sdf_crc, labels_crc=zlib.crc32(label_bytes),
+        name=name, sdf=sdf_bytes, labels=label_bytes, num_grasps=n, checksum=checksum(sdf_bytes, label_bytes),
+        device_checksum=device_checksum(sdf_bytes, label_bytes, keys),
+        sdf_crc=zlib.crc32(sdf_bytes), labels_crc=zlib.crc32(label_bytes),
         translation=None if translation is None else [float(v) for v in translation.astype(np.float32)],
         global_scale=None if global_scale is None else float(np.float32(global_scale)),
         score_sum=float(s64.sum()), score_sumsq=float(np.square(s64).sum()),

@@ -13,6 +13,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from .checksum import checksum, device_checksum, word_keys
 from .format import (HEADER_BYTES, INDEX, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, file_crc32, labels_name,
                      read_npy_header, sdf_name)
 from .index import read_index
@@ -41,30 +42,42 @@ def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> list[s
 
 
 def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
-    n, problems = manifest["num_scenes"], []
+    """The index agrees with the manifest: one row per record in storage order, each split in its own shards."""
+    n, r, problems = manifest["num_scenes"], layout.records_per_shard, []
     scene = index["scene"]
     if len(scene) != n:
         return [f"{INDEX}: {len(scene)} rows, manifest says {n} scenes"]
-    if (np.diff(scene) <= 0).any() or (scene < 0).any() or (scene >= manifest["num_records"]).any():
-        problems.append(f"{INDEX}: scene ids must be ascending, unique and below {manifest['num_records']}")
-    shard, slot = np.divmod(scene, layout.records_per_shard)
-    if not (np.array_equal(index["shard"], shard) and np.array_equal(index["slot"], slot)):
-        problems.append(f"{INDEX}: shard/slot columns disagree with the scene ids (id = shard * R + slot)")
+    if len(np.unique(scene)) != n or (scene < 0).any() or (scene >= manifest["source_scenes"]).any():
+        problems.append(f"{INDEX}: scene ids must be unique and in 0..{manifest['source_scenes'] - 1}")
+    if len(np.unique(index["name"])) != n:
+        problems.append(f"{INDEX}: scene names must be unique")
+    position = index["shard"].astype(np.int64) * r + index["slot"]
+    if (np.diff(position) <= 0).any() or (index["slot"] < 0).any() or (index["slot"] >= r).any() \
+            or (position < 0).any() or (position >= manifest["num_records"]).any():
+        problems.append(f"{INDEX}: (shard, slot) must be unique records of the {manifest['num_shards']} shards, "
+                        "in storage order")
     for row in np.flatnonzero((index["num_grasps"] < 1) | (index["num_grasps"] > layout.max_grasps)):
         problems.append(f"{INDEX}: scene {scene[row]} ({index['name'][row]}) has num_grasps "
                         f"{index['num_grasps'][row]}, outside 1..{layout.max_grasps}")
     for split in SPLITS:
+        entry = manifest["splits"][split]
         mask = index["split"] == split
         got = {"scenes": int(mask.sum()), "grasps": int(index["num_grasps"][mask].sum())}
-        if got != manifest["splits"][split]:
-            problems.append(f"{INDEX}: split {split} has {got}, manifest says {manifest['splits'][split]}")
+        if got != {k: entry[k] for k in got}:
+            problems.append(f"{INDEX}: split {split} has {got}, manifest says {entry}")
+        first, count = entry["first_shard"], entry["num_shards"]
+        outside = mask & ((index["shard"] < first) | (index["shard"] >= first + count))
+        for row in np.flatnonzero(outside)[:1]:
+            problems.append(f"{INDEX}: scene {scene[row]} ({index['name'][row]}) of split {split} is in shard "
+                            f"{index['shard'][row]}, outside the split's shards {first}..{first + count - 1}")
     return problems
 
 
 def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int],
                    crcs: dict[str, str]) -> list[str]:
-    """One pass over a shard's two files: whole-file CRC-32 and every record's CRC-32 and scores."""
+    """One pass over a shard's two files: whole-file CRC-32, every record's two checksums and its scores."""
     problems = []
+    keys = word_keys(layout.record_words)
     sdf_path, lab_path = root / sdf_name(shard), root / labels_name(shard)
     with open(sdf_path, "rb") as fs, open(lab_path, "rb") as fl:
         sdf_crc, lab_crc = zlib.crc32(fs.read(HEADER_BYTES)), zlib.crc32(fl.read(HEADER_BYTES))
@@ -79,9 +92,11 @@ def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: di
                     problems.append(f"{where} (empty record): scores must all be NaN")
                 continue
             where += f" scene {index['scene'][row]} ({index['name'][row]})"
-            crc = zlib.crc32(lab_rec, zlib.crc32(sdf_rec))
-            if crc != index["checksum"][row]:
-                problems.append(f"{where}: record checksum {crc:08x}, index says {int(index['checksum'][row]):08x}")
+            sums = (("checksum", checksum(sdf_rec, lab_rec), int(index["checksum"][row])),
+                    ("device checksum", device_checksum(sdf_rec, lab_rec, keys), int(index["device_checksum"][row])))
+            bad = [f"{where}: record {kind} {got:016x}, index says {want:016x}" for kind, got, want in sums if got != want]
+            if bad:
+                problems += bad
                 continue
             used = int(index["num_grasps"][row])
             if not np.isfinite(scores[:used]).all() or not np.isnan(scores[used:]).all():
@@ -119,6 +134,11 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
             problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))
         if (root / labels_name(k)).exists():
             problems += _check_header(root / labels_name(k), layout.labels_shape(), LABEL_DTYPE)
+    # The index is small: its checksum is checked even by --quick, so an index from another
+    # dataset (or with scenes moved between splits) never reaches a loader.
+    if INDEX in listed and (root / INDEX).exists() and file_crc32(root / INDEX) != listed[INDEX]["crc32"]:
+        return problems + [f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; "
+                           "rebuild the dataset"], ""
     try:
         index = read_index(root / INDEX)
     except (OSError, ValueError) as err:
@@ -133,8 +153,6 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         crcs = {name: entry["crc32"] for name, entry in listed.items()}
         for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=(not progress) or None):
             problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs)
-        if INDEX in crcs and file_crc32(root / INDEX) != crcs[INDEX]:
-            problems.append(f"{INDEX}: file CRC-32 differs from the manifest")
         checked = "every file and record checksum matches"
     splits = " / ".join(f"{s} {m['splits'][s]['scenes']}" for s in SPLITS)
     size = sum(entry["bytes"] for entry in m["files"]) / 1e6

@@ -1,10 +1,10 @@
 """Shard files on disk: created under temporary names, filled record by record, renamed when complete.
 
-A record's place is fixed by its scene's position in the sorted source (shard = position // R,
-slot = position % R), so worker processes write their records straight into the shard files with
-`pwrite`, in any order, and nothing but small metadata travels back to the builder. Files are
-created at full size; the last shard's padding is left a sparse hole of zeros that takes no disk
-space (its SDFs are never written; its labels are written as empty records).
+A record's place (position = shard * R + slot) is fixed before its scene is read (`placement.py`),
+so worker processes write their records straight into the shard files with `pwrite`, in any
+order, and nothing but small metadata travels back to the builder. Files are created at full
+size; a split's padding is left a sparse hole of zeros that takes no disk space (its SDFs are
+never written; its labels are written as empty records).
 """
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ class Layout:
     @property
     def labels_record_bytes(self) -> int:
         return self.max_grasps * LABEL_DIM * LABEL_DTYPE.itemsize
+
+    @property
+    def record_words(self) -> int:
+        """32-bit words of one record (SDF then labels), the length of its device checksum's keys."""
+        return (self.sdf_record_bytes + self.labels_record_bytes) // 4
 
     def sdf_shape(self) -> tuple[int, ...]:
         return (self.records_per_shard,) + (self.grid,) * 3

@@ -34,7 +34,8 @@ def test_round_trip_float32_exact(small_source: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "scenes" in result.stdout and "max conversion error 0" in result.stdout
     reader = ShardReader(out)
-    assert reader.num_scenes == 11 and reader.num_shards == 3
+    per_split = reader.manifest["splits"]
+    assert reader.num_scenes == 11 and reader.num_shards == sum(-(-c["scenes"] // 4) for c in per_split.values())
     for scene, name in zip(reader.index["scene"], reader.index["name"]):
         src = source_arrays(small_source, name)
         assert name == f"scene_{scene:03d}"  # sorted by name: the scene id is the sorted position
@@ -43,9 +44,11 @@ def test_round_trip_float32_exact(small_source: Path, tmp_path: Path) -> None:
         assert np.array_equal(reader.scores(scene), src["scores"])
         assert np.array_equal(reader.column("translation", [scene])[0], src["translation"])
         assert reader.column("global_scale", [scene])[0] == src["global_scale"]
-    # a whole shard is one array; the padded tail of the last shard is empty
-    last = reader.labels_shard(2)
-    assert last.shape == (4, 480, 20) and np.isnan(last[3:, :, 19]).all()
+    # a whole shard is one array; the padded tail of each split's last shard is empty
+    train = per_split["train"]
+    last = reader.labels_shard(train["first_shard"] + train["num_shards"] - 1)
+    used = train["scenes"] - 4 * (train["num_shards"] - 1)
+    assert last.shape == (4, 480, 20) and np.isnan(last[used:, :, 19]).all()
 
 
 def test_round_trip_float16_within_rounding(small_source: Path, tmp_path: Path) -> None:
@@ -67,8 +70,10 @@ def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "ds"
     assert build(small_source, out, "--records-per-shard", 4).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "gq-shards" and manifest["version"] == 1
-    assert manifest["num_records"] == 12 and manifest["num_scenes"] == 11
+    assert manifest["format"] == "gq-shards" and manifest["version"] == 2
+    assert manifest["num_records"] == 4 * manifest["num_shards"] and manifest["num_scenes"] == 11
+    assert manifest["grid_origin"] == -1.0 and manifest["grid_spacing"] == 2 / GRID
+    assert len(manifest["fingerprint"]) == 64
     for split, counts in manifest["splits"].items():
         assert counts["scenes"] == sum(1 for s in ShardReader(out).index["split"] if s == split)
     for name in ("sdf-00000.npy", "labels-00002.npy"):
@@ -78,9 +83,57 @@ def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
     arr = np.load(out / "sdf-00001.npy", mmap_mode="r")
     assert arr.shape == (4, GRID, GRID, GRID) and arr.dtype == np.float16 and arr.offset == HEADER_BYTES
     assert arr[0].nbytes % 4096 == 0
-    sorted_names = sorted(p.name for p in out.iterdir())
-    assert sorted_names == ["labels-00000.npy", "labels-00001.npy", "labels-00002.npy", "manifest.json",
-                            "scenes.parquet", "sdf-00000.npy", "sdf-00001.npy", "sdf-00002.npy"]
+    shards = range(manifest["num_shards"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"sdf-{k:05d}.npy" for k in shards] + [f"labels-{k:05d}.npy" for k in shards] + ["manifest.json",
+                                                                                          "scenes.parquet"])
+
+
+def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
+    from shards.placement import shuffle_key
+    src = make_source(tmp_path / "src", scenes=40)
+    assert build(src, tmp_path / "a", "--records-per-shard", 4).returncode == 0
+    assert build(src, tmp_path / "b", "--records-per-shard", 4, "--shuffle-seed", 7).returncode == 0
+    orders = {}
+    for name, seed in (("a", 0), ("b", 7)):
+        reader = ShardReader(tmp_path / name)
+        index, manifest = reader.index, reader.manifest
+        first = 0
+        for split in ("train", "val", "test"):
+            entry = manifest["splits"][split]
+            assert entry["first_shard"] == first and entry["num_shards"] == -(-entry["scenes"] // 4)
+            first += entry["num_shards"]
+            rows = np.flatnonzero(index["split"] == split)
+            # no shard holds two splits: the split's rows are exactly its shards' records
+            assert set(index["shard"][rows]) == set(reader.split_shards(split))
+            # stored order: by hash(seed, name), not by name
+            names = list(index["name"][rows])
+            assert names == sorted(names, key=lambda n: shuffle_key(n, seed))
+            positions = index["shard"][rows] * 4 + index["slot"][rows]
+            assert list(positions) == list(range(entry["first_shard"] * 4, entry["first_shard"] * 4 + len(rows)))
+            orders[name, split] = names
+        assert first == manifest["num_shards"]
+        # the index maps every scene to its record
+        for scene, name in zip(index["scene"], index["name"]):
+            shard, slot = reader.locate(scene)
+            expected = source_arrays(src, name)
+            assert np.array_equal(reader.sdf_shard(shard)[slot], expected["sdf"].astype(np.float16))
+            assert np.array_equal(reader.scores(scene), expected["scores"])
+    assert orders["a", "train"] != sorted(orders["a", "train"])
+    assert orders["a", "train"] != orders["b", "train"] and sorted(orders["a", "train"]) == sorted(orders["b", "train"])
+
+
+def test_version_1_dataset_is_refused_with_the_rebuild_command(small_source: Path, tmp_path: Path) -> None:
+    from shards import DatasetError, read_manifest
+    out = tmp_path / "ds"
+    assert build(small_source, out).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(DatasetError, match="format version 1, this reader reads version 2; rebuild the dataset "
+                                           "with tools/make_shards.py"):
+        read_manifest(out)
+    result = run_tool("verify_shards.py", out)
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1 and "make_shards.py" in result.stdout
 
 
 def test_two_builds_byte_identical_whatever_the_workers(small_source: Path, tmp_path: Path) -> None:
@@ -180,13 +233,17 @@ def test_skip_bad_reports_and_never_substitutes(small_source: Path, tmp_path: Pa
     assert reader.manifest["skipped"] == 2 and reader.num_scenes == 9
     assert "scene_003" not in reader.index["name"] and "scene_007" not in reader.index["name"]
     # ids stay the sorted source positions: the skipped scenes leave empty records, nothing moves up
-    assert list(reader.index["scene"]) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert sorted(reader.index["scene"]) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
     for scene, name in zip(reader.index["scene"], reader.index["name"]):
         assert name == f"scene_{scene:03d}"
         assert np.array_equal(reader.scores(scene), source_arrays(small_source, name)["scores"])
     with pytest.raises(KeyError, match="scene id 3 is not in"):
         reader.sdf(3)
-    assert np.isnan(reader.labels_shard(0)[3, :, 19]).all() and not reader.sdf_shard(0)[3].any()
+    used = set(zip(reader.index["shard"].tolist(), reader.index["slot"].tolist()))
+    empty = [(k, s) for k in range(reader.num_shards) for s in range(4) if (k, s) not in used]
+    assert len(empty) == reader.manifest["num_records"] - 9
+    for k, s in empty:
+        assert np.isnan(reader.labels_shard(k)[s, :, 19]).all() and not reader.sdf_shard(k)[s].any()
     problems, summary = verify(out)
     assert problems == [] and summary.startswith("OK")
 
@@ -197,7 +254,7 @@ def test_splits_file(small_source: Path, tmp_path: Path) -> None:
     splits.write_text(json.dumps({"train": names[:7], "val": names[7:9], "test": names[9:]}))
     assert build(small_source, tmp_path / "ds", "--splits", splits).returncode == 0
     reader = ShardReader(tmp_path / "ds")
-    assert list(reader.split_scenes("val")) == [7, 8] and list(reader.split_scenes("test")) == [9, 10]
+    assert sorted(reader.split_scenes("val")) == [7, 8] and sorted(reader.split_scenes("test")) == [9, 10]
     splits.write_text(json.dumps({"train": names[:7], "val": names[7:9], "test": names[9:10]}))
     result = build(small_source, tmp_path / "ds2", "--splits", splits)
     assert result.returncode == 2 and "scene scene_010 is in no split" in result.stderr
@@ -226,13 +283,17 @@ def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, t
     path = out / "sdf-00001.npy"
     data = bytearray(path.read_bytes())
     record = GRID ** 3 * 2
-    data[HEADER_BYTES + 2 * record + 100] ^= 0x40  # shard 1, slot 2 -> scene 6
+    data[HEADER_BYTES + 0 * record + 100] ^= 0x40  # shard 1, slot 0
     path.write_bytes(bytes(data))
     quick = run_tool("verify_shards.py", out, "--quick")
     assert quick.returncode == 0  # sizes and headers still agree
     bad = subprocess.run([sys.executable, "-m", "shards.verify", str(out)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
-    assert "shard 1 slot 2 scene 6 (scene_006): record checksum" in bad.stdout
+    from shards.index import read_index
+    index = read_index(out / "scenes.parquet")
+    row = int(np.flatnonzero((index["shard"] == 1) & (index["slot"] == 0))[0])
+    assert f"shard 1 slot 0 scene {index['scene'][row]} ({index['name'][row]}): record checksum" in bad.stdout
+    assert f"shard 1 slot 0 scene {index['scene'][row]} ({index['name'][row]}): record device checksum" in bad.stdout
     assert "sdf-00001.npy: shard 1: file CRC-32" in bad.stdout
 
 
@@ -315,27 +376,24 @@ def test_float16_conversion_is_bit_identical_to_numpy() -> None:
         assert error == float(np.abs(expected.astype(np.float64) - x).max())
 
 
-def test_records_read_by_mmap_and_by_dali_roi_equal_the_source(small_source: Path, tmp_path: Path) -> None:
+def test_whole_shards_read_by_mmap_and_by_dali_equal_the_source(small_source: Path, tmp_path: Path) -> None:
     from nvidia.dali import fn, pipeline_def
 
     out = tmp_path / "ds"
     assert build(small_source, out, "--records-per-shard", 4).returncode == 0
     reader = ShardReader(out)
-    scenes = [6, 0, 10, 3, 9]  # a file list that names a shard once per record to read
-    files = [str(reader.sdf_path(s // 4)) for s in scenes]
-    starts = [np.array([s % 4, 0, 0, 0], np.int32) for s in scenes]
+    files = [str(reader.sdf_path(k)) for k in range(reader.num_shards)]
 
-    @pipeline_def(batch_size=len(scenes), num_threads=1, device_id=None)
-    def records():
-        roi = fn.external_source(lambda: starts, batch=True)
-        return fn.readers.numpy(files=files, roi_start=roi, roi_shape=[1, GRID, GRID, GRID], device="cpu")
+    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
+    def shards():
+        return fn.readers.numpy(files=files, device="cpu", dont_use_mmap=True)
 
-    pipe = records()
+    pipe = shards()
     pipe.build()
     (batch,) = pipe.run()
-    for i, scene in enumerate(scenes):
-        expected = source_arrays(small_source, f"scene_{scene:03d}")["sdf"].astype(np.float16)
-        mapped = np.load(out / f"sdf-{scene // 4:05d}.npy", mmap_mode="r")[scene % 4]
-        assert np.array_equal(mapped, expected)
-        assert np.array_equal(np.array(batch[i])[0], expected)
+    for scene, name in zip(reader.index["scene"], reader.index["name"]):
+        shard, slot = reader.locate(scene)
+        expected = source_arrays(small_source, name)["sdf"].astype(np.float16)
+        assert np.array_equal(np.load(out / f"sdf-{shard:05d}.npy", mmap_mode="r")[slot], expected)
+        assert np.array_equal(np.array(batch[shard])[slot], expected)
     del pipe

@@ -39,6 +39,8 @@ def _summary(s: dict, wall_s: float) -> str:
               help="The seed's splits.json; every scene must be in it. Default: split by a hash of the name.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Hash split: share of scenes in val.")
 @click.option("--test-fraction", default=0.1, show_default=True, help="Hash split: share of scenes in test.")
+@click.option("--shuffle-seed", default=0, show_default=True,
+              help="Seed of the stored order of each split's scenes (a hash of seed and name).")
 @click.option("--workers", type=int, default=None, help="Decoding processes [default: all cores].")
 @click.option("--limit", type=int, default=None, help="Use only the first N scenes by name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping complete shards that verify.")
@@ -46,17 +48,19 @@ def _summary(s: dict, wall_s: float) -> str:
 @click.option("--skip-bad", is_flag=True, help="Skip bad scenes (listed in DIR/skipped.jsonl) instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(source: Path, out: Path, grid: int, records_per_shard: int, dtype: str, max_grasps: int,
-         splits: Path | None, val_fraction: float, test_fraction: float, workers: int | None,
+         splits: Path | None, val_fraction: float, test_fraction: float, shuffle_seed: int, workers: int | None,
          limit: int | None, resume: bool, overwrite: bool, skip_bad: bool, quiet: bool) -> None:
-    """Write SOURCE/<name>/scene.npz scenes, sorted by name, into fixed-size shards in --out.
+    """Write SOURCE/<name>/scene.npz scenes into fixed-size shards in --out (format 2).
 
+    Each split fills its own shards, its scenes in a seeded order; scene ids are name-sorted positions.
     Stops at the first bad scene (exit 2, nothing left behind) unless --skip-bad.
     """
     if workers is not None and workers < 1:
         raise click.BadParameter(f"{workers}: must be at least 1", param_hint="--workers")
     opts = BuildOptions(grid=grid, dtype=dtype, records_per_shard=records_per_shard, max_grasps=max_grasps,
                         splits=str(splits.resolve()) if splits else None, val_fraction=val_fraction,
-                        test_fraction=test_fraction, limit=limit, skip_bad=skip_bad)
+                        test_fraction=test_fraction, limit=limit, skip_bad=skip_bad,
+                        shuffle_seed=shuffle_seed)
     try:
         summary = build_shards(source, out, opts, workers=workers, resume=resume, overwrite=overwrite,
                                progress=not quiet)
