@@ -1,12 +1,13 @@
 """Loaders that turn a shard dataset into `Batch`es on the training device.
 
-`open_loader(..., mode="cache")` holds the split in one device tensor; `mode="dali"` streams the
-planned records with DALI. Both follow the same epoch plan and yield bit-identical batches.
+`open_loader(..., mode="cache")` holds this rank's shards of the split in one device tensor;
+`mode="dali"` streams them with DALI, whole shards a window ahead. Both follow the same epoch plan
+and yield bit-identical batches.
 """
 from .batch import Batch
 from .host_memory import keep_freed_host_memory
 from .loader import MODES, Loader, LoaderError, open_loader, resolve_device
-from .plan import EpochPlan, PlanSpec, make_plan, num_batches
+from .plan import DEFAULT_WINDOW, EpochPlan, PlanSpec, SplitRecords, make_plan, num_batches
 
 __all__ = ["Batch", "keep_freed_host_memory", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device",
-           "EpochPlan", "PlanSpec", "make_plan", "num_batches"]
+           "DEFAULT_WINDOW", "EpochPlan", "PlanSpec", "SplitRecords", "make_plan", "num_batches"]

@@ -1,15 +1,17 @@
-"""Full-device cache: the split's SDFs and labels read once into one device tensor each.
+"""Full-device cache: this rank's shards of the split read once into one device tensor each.
 
-Kept in the shard dtype (float16 by default: half the bytes) and converted per batch. A batch is
-two `index_select`s and a dtype conversion on the device: no per-sample Python, no DataLoader,
-no collate.
+Kept in the shard dtype (float16 by default: half the bytes) and converted per batch. Reads are
+whole runs of records (one positional read per shard, straight into the cache on the CPU, through
+two pinned staging buffers on CUDA so reading one shard overlaps copying the last); every record
+is checked against the index as it arrives. A batch is two `index_select`s and a dtype conversion
+on the device: no per-sample Python, no DataLoader, no collate.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,7 +19,6 @@ from tqdm import tqdm
 
 from shards import LABEL_DIM, ShardReader
 
-from .batch import Batch
 from .loader import Loader, LoaderError
 from .plan import EpochPlan, PlanSpec
 
@@ -35,11 +36,12 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(needed: int, free: int, what: str, device: torch.device) -> None:
-    """Refuse to allocate a cache that does not fit, naming both numbers and the alternative."""
+def check_fits(needed: int, free: int, what: str, device: torch.device,
+               advice: str = "stream it with mode='dali' (--loader dali) instead") -> None:
+    """Refuse to allocate what does not fit, naming both numbers and the alternative."""
     if needed > free:
-        raise LoaderError(f"cache: {what} needs {needed / 1e9:.3f} GB on {device}, but only "
-                          f"{free / 1e9:.3f} GB are free; stream it with mode='dali' (--loader dali) instead")
+        raise LoaderError(f"{what} needs {needed / 1e9:.3f} GB on {device}, but only {free / 1e9:.3f} GB are free; "
+                          f"{advice}")
 
 
 class CacheLoader(Loader):
@@ -49,66 +51,83 @@ class CacheLoader(Loader):
                  memory_budget: int | None = None, progress: bool = True):
         super().__init__(reader, split, spec, device)
         lay = reader.layout
-        n = len(self.scene_ids)
+        # This rank's records, by shard then slot; cache row i holds record mine[i].
+        mine = np.flatnonzero(np.isin(self.records.shard, self.shards))
+        n = len(mine)
         needed = n * (lay.sdf_record_bytes + lay.labels_record_bytes)
         free = free_memory(device) if memory_budget is None else int(memory_budget)
-        check_fits(needed, free, f"the {split} split ({n:,} scenes)", device)
-        dtype = getattr(torch, lay.dtype)
-        self.sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=dtype, device=device)
+        check_fits(needed, free, f"cache: the {split} split's {len(self.shards)} shards of rank {spec.rank} "
+                                 f"({n:,} scenes)", device)
+        self.sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=device)
         self.labels = torch.empty((n, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=device)
-        self._row = np.full(reader.manifest["num_records"], -1, dtype=np.int64)  # scene id -> cache row
-        self._row[self.scene_ids] = np.arange(n)
+        self._row = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)  # (shard, slot) -> row
+        self._row[self.records.shard[mine], self.records.slot[mine]] = np.arange(n)
+        self._mine = mine
+        self.load_s = self.check_s = 0.0
         self._load(progress)
 
     @property
     def resident_bytes(self) -> int:
         return self.sdf.nbytes + self.labels.nbytes
 
-    def _load(self, progress: bool) -> None:
-        """Shard by shard: read the split's records into the cache rows.
+    def _rows(self, plan: EpochPlan) -> np.ndarray:
+        return self._row[plan.group_shard, plan.group_slot]
 
-        On CUDA the reads land in a pinned staging buffer and are copied to the device; on the
-        CPU they land in the cache tensor itself. Rows follow ascending scene id.
+    def _load(self, progress: bool) -> None:
+        """Shard by shard: read the rank's records into the cache rows, checking each shard's records.
+
+        CPU: reads land in the cache itself and a second thread checks each shard while the next
+        is read (both release the GIL). CUDA: reads land in one of two pinned buffers, whose copy to
+        the device overlaps the next read; the records are then checked on the device.
         """
         start = time.perf_counter()
-        shard_of, slot_of = np.divmod(self.scene_ids, self.reader.layout.records_per_shard)
-        shards = np.unique(shard_of)
-        staging = None
-        if self.device.type == "cuda":
+        shard_of = self.records.shard[self._mine]
+        bounds = np.searchsorted(shard_of, np.append(self.shards, np.iinfo(np.int64).max))
+        on_gpu = self.device.type == "cuda"
+        staging, done_copy = [], []
+        if on_gpu:
             r = self.reader.layout.records_per_shard
-            staging = (torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
-                       torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True))
-        row, done = 0, 0
-        bar = tqdm(shards, unit="shard", desc=f"cache {self.split}", disable=(not progress) or None, dynamic_ncols=True)
-        for shard in bar:
-            sel = slot_of[shard_of == shard]
-            k = len(sel)
-            for i, (kind, cache) in enumerate((("sdf", self.sdf), ("labels", self.labels))):
-                dest = cache[row:row + k]
-                if staging is None:
-                    self.reader.read_records(kind, shard, sel, dest.numpy())
+            staging = [(torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
+                        torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True))
+                       for _ in range(2)]
+            done_copy = [None, None]
+        checks: list[Future] = []
+        bar = tqdm(total=self.resident_bytes, unit="B", unit_scale=True, desc=f"cache {self.split}",
+                   disable=(not progress) or None, dynamic_ncols=True)
+        with ThreadPoolExecutor(1) as checker:
+            for i, shard in enumerate(self.shards):
+                a, z = int(bounds[i]), int(bounds[i + 1])
+                slots = self.records.slot[self._mine[a:z]]
+                dest = (self.sdf[a:z], self.labels[a:z])
+                if on_gpu:
+                    buf = staging[i % 2]
+                    if done_copy[i % 2] is not None:
+                        done_copy[i % 2].synchronize()  # its last copy to the device has finished
+                    stage = (buf[0][:z - a], buf[1][:z - a])
+                    for kind, part in zip(("sdf", "labels"), stage):
+                        self.reader.read_records(kind, int(shard), slots, part.numpy())
+                    for d, part in zip(dest, stage):
+                        d.copy_(part, non_blocking=True)
+                    done_copy[i % 2] = torch.cuda.Event()
+                    done_copy[i % 2].record()
                 else:
-                    stage = staging[i][:k]
-                    self.reader.read_records(kind, shard, sel, stage.numpy())
-                    dest.copy_(stage, non_blocking=True)
-                    torch.cuda.current_stream(self.device).synchronize()  # before the buffer is refilled
-            row += k
-            done += k * (self.sdf[0].nbytes + self.labels[0].nbytes)
-            bar.set_postfix_str(f"{done / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s")
+                    for kind, part in zip(("sdf", "labels"), dest):
+                        self.reader.read_records(kind, int(shard), slots, part.numpy())
+                    checks.append(checker.submit(self._timed_check, *dest, self._mine[a:z]))
+                bar.update(dest[0].nbytes + dest[1].nbytes)
+            for check in checks:
+                check.result()  # raises the first bad record's error
+        if on_gpu:
+            torch.cuda.synchronize(self.device)
+            self._timed_check(self.sdf, self.labels, self._mine)
         bar.close()
-        elapsed = time.perf_counter() - start
-        log.info("cache: %s scenes of split %s (%.1f MB, sdf %s) loaded into %s in %.2f s (%.0f MB/s)",
-                 f"{row:,}", self.split, self.resident_bytes / 1e6, self.reader.layout.dtype, self.device,
-                 elapsed, self.resident_bytes / 1e6 / max(elapsed, 1e-9))
+        self.load_s = time.perf_counter() - start
+        log.info("cache: %s scenes of split %s, rank %d of %d (%.1f MB, sdf %s) loaded into %s and checked in "
+                 "%.2f s (%.0f MB/s; checks %.2f s)", f"{len(self._mine):,}", self.split, self.spec.rank,
+                 self.spec.world_size, self.resident_bytes / 1e6, self.reader.layout.dtype, self.device,
+                 self.load_s, self.resident_bytes / 1e6 / max(self.load_s, 1e-9), self.check_s)
 
-    def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
-        idx = self._epoch_index(plan)
-        rows = torch.from_numpy(self._row[plan.group_scene]).to(self.device)
-        label_index = rows[idx["group_of_grasp"]] * self.max_grasps + idx["slots"]
-        labels = self.labels.view(-1, LABEL_DIM)
-        for b in range(start, len(plan)):
-            g0, g1 = plan.groups(b)
-            yield self._batch(plan, b, idx, self.sdf.index_select(0, rows[g0:g1]), labels, label_index)
-
-    def close(self) -> None:
-        self.sdf = self.labels = None
+    def _timed_check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
+        t = time.perf_counter()
+        self._check(sdf, labels, records)
+        self.check_s += time.perf_counter() - t

@@ -1,16 +1,18 @@
-"""Streaming loader: a DALI pipeline reads exactly the records the epoch plan names.
+"""Streaming loader: DALI reads this rank's shards whole, a window ahead; batches are cut from resident shards.
 
-Two `fn.readers.numpy` readers (SDFs and labels) walk a file list that names, for every group of
-the plan in order, the shard holding its scene; an external source feeds each sample's record
-slot as the region of interest, so only that record is read. With CUDA the readers run on the GPU
-(GPUDirect Storage where the system has it) and the tensors stay on the device; without it they
-run on the CPU with `device_id=None`. Grasp slots are selected after the read, on the device.
+Two `fn.readers.numpy` readers (SDF files, labels files) walk the epoch's shard order, one whole
+shard per iteration, with no region of interest: every byte is read once per epoch, which is what
+DALI's GPU reader (GPUDirect Storage) does anyway, and its CPU reader then does in long sequential
+reads. With CUDA the readers run on the GPU and the data stays there; without it they run on the
+CPU with `device_id=None`. DALI's prefetch queue holds the next window while the current one is
+used. Arriving shards are copied into a ring of resident shards (as many as a batch can span),
+checked against the index (`checks.py`), and batches are cut from the ring by the same index
+operations as the cache's.
 """
 from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from shards import LABEL_DIM, ShardReader
 
-from .batch import Batch
+from .cache import check_fits, free_memory
 from .loader import Loader, LoaderError
 from .plan import EpochPlan, PlanSpec
 
@@ -28,75 +30,89 @@ class DaliLoader(Loader):
     mode = "dali"
 
     def __init__(self, reader: ShardReader, split: str, spec: PlanSpec, device: torch.device, *,
-                 prefetch: int = 2, num_threads: int | None = None):
+                 prefetch: int | None = None, num_threads: int | None = None):
         super().__init__(reader, split, spec, device)
-        if prefetch < 1:
-            raise LoaderError(f"prefetch {prefetch}: must be at least 1 batch")
-        self.prefetch = prefetch
+        window = min(spec.window or len(self.shards), len(self.shards))
+        self.prefetch = max(1, window) if prefetch is None else prefetch
+        if self.prefetch < 1:
+            raise LoaderError(f"prefetch {self.prefetch}: must be at least 1 shard")
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
-        self._sdf_paths = np.array([str(reader.sdf_path(k)) for k in range(reader.num_shards)], dtype=object)
-        self._label_paths = np.array([str(reader.labels_path(k)) for k in range(reader.num_shards)], dtype=object)
+        lay = reader.layout
+        self._shard_bytes = lay.records_per_shard * (lay.sdf_record_bytes + lay.labels_record_bytes)
+        self._capacity = 0  # shards in the ring
         self._pipe = self._iter = None
+        self._loaded = 0    # shards of the epoch's order read into the ring so far
+        # Split record number of each (shard, slot), to check the records of an arriving shard.
+        self._record = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)
+        self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of the batches DALI keeps in flight (prefetch queue plus the one being consumed)."""
+        """The ring of resident shards plus the shards DALI reads ahead."""
+        return (self._capacity + self.prefetch) * self._shard_bytes
+
+    def _rows(self, plan: EpochPlan) -> np.ndarray:
+        self._reserve(plan.resident_shards())
+        return plan.group_pos % self._capacity * self.reader.layout.records_per_shard + plan.group_slot
+
+    def _reserve(self, capacity: int) -> None:
+        """Grow the ring to `capacity` shards (it never shrinks), checking free memory first."""
+        if capacity <= self._capacity:
+            return
         lay = self.reader.layout
-        return (self.prefetch + 1) * self.spec.scenes_per_batch * (lay.sdf_record_bytes + lay.labels_record_bytes)
+        self.sdf = self.labels = None
+        needed = (capacity + self.prefetch) * self._shard_bytes
+        check_fits(needed, free_memory(self.device), f"dali: {capacity} resident + {self.prefetch} read-ahead shards",
+                   self.device, advice="use a smaller --shuffle-window")
+        rows = capacity * lay.records_per_shard
+        self.sdf = torch.empty((rows,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=self.device)
+        self.labels = torch.empty((rows, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=self.device)
+        self._capacity = capacity
 
-    def _open(self, plan: EpochPlan, start: int) -> DALIGenericIterator:
-        """A pipeline over the plan's groups from batch `start` to the end of the epoch."""
-        self.close()
-        s, lay = self.spec.scenes_per_batch, self.reader.layout
-        groups = plan.group_scene[start * s:]
-        shard, slot = np.divmod(groups, lay.records_per_shard)
-        slot = slot.astype(np.int32)
-        # The readers pad the last batch by repeating the last sample; the ROI feed does the same.
-        padded = np.concatenate([slot, np.repeat(slot[-1:], -len(slot) % s)])
-        sdf_start = np.zeros((len(padded), 4), np.int32)
-        label_start = np.zeros((len(padded), 3), np.int32)
-        sdf_start[:, 0] = label_start[:, 0] = padded
-        last = len(padded) // s - 1
-
-        def roi(starts: np.ndarray):
-            # DALI may ask ahead past the epoch's end while prefetching: repeat the last batch.
-            return lambda info: list(starts[min(info.iteration, last) * s:(min(info.iteration, last) + 1) * s])
-
+    def _begin_epoch(self, plan: EpochPlan, start: int) -> None:
+        """A pipeline over the epoch's shards from the first one batch `start` needs."""
+        self._end_epoch()
+        first = plan.shard_span(start)[0]
+        order = plan.shard_order[first:]
+        self._loaded = first
         on_gpu = self.device.type == "cuda"
 
         # exec_dynamic: outputs are reference-counted, so DALIGenericIterator hands them to torch
-        # through DLPack without a copy, and they stay valid while a Batch still refers to them.
-        @pipeline_def(batch_size=s, num_threads=self.num_threads, device_id=self.device.index if on_gpu else None,
+        # through DLPack without a copy. On the CPU, plain reads (no mmap) copy each shard once in
+        # long sequential reads instead of page-faulting it in 4 KiB at a time.
+        @pipeline_def(batch_size=1, num_threads=self.num_threads, device_id=self.device.index if on_gpu else None,
                       prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipe():
-            read = dict(device="gpu" if on_gpu else "cpu", pad_last_batch=True, random_shuffle=False,
-                        cache_header_information=True)
-            sdf = fn.readers.numpy(files=self._sdf_paths[shard].tolist(), name="sdf", roi_shape=[1] + [lay.grid] * 3,
-                                   roi_start=fn.external_source(roi(sdf_start), batch=True, batch_info=True), **read)
-            labels = fn.readers.numpy(files=self._label_paths[shard].tolist(), name="labels",
-                                      roi_shape=[1, lay.max_grasps, LABEL_DIM],
-                                      roi_start=fn.external_source(roi(label_start), batch=True, batch_info=True),
-                                      **read)
+            read = dict(device="gpu" if on_gpu else "cpu", random_shuffle=False, cache_header_information=True)
+            if not on_gpu:
+                read["dont_use_mmap"] = True
+            sdf = fn.readers.numpy(files=[str(self.reader.sdf_path(k)) for k in order], name="sdf", **read)
+            labels = fn.readers.numpy(files=[str(self.reader.labels_path(k)) for k in order], name="labels", **read)
             return sdf, labels
 
         self._pipe = pipe()
         self._pipe.build()
-        self._iter = DALIGenericIterator(self._pipe, ["sdf", "labels"], reader_name="sdf",
-                                         last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        return self._iter
+        self._iter = iter(DALIGenericIterator(self._pipe, ["sdf", "labels"], reader_name="sdf",
+                                              last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False))
 
-    def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
-        if start >= len(plan):
-            return  # nothing left for this rank this epoch (DALI cannot read an empty file list)
-        idx = self._epoch_index(plan)
-        label_index = idx["scene_of_grasp"] * self.max_grasps + idx["slots"]
-        batches = self._open(plan, start)
-        for b, out in zip(range(start, len(plan)), batches):
-            data = out[0]
-            yield self._batch(plan, b, idx, data["sdf"], data["labels"].view(-1, LABEL_DIM), label_index)
-        self.close()
+    def _make_resident(self, plan: EpochPlan, b: int) -> None:
+        """Read shards into the ring up to the last one batch b touches; each is checked on arrival."""
+        r = self.reader.layout.records_per_shard
+        last = plan.shard_span(b)[1]
+        while self._loaded <= last:
+            out = next(self._iter)[0]
+            ring = self._loaded % self._capacity * r
+            sdf, labels = self.sdf[ring:ring + r], self.labels[ring:ring + r]
+            sdf.copy_(out["sdf"][0])
+            labels.copy_(out["labels"][0])
+            shard = int(plan.shard_order[self._loaded])
+            used = np.flatnonzero(self._record[shard] >= 0)
+            # Used records are a prefix of the shard unless scenes were skipped: then select them.
+            pick = slice(0, len(used)) if len(used) == 0 or used[-1] == len(used) - 1 else torch.from_numpy(used)
+            self._check(sdf[pick], labels[pick], self._record[shard, used])
+            self._loaded += 1
 
-    def close(self) -> None:
+    def _end_epoch(self) -> None:
         """Stop DALI's threads: drop the iterator and pipeline and collect them now."""
         if self._pipe is not None:
             self._iter = self._pipe = None

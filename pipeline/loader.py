@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards import GRASP_DIM, SCORE_COLUMN, DatasetError, ShardReader, verify
+from shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, DatasetError, ShardReader, verify
 
 from .batch import Batch
-from .plan import EpochPlan, PlanSpec, make_plan, num_batches
+from .checks import check_records
+from .plan import DEFAULT_WINDOW, EpochPlan, PlanSpec, SplitRecords, make_plan, num_batches
 
 MODES = ("cache", "dali")
 
@@ -37,21 +38,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def split_records(reader: ShardReader, split: str) -> tuple[SplitRecords, np.ndarray]:
+    """A split's records in storage order, and their rows in the index."""
+    rows = np.flatnonzero(reader.index["split"] == split)
+    return SplitRecords(*(reader.index[k][rows].astype(np.int64) for k in ("scene", "shard", "slot", "num_grasps"))), rows
+
+
 class Loader:
     """Batches of one split for one rank, in the order of the epoch plan.
 
     Iterating yields the current epoch's batches from `position` on; `state_dict()` /
-    `load_state_dict()` carry (seed, epoch, position), so a run resumes mid-epoch.
+    `load_state_dict()` carry (seed, epoch, position), so a run resumes mid-epoch. Subclasses hold
+    records resident in two tensors, `sdf` [rows, D, D, D] and `labels` [rows, G, 20], and say which
+    row holds each group's record (`_rows`); every batch is cut from them by the same index
+    operations (`_batch`), so both loaders give bit-identical batches.
     """
 
     mode = ""
 
     def __init__(self, reader: ShardReader, split: str, spec: PlanSpec, device: torch.device):
         self.reader, self.split, self.spec, self.device = reader, split, spec, device
-        self.scene_ids = reader.split_scenes(split)
-        self.num_grasps = reader.column("num_grasps", self.scene_ids).astype(np.int64)
+        self.records, self._row_of_record = split_records(reader, split)  # and each record's index row
+        self.scene_ids = self.records.scene
+        self.shards = self.records.rank_shards(spec.rank, spec.world_size)  # this rank's, ascending
         self.epoch, self.position = 0, 0
-        self._len = num_batches(self.num_grasps, spec)
+        self._len = num_batches(self.records, spec)
+        self.sdf: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
 
     @property
     def grid(self) -> int:
@@ -83,7 +96,7 @@ class Loader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def plan(self) -> EpochPlan:
-        return make_plan(self.scene_ids, self.num_grasps, self.spec, self.epoch)
+        return make_plan(self.records, self.spec, self.epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.position >= len(self):
@@ -93,31 +106,65 @@ class Loader:
             self.position += 1
             yield batch
 
+    def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        if start >= len(plan):
+            return
+        self._begin_epoch(plan, start)
+        idx = self._epoch_index(plan)
+        for b in range(start, len(plan)):
+            self._make_resident(plan, b)
+            yield self._batch(plan, b, idx)
+        self._end_epoch()
+
     def _epoch_index(self, plan: EpochPlan) -> dict[str, torch.Tensor]:
-        """The plan's per-group and per-grasp arrays on the device, built once per epoch."""
+        """The plan's per-group and per-grasp index arrays on the device, built once per epoch."""
         def dev(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
         group_of_grasp = plan.group_of_grasp()
-        return {"group_scene": dev(plan.group_scene), "slots": dev(plan.slots),
-                "group_of_grasp": dev(group_of_grasp),
+        rows = self._rows(plan)
+        return {"group_scene": dev(plan.group_scene), "rows": dev(rows),
+                "label_index": dev(rows[group_of_grasp] * self.max_grasps + plan.slots),
                 "scene_of_grasp": dev(group_of_grasp % self.spec.scenes_per_batch)}
 
-    def _batch(self, plan: EpochPlan, b: int, idx: dict[str, torch.Tensor], sdf: torch.Tensor,
-               labels: torch.Tensor, label_index: torch.Tensor) -> Batch:
-        """Assemble batch b from its SDFs (any float dtype, S first) and a flat [*, 20] label table
-        indexed by `label_index` (one entry per grasp of the epoch)."""
+    def _batch(self, plan: EpochPlan, b: int, idx: dict[str, torch.Tensor]) -> Batch:
+        """Batch b: its SDFs and labels gathered from the resident records (two index_selects)."""
         g0, g1 = plan.groups(b)
         a, z = plan.grasp_range(b)
-        lab = labels.index_select(0, label_index[a:z])
-        return Batch(sdf=sdf.reshape((g1 - g0, 1) + tuple(sdf.shape[-3:])).float(),
-                     grasps=lab[:, :GRASP_DIM].contiguous(), scores=lab[:, SCORE_COLUMN].contiguous(),
-                     scene_of_grasp=idx["scene_of_grasp"][a:z], scene_ids=idx["group_scene"][g0:g1])
+        lab = self.labels.view(-1, LABEL_DIM).index_select(0, idx["label_index"][a:z])
+        sdf = self.sdf.index_select(0, idx["rows"][g0:g1])
+        return Batch(sdf=sdf.unsqueeze(1).float(), grasps=lab[:, :GRASP_DIM].contiguous(),
+                     scores=lab[:, SCORE_COLUMN].contiguous(), scene_of_grasp=idx["scene_of_grasp"][a:z],
+                     scene_ids=idx["group_scene"][g0:g1])
 
-    def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+    def _check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
+        """Check resident records (split record numbers `records`, one per row) against the index."""
+        rows = self._row_of_record[records]
+        index = self.reader.index
+
+        def where(i: int) -> str:
+            r = rows[i]
+            shard = int(index["shard"][r])
+            return (f"{self.reader.sdf_path(shard)}: shard {shard} slot {index['slot'][r]} scene "
+                    f"{index['scene'][r]} ({index['name'][r]})")
+        check_records(sdf, labels, index["checksum"][rows], index["device_checksum"][rows], where)
+
+    def _rows(self, plan: EpochPlan) -> np.ndarray:
+        """The resident row of each group's record."""
         raise NotImplementedError
+
+    def _begin_epoch(self, plan: EpochPlan, start: int) -> None:
+        """Prepare to serve batches `start`.. of `plan` (the cache holds everything already)."""
+
+    def _make_resident(self, plan: EpochPlan, b: int) -> None:
+        """Make sure every record batch `b` uses is resident and checked."""
+
+    def _end_epoch(self) -> None:
+        """Release what only this epoch needed."""
 
     def close(self) -> None:
         """Release what the loader holds; it cannot be iterated afterwards."""
+        self._end_epoch()
+        self.sdf = self.labels = None
 
     def __enter__(self) -> "Loader":
         return self
@@ -137,17 +184,19 @@ def _check_dataset(root: Path) -> None:
 
 def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train", scenes_per_batch: int = 8,
                 grasps_per_scene: int = 16, seed: int = 0, device: str | torch.device = "cpu", rank: int = 0,
-                world_size: int = 1, drop_last: bool = False, *, memory_budget: int | None = None,
-                prefetch: int = 2, num_threads: int | None = None, progress: bool = True) -> Loader:
-    """Open a loader of `Batch`es over one split of a shard dataset.
+                world_size: int = 1, drop_last: bool = False, *, shuffle_window: int | None = DEFAULT_WINDOW,
+                memory_budget: int | None = None, prefetch: int | None = None, num_threads: int | None = None,
+                progress: bool = True) -> Loader:
+    """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
-    mode "cache" reads the split once into one device tensor (pass `memory_budget` to cap it);
-    mode "dali" streams exactly the planned records with DALI (`prefetch` batches ahead).
-    Both yield bit-identical batches for the same settings.
+    mode "cache" reads this rank's shards of the split once into one device tensor (pass
+    `memory_budget` to cap it); mode "dali" streams them, whole shards at a time, a window
+    ahead (`prefetch` shards; default one window). `shuffle_window` is in shards (None: all of the
+    rank's shards). Both yield bit-identical batches for the same settings.
     """
     if mode not in MODES:
         raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    spec = PlanSpec(scenes_per_batch, grasps_per_scene, seed, rank, world_size, drop_last)
+    spec = PlanSpec(scenes_per_batch, grasps_per_scene, seed, rank, world_size, drop_last, shuffle_window)
     try:
         spec.check()
     except ValueError as err:
@@ -158,13 +207,14 @@ def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train
     if grasps_per_scene > reader.layout.max_grasps:
         raise LoaderError(f"grasps_per_scene {grasps_per_scene}: more than the {reader.layout.max_grasps} "
                           f"grasp slots per scene of {root}")
-    scenes = reader.split_scenes(split)
-    if len(scenes) == 0:
+    records, _ = split_records(reader, split)
+    if len(records.scene) == 0:
         raise LoaderError(f"split {split!r} of {root} has no scenes")
     # A rank may get no batch (a small split, many ranks, no drop_last); the split as a whole must.
-    if num_batches(reader.column("num_grasps", scenes), spec, all_ranks=True) == 0:
-        raise LoaderError(f"split {split!r} of {root} gives no batches with scenes_per_batch {scenes_per_batch}, "
-                          f"grasps_per_scene {grasps_per_scene}, world_size {world_size}, drop_last {drop_last}")
+    if num_batches(records, spec, all_ranks=True) == 0:
+        raise LoaderError(f"split {split!r} of {root} ({len(records.shards())} shards) gives no batches with "
+                          f"scenes_per_batch {scenes_per_batch}, grasps_per_scene {grasps_per_scene}, world_size "
+                          f"{world_size}, drop_last {drop_last}")
     dev = resolve_device(device)
     if mode == "cache":
         from .cache import CacheLoader

@@ -1,19 +1,34 @@
 """The epoch plan: one pure function gives every loader the same batches.
 
-(seed, epoch, split, rank, world size, S, G, drop_last) -> this rank's batches. Each scene's grasps
-are shuffled and cut into groups of G (a scene with fewer than G grasps left over gets a shorter
-last group, never padding from another scene); groups are shuffled across the whole split; S
-consecutive groups make a batch; global batch j goes to rank j % world_size. Every grasp of the
-split is visited exactly once per epoch across ranks; with drop_last the short last batch and the
-batches that would leave ranks unequal are dropped, so every rank has the same number of full
-batches (what DDP needs). Two groups of one scene may share a batch: the batch then holds that
-scene's SDF twice, once per group, and `scene_of_grasp` keeps each grasp with its own group.
+(seed, epoch, split, rank, world size, S, G, shuffle window, drop_last) -> this rank's batches.
+
+* **Shards per rank.** The split's shards (consecutive, in storage order) are dealt round-robin:
+  rank r owns shards r, r + W, r + 2W, ... of the split, the same set every epoch, so a cache holds
+  only its own part and ranks never read each other's. When the shards do not divide evenly, the
+  first ranks own one shard more (and one rank may own the split's padded last shard).
+* **Windows.** Each epoch a rank takes its shards in a seeded order, `window` shards at a time
+  (`window=None`: all of them, a full shuffle over the rank's data). Within a window each scene's
+  grasps are shuffled and cut into groups of G (a scene with fewer than G grasps left gets a shorter
+  last group, never another scene's data), and the groups are shuffled across the window. The
+  windows' groups follow each other, and S consecutive groups make a batch, so a batch may span two
+  (or, with tiny windows, more) consecutive windows: a loader keeps every window a batch touches
+  resident (`EpochPlan.shard_span`). Two groups of one scene may share a batch; each carries its SDF.
+* **Coverage.** Without drop_last every grasp of the rank's shards is visited exactly once per
+  epoch, so every grasp of the split once across ranks. With drop_last (DDP) every rank gets the
+  same number of full batches, B = min over ranks of its groups // S; a rank drops its groups past
+  B * S (at most its share beyond the smallest rank's: about one shard when shards divide unevenly).
+
+Stored scene order is already a seeded shuffle of the split (shards/placement.py), so any window of
+shards is a random sample of the split.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+# Shards per shuffle window when none is given; chosen by measurement (README, "Shuffle window").
+DEFAULT_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,7 @@ class PlanSpec:
     rank: int = 0
     world_size: int = 1
     drop_last: bool = False
+    window: int | None = None  # shards per shuffle window; None: all of the rank's shards
 
     def check(self) -> None:
         if self.scenes_per_batch < 1:
@@ -36,6 +52,26 @@ class PlanSpec:
             raise ValueError(f"rank {self.rank} of world size {self.world_size}: need 0 <= rank < world_size")
         if self.seed < 0:
             raise ValueError(f"seed {self.seed}: must be >= 0")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"shuffle window {self.window}: at least 1 shard (or None for all)")
+
+
+@dataclass(frozen=True)
+class SplitRecords:
+    """A split's scenes as stored (index rows in storage order): what a plan needs from the dataset."""
+
+    scene: np.ndarray       # int64 global scene ids
+    shard: np.ndarray       # int64 shard of each record
+    slot: np.ndarray        # int64 slot of each record in its shard
+    num_grasps: np.ndarray  # int64
+
+    def shards(self) -> np.ndarray:
+        """The split's shards, ascending."""
+        return np.unique(self.shard)
+
+    def rank_shards(self, rank: int, world_size: int) -> np.ndarray:
+        """The shards rank `rank` owns, ascending (round-robin over the split's shards)."""
+        return self.shards()[rank::world_size]
 
 
 @dataclass(frozen=True)
@@ -44,7 +80,12 @@ class EpochPlan:
 
     spec: PlanSpec
     epoch: int
+    shard_order: np.ndarray   # int64 [shards]: this rank's shards in the order the epoch reads them
+    window: int               # shards per window (the last window may have fewer)
     group_scene: np.ndarray   # int64 [groups]: global scene id of each group, in batch order
+    group_shard: np.ndarray   # int64 [groups]: the shard holding each group's record
+    group_slot: np.ndarray    # int64 [groups]: the record's slot in that shard
+    group_pos: np.ndarray     # int64 [groups]: position of that shard in `shard_order`
     group_start: np.ndarray   # int64 [groups + 1]: offsets of each group's grasps in `slots`
     slots: np.ndarray         # int64 [grasps]: grasp slot within its scene's record
 
@@ -65,6 +106,18 @@ class EpochPlan:
         """For every grasp, the index of its group; modulo S, its position within its batch."""
         return np.repeat(np.arange(len(self.group_scene), dtype=np.int64), np.diff(self.group_start))
 
+    def shard_span(self, batch: int) -> tuple[int, int]:
+        """Positions [first, last] in `shard_order` of the windows batch `batch` touches: what must be resident."""
+        g0, g1 = self.groups(batch)
+        w = self.window
+        first = int(self.group_pos[g0]) // w * w
+        last = min((int(self.group_pos[g1 - 1]) // w + 1) * w, len(self.shard_order)) - 1
+        return first, last
+
+    def resident_shards(self) -> int:
+        """The most shards any batch of the epoch needs resident at once."""
+        return max((b - a + 1 for a, b in map(self.shard_span, range(len(self)))), default=0)
+
     def batch(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scene_ids [S], slots [N], scene_of_grasp [N]) of one batch, for tests and tools."""
         g0, g1 = self.groups(batch)
@@ -79,24 +132,40 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def num_batches(num_grasps: np.ndarray, spec: PlanSpec, all_ranks: bool = False) -> int:
+def _groups_per_rank(records: SplitRecords, spec: PlanSpec) -> np.ndarray:
+    """Groups of G each rank's shards make: the same every epoch."""
+    groups = -(-records.num_grasps.astype(np.int64) // spec.grasps_per_scene)
+    owner = np.searchsorted(records.shards(), records.shard) % spec.world_size
+    return np.bincount(owner, weights=groups, minlength=spec.world_size).astype(np.int64)
+
+
+def _kept_groups(records: SplitRecords, spec: PlanSpec) -> np.ndarray:
+    """Groups each rank visits per epoch: all of them, or B * S for every rank with drop_last."""
+    groups = _groups_per_rank(records, spec)
+    if spec.drop_last:
+        return np.full_like(groups, groups.min() // spec.scenes_per_batch * spec.scenes_per_batch)
+    return groups
+
+
+def num_batches(records: SplitRecords, spec: PlanSpec, all_ranks: bool = False) -> int:
     """Batches per epoch for `spec.rank` (or for all ranks together): the same every epoch."""
-    groups = int((-(-np.asarray(num_grasps, dtype=np.int64) // spec.grasps_per_scene)).sum())
-    return _rank_batches(groups, spec)[0 if all_ranks else 1]
+    per_rank = -(-_kept_groups(records, spec) // spec.scenes_per_batch)
+    return int(per_rank.sum() if all_ranks else per_rank[spec.rank])
 
 
-def _rank_batches(groups: int, spec: PlanSpec) -> tuple[int, int]:
-    """(global batches kept, batches of this rank)."""
-    s, w = spec.scenes_per_batch, spec.world_size
-    kept = (groups // s) // w * w if spec.drop_last else -(-groups // s)
-    return kept, len(range(spec.rank, kept, w))
-
-
-def make_plan(scene_ids: np.ndarray, num_grasps: np.ndarray, spec: PlanSpec, epoch: int) -> EpochPlan:
+def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int) -> EpochPlan:
     """The epoch's batches for `spec.rank`; a pure function of its arguments."""
     spec.check()
-    n = np.asarray(num_grasps, dtype=np.int64)
-    rng = np.random.default_rng([spec.seed, epoch])
+    rng = np.random.default_rng([spec.seed, epoch, spec.rank])
+    order = rng.permutation(records.rank_shards(spec.rank, spec.world_size))
+    w = max(1, len(order) if spec.window is None else min(spec.window, len(order)))
+    pos = np.full(int(records.shard.max()) + 1 if len(records.shard) else 0, -1, dtype=np.int64)
+    pos[order] = np.arange(len(order))
+
+    # This rank's records in epoch order: by the position of their shard, then by slot.
+    mine = np.flatnonzero(pos[records.shard] >= 0) if len(order) else np.zeros(0, np.int64)
+    mine = mine[np.lexsort((records.slot[mine], pos[records.shard[mine]]))]
+    n = records.num_grasps[mine].astype(np.int64)
     g = spec.grasps_per_scene
 
     # Shuffle grasps within each scene: permute each row of a (scenes, max grasps) slot table, in
@@ -108,24 +177,24 @@ def make_plan(scene_ids: np.ndarray, num_grasps: np.ndarray, spec: PlanSpec, epo
 
     # Cut each scene's shuffled grasps into groups of G; groups are contiguous in that order.
     groups_per_scene = -(-n // g)
-    group_scene_pos = np.repeat(np.arange(len(n), dtype=np.int64), groups_per_scene)
+    group_record = np.repeat(np.arange(len(n), dtype=np.int64), groups_per_scene)
     first_group = _exclusive_cumsum(groups_per_scene)
     k = np.arange(first_group[-1], dtype=np.int64) - np.repeat(first_group[:-1], groups_per_scene)
-    group_len = np.minimum(g, n[group_scene_pos] - k * g)  # the last group of a scene may be shorter
+    group_len = np.minimum(g, n[group_record] - k * g)  # the last group of a scene may be shorter
     group_first = _exclusive_cumsum(group_len)
 
-    # Shuffle groups across the split, cut into batches, deal batches to ranks.
-    order = rng.permutation(len(group_len))
-    kept, _ = _rank_batches(len(group_len), spec)
-    s, w = spec.scenes_per_batch, spec.world_size
-    full = min(kept, len(order) // s)
-    rank_groups = order[:full * s].reshape(full, s)[spec.rank::w].ravel()
-    if kept > full and full % w == spec.rank:  # the short last batch (no drop_last) is batch `full`
-        rank_groups = np.concatenate([rank_groups, order[full * s:]])
+    # Groups are already in window order (records are); shuffle each window's groups in place.
+    group_window = pos[records.shard[mine[group_record]]] // w
+    bounds = np.searchsorted(group_window, np.arange(-(-len(order) // w) + 1))
+    perm = np.concatenate([a + rng.permutation(b - a) for a, b in zip(bounds[:-1], bounds[1:])] +
+                          [np.zeros(0, np.int64)])
+    perm = perm[:_kept_groups(records, spec)[spec.rank]]
 
-    lengths = group_len[rank_groups]
+    lengths = group_len[perm]
     starts = _exclusive_cumsum(lengths)
-    flat = np.repeat(group_first[rank_groups] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
-    return EpochPlan(spec=spec, epoch=epoch,
-                     group_scene=np.asarray(scene_ids, dtype=np.int64)[group_scene_pos[rank_groups]],
+    flat = np.repeat(group_first[perm] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
+    rec = mine[group_record[perm]]
+    return EpochPlan(spec=spec, epoch=epoch, shard_order=order, window=w,
+                     group_scene=records.scene[rec].astype(np.int64), group_shard=records.shard[rec].astype(np.int64),
+                     group_slot=records.slot[rec].astype(np.int64), group_pos=pos[records.shard[rec]],
                      group_start=starts, slots=shuffled_slot[flat])
