@@ -31,6 +31,19 @@ import numpy as np
 DEFAULT_WINDOW = 4
 
 
+def parse_window(value: int | str | None) -> int | None:
+    """A shuffle window as given on a command line or in a config: a number of shards, or "all" (None)."""
+    if value is None or value == "all":
+        return None
+    try:
+        window = int(value)
+    except ValueError:
+        raise ValueError(f"shuffle window {value!r}: a number of shards, or 'all'") from None
+    if window < 1:
+        raise ValueError(f"shuffle window {window}: at least 1 shard, or 'all'")
+    return window
+
+
 @dataclass(frozen=True)
 class PlanSpec:
     """What shapes an epoch's batches, apart from the data and the epoch number."""

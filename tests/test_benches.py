@@ -17,7 +17,7 @@ from synth import write_scenes
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("bench")
-    write_scenes(root / "scenes", 30, grasps_per_scene=64, grid=16, seed=2, workers=1, progress=False)
+    write_scenes(root / "scenes", 60, grasps_per_scene=64, grid=16, seed=2, workers=1, progress=False)
     build_shards(root / "scenes", root / "shards", BuildOptions(grid=16, max_grasps=64, records_per_shard=8),
                  workers=1, progress=False)
     return root / "scenes", root / "shards"
@@ -40,7 +40,10 @@ def test_bench_loaders(tiny, tmp_path: Path) -> None:
     out = tmp_path / "l.json"
     run_tool("bench_loaders.py", "--shards", shards, "--seed-scenes", scenes, "--batches", 2, "--json", out, check=True)
     rows = json.loads(out.read_text())
-    assert [r["loader"] for r in rows] == ["cache", "cache", "dali", "dali", "seed-npz", "seed-memory"]
+    assert [r["loader"] for r in rows] == ["cache", "cache", "dali", "dali", "cache", "cache", "seed-npz", "seed-memory"]
+    assert [r.get("rank") for r in rows[4:6]] == [0, 1] and rows[4]["world_size"] == 2
+    epoch = rows[3]
+    assert epoch["bytes_read"] >= epoch["split_bytes"] > 0  # the dali row read its whole epoch
     for row in rows:
         assert {"device", "scenes_per_batch", "grasps_per_scene", "first_batch_s", "batches_per_s", "samples_per_s",
                 "resident_bytes"} <= row.keys()

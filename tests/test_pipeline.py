@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import make_source
-from pipeline import LoaderError, PlanSpec, make_plan, num_batches, open_loader
+from pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_loader
 from shards import BuildOptions, DatasetError, ShardReader, build_shards
 
 GRID = 16
@@ -21,66 +21,99 @@ GRID = 16
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
-    """(source dir, shards dir): 13 scenes of 3..24 grasps, 4 records per shard, hash splits."""
+    """(source dir, shards dir): 26 scenes of 3..24 grasps, 4 records per shard, hash splits."""
     root = tmp_path_factory.mktemp("pipeline")
-    src = make_source(root / "src", scenes=13, grid=GRID, grasps=(3, 24), seed=3)
+    src = make_source(root / "src", scenes=26, grid=GRID, grasps=(3, 24), seed=3)
     out = root / "shards"
     build_shards(src, out, BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2,
                                         test_fraction=0.0), workers=1, progress=False)
     return src, out
 
 
-def _grasp_counts(seed: int = 0) -> np.ndarray:
+def _records(shards: int = 10, per_shard: int = 4, seed: int = 0) -> SplitRecords:
+    """A split of `shards` shards (numbered from 3, as a val split would be) with short and full scenes."""
     rng = np.random.default_rng(seed)
-    counts = rng.integers(1, 481, 40)
+    n = shards * per_shard - 2  # the last shard is padded
+    counts = rng.integers(1, 481, n)
     counts[:4] = [480, 479, 476, 3]  # full scenes, the seed's short ones, one with fewer than G
-    return counts
+    position = np.arange(n)
+    return SplitRecords(scene=rng.permutation(1000)[:n].astype(np.int64), shard=3 + position // per_shard,
+                        slot=position % per_shard, num_grasps=counts.astype(np.int64))
 
 
 @pytest.mark.parametrize("g", [1, 7, 480])
+@pytest.mark.parametrize("window", [1, 3, None])
 @pytest.mark.parametrize("world_size", [1, 3])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_plan_visits_every_grasp_once(g: int, world_size: int, drop_last: bool) -> None:
-    counts = _grasp_counts()
-    ids = np.arange(100, 140)
+def test_plan_visits_every_grasp_once(g: int, window: int | None, world_size: int, drop_last: bool) -> None:
+    records = _records()
     s = 5
-    seen, per_rank = [], []
+    seen, per_rank, owned = [], [], []
     for rank in range(world_size):
-        spec = PlanSpec(s, g, seed=7, rank=rank, world_size=world_size, drop_last=drop_last)
-        plan = make_plan(ids, counts, spec, epoch=2)
-        assert len(plan) == num_batches(counts, spec)
+        spec = PlanSpec(s, g, seed=7, rank=rank, world_size=world_size, drop_last=drop_last, window=window)
+        plan = make_plan(records, spec, epoch=2)
+        assert len(plan) == num_batches(records, spec)
         per_rank.append(len(plan))
+        mine = set(records.rank_shards(rank, world_size).tolist())
+        owned.append(mine)
+        assert set(plan.group_shard.tolist()) <= mine and sorted(plan.shard_order.tolist()) == sorted(mine)
         for b in range(len(plan)):
             scene_ids, slots, scene_of_grasp = plan.batch(b)
             assert len(scene_ids) <= s and (not drop_last or len(scene_ids) == s)
             assert np.bincount(scene_of_grasp, minlength=len(scene_ids)).max() <= g
+            # a batch only uses the windows it spans, and those are what a loader holds resident
+            first, last = plan.shard_span(b)
+            g0, g1 = plan.groups(b)
+            assert (plan.group_pos[g0:g1] >= first).all() and (plan.group_pos[g0:g1] <= last).all()
+            assert last - first + 1 <= plan.resident_shards()
             seen += list(zip(scene_ids[scene_of_grasp].tolist(), slots.tolist()))
+    # ranks own disjoint shard sets that cover the split, the same ones every epoch
+    assert set().union(*owned) == set(records.shards().tolist()) and sum(map(len, owned)) == 10
     assert len(seen) == len(set(seen))  # never twice, across ranks too
-    everything = {(int(i), k) for i, n in zip(ids, counts) for k in range(n)}
+    everything = {(int(i), k) for i, n in zip(records.scene, records.num_grasps) for k in range(n)}
     assert set(seen) <= everything
-    groups = int((-(-counts // g)).sum())
     if drop_last:
         assert len(set(per_rank)) == 1  # equal batch counts on every rank
-        assert groups - len(per_rank) * per_rank[0] * s < s * world_size + s
+        groups = -(-records.num_grasps // g)
+        owner = (records.shard - 3) % world_size
+        smallest = min(int(groups[owner == r].sum()) for r in range(world_size))
+        assert per_rank[0] == smallest // s
     else:
         assert set(seen) == everything
 
 
+def test_plan_window_keeps_groups_within_their_window() -> None:
+    records = _records(shards=8)
+    plan = make_plan(records, PlanSpec(3, 16, seed=1, window=2), epoch=0)
+    assert plan.window == 2
+    window_of_group = plan.group_pos // 2
+    assert (np.diff(window_of_group) >= 0).all()  # windows follow each other, groups shuffled inside
+    assert len(np.unique(window_of_group)) == 4
+    # within a window the groups of its two shards are interleaved, not shard after shard
+    first = plan.group_shard[window_of_group == 0]
+    assert (np.diff(first) != 0).sum() > 2
+    full = make_plan(records, PlanSpec(3, 16, seed=1, window=None), epoch=0)
+    assert full.window == 8 and full.resident_shards() == 8
+    assert make_plan(records, PlanSpec(3, 16, seed=1, window=100), epoch=0).window == 8
+
+
 def test_plan_is_deterministic_and_changes_with_epoch_and_seed() -> None:
-    counts, ids = _grasp_counts(), np.arange(40)
-    spec = PlanSpec(4, 16, seed=3)
-    a, b = make_plan(ids, counts, spec, 0), make_plan(ids, counts, spec, 0)
+    records = _records()
+    spec = PlanSpec(4, 16, seed=3, window=2)
+    a, b = make_plan(records, spec, 0), make_plan(records, spec, 0)
     assert np.array_equal(a.group_scene, b.group_scene) and np.array_equal(a.slots, b.slots)
-    c = make_plan(ids, counts, spec, 1)
-    d = make_plan(ids, counts, PlanSpec(4, 16, seed=4), 0)
+    c = make_plan(records, spec, 1)
+    d = make_plan(records, PlanSpec(4, 16, seed=4, window=2), 0)
     assert not np.array_equal(a.slots, c.slots) and not np.array_equal(a.slots, d.slots)
+    assert not np.array_equal(a.shard_order, c.shard_order) or not np.array_equal(a.group_scene, c.group_scene)
     # the same grasps in another order: coverage does not depend on the epoch
-    assert len(a.slots) == len(c.slots) == counts.sum()
+    assert len(a.slots) == len(c.slots) == records.num_grasps.sum()
 
 
 def test_scene_shorter_than_g_gets_a_short_group() -> None:
-    counts = np.array([3, 20])
-    plan = make_plan(np.array([0, 1]), counts, PlanSpec(1, 8, seed=0), 0)
+    records = SplitRecords(scene=np.array([0, 1]), shard=np.array([0, 0]), slot=np.array([0, 1]),
+                           num_grasps=np.array([3, 20]))
+    plan = make_plan(records, PlanSpec(1, 8, seed=0), 0)
     lengths = sorted(np.diff(plan.group_start).tolist())
     assert lengths == [3, 4, 8, 8]  # scene 0: one group of 3; scene 1: 8, 8 and the rest, 4
 
@@ -94,11 +127,11 @@ def _same(x, y) -> bool:
                ("sdf", "grasps", "scores", "scene_of_grasp", "scene_ids"))
 
 
-@pytest.mark.parametrize("s,g", [(3, 5), (4, 1), (2, 24)])
-def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int) -> None:
+@pytest.mark.parametrize("s,g,window", [(3, 5, 2), (4, 1, 2), (2, 24, 2), (3, 5, None), (4, 1, 1)])
+def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int, window: int | None) -> None:
     _, shards = dataset
-    with open_loader(shards, "cache", scenes_per_batch=s, grasps_per_scene=g, seed=5, progress=False) as cache, \
-            open_loader(shards, "dali", scenes_per_batch=s, grasps_per_scene=g, seed=5) as dali:
+    kwargs = dict(scenes_per_batch=s, grasps_per_scene=g, seed=5, shuffle_window=window)
+    with open_loader(shards, "cache", progress=False, **kwargs) as cache, open_loader(shards, "dali", **kwargs) as dali:
         assert len(cache) == len(dali)
         for epoch in (0, 1):
             cache.set_epoch(epoch)
@@ -167,7 +200,7 @@ def test_memory_check_names_both_numbers_and_suggests_dali(dataset) -> None:
     assert re.search(r"needs 0\.\d{3} GB on cpu, but only 0\.000 GB are free", message), message
     assert "mode='dali'" in message
     n = len(ShardReader(shards).split_scenes("train"))
-    needed = n * (GRID ** 3 * 2 + 24 * 20 * 4)
+    needed = n * (GRID ** 3 * 2 + 24 * 20 * 4)  # the records, not the shards' padding
     with open_loader(shards, "cache", memory_budget=needed, progress=False) as loader:
         assert loader.resident_bytes == needed
 
@@ -219,9 +252,9 @@ def test_bad_directories_fail_before_any_work(dataset, tmp_path: Path) -> None:
     (copy / "labels-00001.npy").write_bytes((copy / "labels-00001.npy").read_bytes()[:-4])
     with pytest.raises(DatasetError, match="labels-00001.npy: .* bytes, manifest says"):
         open_loader(copy)
-    manifest["version"] = 2
+    manifest["version"] = 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DatasetError, match="format version 2"):
+    with pytest.raises(DatasetError, match="format version 1, .* rebuild the dataset with tools/make_shards.py"):
         open_loader(copy, "dali")
 
 
@@ -254,3 +287,109 @@ def test_cuda_batches_equal_cpu_batches(dataset, mode: str) -> None:
             open_loader(shards, mode, scenes_per_batch=3, grasps_per_scene=5, device="cuda", progress=False) as gpu:
         for x, y in zip(cpu, gpu):
             assert y.sdf.is_cuda and _same(x, type(x)(**{k: v.cpu() for k, v in vars(y).items()}))
+
+
+def _copy_dataset(shards: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in shards.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["sdf", "labels"])
+def test_a_flipped_byte_is_refused_before_any_batch_uses_it(dataset, tmp_path: Path, kind: str) -> None:
+    from shards.format import HEADER_BYTES
+    _, shards = dataset
+    copy = _copy_dataset(shards, tmp_path / "copy")
+    reader = ShardReader(copy)
+    train = reader.split_shards("train")
+    shard = int(train[-2])  # a full shard that is not the first
+    rows = np.flatnonzero(reader.index["shard"] == shard)
+    row = int(rows[2])
+    scene, slot, name = int(reader.index["scene"][row]), int(reader.index["slot"][row]), reader.index["name"][row]
+    record = reader.layout.sdf_record_bytes if kind == "sdf" else reader.layout.labels_record_bytes
+    path = reader.sdf_path(shard) if kind == "sdf" else reader.labels_path(shard)
+    _flip(path, HEADER_BYTES + slot * record + record // 2)
+    expected = rf"shard {shard} slot {slot} scene {scene} \({name}\): record checksum"
+    with pytest.raises(DatasetError, match=expected):  # the cache checks every record as it loads
+        open_loader(copy, "cache", scenes_per_batch=2, grasps_per_scene=4, progress=False)
+    for window in (1, None):
+        with open_loader(copy, "dali", scenes_per_batch=2, grasps_per_scene=4, shuffle_window=window) as loader:
+            served = []
+            with pytest.raises(DatasetError, match=expected):
+                for batch in loader:
+                    served += batch.scene_ids.tolist()
+            assert scene not in served  # refused before the batch that would have used it
+
+
+def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) -> None:
+    src, shards = dataset
+    swapped = _copy_dataset(shards, tmp_path / "swapped")
+    a, b = (swapped / f"sdf-{k:05d}.npy" for k in ShardReader(swapped).split_shards("train")[:2])
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    for mode in ("cache", "dali"):
+        with pytest.raises(DatasetError, match="record checksum .* the data on disk is corrupt or not this dataset's"):
+            with open_loader(swapped, mode, progress=False) as loader:
+                next(iter(loader))
+    # an index from another build of the same scenes (another shuffle seed: other records) is refused up front
+    other = tmp_path / "other"
+    build_shards(src, other, BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2,
+                                          test_fraction=0.0, shuffle_seed=1), workers=1, progress=False)
+    foreign = _copy_dataset(shards, tmp_path / "foreign")
+    (foreign / "scenes.parquet").write_bytes((other / "scenes.parquet").read_bytes())
+    with pytest.raises(DatasetError, match="scenes.parquet: "):
+        open_loader(foreign)
+    # the same index with a train and a val scene's splits exchanged: same size, other checksum
+    import pyarrow.parquet as pq
+    from shards.index import write_index
+    moved = _copy_dataset(shards, tmp_path / "moved")
+    rows = pq.read_table(moved / "scenes.parquet").to_pylist()
+    i = next(k for k, r in enumerate(rows) if r["split"] == "train")
+    j = next(k for k, r in enumerate(rows) if r["split"] == "val")
+    rows[i]["split"], rows[j]["split"] = "val", "train"
+    write_index(moved / "scenes.parquet", rows)
+    with pytest.raises(DatasetError, match="scenes.parquet: "):
+        open_loader(moved)
+
+
+def test_each_rank_caches_only_its_own_shards(dataset) -> None:
+    _, shards = dataset
+    reader = ShardReader(shards)
+    kwargs = dict(scenes_per_batch=2, grasps_per_scene=5, seed=2, progress=False)
+    with open_loader(shards, "cache", **kwargs) as whole:
+        single = whole.resident_bytes
+    seen, resident = [], []
+    for rank in range(2):
+        with open_loader(shards, "cache", rank=rank, world_size=2, **kwargs) as loader:
+            mine = set(loader.shards.tolist())
+            assert set(reader.column("shard", loader.scene_ids[np.isin(loader.records.shard, loader.shards)])) == mine
+            resident.append(loader.resident_bytes)
+            for b in loader:
+                assert set(reader.column("shard", b.scene_ids.tolist())) <= mine
+                seen += list(zip(b.scene_ids[b.scene_of_grasp].tolist(), b.grasps[:, 0].tolist()))
+    assert sum(resident) == single and max(resident) <= 0.65 * single
+    assert len(seen) == len(set(seen)) == int(reader.column("num_grasps", reader.split_scenes("train")).sum())
+
+
+def test_device_checksum_in_torch_equals_the_builders(dataset) -> None:
+    """The GPU check's arithmetic (int64 words times keys, wrapping) run here on CPU tensors."""
+    from pipeline.checks import _device_sums
+    _, shards = dataset
+    reader = ShardReader(shards)
+    shard = int(reader.split_shards("train")[0])
+    rows = np.flatnonzero(reader.index["shard"] == shard)
+    slots = reader.index["slot"][rows]
+    sdf = torch.from_numpy(np.ascontiguousarray(reader.sdf_shard(shard)[slots]))
+    labels = torch.from_numpy(np.ascontiguousarray(reader.labels_shard(shard)[slots]))
+    assert np.array_equal(_device_sums(sdf, labels), reader.index["device_checksum"][rows])
+    sdf.view(torch.int16)[1, 0, 0, 0] ^= 1
+    assert (_device_sums(sdf, labels) != reader.index["device_checksum"][rows]).tolist() == \
+        [i == 1 for i in range(len(rows))]

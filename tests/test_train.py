@@ -200,6 +200,12 @@ def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) 
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
+    # rank 0's cache holds only its own shards: about half of the train split (whole shards, dealt round-robin)
+    from shards import ShardReader
+    reader = ShardReader(shards)
+    lay = reader.layout
+    whole = len(reader.split_scenes("train")) * (lay.sdf_record_bytes + lay.labels_record_bytes)
+    assert 0.4 * whole <= summary["resident_bytes"] <= 0.6 * whole
     reader_val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_mse" in x][-1]
     single = json.loads(run("eval", out / "last.pt", "--shards", shards).stdout)
     assert reader_val["val_grasps"] == single["val_grasps"]  # the ranks' parts add up to the whole split

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import keep_freed_host_memory, open_loader, resolve_device
+from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, open_loader, parse_window, resolve_device
 from shards import ShardReader
 
 CONFIGS = [(128, 1), (8, 16)]  # (scenes per batch, grasps per scene): 128 grasps per batch each
@@ -99,7 +99,7 @@ def _time(make, to_device, count, device: torch.device, batches: int) -> dict:
         samples += count(to_device(next(it)))
     sync()
     elapsed = time.perf_counter() - start
-    return {"source": source, "first_batch_s": first, "batches_per_s": batches / elapsed,
+    return {"source": source, "iterator": it, "first_batch_s": first, "batches_per_s": batches / elapsed,
             "samples_per_s": samples / elapsed}
 
 
@@ -107,16 +107,44 @@ def _seed_batch_to(device: torch.device):
     return lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
+def _bytes_read() -> int:
+    """Bytes this process has passed through read() so far (page-cache hits included): /proc/self/io rchar."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def _split_file_bytes(shards_dir: Path, split: str) -> int:
+    """Bytes of the split's shard files on disk (SDF and labels files, headers and padding included)."""
+    reader = ShardReader(shards_dir)
+    return sum(reader.sdf_path(k).stat().st_size + reader.labels_path(k).stat().st_size
+               for k in reader.split_shards(split))
+
+
 def measure(loader: str, shards_dir: Path, paths: list[Path], split: str, s: int, g: int, device: str,
-            batches: int, workers: int) -> dict:
-    """One row, timed in the calling process (main runs each row in a fresh one)."""
+            batches: int, workers: int, window: int | None, rank: int = 0, world_size: int = 1,
+            whole_epoch: bool = False) -> dict:
+    """One row, timed in the calling process (main runs each row in a fresh one).
+
+    `whole_epoch`: then finish the epoch and count the bytes read from opening the loader to the
+    epoch's end (`bytes_read`, against the split's shard files: `split_bytes`).
+    """
     keep_freed_host_memory()  # the same process setting for every row, seed baselines included
     dev = resolve_device(device)
+    extra = {}
     if loader in ("cache", "dali"):
-        r = _time(lambda: open_loader(shards_dir, loader, split, s, g, seed=0, device=dev, progress=False),
+        before = _bytes_read()
+        r = _time(lambda: open_loader(shards_dir, loader, split, s, g, seed=0, device=dev, rank=rank,
+                                      world_size=world_size, shuffle_window=window, progress=False),
                   lambda b: b, lambda b: b.num_grasps, dev, batches)
         source = r.pop("source")
+        if whole_epoch:
+            for _ in r.pop("iterator"):
+                pass
+            extra = {"bytes_read": _bytes_read() - before, "split_bytes": _split_file_bytes(shards_dir, split)}
+        r.pop("iterator", None)
         resident = source.resident_bytes
+        extra.update(load_s=getattr(source, "load_s", None), check_s=getattr(source, "check_s", None),
+                     rank=rank, world_size=world_size, shuffle_window=window or "all")
         source.close()
     else:
         gen = torch.Generator().manual_seed(0)
@@ -128,9 +156,44 @@ def measure(loader: str, shards_dir: Path, paths: list[Path], split: str, s: int
                                       generator=gen, num_workers=0)
         r = _time(make, _seed_batch_to(dev), lambda b: len(b["score"]), dev, batches)
         source = r.pop("source")
+        r.pop("iterator")
         resident = source.dataset.resident_bytes if loader == "seed-memory" else 0
     return {"loader": loader, "device": str(dev), "scenes_per_batch": s, "grasps_per_scene": g,
-            "resident_bytes": resident, **r}
+            "resident_bytes": resident, **r, **extra}
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """The figures the streaming issue targets, each as a ratio measured in this run."""
+    pick = {(r["loader"], r["scenes_per_batch"], r["grasps_per_scene"], r.get("world_size", 1), r.get("rank", 0)): r
+            for r in rows}
+    lines = []
+    for s, g in CONFIGS:
+        cache, dali = pick.get(("cache", s, g, 1, 0)), pick.get(("dali", s, g, 1, 0))
+        if cache and dali:
+            lines.append(f"dali / cache samples/s at S={s} G={g}: {_ratio(dali['samples_per_s'], cache['samples_per_s'])} "
+                         "(target >= 0.8)")
+    epoch = next((r for r in rows if "bytes_read" in r), None)
+    if epoch:
+        lines.append(f"dali bytes read in one epoch / the split's shard files: {_ratio(epoch['bytes_read'], epoch['split_bytes'])}"
+                     f" ({epoch['bytes_read'] / 1e6:,.1f} MB of {epoch['split_bytes'] / 1e6:,.1f} MB; target <= 1.05)")
+    cache = pick.get(("cache", 8, 16, 1, 0))
+    if cache and cache.get("load_s"):
+        lines.append(f"cache record checks: {cache['check_s']:.3f} s of CPU beside a {cache['load_s']:.3f} s load = "
+                     f"{_ratio(cache['check_s'], cache['load_s'])} (target <= 0.15)")
+    seed = pick.get(("seed-memory", SEED_BATCH, 1, 1, 0))
+    if cache and seed:
+        lines.append(f"cache time to first batch (checks included) vs seed-memory start-up: "
+                     f"{_ratio(seed['first_batch_s'], cache['first_batch_s'])} x faster (target >= 5)")
+    ranks = [r for r in rows if r.get("world_size", 1) > 1]
+    if cache and ranks:
+        worst = max(r["resident_bytes"] for r in ranks)
+        lines.append(f"cache resident per rank with {ranks[0]['world_size']} ranks / one rank: "
+                     f"{_ratio(worst, cache['resident_bytes'])} (largest rank; target <= 0.55)")
+    return lines
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,17 +203,29 @@ def measure(loader: str, shards_dir: Path, paths: list[Path], split: str, s: int
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--batches", default=100, show_default=True, help="Steady-state batches timed per row.")
 @click.option("--split", default="train", show_default=True)
+@click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True,
+              help="Shards per shuffle window, or 'all' (both loaders).")
+@click.option("--ranks", default=2, show_default=True,
+              help="Also time the cache as each rank of this many (its resident share); 1: skip.")
 @click.option("--workers", default=os.cpu_count(), show_default=True, help="DataLoader workers of the seed's npz path.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows here as JSON.")
-def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, split: str, workers: int,
-         json_path: Path | None) -> None:
+def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, split: str, shuffle_window: str,
+         ranks: int, workers: int, json_path: Path | None) -> None:
     """Time cache and dali loaders at (S=128,G=1) and (S=8,G=16) against the seed's DataLoaders.
 
     Every row runs in a fresh process, so each time to first batch is a cold start of that loader
-    (with the files in the page cache) and no row inherits another's memory state.
+    (with the files in the page cache) and no row inherits another's memory state. The dali row at
+    S=8 G=16 then reads the rest of its epoch, counting the bytes read (/proc/self/io rchar; DALI's
+    CPU reader uses plain reads, so every byte it reads is counted).
     """
     logging.basicConfig(level=logging.WARNING)
-    plan = [(mode, s, g) for mode in ("cache", "dali") for s, g in CONFIGS]
+    try:
+        window = parse_window(shuffle_window)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--shuffle-window") from None
+    plan = [dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8)) for mode in ("cache", "dali")
+            for s, g in CONFIGS]
+    plan += [dict(loader="cache", s=8, g=16, rank=r, world_size=ranks) for r in range(ranks if ranks > 1 else 0)]
     paths: list[Path] = []
     if seed_scenes:
         reader = ShardReader(shards_dir)
@@ -159,27 +234,31 @@ def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, 
         if missing:
             raise click.UsageError(f"--seed-scenes {seed_scenes}: {missing[0]} is missing; point it at the "
                                    "directory the shards were built from")
-        plan += [("seed-npz", SEED_BATCH, 1), ("seed-memory", SEED_BATCH, 1)]
+        plan += [dict(loader="seed-npz", s=SEED_BATCH, g=1), dict(loader="seed-memory", s=SEED_BATCH, g=1)]
     rows = []
-    for loader, s, g in plan:
+    for row in plan:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows.append(pool.submit(measure, loader, shards_dir, paths, split, s, g, device, batches, workers).result())
+            rows.append(pool.submit(measure, row.pop("loader"), shards_dir, paths, split, row.pop("s"), row.pop("g"),
+                                    device, batches, workers, window, **row).result())
     dev = rows[0]["device"]
 
     base = {row["loader"]: row for row in rows if row["loader"].startswith("seed")}
-    click.echo(f"bench_loaders: {shards_dir} split {split}, device {dev}, {batches} steady-state batches per row, "
-               "each row in a fresh process")
-    click.echo(f"  {'loader':<12} {'S':>4} {'G':>3} {'first batch':>12} {'batches/s':>10} {'samples/s':>10} "
+    click.echo(f"bench_loaders: {shards_dir} split {split}, device {dev}, shuffle window {shuffle_window}, "
+               f"{batches} steady-state batches per row, each row in a fresh process")
+    click.echo(f"  {'loader':<12} {'rank':>5} {'S':>4} {'G':>3} {'first batch':>12} {'batches/s':>10} {'samples/s':>10} "
                f"{'resident':>10}  {'samples/s x seed-memory':>23} {'x seed-npz':>10} {'first batch x seed-memory':>25}")
     for row in rows:
         ratio = {k: (f"{row['samples_per_s'] / base[k]['samples_per_s']:.1f}" if k in base else "-")
                  for k in ("seed-memory", "seed-npz")}
         first = (f"{base['seed-memory']['first_batch_s'] / row['first_batch_s']:.1f}" if "seed-memory" in base
                  else "-")
-        click.echo(f"  {row['loader']:<12} {row['scenes_per_batch']:>4} {row['grasps_per_scene']:>3} "
+        rank = f"{row['rank']}/{row['world_size']}" if row.get("world_size", 1) > 1 else "-"
+        click.echo(f"  {row['loader']:<12} {rank:>5} {row['scenes_per_batch']:>4} {row['grasps_per_scene']:>3} "
                    f"{row['first_batch_s']:>10.3f} s {row['batches_per_s']:>10.1f} {row['samples_per_s']:>10,.0f} "
                    f"{row['resident_bytes'] / 1e6:>8.1f}MB  {ratio['seed-memory']:>23} {ratio['seed-npz']:>10} "
                    f"{first:>25}")
+    for line in _summary(rows):
+        click.echo(f"  {line}")
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark training: samples/s per model, loader and grouping, and time-to-quality of G=16 vs G=1.
+"""Benchmark training: samples/s per model, loader and grouping, time-to-quality of G=16 vs G=1,
+and (--window-study) val MSE after a fixed number of steps for several shuffle windows.
 
 Throughput rows time whole training steps (batch fetch, forward, backward, optimizer) with the
 trainer's own `train_step`, after warm-up steps. Time-to-quality runs the real trainer (`fit`):
 G=1 (S=128) trains for --budget-s seconds and its final val MSE becomes the target; G=16 (S=8,
 the same 128 grasps per batch) then trains, validating every --val-every steps, and the training
-time (validation excluded) at which its val MSE first reaches the target is reported.
+time (validation excluded) at which its val MSE first reaches the target is reported. The window
+study runs the real trainer once per window, same seed, steps and settings, and reports each final
+val MSE against the full shuffle's (`all`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import click
 import torch
 
 from models import build_model
-from pipeline import keep_freed_host_memory, open_loader, resolve_device
+from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, open_loader, parse_window, resolve_device
 from train.config import FitConfig, parse_fc_dims
 from train.loop import fit, train_step
 
@@ -28,10 +31,11 @@ CONFIGS = [(128, 1), (8, 16)]
 
 def throughput(shards: Path, kind: str, mode: str, s: int, g: int, device: torch.device, steps: int, warmup: int,
                base_channels: int | None, fc_dims: tuple[int, ...] | None, amp: str, channels_last: bool,
-               compile_model: bool) -> float:
+               compile_model: bool, window: int | None) -> float:
     """Training samples/s over `steps` steps after `warmup` steps."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with open_loader(shards, mode, "train", s, g, seed=0, device=device, progress=False) as loader:
+    with open_loader(shards, mode, "train", s, g, seed=0, device=device, shuffle_window=window,
+                     progress=False) as loader:
         stats = loader.reader.manifest["score_stats"]
         torch.manual_seed(0)
         model = build_model(kind, loader.grid, base_channels, fc_dims).to(device)
@@ -57,10 +61,10 @@ def throughput(shards: Path, kind: str, mode: str, s: int, g: int, device: torch
 
 
 def time_to_quality(shards: Path, device: str, budget_s: float, val_every: int, base_channels: int | None,
-                    fc_dims: tuple[int, ...] | None, lr: float) -> dict:
+                    fc_dims: tuple[int, ...] | None, lr: float, window: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         common = dict(shards=str(shards), device=device, base_channels=base_channels, fc_dims=fc_dims, lr=lr,
-                      max_time=budget_s, early_stopping=0, ckpt_every=10 ** 9, progress=False)
+                      max_time=budget_s, early_stopping=0, ckpt_every=10 ** 9, progress=False, shuffle_window=window)
         g1 = fit(FitConfig(out=f"{tmp}/g1", scenes_per_batch=128, grasps_per_scene=1, val_every=10 ** 9, **common))
         target = g1["val_mse"]
         fit(FitConfig(out=f"{tmp}/g16", scenes_per_batch=8, grasps_per_scene=16, val_every=val_every, **common))
@@ -70,6 +74,24 @@ def time_to_quality(shards: Path, device: str, budget_s: float, val_every: int, 
                 "g16_s": reached[0]["time_s"] if reached else None,
                 "g16_steps": reached[0]["step"] if reached else None,
                 "g16_final_val_mse": [r for r in rows if "val_mse" in r][-1]["val_mse"]}
+
+
+def run_window_study(shards: Path, device: str, windows: list[str], steps: int, s: int, g: int,
+                 base_channels: int | None, fc_dims: tuple[int, ...] | None, lr: float) -> list[dict]:
+    """Final val MSE after `steps` steps for each shuffle window (same seed and settings otherwise)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_window_") as tmp:
+        for window in windows:
+            summary = fit(FitConfig(shards=str(shards), out=f"{tmp}/w{window}", device=device, base_channels=base_channels,
+                                    fc_dims=fc_dims, lr=lr, max_steps=steps, scenes_per_batch=s, grasps_per_scene=g,
+                                    shuffle_window=window, val_every=10 ** 9, early_stopping=0, ckpt_every=10 ** 9,
+                                    progress=False))
+            rows.append({"shuffle_window": window, "steps": summary["steps"], "val_mse": summary["val_mse"],
+                         "val_spearman": summary.get("val_spearman"), "train_time_s": summary["train_time_s"]})
+    full = next((r["val_mse"] for r in rows if r["shuffle_window"] == "all"), None)
+    for row in rows:
+        row["val_mse_vs_all"] = row["val_mse"] / full if full else None
+    return rows
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,16 +111,39 @@ def time_to_quality(shards: Path, device: str, budget_s: float, val_every: int, 
 @click.option("--val-every", default=50, show_default=True, help="Time-to-quality: G=16's validation period (steps).")
 @click.option("--lr", default=1e-3, show_default=True, help="Time-to-quality learning rate (both runs).")
 @click.option("--skip-quality", is_flag=True, help="Only the throughput rows.")
+@click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True, help="Shards per window, or 'all'.")
+@click.option("--window-study", default=None,
+              help="Instead of everything else: val MSE after --study-steps for these windows, e.g. 1,2,4,all.")
+@click.option("--study-steps", default=600, show_default=True, help="Window study: training steps per window.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
 def main(shards: Path, device: str, models: str, loaders: str, steps: int, large_steps: int, warmup: int,
          base_channels: int | None, fc_dims: str | None, amp: str, channels_last: bool, compile_model: bool,
-         budget_s: float, val_every: int, lr: float, skip_quality: bool, json_path: Path | None) -> None:
+         budget_s: float, val_every: int, lr: float, skip_quality: bool, shuffle_window: str, window_study: str | None,
+         study_steps: int, json_path: Path | None) -> None:
     """Training samples/s (each model x loader x (S,G)) and time for G=16 to reach G=1's val MSE."""
     logging.basicConfig(level=logging.WARNING)
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_host_memory()
     dims = parse_fc_dims(fc_dims)
+    try:
+        window = parse_window(shuffle_window)
+        for w in window_study.split(",") if window_study else []:
+            parse_window(w)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--shuffle-window / --window-study") from None
+    if window_study:
+        rows = run_window_study(shards, device, window_study.split(","), study_steps, 8, 16,
+                                                   base_channels, dims, lr)
+        click.echo(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}, seed 0")
+        click.echo(f"  {'window':>8} {'val MSE':>9} {'x all':>7} {'Spearman':>9} {'train s':>8}")
+        for r in rows:
+            vs = f"{r['val_mse_vs_all']:.3f}" if r["val_mse_vs_all"] else "-"
+            click.echo(f"  {r['shuffle_window']:>8} {r['val_mse']:>9.4f} {vs:>7} {r['val_spearman'] or 0:>9.4f} "
+                       f"{r['train_time_s']:>8.1f}")
+        if json_path:
+            json_path.write_text(json.dumps({"window_study": rows}, indent=2) + "\n")
+        return
     rows = []
     click.echo(f"bench_train: {shards}, device {dev}, amp {amp}, channels_last {channels_last}, compile {compile_model}")
     click.echo(f"  {'model':<6} {'loader':<6} {'S':>4} {'G':>3} {'samples/s':>10}")
@@ -106,10 +151,11 @@ def main(shards: Path, device: str, models: str, loaders: str, steps: int, large
         for mode in loaders.split(","):
             for s, g in CONFIGS:
                 rate = throughput(shards, kind, mode, s, g, dev, large_steps if kind == "large" else steps, warmup,
-                                  base_channels, dims, amp, channels_last, compile_model)
+                                  base_channels, dims, amp, channels_last, compile_model, window)
                 rows.append({"model": kind, "loader": mode, "device": str(dev), "scenes_per_batch": s,
                              "grasps_per_scene": g, "samples_per_s": rate, "amp": amp,
-                             "channels_last": channels_last, "compile": compile_model})
+                             "channels_last": channels_last, "compile": compile_model,
+                             "shuffle_window": shuffle_window})
                 click.echo(f"  {kind:<6} {mode:<6} {s:>4} {g:>3} {rate:>10,.0f}")
     for kind in models.split(","):
         for mode in loaders.split(","):
@@ -117,7 +163,7 @@ def main(shards: Path, device: str, models: str, loaders: str, steps: int, large
             click.echo(f"  {kind} / {mode}: G=16 trains {pick[8] / pick[128]:.1f} x the samples/s of G=1 (target >= 8)")
     result = {"throughput": rows}
     if not skip_quality:
-        ttq = time_to_quality(shards, device, budget_s, val_every, base_channels, dims, lr)
+        ttq = time_to_quality(shards, device, budget_s, val_every, base_channels, dims, lr, shuffle_window)
         result["time_to_quality"] = ttq
         if ttq["g16_s"] is None:
             click.echo(f"  time to quality: G=16 did not reach G=1's val MSE {ttq['target_val_mse']:.3f} "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from pipeline import DEFAULT_WINDOW, parse_window
+
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
@@ -24,6 +26,7 @@ class FitConfig:
     fc_dims: tuple[int, ...] | None = None
     scenes_per_batch: int = 8
     grasps_per_scene: int = 16
+    shuffle_window: int | str = DEFAULT_WINDOW  # shards per shuffle window, or "all"
     epochs: int = 100
     max_steps: int | None = None
     max_time: float | None = None  # seconds of training (validation excluded)
@@ -48,6 +51,10 @@ class FitConfig:
     threads: int | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.shuffle_window, str) and self.shuffle_window.isdigit():
+            self.shuffle_window = int(self.shuffle_window)  # "4" from the command line is the number 4
+
     def check(self) -> None:
         if self.loader not in ("cache", "dali"):
             raise ConfigError(f"--loader {self.loader}: choose cache or dali")
@@ -64,6 +71,10 @@ class FitConfig:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be at least 1")
+        try:
+            parse_window(self.shuffle_window)
+        except ValueError as err:
+            raise ConfigError(f"--shuffle-window: {err}") from None
         if self.max_time is not None and self.max_time <= 0:
             raise ConfigError(f"--max-time {self.max_time}: must be > 0 seconds")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -72,6 +83,11 @@ class FitConfig:
             raise ConfigError("--early-stopping and --plateau-patience must be >= 0, --plateau-factor in (0, 1)")
         if self.fc_dims is not None and (not self.fc_dims or min(self.fc_dims) < 1):
             raise ConfigError(f"--fc-dims {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
+
+    @property
+    def window(self) -> int | None:
+        """The shuffle window in shards (None: all of the rank's shards)."""
+        return parse_window(self.shuffle_window)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -169,11 +169,12 @@ def fit(cfg: FitConfig) -> dict:
     progress = cfg.progress and dist.is_main
     opening = time.perf_counter()
     train_loader = open_loader(cfg.shards, cfg.loader, "train", cfg.scenes_per_batch, cfg.grasps_per_scene,
-                               cfg.seed, device, dist.rank, dist.world_size, drop_last=dist.enabled, progress=progress)
+                               cfg.seed, device, dist.rank, dist.world_size, drop_last=dist.enabled,
+                               shuffle_window=cfg.window, progress=progress)
     open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
     max_grasps = train_loader.max_grasps
     val_loader = open_loader(cfg.shards, cfg.loader, "val", cfg.val_scenes_per_batch, max_grasps, 0, device,
-                             dist.rank, dist.world_size, progress=progress)
+                             dist.rank, dist.world_size, shuffle_window=cfg.window, progress=progress)
     stats = train_loader.reader.manifest["score_stats"]
     mean, std = float(stats["mean"]), float(stats["std"]) or 1.0
     model = _build_model(cfg, train_loader.grid, mean, std, init).to(device)
@@ -317,6 +318,7 @@ def fit(cfg: FitConfig) -> dict:
         "device": str(device), "loader": cfg.loader, "world_size": dist.world_size,
         "model": model.config["kind"], "parameters": sum(p.numel() for p in model.parameters()),
         "scenes_per_batch": cfg.scenes_per_batch, "grasps_per_scene": cfg.grasps_per_scene,
+        "shuffle_window": cfg.shuffle_window, "resident_bytes": train_loader.resident_bytes,
     }
     run.write_summary(summary)
     if dist.is_main:

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from models import CheckpointError
-from pipeline import LoaderError, resolve_device
+from pipeline import DEFAULT_WINDOW, LoaderError, resolve_device
 from shards import DatasetError
 from train.compare import compare as run_compare
 from train.compare import format_table
@@ -53,6 +53,8 @@ def fit_options(fn):
         click.option("--scenes-per-batch", "-S", default=8, show_default=True, help="SDFs per batch."),
         click.option("--grasps-per-scene", "-G", default=16, show_default=True,
                      help="Grasps per SDF per batch (1 = the seed's independent grasps)."),
+        click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True,
+                     help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'."),
         click.option("--epochs", default=100, show_default=True),
         click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs)."),
         click.option("--max-time", type=float, default=None,
