@@ -27,14 +27,19 @@ def _device_keys(count: int, device: torch.device) -> torch.Tensor:
 
 
 def _device_sums(sdf: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """The word hash of each record (row) of `sdf` and `labels`, as uint64."""
+    """The word hash of each record (row) of `sdf` and `labels`, as uint64, a chunk of rows at a time."""
     n = sdf.shape[0]
-    words = torch.cat([sdf.reshape(n, -1).view(torch.int32), labels.reshape(n, -1).view(torch.int32)], dim=1)
-    keys = _device_keys(words.shape[1], sdf.device)
-    rows = max(1, _CHUNK_WORDS // words.shape[1])
-    sums = [((part.to(torch.int64) & 0xFFFFFFFF) * keys).sum(dim=1)  # int64 wraps: the sum mod 2^64
-            for part in words.split(rows)]
-    return torch.cat(sums).cpu().numpy().view(np.uint64)
+    sdf_words, label_words = sdf.reshape(n, -1).view(torch.int32), labels.reshape(n, -1).view(torch.int32)
+    split = sdf_words.shape[1]
+    keys = _device_keys(split + label_words.shape[1], sdf.device)
+    rows = max(1, _CHUNK_WORDS // keys.shape[0])
+    sums = []
+    for a in range(0, n, rows):
+        # int64 products and sums wrap, which is the arithmetic mod 2^64 the builder used
+        s = ((sdf_words[a:a + rows].to(torch.int64) & 0xFFFFFFFF) * keys[:split]).sum(dim=1)
+        s += ((label_words[a:a + rows].to(torch.int64) & 0xFFFFFFFF) * keys[split:]).sum(dim=1)
+        sums.append(s)
+    return torch.cat(sums).cpu().numpy().view(np.uint64) if sums else np.zeros(0, np.uint64)
 
 
 def _host_sums(sdf: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
