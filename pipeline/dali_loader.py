@@ -1,13 +1,15 @@
 """Streaming loader: DALI reads this rank's shards whole, a window ahead; batches are cut from resident shards.
 
-Two `fn.readers.numpy` readers (SDF files, labels files) walk the epoch's shard order, one whole
-shard per iteration, with no region of interest: every byte is read once per epoch, which is what
-DALI's GPU reader (GPUDirect Storage) does anyway, and its CPU reader then does in long sequential
-reads. With CUDA the readers run on the GPU and the data stays there; without it they run on the
-CPU with `device_id=None`. DALI's prefetch queue holds the next window while the current one is
-used. Arriving shards are copied into a ring of resident shards (as many as a batch can span),
-checked against the index (`checks.py`), and batches are cut from the ring by the same index
-operations as the cache's.
+Two `fn.readers.numpy` readers (SDF files, labels files) walk the shard order of this and the next
+epochs (`EPOCHS_PER_PIPELINE` of them), one whole shard per iteration, with no region of interest:
+every byte is read once per epoch, which is what DALI's GPU reader (GPUDirect Storage) does anyway,
+and its CPU reader then does in long sequential reads. Listing many epochs ahead matters because
+DALI's readers run ahead of the consumer and wrap around at the end of their file list: a list of
+one epoch would re-read its first shards at every epoch's end. With CUDA the readers run on the GPU
+and the data stays there; without it they run on the CPU with `device_id=None`. DALI's prefetch
+queue holds the next window while the current one is used. Arriving shards are copied into a ring
+of resident shards (as many as a batch can span), checked against the index (`checks.py`), and
+batches are cut from the ring by the same index operations as the cache's.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from shards import LABEL_DIM, ShardReader
 
 from .cache import check_fits, free_memory
 from .loader import Loader, LoaderError
-from .plan import EpochPlan, PlanSpec
+from .plan import EpochPlan, PlanSpec, shard_order
+
+# Epochs of shard order one pipeline lists (it is rebuilt after them, or when iteration jumps).
+EPOCHS_PER_PIPELINE = 64
 
 
 class DaliLoader(Loader):
@@ -41,7 +46,9 @@ class DaliLoader(Loader):
         self._shard_bytes = lay.records_per_shard * (lay.sdf_record_bytes + lay.labels_record_bytes)
         self._capacity = 0  # shards in the ring
         self._pipe = self._iter = None
-        self._loaded = 0    # shards of the epoch's order read into the ring so far
+        self._loaded = 0     # shards of the current epoch's order read into the ring so far
+        self._next = None    # (epoch, position in its shard order) of the pipeline's next shard
+        self._left = 0       # shards the pipeline has yet to deliver
         # Split record number of each (shard, slot), to check the records of an arriving shard.
         self._record = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)
         self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
@@ -70,11 +77,18 @@ class DaliLoader(Loader):
         self._capacity = capacity
 
     def _begin_epoch(self, plan: EpochPlan, start: int) -> None:
-        """A pipeline over the epoch's shards from the first one batch `start` needs."""
-        self._end_epoch()
+        """Position the pipeline at the first shard batch `start` needs: keep it if it is there already."""
         first = plan.shard_span(start)[0]
-        order = plan.shard_order[first:]
         self._loaded = first
+        if self._pipe is None or self._next != (plan.epoch, first) or self._left == 0:
+            self._open(plan.epoch, first)
+
+    def _open(self, epoch: int, first: int) -> None:
+        """A pipeline over the shard orders of `epoch` (from position `first`) and the epochs after it."""
+        self._release()
+        order = np.concatenate([shard_order(self.records, self.spec, e)[first if e == epoch else 0:]
+                                for e in range(epoch, epoch + EPOCHS_PER_PIPELINE)])
+        self._next, self._left = (epoch, first), len(order)
         on_gpu = self.device.type == "cuda"
 
         # exec_dynamic: outputs are reference-counted, so DALIGenericIterator hands them to torch
@@ -100,7 +114,12 @@ class DaliLoader(Loader):
         r = self.reader.layout.records_per_shard
         last = plan.shard_span(b)[1]
         while self._loaded <= last:
+            if self._left == 0:  # the pipeline's epochs are used up: list the next ones
+                self._open(plan.epoch, self._loaded)
             out = next(self._iter)[0]
+            self._left -= 1
+            epoch, pos = self._next
+            self._next = (epoch, pos + 1) if pos + 1 < len(self.shards) else (epoch + 1, 0)
             ring = self._loaded % self._capacity * r
             sdf, labels = self.sdf[ring:ring + r], self.labels[ring:ring + r]
             sdf.copy_(out["sdf"][0])
@@ -112,8 +131,13 @@ class DaliLoader(Loader):
             self._check(sdf[pick], labels[pick], self._record[shard, used])
             self._loaded += 1
 
-    def _end_epoch(self) -> None:
+    def _release(self) -> None:
         """Stop DALI's threads: drop the iterator and pipeline and collect them now."""
         if self._pipe is not None:
             self._iter = self._pipe = None
+            self._next, self._left = None, 0
             gc.collect()
+
+    def close(self) -> None:
+        self._release()
+        super().close()

@@ -114,7 +114,6 @@ class Loader:
         for b in range(start, len(plan)):
             self._make_resident(plan, b)
             yield self._batch(plan, b, idx)
-        self._end_epoch()
 
     def _epoch_index(self, plan: EpochPlan) -> dict[str, torch.Tensor]:
         """The plan's per-group and per-grasp index arrays on the device, built once per epoch."""
@@ -158,12 +157,8 @@ class Loader:
     def _make_resident(self, plan: EpochPlan, b: int) -> None:
         """Make sure every record batch `b` uses is resident and checked."""
 
-    def _end_epoch(self) -> None:
-        """Release what only this epoch needed."""
-
     def close(self) -> None:
         """Release what the loader holds; it cannot be iterated afterwards."""
-        self._end_epoch()
         self.sdf = self.labels = None
 
     def __enter__(self) -> "Loader":

@@ -166,11 +166,18 @@ def num_batches(records: SplitRecords, spec: PlanSpec, all_ranks: bool = False) 
     return int(per_rank.sum() if all_ranks else per_rank[spec.rank])
 
 
+def shard_order(records: SplitRecords, spec: PlanSpec, epoch: int) -> np.ndarray:
+    """The order in which `spec.rank` reads its shards in `epoch`: its own random stream, so a streaming
+    loader can list many epochs' shards ahead without planning their batches."""
+    rng = np.random.default_rng([spec.seed, epoch, spec.rank, 1])
+    return rng.permutation(records.rank_shards(spec.rank, spec.world_size))
+
+
 def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int) -> EpochPlan:
     """The epoch's batches for `spec.rank`; a pure function of its arguments."""
     spec.check()
     rng = np.random.default_rng([spec.seed, epoch, spec.rank])
-    order = rng.permutation(records.rank_shards(spec.rank, spec.world_size))
+    order = shard_order(records, spec, epoch)
     w = max(1, len(order) if spec.window is None else min(spec.window, len(order)))
     pos = np.full(int(records.shard.max()) + 1 if len(records.shard) else 0, -1, dtype=np.int64)
     pos[order] = np.arange(len(order))
