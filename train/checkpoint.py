@@ -73,8 +73,8 @@ def dataset_warning(source: str | Path, trained: dict | None, fingerprint: str) 
         return None
     old = trained.get("fingerprint")
     was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
-    return (f"warning: {source} was trained on {was}, not on --shards' dataset {fingerprint[:16]}: "
-            f"its scores are standardised with that dataset's statistics")
+    return (f"warning: {source} was trained on {was}, not on --shards' dataset {fingerprint[:16]} "
+            f"(another dataset, or this one rebuilt since)")
 
 
 def load_model(path: str | Path) -> tuple[GQEstimatorBase, dict | None]:
