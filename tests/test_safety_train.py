@@ -90,7 +90,7 @@ def test_a_second_fit_into_a_busy_run_folder_is_refused_naming_the_holder(data_a
            "--max-steps", "1000000", "--ckpt-every", "5", "--log-every", "2", *TINY]
     holder = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while time.time() < deadline and not (out / "last.pt").exists():
             time.sleep(0.05)
         assert (out / "last.pt").exists(), "the first run should be training by now"
