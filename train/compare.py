@@ -11,7 +11,7 @@ import multiprocessing
 from dataclasses import replace
 from pathlib import Path
 
-from .config import FitConfig
+from .config import ConfigError, FitConfig
 from .plots import plot_compare
 from .rundir import RunDir
 
@@ -33,6 +33,8 @@ def _fit_in_child(options: dict) -> None:
 
 def compare(base: FitConfig, out: Path) -> dict:
     """Run `base` with each loader into out/<loader>; returns the comparison table."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory; choose a directory for the runs")
     out.mkdir(parents=True, exist_ok=True)
     runs, table = {}, {}
     for loader in LOADERS:

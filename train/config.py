@@ -1,6 +1,7 @@
 """Every option of a training run, in one place; written to RUN_DIR/config.json."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from pipeline import DEFAULT_WINDOW, parse_window
@@ -10,6 +11,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
 RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads",
              "progress"}
+# Compared by identity, not spelling: the dataset by its fingerprint, the run folder by being the one resumed.
+IDENTITIES = {"shards", "out"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,10 @@ class FitConfig:
             self.shuffle_window = int(self.shuffle_window)  # "4" from the command line is the number 4
 
     def check(self) -> None:
+        for flag, value in {"--lr": self.lr, "--weight-decay": self.weight_decay, "--max-time": self.max_time}.items():
+            if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+                raise ConfigError(f"{flag} {value}: must be a finite number (leave --max-time out for no limit)"
+                                  if flag == "--max-time" else f"{flag} {value}: must be a finite number")
         if self.loader not in ("cache", "dali"):
             raise ConfigError(f"--loader {self.loader}: choose cache or dali")
         if self.model not in (None, "small", "large"):
@@ -103,9 +110,9 @@ class FitConfig:
         return cls(**d)
 
     def differences(self, other: "FitConfig") -> list[str]:
-        """Options (other than RESUMABLE ones) whose values differ, as 'name: a != b'."""
+        """Options (other than RESUMABLE ones and IDENTITIES) whose values differ, as 'name: a != b'."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in RESUMABLE and a[k] != b[k]]
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in RESUMABLE | IDENTITIES and a[k] != b[k]]
 
 
 def parse_fc_dims(text: str | None) -> tuple[int, ...] | None:

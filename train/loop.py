@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import shlex
 import signal
@@ -21,15 +22,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models import CheckpointError, GQEstimatorBase, build_model
+from models import GQEstimatorBase, build_model
 from pipeline import Batch, Loader, keep_freed_host_memory, open_loader, resolve_device
+from shards import fingerprint, read_manifest
 
-from .checkpoint import is_trainer_checkpoint, load_checkpoint, load_model, save_checkpoint
+from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, FitConfig
 from .distributed import Distributed
 from .metrics import Metrics
 from .plots import plot_curves
-from .rundir import RunDir
+from .rundir import RunDir, run_lock
 
 log = logging.getLogger("train")
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,6 +57,7 @@ def train_step(net: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimi
     loss = F.mse_loss(pred, (batch.scores - mean) / std)
     value = loss.item()  # the step's one device sync: checked here, logged by the caller
     if not math.isfinite(value):
+        _check_inputs(batch, step)
         raise TrainError(f"non-finite loss ({value}) at step {step}, batch of scenes "
                          f"{batch.scene_ids.tolist()}; lower --lr, or try --amp off")
     optimizer.zero_grad(set_to_none=True)
@@ -62,6 +65,22 @@ def train_step(net: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimi
     scaler.step(optimizer)
     scaler.update()
     return value
+
+
+def _check_inputs(batch: Batch, step: int) -> None:
+    """TrainError naming the scenes whose SDF, grasps or scores hold NaN or inf (the data's fault, not --lr's)."""
+    grasp_rows = ~torch.isfinite(torch.cat([batch.grasps, batch.scores[:, None]], 1)).all(1)
+    bad_sdf = ~torch.isfinite(batch.sdf).flatten(1).all(1)
+    bad = {"SDF": batch.scene_ids[bad_sdf], "grasps or scores": batch.scene_ids[batch.scene_of_grasp[grasp_rows]]}
+    found = [f"{what} of scenes {sorted(set(ids.tolist()))}" for what, ids in bad.items() if len(ids)]
+    if found:
+        raise TrainError(f"non-finite loss at step {step}: non-finite input data ({'; '.join(found)} hold NaN or "
+                         f"inf); the dataset is damaged: check it with tools/verify_shards.py and rebuild it")
+
+
+def dataset_identity(manifest: dict) -> str:
+    """The dataset's fingerprint (from its manifest): the same whatever path spells the directory."""
+    return manifest.get("fingerprint") or fingerprint(manifest)  # datasets made before fingerprints: computed
 
 
 def evaluate(model: torch.nn.Module, loader: Loader, mean: float, std: float, amp: str = "off",
@@ -142,8 +161,18 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def fit(cfg: FitConfig) -> dict:
-    """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json)."""
+    """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json).
+
+    Rank 0 (the one that writes) holds RUN_DIR's lock for the whole run: two runs never share a folder.
+    """
     cfg.check()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _fit(cfg)
+    with run_lock(Path(cfg.out)):
+        return _fit(cfg)
+
+
+def _fit(cfg: FitConfig) -> dict:
     start = time.perf_counter()
     requested = resolve_device(cfg.device)
     dist = Distributed.from_env(requested.type)
@@ -156,14 +185,23 @@ def fit(cfg: FitConfig) -> dict:
     if dist.is_main:
         run.prepare(cfg)
     dist.barrier()  # the other ranks start once rank 0 has checked (and maybe cleared) RUN_DIR
+    identity = dataset_identity(read_manifest(Path(cfg.shards)))
     resumed = load_checkpoint(run.path / "last.pt") if cfg.resume else None
     if resumed is not None:
-        if not is_trainer_checkpoint(resumed):
-            raise CheckpointError(f"{run.path / 'last.pt'}: not a checkpoint of this trainer")
+        last = run.path / "last.pt"
+        check_resumable(last, resumed)
         diff = cfg.differences(FitConfig.from_dict(resumed["config"]))
         if diff:
             raise ConfigError(f"--resume: options differ from the run in {run.path}: {'; '.join(diff)}")
+        old = resumed.get("dataset", {}).get("fingerprint")
+        if old != identity:
+            was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
+            raise ConfigError(f"--resume: {last} was trained on {was}, but --shards {cfg.shards} is dataset "
+                              f"{identity[:16]} (rebuilt, or another one); resume on the run's own dataset, or "
+                              f"start a new run from these weights: --init-from {last} --out NEW_DIR")
     init = load_model(cfg.init_from) if cfg.init_from else None  # a bad file fails before any data is loaded
+    if init is not None and dist.is_main and (warning := dataset_warning(cfg.init_from, init[1], identity)):
+        log.warning(warning)
     torch.manual_seed(cfg.seed)
 
     progress = cfg.progress and dist.is_main
@@ -209,7 +247,8 @@ def fit(cfg: FitConfig) -> dict:
         if not dist.is_main:
             return
         payload = {"model": model.state_dict(), "model_config": {**model.config, "fc_dims": list(model.fc_dims)},
-                   "score_stats": {"mean": mean, "std": std}, "state": {**state, "window": dict(window)},
+                   "score_stats": {"mean": mean, "std": std}, "dataset": {"fingerprint": identity},
+                   "state": {**state, "window": dict(window)},
                    "config": cfg.to_dict()}
         if full:
             payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),

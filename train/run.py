@@ -22,7 +22,8 @@ from shards import DatasetError
 from train.compare import compare as run_compare
 from train.compare import format_table
 from train.config import ConfigError, FitConfig, parse_fc_dims
-from train.loop import TrainError, evaluate, fit
+from train.loop import TrainError, dataset_identity, evaluate, fit
+from train.rundir import WriteError
 
 USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError)
 
@@ -36,7 +37,7 @@ def _errors(fn):
         except USAGE_ERRORS as err:
             click.echo(f"run.py {fn.__name__}: error: {err}", err=True)
             sys.exit(2)
-        except TrainError as err:
+        except (TrainError, WriteError) as err:
             click.echo(f"run.py {fn.__name__}: error: {err}", err=True)
             sys.exit(1)
     return wrapper
@@ -146,13 +147,18 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
     """Metrics of CHECKPOINT (ours, or a seed state_dict) on a split, as JSON on stdout."""
     from pipeline import open_loader
     from shards import read_manifest
-    from train.checkpoint import load_model
+    from train.checkpoint import dataset_warning, load_model
     dev = resolve_device(device)
     model, stats = load_model(checkpoint)
     manifest = read_manifest(shards)
-    max_grasps, grid = manifest["max_grasps"], manifest["grid"][0]
+    try:
+        max_grasps, grid = int(manifest["max_grasps"]), int(manifest["grid"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise DatasetError(f"{shards}/manifest.json: no valid max_grasps and grid; rebuild the dataset") from None
     if model.input_size != grid:
         raise ConfigError(f"{checkpoint}: model input size {model.input_size} != the dataset's grid {grid}")
+    if warning := dataset_warning(checkpoint, stats, dataset_identity(manifest)):
+        click.echo(warning, err=True)
     mean, std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
     with open_loader(shards, loader, split, scenes_per_batch, max_grasps, device=dev, progress=False) as data:
         metrics = evaluate(model.to(dev), data, mean, std, prefix=f"{split}_")

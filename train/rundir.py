@@ -1,10 +1,22 @@
 """RUN_DIR: config.json, metrics.jsonl (+ TensorBoard events when installed), summary.json, plots."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
+import os
 import platform
+import shlex
 import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -12,6 +24,108 @@ import torch
 from .config import ConfigError, FitConfig
 
 OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "tensorboard")
+LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unlocked: the next run takes it)
+log = logging.getLogger("train")
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then put back
+os.umask(_UMASK)
+
+
+class WriteError(RuntimeError):
+    """A run file could not be written (full disk, quota, read-only); `str()` names it and what to do."""
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through a temporary file no other process can share (mkstemp, same folder),
+    fsync'd and renamed over it: readers see the old file or the whole new one. On failure the
+    temporary is removed, `path` is left as it was, and WriteError names the file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the run from a shared group
+        with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: torch.save passes on the OSError itself
+            write(f)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save's RuntimeError ("unexpected pos") follows an OSError
+        Path(tmp).unlink(missing_ok=True)
+        cause = err
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise WriteError(f"{path}: could not be written ({cause.strerror or cause}); {kept}. Free disk space "
+                         f"(or choose another --out), then rerun; --resume continues from last.pt") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return lock.read_text().strip() or "a run still starting"
+    except OSError:
+        return "a run that just ended"
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.json").exists() or (path / "last.pt").exists()
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """Hold RUN_DIR for one run: an exclusive flock on RUN_DIR/.run.lock, taken before anything else is
+    written there, so a second run into the same --out is refused naming the holder (pid, host, command).
+
+    A file, or a folder holding other things than a run, is refused before anything is created. Under
+    the lock, temporaries left by a killed run are removed; on exit the lock file (and the folder, when
+    this call made it and nothing was written) goes again.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: is a file, not a directory; choose a directory for the run")
+    if path.is_dir() and not _is_run_dir(path) and any(p.name != LOCK for p in path.iterdir()):
+        raise ConfigError(f"--out {path}: not empty and not a run directory; choose a new directory")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"--out {path}: in use by another run ({_holder(lock)}); wait for it to end "
+                              f"or choose another --out") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # else the previous holder removed the file between our open and flock: take the new one
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {started}: {shlex.join(sys.argv)}"
+        try:
+            os.write(fd, holder.encode() + b"\n")
+        except OSError as err:
+            raise WriteError(f"{lock}: could not be written ({err.strerror}); free disk space or choose another "
+                             f"--out") from None
+        for name in OUTPUTS:  # no other run can be writing these: they were left by a killed one
+            for stale in path.glob(f".{name}*.tmp"):
+                stale.unlink()
+        yield
+    finally:
+        try:  # removed while still held, so an opener that raced us sees the inode change and retries
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        if created and not any(path.iterdir()):
+            path.rmdir()
 
 
 def versions() -> dict:
@@ -41,7 +155,7 @@ class RunDir:
             if not (p / "last.pt").exists():
                 raise ConfigError(f"--resume: {p / 'last.pt'} not found; start the run without --resume")
             return
-        if p.exists() and any(p.iterdir()):
+        if p.exists() and any(x.name != LOCK for x in p.iterdir()):
             if not (p / "config.json").exists():
                 raise ConfigError(f"--out {p}: not empty and not a run directory; choose a new directory")
             if not cfg.overwrite:
@@ -58,20 +172,48 @@ class RunDir:
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
             text = json.dumps({"options": cfg.to_dict(), "resolved": resolved, "versions": versions()}, indent=2)
-            (self.path / "config.json").write_text(text + "\n")
+            write_atomically(self.path / "config.json", lambda f: f.write((text + "\n").encode()))
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint, so the file reads as one run."""
+        """On resume: drop rows logged after the checkpoint, so the file reads as one run.
+
+        A torn last line is what a kill during a write leaves: it is dropped (and logged). A line
+        that does not parse anywhere else means the file was damaged: ConfigError names the line.
+        """
         path = self.path / "metrics.jsonl"
-        if self.writer and path.exists():
-            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        if not (self.writer and path.exists()):
+            return
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                if number == len(lines) and not data.endswith(b"\n"):  # a torn write never reached its newline
+                    log.warning("%s: dropped a torn last line (a write cut short by a kill): %r", path, line[:60])
+                    continue
+                raise ConfigError(f"{path}: line {number} is not a metrics row ({line[:60]!r}); the file is "
+                                  f"damaged: repair or delete that line, then --resume again")
+            if row["step"] <= step:
+                kept.append(line + b"\n")
+        text = b"".join(kept)
+        write_atomically(path, lambda f: f.write(text))
 
     def log(self, row: dict) -> None:
         if not self.writer:
             return
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        path = self.path / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:  # what is left is at worst a torn last line, which --resume drops
+            raise WriteError(f"{path}: could not be written ({err.strerror}); free disk space (or choose "
+                             f"another --out), then rerun with --resume") from None
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,7 +231,8 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         if self.writer:
-            (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            text = json.dumps(summary, indent=2) + "\n"
+            write_atomically(self.path / "summary.json", lambda f: f.write(text.encode()))
 
     def close(self) -> None:
         if self._tb:

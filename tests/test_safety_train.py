@@ -1,0 +1,348 @@
+"""The trainer loses nothing and uses no wrong data (issue 9): a locked run folder, atomic writes that
+survive a full disk, one-line refusals of bad values and files, and datasets compared by identity.
+
+Most cases run `train/run.py` in-process (click's CliRunner); only the concurrency case starts a
+second process, because a lock is only proven by another process holding it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from conftest import REPO
+from models import build_model
+from pipeline import Batch
+from shards import BuildOptions, build_shards, read_manifest
+from synth import write_scenes
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.loop import TrainError, train_step
+from train.rundir import LOCK
+from train.run import cli
+
+GRID, GRASPS = 16, 32
+TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4"]
+
+
+def _dataset(root: Path, seed: int) -> Path:
+    write_scenes(root / "scenes", 40, grasps_per_scene=GRASPS, grid=GRID, seed=seed, workers=1, progress=False)
+    build_shards(root / "scenes", root / "shards", BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8,
+                                                                val_fraction=0.2, test_fraction=0.1),
+                 workers=1, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def data_a(tmp_path_factory) -> Path:
+    return _dataset(tmp_path_factory.mktemp("a"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def data_b(tmp_path_factory) -> Path:
+    """Same layout as data_a, other scenes: another dataset."""
+    return _dataset(tmp_path_factory.mktemp("b"), seed=2)
+
+
+def invoke(*args) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def fit(shards: Path, out: Path, *args, ok: bool = True) -> Result:
+    result = invoke("fit", "--shards", shards, "--out", out, *TINY, *args)
+    if ok:
+        assert result.exit_code == 0, (result.stderr, result.exception)
+    return result
+
+
+def one_line(result: Result, code: int) -> str:
+    """The single stderr line of a refused command (no traceback: an exception would fail here)."""
+    assert result.exit_code == code, (result.exit_code, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def fingerprint(shards: Path) -> str:
+    return read_manifest(shards)["fingerprint"]
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# -- 1. two fits into one --out: a lock, and temporaries no two writers share ---------------------------
+
+def test_a_second_fit_into_a_busy_run_folder_is_refused_naming_the_holder(data_a: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train" / "run.py"), "fit", "--shards", str(data_a), "--out", str(out),
+           "--max-steps", "1000000", "--ckpt-every", "5", "--log-every", "2", *TINY]
+    holder = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "last.pt").exists():
+            time.sleep(0.05)
+        assert (out / "last.pt").exists(), "the first run should be training by now"
+        for flags in ([], ["--overwrite"], ["--resume"]):  # --overwrite would have deleted the live run's files
+            line = one_line(fit(data_a, out, "--max-steps", 2, *flags, ok=False), 2)
+            assert f"--out {out}: in use by another run (pid {holder.pid} on {socket.gethostname()}" in line
+            assert "train/run.py fit" in line and "choose another --out" in line
+            assert (out / "last.pt").exists() and (out / "config.json").exists()
+    finally:
+        holder.send_signal(signal.SIGTERM)  # checkpoints and exits 0
+        _, stderr = holder.communicate(timeout=60)
+    assert holder.returncode == 0, stderr
+    rows = [(row["step"], "loss" in row) for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert rows == sorted(rows, key=lambda r: r[0]) and len(rows) == len(set(rows)), "one run's rows only"
+    assert load_checkpoint(out / "last.pt")["state"]["step"] >= 5
+    assert not (out / LOCK).exists() and temporaries(out) == []
+
+
+def test_a_checkpoint_write_never_touches_another_writers_temporary(tmp_path: Path) -> None:
+    theirs = tmp_path / ".last.pt.tmp"  # the name every writer used to share
+    theirs.write_bytes(b"another process's half-written checkpoint")
+    save_checkpoint(tmp_path / "last.pt", {"state": {"step": 7}})
+    assert theirs.read_bytes() == b"another process's half-written checkpoint"
+    assert load_checkpoint(tmp_path / "last.pt")["state"] == {"step": 7}
+    assert temporaries(tmp_path) == [theirs.name]
+
+
+def test_fit_removes_the_temporaries_a_killed_run_left(data_a: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2)
+    for name in (".last.pt.tmp", ".last.pt.k9x_2ab.tmp", ".metrics.jsonl.q1w2e3.tmp"):  # kill -9 mid-write
+        (out / name).write_bytes(b"torn")
+    fit(data_a, out, "--max-steps", 4, "--resume")
+    assert temporaries(out) == [] and not (out / LOCK).exists()
+
+
+# -- 2. full disk during fit -----------------------------------------------------------------------------
+
+@contextmanager
+def _tmpfs_full(folder: Path):
+    """Fill the tmpfs at `folder` but for 3 pages: room for the small text rewrites, not a checkpoint."""
+    stat = os.statvfs(folder)
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize - 3 * 4096)
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+@contextmanager
+def _file_size_limit(folder: Path):
+    """Where no tmpfs can be mounted: the kernel fails every write past 12 KiB (RLIMIT_FSIZE, EFBIG)."""
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 * 4096, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.fixture(params=["tmpfs", "rlimit"])
+def small_disk(request, tmp_path: Path):
+    """(folder, full): `with full(folder):` makes writes there fail as on a full disk."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if request.param == "rlimit":
+        yield folder, _file_size_limit
+        return
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+        why = mounted.stderr.decode().strip() if mounted.returncode else None
+    except OSError as err:  # no mount command at all
+        why = str(err)
+    if why is not None:
+        pytest.skip(f"cannot mount a tmpfs here ({why}); the rlimit case stands in")
+    try:
+        yield folder, _tmpfs_full
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_during_fit_keeps_the_last_checkpoint_and_says_so(data_a: Path, small_disk) -> None:
+    folder, full = small_disk
+    out = folder / "run"
+    fit(data_a, out, "--max-steps", 4)
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    with full(folder):
+        line = one_line(fit(data_a, out, "--max-steps", 8, "--resume", ok=False), 1)
+    assert line.startswith(f"run.py fit_cmd: error: {out}/") and "could not be written" in line
+    assert "is kept" in line and "Free disk space" in line and "--resume" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert temporaries(out) == [] and not (out / LOCK).exists()
+    fit(data_a, out, "--max-steps", 8, "--resume")  # space freed: the run goes on from step 4
+    assert load_checkpoint(out / "last.pt")["state"]["step"] == 8
+
+
+# -- 3, 4, 7. values and files that cannot work: one line, exit 2, nothing written ------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
+    (["--max-time", "nan"], "--max-time nan: must be a finite number"),
+    (["--max-time", "inf"], "--max-time inf: must be a finite number (leave --max-time out for no limit)"),
+    (["--init-from", "{text}"], "{text}: unreadable checkpoint: not a PyTorch checkpoint file"),
+], ids=["lr-nan", "lr-inf", "wd-nan", "wd-inf", "max-time-nan", "max-time-inf", "init-from-text-file"])
+def test_bad_values_are_refused_in_one_line(data_a: Path, tmp_path: Path, args: list, message: str) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nthis is not a checkpoint\n")
+    args = [a.format(text=text) for a in args]
+    line = one_line(fit(data_a, tmp_path / "run", "--max-steps", 2, *args, ok=False), 2)
+    assert message.format(text=text) in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "compare"])
+def test_out_naming_a_file_is_refused_in_one_line(data_a: Path, tmp_path: Path, command: str) -> None:
+    out = tmp_path / "results.csv"
+    out.write_text("a,b\n1,2\n")
+    line = one_line(invoke(command, "--shards", data_a, "--out", out, "--max-steps", 2, *TINY), 2)
+    assert f"--out {out}: is a file, not a directory" in line
+    assert out.read_text() == "a,b\n1,2\n"
+
+
+# -- 5, 6. resume from what a copy or a kill left -----------------------------------------------------------
+
+def test_best_pt_copied_over_last_pt_is_not_resumable(data_a: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2)
+    shutil.copy(out / "best.pt", out / "last.pt")
+    line = one_line(fit(data_a, out, "--max-steps", 4, "--resume", ok=False), 2)
+    assert f"{out}/last.pt: not a resumable checkpoint" in line and f"--init-from {out}/last.pt" in line
+
+
+@pytest.mark.parametrize("damage,refused", [
+    ("torn-last-line", False),  # what kill -9 during a write leaves: dropped, logged
+    ("corrupt-line-2", True),   # damage anywhere else: an error naming the line
+])
+def test_resume_reads_metrics_jsonl_as_a_kill_leaves_it(data_a: Path, tmp_path: Path, caplog, damage: str,
+                                                        refused: bool) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 4, "--log-every", 1)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    if damage == "torn-last-line":
+        metrics.write_text("".join(lines) + '{"step": 5, "epoch": 0.25, "lo')
+    else:
+        metrics.write_text("".join(lines[:1] + ['{"step": 2, "loss": 0.\n'] + lines[2:]))
+    result = fit(data_a, out, "--max-steps", 6, "--log-every", 1, "--resume", ok=not refused)
+    if refused:
+        assert f"{metrics}: line 2 is not a metrics row" in one_line(result, 2)
+        return
+    assert "dropped a torn last line" in caplog.text
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert [s for s in steps if s > 4] == [5, 6, 6]  # train rows 5, 6 and the final validation
+
+
+# -- 8. a non-finite loss from non-finite data blames the data ------------------------------------------------
+
+@pytest.mark.parametrize("field,where", [("sdf", "SDF of scenes [31]"), ("grasps", "grasps or scores of scenes [31]"),
+                                         ("scores", "grasps or scores of scenes [31]")])
+def test_a_non_finite_loss_from_non_finite_data_names_the_data(field: str, where: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("small", input_size=GRID, base_channels=2, fc_dims=(8,))
+    batch = Batch(sdf=torch.rand(2, 1, GRID, GRID, GRID), grasps=torch.rand(6, 19), scores=torch.rand(6),
+                  scene_of_grasp=torch.tensor([0, 0, 0, 1, 1, 1]), scene_ids=torch.tensor([12, 31]))
+    tensor = getattr(batch, field)
+    tensor[1 if field == "sdf" else 4].view(-1)[0] = float("nan")
+    optimizer = torch.optim.Adam(model.parameters())
+    with pytest.raises(TrainError) as err:
+        train_step(model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), 0.0, 1.0, "off", False,
+                   False, step=3)
+    assert f"non-finite loss at step 3: non-finite input data ({where} hold NaN or inf)" in str(err.value)
+    assert "verify_shards" in str(err.value) and "--lr" not in str(err.value)
+
+
+# -- 9. datasets compared by identity, not by path ---------------------------------------------------------
+
+def test_resume_refuses_a_dataset_rebuilt_in_place(data_a: Path, data_b: Path, tmp_path: Path) -> None:
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(data_a, shards)
+    fit(shards, out, "--max-steps", 2)
+    shutil.rmtree(shards)
+    shutil.copytree(data_b, shards)  # same path, other scenes
+    line = one_line(fit(shards, out, "--max-steps", 4, "--resume", ok=False), 2)
+    assert f"was trained on dataset {fingerprint(data_a)[:16]}, but --shards {shards} is dataset " \
+           f"{fingerprint(data_b)[:16]}" in line
+    assert f"--init-from {out}/last.pt" in line
+    assert load_checkpoint(out / "last.pt")["state"]["step"] == 2
+
+
+@pytest.mark.parametrize("spelling", ["dotdot", "symlink", "relative", "moved-run"])
+def test_resume_follows_the_dataset_not_how_its_path_is_spelled(data_a: Path, tmp_path: Path, monkeypatch,
+                                                                spelling: str) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2)
+    shards = data_a
+    if spelling == "dotdot":
+        shards = data_a / ".." / data_a.name
+    elif spelling == "symlink":
+        shards = tmp_path / "link"
+        shards.symlink_to(data_a)
+    elif spelling == "relative":
+        monkeypatch.chdir(data_a.parent)
+        shards = Path(data_a.name)
+    else:
+        out = out.rename(tmp_path / "moved")
+    fit(shards, out, "--max-steps", 4, "--resume")
+    assert load_checkpoint(out / "last.pt")["state"]["step"] == 4
+
+
+def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(data_a: Path, data_b: Path,
+                                                                              tmp_path: Path, caplog) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2)
+    same = invoke("eval", out / "last.pt", "--shards", data_a)
+    assert same.exit_code == 0 and same.stderr == ""
+    other = invoke("eval", out / "last.pt", "--shards", data_b)
+    assert other.exit_code == 0 and json.loads(other.stdout)["val_grasps"] > 0
+    warning = f"warning: {out}/last.pt was trained on dataset {fingerprint(data_a)[:16]}, not on --shards' " \
+              f"dataset {fingerprint(data_b)[:16]}"
+    assert other.stderr.strip().splitlines() == [warning + " (another dataset, or this one rebuilt since)"]
+    caplog.clear()
+    fit(data_b, tmp_path / "from_a", "--max-steps", 2, "--init-from", out / "last.pt")
+    assert warning in caplog.text
+
+
+# -- 10. eval's own checks: one line, exit 2 ---------------------------------------------------------------
+
+@pytest.mark.parametrize("case,message", [
+    ("text-checkpoint", "{ckpt}: unreadable checkpoint: not a PyTorch checkpoint file"),
+    ("other-grid", "{ckpt}: model input size 32 != the dataset's grid 16"),
+    ("manifest-without-grid", "{shards}/manifest.json: no valid max_grasps and grid"),
+    ("not-a-dataset", "{shards}/manifest.json: missing"),
+])
+def test_eval_refuses_what_does_not_fit_in_one_line(data_a: Path, tmp_path: Path, case: str, message: str) -> None:
+    ckpt, shards = tmp_path / "model.pt", tmp_path / "shards"
+    shutil.copytree(data_a, shards)
+    torch.save(build_model("small", input_size=GRID, base_channels=2, fc_dims=(8,)).state_dict(), ckpt)
+    if case == "text-checkpoint":
+        ckpt.write_text("epoch,loss\n1,0.5\n")
+    elif case == "other-grid":
+        torch.save(build_model("small", input_size=32, base_channels=2, fc_dims=(8,)).state_dict(), ckpt)
+    elif case == "manifest-without-grid":
+        manifest = json.loads((shards / "manifest.json").read_text())
+        del manifest["grid"]
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (shards / "manifest.json").unlink()
+    line = one_line(invoke("eval", ckpt, "--shards", shards), 2)
+    assert message.format(ckpt=ckpt, shards=shards) in line
