@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models import GQEstimatorBase, build_model
 from pipeline import Batch, Loader, keep_freed_host_memory, open_loader, resolve_device
-from shards import fingerprint, read_manifest
+from shards import DatasetError, fingerprint, read_manifest
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, FitConfig
@@ -214,7 +214,11 @@ def _fit(cfg: FitConfig) -> dict:
     val_loader = open_loader(cfg.shards, cfg.loader, "val", cfg.val_scenes_per_batch, max_grasps, 0, device,
                              dist.rank, dist.world_size, shuffle_window=cfg.window, progress=progress)
     stats = train_loader.reader.manifest["score_stats"]
-    mean, std = float(stats["mean"]), float(stats["std"]) or 1.0
+    mean, std = float(stats["mean"]), float(stats["std"])
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise DatasetError(f"{Path(cfg.shards) / 'manifest.json'}: train score statistics mean {mean}, std {std}: "
+                           "the scores cannot be standardised (std must be finite and > 0); run "
+                           "tools/verify_shards.py on the dataset")
     model = _build_model(cfg, train_loader.grid, mean, std, init).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
