@@ -3,9 +3,9 @@
 
 Run it through tools/gpu_check.sh (which installs staged DALI wheels first). Steps, each a run of the
 project's own tools in a subprocess: make a dataset, build and verify shards, the CUDA-marked tests,
-bench_loaders, bench_train (bf16 + channels-last, then torch.compile) and a short compare. Every step
-has an estimated cost; a step that would not fit in what is left of --budget-s is skipped, saying so,
-and a running step is stopped when the budget runs out. OUTDIR gets each step's log and JSON,
+bench_loaders, bench_train (bf16 + channels-last on CUDA; then torch.compile) and a short compare.
+Every step has an estimated cost; a step that would not fit in what is left of --budget-s is skipped,
+saying so, and a running step is stopped when the budget runs out. OUTDIR gets each step's log and JSON,
 summary.json (every figure, the card, the versions) and summary.md (the same as tables).
 """
 from __future__ import annotations
@@ -122,8 +122,9 @@ print(json.dumps(out))
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True)
         env["nvidia_smi"] = smi.stdout.strip().splitlines() if smi.returncode == 0 else [smi.stderr.strip()]
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    env["commit"] = git.stdout.strip() if git.returncode == 0 else None
+    git = shutil.which("git") and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                                 capture_output=True, text=True)
+    env["commit"] = git.stdout.strip() if git and git.returncode == 0 else None  # the device's copy has no .git
     return env
 
 
@@ -136,15 +137,18 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
     start = 6.0 if cuda else 4.0  # one python + torch process start (plus CUDA context)
     n, volume = sizes.scenes, (sizes.grid / 48) ** 3 * sizes.grasps / 480
     loaders = "cache,dali" if dali else "cache"
-    loader_rows = 6 if dali else 2
+    seed = [] if quick else ["--seed-scenes", scenes]  # the seed's DataLoader baselines: full runs only
+    loader_rows = (4 if dali else 2) + (0 if quick else 2)
     train_rows = 2 * 2 * (2 if dali else 1)
     step_s = 0.02 if cuda else (0.05 if quick else 2.0)  # one training step of the models at these sizes
-    # bf16 autocast is what a GPU trains with; on CPU it is slow and torch 2.13's CPU kernels gave the large
-    # model a NaN loss now and then, so the CPU run keeps fp32 (channels-last either way).
-    amp = "bf16" if cuda else "off"
+    # bf16 autocast and channels-last are how a GPU trains; on CPU both are slow (channels_last_3d convs
+    # ran ~10x slower here) and torch 2.13's CPU bf16 kernels gave the large model a NaN loss now and then,
+    # so the CPU run trains in plain fp32.
+    amp, fast = ("bf16", ["--channels-last"]) if cuda else ("off", [])
+    fast_text = f"amp {amp}" + (", channels-last" if fast else "")
     train = [py, "tools/bench_train.py", "--shards", shards, "--device", device, "--models", "small,large",
              "--steps", str(sizes.steps), "--large-steps", str(sizes.large_steps), "--warmup", str(sizes.warmup),
-             "--amp", amp, "--channels-last", "--skip-quality", *sizes.model_args]
+             "--amp", amp, *fast, "--skip-quality", *sizes.model_args]
     return [
         Step("make_scenes", f"{n} synthetic scenes at {sizes.grid}^3, {sizes.grasps} grasps, {workers} workers",
              [py, "tools/make_scenes.py", "--scenes", str(n), "--out", scenes, "--grid", str(sizes.grid),
@@ -158,19 +162,20 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
         Step("cuda_tests", "tests/test_cuda.py (marked cuda)",
              [py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py",
               "--junit-xml", str(out / "cuda_tests.xml")], 150.0 if cuda else 15.0),
-        Step("bench_loaders", f"loaders, whole iterations ({loaders} and the seed's), fresh process per row"
+        Step("bench_loaders", f"loaders, whole iterations ({loaders}{'' if quick else ' and the seed'}), "
+             "fresh process per row"
              if dali else "cache loader rows only (no DALI), bench_loaders' measure, fresh process per row",
-             [py, "tools/bench_loaders.py", "--shards", shards, "--seed-scenes", scenes, "--device", device,
+             [py, "tools/bench_loaders.py", "--shards", shards, *seed, "--device", device,
               "--batches", str(sizes.loader_batches), "--json", str(out / "bench_loaders.json")] if dali else
              [py, "-c", CACHE_ROWS, shards, device, str(sizes.loader_batches), str(out / "bench_loaders.json")],
              loader_rows * (start + 2) + n * volume / 300, needs=("verify_shards",), json="bench_loaders.json"),
-        Step("bench_train", f"training samples/s, both models, G=1 and G=16, amp {amp}, channels-last",
+        Step("bench_train", f"training samples/s, both models, G=1 and G=16, {fast_text}",
              [*train, "--loaders", loaders, "--json", str(out / "bench_train.json")],
              start + train_rows * (3 + (sizes.steps + sizes.large_steps) * step_s), needs=("verify_shards",),
              json="bench_train.json"),
-        Step("compare", f"train/run.py compare, {sizes.compare_steps} steps, amp {amp}, channels-last",
+        Step("compare", f"train/run.py compare, {sizes.compare_steps} steps, {fast_text}",
              [py, "train/run.py", "compare", "--shards", shards, "--out", str(out / "compare"), "--device", device,
-              "--max-steps", str(sizes.compare_steps), "--amp", amp, "--channels-last", "--lr", "1e-3",
+              "--max-steps", str(sizes.compare_steps), "--amp", amp, *fast, "--lr", "1e-3",
               "--quiet", "--overwrite", *sizes.model_args],
              2 * (start + 5 + sizes.compare_steps * step_s), needs=("verify_shards",), needs_dali=True,
              json="compare/compare.json"),
@@ -276,7 +281,8 @@ def render_markdown(summary: dict) -> str:
              f"DALI wheels: {summary['dali_install']}", "",
              f"{summary['sizes']['scenes']:,} scenes at {summary['sizes']['grid']}^3 with {summary['sizes']['grasps']} "
              f"grasps; budget {summary['budget_s']:.0f} s, used {summary['elapsed_s']:.0f} s.", "",
-             "## Steps", "", "| step | what | status | estimate | time | note |", "| --- | --- | --- | ---: | ---: | --- |"]
+             "## Steps", "", "| step | what | status | estimate | time | note |",
+             "| --- | --- | --- | ---: | ---: | --- |"]
     for s in summary["steps"]:
         lines.append(f"| {s['name']} | {s['what']} | {s['status']} | {s['estimate_s']:.0f} s | "
                      f"{_fmt(s.get('elapsed_s'), '.1f')} s | {s['reason'].replace('|', '/')} |")
@@ -293,7 +299,7 @@ def render_markdown(summary: dict) -> str:
                   for r in fig["bench_loaders"]]
     rows = [r for key in ("bench_train", "bench_train_compile") for r in (fig.get(key) or {}).get("throughput", [])]
     if rows:
-        lines += ["", "## Training (tools/bench_train.py: whole steps, channels-last)", "",
+        lines += ["", "## Training (tools/bench_train.py: whole steps)", "",
                   "| model | loader | amp | compile | S | G | samples/s | G=16 / G=1 |",
                   "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
@@ -311,7 +317,8 @@ def render_markdown(summary: dict) -> str:
                   f"{r['data_wait']:.1%} | {r['peak_memory_bytes'] / 1e9:.2f} GB | {r['val_mse']:.4f} |"
                   for name, r in c["runs"].items()]
         lines.append(f"\nloss curves identical: {c['loss_curves_identical']}")
-    lines += ["", "## Targets (set for one H100; judged on CUDA runs only)", "", "| target | goal | measured | met |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Targets (set for one H100; judged on CUDA runs only)", "", "| target | goal | measured | met |",
+              "| --- | --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['goal']} | {t['measured']} | "
               f"{'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |" for t in summary["targets"]]
     return "\n".join(lines) + "\n"
@@ -382,8 +389,8 @@ def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | 
         train_scenes = len(ShardReader(outdir / "data" / "shards").split_scenes("train"))
     summary = {"environment": env, "dali_install": dali_install, "sizes": sizes.__dict__, "budget_s": budget_s,
                "elapsed_s": round(time.time() - t0, 1), "train_scenes": train_scenes,
-               "steps": [{"name": s.name, "what": s.what, "command": " ".join(s.cmd), "estimate_s": round(s.estimate_s, 1),
-                          **s.result} for s in steps],
+               "steps": [{"name": s.name, "what": s.what, "command": " ".join(s.cmd),
+                          "estimate_s": round(s.estimate_s, 1), **s.result} for s in steps],
                "figures": figures, "targets": targets(figures, train_scenes, device == "cuda")}
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (outdir / "summary.md").write_text(render_markdown(summary))

@@ -36,7 +36,8 @@ install_dali() {
     mapfile -t pieces < <(awk '$2 != "dali-wheels.tar" {print $2}' "$sums")
     for p in "${pieces[@]}"; do [[ -f $wheels/$p ]] || missing+=("$p"); done
     if (( ${#missing[@]} )); then
-        note="not installed: $(( ${#pieces[@]} - ${#missing[@]} )) of ${#pieces[@]} pieces in $wheels (missing ${missing[*]})"
+        note="not installed: $(( ${#pieces[@]} - ${#missing[@]} )) of ${#pieces[@]} pieces in $wheels"
+        note+=" (missing ${missing[*]})"
         return 0
     fi
     expect=$(awk '$2 == "dali-wheels.tar" {print $1}' "$sums")
@@ -63,7 +64,25 @@ install_dali() {
     dali_site=$site note="installed from ${#pieces[@]} pieces into $site (tar $expect)"
 }
 
+# DALI's GPU numpy reader dlopens libcufile.so(.0) through its RUNPATH (../cu13/lib beside DALI, which a
+# private folder lacks) or the loader path; the image's CUDA packages hold it elsewhere, so link the first
+# one found into $site/lib and put that on LD_LIBRARY_PATH for the check.
+link_cufile() {
+    local found
+    found=$("$py" -c 'import glob, sys
+hits = [p for d in sys.path if d for p in sorted(glob.glob(d + "/nvidia/**/libcufile.so*", recursive=True))]
+hits += sorted(glob.glob("/usr/local/cuda*/lib64/libcufile.so*"))
+print(hits[0] if hits else "")')
+    if [[ -z $found ]]; then note+="; no libcufile found (DALI's GPU reader may fail)"; return 0; fi
+    mkdir -p "$site/lib"
+    ln -sf "$found" "$site/lib/libcufile.so"
+    ln -sf "$found" "$site/lib/libcufile.so.0"
+    export LD_LIBRARY_PATH="$site/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    note+="; libcufile: $found"
+}
+
 install_dali
+if [[ -n $dali_site ]]; then link_cufile; fi
 echo "gpu_check.sh: DALI wheels: $note ($(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.0f", a - b}') s)"
 export PYTHONPATH="$repo${dali_site:+:$dali_site}${PYTHONPATH:+:$PYTHONPATH}"
 exec "$py" "$repo/tools/gpu_check.py" "${args[@]}" --dali-install "$note" --t0 "$t0"
