@@ -66,7 +66,7 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     pieces = staged_pieces(tmp_path / "stage")
     site = tmp_path / "site"
     out = tmp_path / "check"
-    # The compile step's CPU estimate (~364 s) exceeds this budget, so the budget logic must skip it.
+    # The compile steps' CPU estimates (~304 s each) exceed this budget, so the budget logic must skip them.
     result = check(out, "--device", "cpu", "--quick", "--budget-s", 300, "--wheels", pieces,
                    env={"GQ_DALI_SITE": str(site)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -75,11 +75,12 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     n_pieces = len(list(pieces.glob("dali-wheels.tar.*")))
     assert n_pieces >= 2 and summary["dali_install"].startswith(f"installed from {n_pieces} pieces into {site}")
     status = {s["name"]: s for s in summary["steps"]}
-    assert [s["name"] for s in summary["steps"]] == ["make_scenes", "make_shards", "verify_shards", "cuda_tests",
-                                                     "bench_loaders", "bench_train", "compare", "bench_train_compile"]
-    assert all(status[n]["status"] == "passed" for n in list(status)[:-1]), status
-    assert status["bench_train_compile"]["status"] == "skipped"
-    assert status["bench_train_compile"]["reason"].startswith("would need ~")
+    compile_steps = ["bench_train_compile_large", "bench_train_compile_small"]
+    assert list(status) == ["make_scenes", "make_shards", "verify_shards", "cuda_tests", "bench_loaders",
+                            "bench_train", "compare", *compile_steps]
+    assert all(status[n]["status"] == "passed" for n in list(status)[:-2]), status
+    for name in compile_steps:
+        assert status[name]["status"] == "skipped" and status[name]["reason"].startswith("would need ~")
     assert all(s["estimate_s"] > 0 for s in summary["steps"])
 
     env, fig = summary["environment"], summary["figures"]
@@ -98,8 +99,8 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     md = (out / "summary.md").read_text()
     for heading in ("## Steps", "## CUDA tests", "## Loaders", "## Training", "## compare", "## Targets"):
         assert heading in md
-    assert "| bench_train_compile |" in md and "would need ~" in md
-    for s in summary["steps"][:-1]:
+    assert "| bench_train_compile_large |" in md and "would need ~" in md
+    for s in summary["steps"][:-2]:
         assert (out / s["log"]).stat().st_size > 0
 
 
