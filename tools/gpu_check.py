@@ -10,9 +10,11 @@ summary.json (every figure, the card, the versions) and summary.md (the same as 
 """
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +31,14 @@ from shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_SCENES = 15_547  # the seed dataset's scene count, for the start-up target
-PACKAGES = ("numpy", "pyarrow", "click", "tqdm", "matplotlib", "xxhash", "pytest", "torch")
+
+
+def required_modules() -> list[str]:
+    """The project's install_requires (setup.cfg) as module names, DALI aside (it is staged), plus pytest."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    names = [re.split(r"[<>=!~ ;\[]", line.strip())[0] for line in cfg["options"]["install_requires"].splitlines()]
+    return [n.replace("-", "_") for n in names if n and not n.startswith("nvidia-dali")] + ["pytest"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,8 @@ except Exception as err:
     out["dali"] = {"error": f"{type(err).__name__}: {err}"}
 print(json.dumps(out))
 """
-    res = subprocess.run([sys.executable, "-c", code, ",".join(PACKAGES)], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run([sys.executable, "-c", code, ",".join(required_modules())], capture_output=True, text=True,
+                         cwd=REPO)
     if res.returncode != 0:
         raise click.ClickException(f"probing the environment with {sys.executable} failed: "
                                    f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
