@@ -91,7 +91,7 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     assert len(fig["bench_train"]["throughput"]) == 8 and all(r["samples_per_s"] > 0
                                                              for r in fig["bench_train"]["throughput"])
     assert fig["compare"]["loss_curves_identical"] is True
-    assert summary["train_scenes"] > 0 and not (out / "data").exists()
+    assert summary["train_scenes"] > 0 and not (out / "data").exists() and not list(out.rglob("*.pt"))
     targets = {t["target"]: t for t in summary["targets"]}
     assert targets["cache S=8 G=16 batches delivered"]["value"] > 0
     assert all(t["met"] is None for t in summary["targets"])  # a CPU run measures, but judges nothing

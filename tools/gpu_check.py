@@ -259,10 +259,12 @@ def targets(figures: dict, train_scenes: int | None, judge: bool) -> list[dict]:
     g16 = _pick(train, model="large", loader="cache", grasps_per_scene=16)
     g1 = _pick(train, model="large", loader="cache", grasps_per_scene=1)
     v16 = g16["samples_per_s"] if g16 else None
-    add("GQEstimatorLarge bf16 G=16 training", ">= 100,000 samples/s", v16, f"{v16:,.0f} samples/s" if v16 else "",
+    amp = f" (amp {g16['amp']})" if g16 else ""
+    add("GQEstimatorLarge bf16 G=16 training", ">= 100,000 samples/s", v16, f"{v16:,.0f} samples/s{amp}" if v16 else "",
         lambda v: v >= 1e5)
     ratio = v16 / g1["samples_per_s"] if g16 and g1 else None
-    add("GQEstimatorLarge bf16 G=16 / G=1", ">= 10 x", ratio, f"{ratio:.1f} x" if ratio else "", lambda v: v >= 10)
+    add("GQEstimatorLarge bf16 G=16 / G=1", ">= 10 x", ratio, f"{ratio:.1f} x{amp}" if ratio else "",
+        lambda v: v >= 10)
     startup = cache["first_batch_s"] * SEED_SCENES / train_scenes if cache and train_scenes else None
     add(f"cache start-up for the seed's {SEED_SCENES:,} scenes", "<= 5 s", startup,
         f"{startup:.2f} s (first batch {cache['first_batch_s']:.2f} s for {train_scenes:,} train scenes, scaled "
@@ -347,7 +349,8 @@ def render_markdown(summary: dict) -> str:
               help="Wall-clock budget for the whole check, from the start of tools/gpu_check.sh.")
 @click.option("--scenes", type=int, default=None, help="Scenes to generate [default: 2000, or 40 with --quick].")
 @click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="Processes for data making.")
-@click.option("--keep-data", is_flag=True, help="Keep OUTDIR/data (scenes and shards) afterwards.")
+@click.option("--keep-data", is_flag=True,
+              help="Keep OUTDIR/data (scenes and shards) and the compare runs' checkpoints afterwards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTDIR.")
 @click.option("--dali-install", default="not attempted (run through tools/gpu_check.sh)", hidden=True)
 @click.option("--t0", type=float, default=None, hidden=True, help="Start time (epoch s) of tools/gpu_check.sh.")
@@ -409,8 +412,10 @@ def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | 
                "figures": figures, "targets": targets(figures, train_scenes, device == "cuda")}
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (outdir / "summary.md").write_text(render_markdown(summary))
-    if not keep_data:
+    if not keep_data:  # the dataset and the compare runs' checkpoints: large, and no figure is in them
         shutil.rmtree(outdir / "data", ignore_errors=True)
+        for checkpoint in (outdir / "compare").glob("*/*.pt"):
+            checkpoint.unlink()
     click.echo((outdir / "summary.md").read_text())
     failed = [s.name for s in steps if s.result["status"] in ("failed", "stopped")]
     if failed:
