@@ -22,7 +22,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -358,6 +358,7 @@ def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | 
          overwrite: bool, dali_install: str, t0: float | None) -> None:
     """Test and measure every CUDA path into OUTDIR (summary.md, summary.json, each step's JSON and log)."""
     t0 = t0 or time.time()
+    outdir = outdir.resolve()  # the steps run from the repository root
     if budget_s <= 0 or (scenes is not None and scenes < 10) or workers < 1:
         raise click.UsageError(f"--budget-s {budget_s} --scenes {scenes} --workers {workers}: need a budget > 0, "
                                "at least 10 scenes and 1 worker")
@@ -374,7 +375,7 @@ def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | 
                                    "CUDA device; run with --device cpu, or on a machine with a GPU")
     sizes = QUICK if quick else FULL
     if scenes:
-        sizes = Sizes(**{**sizes.__dict__, "scenes": scenes})
+        sizes = replace(sizes, scenes=scenes)
     dali = "version" in env["dali"] and (device == "cpu" or env["dali"]["cuda_devices"] > 0)
     (outdir / "logs").mkdir(parents=True, exist_ok=True)
     steps = plan_steps(outdir, device, sizes, quick, workers, dali)
