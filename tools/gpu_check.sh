@@ -22,7 +22,7 @@ args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --wheels) wheels=${2:?--wheels needs a directory}; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo
                    PYTHONPATH="$repo" exec "$py" "$repo/tools/gpu_check.py" --help ;;
         *) args+=("$1"); shift ;;
     esac
