@@ -8,7 +8,7 @@ DEMO ?= demo
 DEMO_SCENES ?= 200
 DEMO_STEPS ?= 100
 
-.PHONY: test demo install clean-demo
+.PHONY: test demo install clean-demo gpu-check
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,10 @@ demo: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The GPU check (README, "GPU check"): the machine's own torch, nothing installed but staged DALI wheels.
+# On a machine without CUDA: make gpu-check GPU_CHECK_ARGS="--device cpu --quick"
+GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	tools/gpu_check.sh $(GPU_CHECK_OUT) --overwrite $(GPU_CHECK_ARGS)
