@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, open_loader, parse_window, resolve_device
+from pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_loader, parse_window, resolve_device
 from shards import ShardReader
 
 CONFIGS = [(128, 1), (8, 16)]  # (scenes per batch, grasps per scene): 128 grasps per batch each
@@ -222,12 +222,14 @@ def _summary(rows: list[dict]) -> list[str]:
 @click.option("--split", default="train", show_default=True)
 @click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True,
               help="Shards per shuffle window, or 'all' (both loaders).")
+@click.option("--loaders", default="cache,dali", show_default=True,
+              help="Our loaders to time (comma-separated); 'cache' alone where DALI is not installed.")
 @click.option("--ranks", default=2, show_default=True,
               help="Also time the cache as each rank of this many (its resident share); 1: skip.")
 @click.option("--workers", default=os.cpu_count(), show_default=True, help="DataLoader workers of the seed's npz path.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows here as JSON.")
 def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, split: str, shuffle_window: str,
-         ranks: int, workers: int, json_path: Path | None) -> None:
+         loaders: str, ranks: int, workers: int, json_path: Path | None) -> None:
     """Time cache and dali loaders at (S=128,G=1) and (S=8,G=16) against the seed's DataLoaders.
 
     Every row runs in a fresh process, so each time to first batch is a cold start of that loader
@@ -240,9 +242,16 @@ def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, 
         window = parse_window(shuffle_window)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--shuffle-window") from None
-    plan = [dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8)) for mode in ("cache", "dali")
-            for s, g in CONFIGS]
-    plan += [dict(loader="cache", s=8, g=16, rank=r, world_size=ranks) for r in range(ranks if ranks > 1 else 0)]
+    modes = loaders.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]}: choose among {', '.join(MODES)}", param_hint="--loaders")
+    plan = [dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8)) for mode in modes for s, g in CONFIGS]
+    split_shards = len(ShardReader(shards_dir).split_shards(split))
+    if "cache" in modes and 1 < ranks <= split_shards:
+        plan += [dict(loader="cache", s=8, g=16, rank=r, world_size=ranks) for r in range(ranks)]
+    elif ranks > split_shards:
+        click.echo(f"bench_loaders: no per-rank rows: split {split} has {split_shards} shard(s), fewer than --ranks {ranks}")
     paths: list[Path] = []
     if seed_scenes:
         reader = ShardReader(shards_dir)

@@ -62,22 +62,6 @@ QUICK = Sizes(scenes=40, grid=16, grasps=64, loader_batches=3, steps=2, large_st
               model_args=("--base-channels", "2", "--fc-dims", "8"))
 
 
-# Without DALI, bench_loaders (which always runs its dali rows) cannot run; its own `measure` then times
-# the cache rows, each in a fresh process as bench_loaders does, into the same JSON rows.
-CACHE_ROWS = """
-import json, multiprocessing, sys
-from concurrent.futures import ProcessPoolExecutor
-sys.path.insert(0, "tools")
-from bench_loaders import CONFIGS, measure
-shards, device, batches, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-rows = []
-for s, g in CONFIGS:
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows.append(pool.submit(measure, "cache", shards, [], "train", s, g, device, batches, 0).result())
-open(out, "w").write(json.dumps(rows, indent=2) + "\\n")
-"""
-
-
 @dataclass
 class Step:
     """One subprocess of the check: what it runs, what it should cost, what it needs."""
@@ -149,7 +133,7 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
     n, volume = sizes.scenes, (sizes.grid / 48) ** 3 * sizes.grasps / 480
     loaders = "cache,dali" if dali else "cache"
     seed = [] if quick else ["--seed-scenes", scenes]  # the seed's DataLoader baselines: full runs only
-    loader_rows = (4 if dali else 2) + (0 if quick else 2)
+    loader_rows = (4 if dali else 2) + 2 + (0 if quick else 2)  # ours, the cache as each of 2 ranks, the seed's
     train_rows = 2 * 2 * (2 if dali else 1)
     step_s = 0.02 if cuda else (0.05 if quick else 2.0)  # one training step of the models at these sizes
     # bf16 autocast and channels-last are how a GPU trains; on CPU both are slow (channels_last_3d convs
@@ -157,13 +141,12 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
     # so the CPU run trains in plain fp32.
     amp, fast = ("bf16", ["--channels-last"]) if cuda else ("off", [])
     fast_text = f"amp {amp}" + (", channels-last" if fast else "")
-    cache_rows = [py, "-c", CACHE_ROWS, shards, device, str(sizes.loader_batches), str(out / "bench_loaders.json")]
-    if dali:
-        loaders_cmd = [py, "tools/bench_loaders.py", "--shards", shards, *seed, "--device", device,
-                       "--batches", str(sizes.loader_batches), "--json", str(out / "bench_loaders.json")]
-        loaders_what = f"loaders, whole iterations (cache, dali{'' if quick else ', the seed'}), fresh process per row"
-    else:
-        loaders_cmd, loaders_what = cache_rows, "cache rows only (no DALI), bench_loaders' measure, fresh process each"
+    def bench_loaders(modes: str) -> list[str]:
+        return [py, "tools/bench_loaders.py", "--shards", shards, *seed, "--device", device, "--loaders", modes,
+                "--batches", str(sizes.loader_batches), "--json", str(out / "bench_loaders.json")]
+    cache_rows = bench_loaders("cache")
+    loaders_cmd = bench_loaders(loaders)
+    loaders_what = f"loaders, whole iterations ({loaders}{'' if quick else ', the seed'}), fresh process per row"
     train = [py, "tools/bench_train.py", "--shards", shards, "--device", device, "--steps", str(sizes.steps),
              "--large-steps", str(sizes.large_steps), "--warmup", str(sizes.warmup), "--amp", amp, *fast,
              "--skip-quality", *sizes.model_args]
