@@ -128,8 +128,15 @@ class EpochPlan:
         return first, last
 
     def resident_shards(self) -> int:
-        """The most shards any batch of the epoch needs resident at once."""
-        return max((b - a + 1 for a, b in map(self.shard_span, range(len(self)))), default=0)
+        """The most shards any batch of the epoch needs resident at once (`shard_span` of every batch)."""
+        if not len(self):
+            return 0
+        s, w = self.spec.scenes_per_batch, self.window
+        g0 = np.arange(len(self), dtype=np.int64) * s
+        g1 = np.minimum(g0 + s, len(self.group_scene)) - 1
+        first = self.group_pos[g0] // w * w
+        last = np.minimum((self.group_pos[g1] // w + 1) * w, len(self.shard_order)) - 1
+        return int((last - first + 1).max())
 
     def batch(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scene_ids [S], slots [N], scene_of_grasp [N]) of one batch, for tests and tools."""
