@@ -43,7 +43,8 @@ def test_bench_loaders(tiny, tmp_path: Path) -> None:
     assert [r["loader"] for r in rows] == ["cache", "cache", "dali", "dali", "cache", "cache", "seed-npz", "seed-memory"]
     assert [r.get("rank") for r in rows[4:6]] == [0, 1] and rows[4]["world_size"] == 2
     epoch = rows[3]
-    assert epoch["split_bytes"] > 0 and epoch["bytes_read_per_epoch"] >= epoch["split_bytes"]
+    # every byte once per epoch; at this size one shard more or less in DALI's read-ahead at either mark is ~10 %
+    assert epoch["split_bytes"] > 0 and 0.75 <= epoch["bytes_read_per_epoch"] / epoch["split_bytes"] <= 1.25
     for row in rows:
         assert {"device", "scenes_per_batch", "grasps_per_scene", "first_batch_s", "batches_per_s", "samples_per_s",
                 "resident_bytes"} <= row.keys()
