@@ -182,3 +182,12 @@ def test_cli_help_and_bad_options(tmp_path: Path):
     assert result.returncode == 2 and "not a directory" in result.stderr
     result = run_tool("import_meshes.py", tmp_path, "--out", tmp_path / "out", "--grid", 40)
     assert result.returncode == 2 and "multiple of 16" in result.stderr
+
+
+def test_pybullet_objects_laid_out_as_raw_scenes(tmp_path: Path):
+    pytest.importorskip("pybullet_data")  # the extra's example objects; the CLI says how to install them
+    from meshes.pybullet import write_raw
+    names = write_raw(tmp_path / "raw", "named", limit=2)
+    assert names == ["bunny", "cone"] and all((tmp_path / "raw" / n / "mesh.obj").stat().st_size > 0 for n in names)
+    with pytest.raises(ValueError, match="choose random or named"):
+        write_raw(tmp_path / "raw", "all")

@@ -3,25 +3,28 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 
-from conftest import REPO
 from shards import BuildOptions, ShardReader, build_shards
 from synth import write_scenes
 from train.predict import Estimator, PredictError, best_grasps, predict_scenes
+from train.run import cli
 
 GRID, GRASPS = 16, 40
 
 
 def run(*args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "train" / "run.py"), *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True)
+    """`train/run.py ARGS` in this process (click's runner: the CLI's own parsing, output and exit codes)."""
+    out = CliRunner().invoke(cli, [str(a) for a in args])
+    if out.exception is not None and not isinstance(out.exception, SystemExit):
+        raise out.exception
+    result = subprocess.CompletedProcess(["run.py", *map(str, args)], out.exit_code, out.stdout, out.stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"run.py {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -42,7 +45,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
                                                                 val_fraction=0.25, test_fraction=0.25),
                  workers=1, progress=False)
     run("fit", "--shards", root / "shards", "--out", root / "run", "--max-steps", 30, "-S", 4, "-G", 8,
-        "--lr", "1e-3", "--base-channels", 4, "--fc-dims", "16,8", "--threads", 1, "--quiet")
+        "--lr", "1e-3", "--base-channels", 4, "--fc-dims", "16,8", "--quiet")
     return root / "scenes", root / "shards", root / "run" / "last.pt"
 
 
