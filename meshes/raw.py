@@ -208,7 +208,7 @@ def _kind(reason: str) -> str:
     """A short category of a refusal, for the summary's counts."""
     for key, kind in (("empty mesh", "empty mesh"), ("unreadable mesh", "unreadable mesh"),
                       ("not closed", "not closed"), ("recording", "bad recording"), ("extent", "too large"),
-                      ("too small", "too small"), (MESH_FILE, "no mesh")):
+                      ("too small", "too small"), (f"missing {MESH_FILE}", "no mesh")):
         if key in reason:
             return kind
     return "other"

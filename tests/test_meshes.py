@@ -48,9 +48,11 @@ def test_sphere_and_box_sdf_match_the_analytic_sdf_on_the_seeds_grid():
     box = _box((1.0, 0.6, 0.8), centre)
     exact = sample_grid([Primitive("box", centre, np.eye(3), (0.5, 0.3, 0.4))], 48)
     assert np.abs(mesh_sdf(box.vertices, box.faces, 48) - exact).max() < 1e-5
-    # A half-voxel shift (cell centres) would be off by far more than the tolerance.
-    assert np.abs(sample_grid([Primitive("sphere", centre, np.eye(3), (0.5,))], 48)[1:, 1:, 1:]
-                  - mesh_sdf(sphere.vertices, sphere.faces, 48)[:-1, :-1, :-1]).max() > 0.02
+    # Cell centres (a half-voxel shift) would be off by far more than the tolerance.
+    c = -1 + (np.arange(48) + 0.5) * 2 / 48
+    x, y, z = np.meshgrid(c, c, c, indexing="ij")
+    centred = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) - 0.5
+    assert np.abs(mesh_sdf(sphere.vertices, sphere.faces, 48) - centred).max() > 0.03
 
 
 def test_closure_is_tested_not_only_signs():
