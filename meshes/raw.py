@@ -80,7 +80,8 @@ def read_recording(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("grasps", "scores") if k not in data.files]
             if missing:
-                raise MeshError(path, f"recording lacks {', '.join(missing)} (has {', '.join(data.files) or 'nothing'})")
+                has = ", ".join(data.files) or "nothing"
+                raise MeshError(path, f"recording lacks {', '.join(missing)} (has {has})")
             grasps, scores = np.asarray(data["grasps"]), np.asarray(data["scores"])
     except MeshError:
         raise
@@ -295,7 +296,8 @@ def format_summary(summary: dict) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in summary["refused"].items())
         lines.append(f"skipped {summary['skipped']} ({why}); see {SKIPPED_FILE}")
     if summary["open_signed"]:
-        lines.append(f"{summary['open_signed']} open meshes signed by --open-meshes {summary['options']['open_meshes']}")
+        mode = summary["options"]["open_meshes"]
+        lines.append(f"{summary['open_signed']} open meshes signed by --open-meshes {mode}")
     lines.append(f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.2f} scenes/s with "
                  f"{summary['workers']} worker(s); {summary['convert_s'] / max(summary['imported'], 1):.3f} s "
                  "per scene in SDF + labels")

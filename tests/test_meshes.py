@@ -131,19 +131,24 @@ def test_synthetic_labels_same_bytes_for_any_worker_count(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "raw", "two"]  # no temporary leftovers
 
 
-def _bad_cases(raw: Path) -> dict[str, str]:
-    """One bad scene per case (name -> expected message), each beside a good scene 'good'."""
-    good = np.zeros((5, 19), np.float32)
-    return {
-        "empty": lambda: ((raw / "empty").mkdir(parents=True), (raw / "empty" / "mesh.obj").write_text("# nothing\n")),
-        "garbage": lambda: ((raw / "garbage").mkdir(parents=True), (raw / "garbage" / "mesh.obj").write_bytes(b"\x00\xff" * 50)),
-        "open": lambda: _raw_scene(raw, "open", _open_box(), good, np.zeros(5, np.float32)),
-        "nokeys": lambda: _raw_scene(raw, "nokeys", _box((1, 1, 1)), good, np.zeros(5, np.float32)) and
-        np.savez(raw / "nokeys" / "recording.npz", grasps=good),
-        "shape": lambda: _raw_scene(raw, "shape", _box((1, 1, 1)), np.zeros((5, 18), np.float32), np.zeros(5, np.float32)),
-        "zero": lambda: _raw_scene(raw, "zero", _box((1, 1, 1)), np.zeros((0, 19), np.float32), np.zeros(0, np.float32)),
-        "norec": lambda: _raw_scene(raw, "norec", _box((1, 1, 1))),
-    }
+def _make_bad(raw: Path, case: str) -> None:
+    """Write the bad scene RAW/<case>."""
+    box, grasps, scores = _box((1, 1, 1)), np.zeros((5, 19), np.float32), np.zeros(5, np.float32)
+    if case in ("empty", "garbage"):
+        (raw / case).mkdir(parents=True)
+        mesh = b"# no faces\nv 0 0 0\n" if case == "empty" else b"\x00\xff" * 50
+        (raw / case / "mesh.obj").write_bytes(mesh)
+    elif case == "open":
+        _raw_scene(raw, case, _open_box(), grasps, scores)
+    elif case == "nokeys":
+        _raw_scene(raw, case, box)
+        np.savez(raw / case / "recording.npz", grasps=grasps)
+    elif case == "shape":
+        _raw_scene(raw, case, box, grasps[:, :18], scores)
+    elif case == "zero":
+        _raw_scene(raw, case, box, grasps[:0], scores[:0])
+    else:  # "norec": a mesh without its recording
+        _raw_scene(raw, case, box)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -153,7 +158,7 @@ def _bad_cases(raw: Path) -> dict[str, str]:
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, message: str):
     raw = tmp_path / "raw"
     _raw_scene(raw, "good", _box((1, 1, 1)), np.zeros((5, 19), np.float32), np.zeros(5, np.float32))
-    _bad_cases(raw)[case]()
+    _make_bad(raw, case)
     result = run_tool("import_meshes.py", raw, "--out", tmp_path / "out", "--grid", GRID, "--quiet")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

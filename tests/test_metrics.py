@@ -72,7 +72,8 @@ def _reference(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
            "kendall_tau": (c - d) / math.sqrt((n0 - tp) * (n0 - tt))}
     for k in TOP_K:
         kk = min(k, n)
-        out[f"top{k}_overlap"] = len(set(np.argsort(pred, kind="stable")[:kk]) & set(np.argsort(target, kind="stable")[:kk])) / kk
+        best_p, best_t = np.argsort(pred, kind="stable")[:kk], np.argsort(target, kind="stable")[:kk]
+        out[f"top{k}_overlap"] = len(set(best_p) & set(best_t)) / kk
     return out
 
 

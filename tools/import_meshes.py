@@ -31,7 +31,8 @@ from meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_sum
               help="Meshes that are not closed: refuse them, sign them by libigl's generalised winding number, "
                    "or repair them with mesh2sdf's fix=True.")
 @click.option("--workers", type=int, default=None, help="Processes [default: all CPUs].")
-@click.option("--skip-bad", is_flag=True, help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping.")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier import in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(raw: Path, out: Path, grid: int, mesh_max_extent: float | None, label: str, grasps_per_scene: int,

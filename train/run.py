@@ -161,11 +161,14 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
 
 @cli.command("predict")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--scenes", type=click.Path(path_type=Path), help="Processed directory: <scene>/scene.npz (scores optional).")
+@click.option("--scenes", type=click.Path(path_type=Path),
+              help="Processed directory: <scene>/scene.npz (scores optional).")
 @click.option("--shards", type=click.Path(path_type=Path), help="Shard dataset (with --split).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--mesh", type=click.Path(path_type=Path), help="One mesh file (with --grasps), prepared as import_meshes does.")
-@click.option("--grasps", type=click.Path(path_type=Path), help="(N,19) .npy of grasps in the mesh's frame (with --mesh).")
+@click.option("--mesh", type=click.Path(path_type=Path),
+              help="One mesh file (with --grasps), prepared as import_meshes does.")
+@click.option("--grasps", type=click.Path(path_type=Path),
+              help="(N,19) .npy of grasps in the mesh's frame (with --mesh).")
 @click.option("--mesh-max-extent", type=float, default=None,
               help="With --mesh: the training data's mesh_max_extent.txt value [default: the mesh's own extent].")
 @click.option("--open-meshes", type=click.Choice(["refuse", "winding", "repair"]), default="refuse", show_default=True,
@@ -202,7 +205,8 @@ def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, spli
     if metrics:
         keys = ("spearman", "kendall_tau", "top1_regret", "top1_overlap", "top5_overlap", "top10_overlap",
                 "top50_overlap", "r2")
-        click.echo("per object: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f"  ({metrics['scenes']} objects)")
+        values = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+        click.echo(f"per object: {values}  ({metrics['scenes']} objects)")
     click.echo(f"wrote {len(predictions.grasp):,} predictions of {len(set(predictions.scene))} objects to {out}")
 
 
