@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from models import GRASP_DIM, GQEstimatorBase
 from pipeline import open_loader, resolve_device
@@ -99,7 +100,6 @@ class Estimator:
 
 def predict_scenes(estimator: Estimator, scenes_dir: str | Path, progress: bool = False) -> Predictions:
     """Every `<name>/scene.npz` of a processed directory (the seed's layout); `scores` are optional there."""
-    from tqdm import tqdm
     root = Path(scenes_dir)
     if not root.is_dir():
         raise PredictError(f"--scenes {root}: not a directory")
@@ -115,9 +115,9 @@ def predict_scenes(estimator: Estimator, scenes_dir: str | Path, progress: bool 
                     raise PredictError(f"{path}: needs keys sdf and grasps (has {', '.join(z.files)})")
                 sdf, grasps = z["sdf"], z["grasps"]
                 score = z["scores"] if "scores" in z.files else None
+        except PredictError:
+            raise
         except (OSError, ValueError, EOFError) as err:
-            if isinstance(err, PredictError):
-                raise
             raise PredictError(f"{path}: unreadable scene file ({type(err).__name__}: {err})") from None
         if score is not None and score.shape != (len(grasps),):
             raise PredictError(f"{path}: scores of shape {score.shape} do not match {len(grasps)} grasps")
