@@ -8,7 +8,11 @@ DEMO ?= demo
 DEMO_SCENES ?= 200
 DEMO_STEPS ?= 100
 
-.PHONY: test demo install clean-demo gpu-check
+DEMO_REAL ?= demo-real
+DEMO_REAL_OBJECTS ?= 300
+DEMO_REAL_TIME ?= 120
+
+.PHONY: test demo demo-real install clean-demo gpu-check
 
 install: $(VENV)/.installed
 
@@ -19,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,meshes]'
 	touch $@
 
 test: install
@@ -31,8 +35,18 @@ demo: install
 	$(PY) tools/verify_shards.py $(DEMO)/shards
 	$(PY) train/run.py compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) --lr 1e-3 --log-every 5 --overwrite
 
+# Real objects: pybullet's random_urdfs meshes imported with the seed's conventions and labels from
+# our hand model, shards, a short training run (DEMO_REAL_TIME seconds), eval and predict on the test split.
+demo-real: install
+	$(PY) tools/pybullet_objects.py --out $(DEMO_REAL)/raw --limit $(DEMO_REAL_OBJECTS)
+	$(PY) tools/import_meshes.py $(DEMO_REAL)/raw --out $(DEMO_REAL)/scenes --label synth --skip-bad --overwrite
+	$(PY) tools/make_shards.py $(DEMO_REAL)/scenes --out $(DEMO_REAL)/shards --overwrite
+	$(PY) train/run.py fit --shards $(DEMO_REAL)/shards --out $(DEMO_REAL)/run --max-time $(DEMO_REAL_TIME) -S 8 -G 64 --base-channels 8 --lr 1e-3 --val-every 200 --early-stopping 0 --overwrite --quiet
+	$(PY) train/run.py eval $(DEMO_REAL)/run/best.pt --shards $(DEMO_REAL)/shards --split test
+	$(PY) train/run.py predict $(DEMO_REAL)/run/best.pt --shards $(DEMO_REAL)/shards --split test --out $(DEMO_REAL)/predictions.parquet --top-k 3
+
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) $(DEMO_REAL)
 
 # The GPU check (README, "GPU check"): the machine's own torch, nothing installed but staged DALI wheels.
 # On a machine without CUDA: make gpu-check GPU_CHECK_ARGS="--device cpu --quick"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .hand import JOINT_LIMITS, NUM_VALUES, TIPS, forward_kinematics
-from .primitives import cell_centres
+from .primitives import grid_axis
 from .rotations import matrix_to_quaternion
 from .score import interpolate, normals
 
@@ -34,9 +34,9 @@ MAX_ROUNDS = 50
 def _palm_poses(sdf: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` candidate palm positions (count, 3) and quaternions (count, 4), before the table cut."""
     grid = sdf.shape[0]
-    band = np.flatnonzero(np.abs(sdf) < 2.0 / grid)  # cells within one cell of the surface
+    band = np.flatnonzero(np.abs(sdf) < 2.0 / grid)  # voxels within one spacing of the surface
     ijk = np.stack(np.unravel_index(rng.choice(band, count), sdf.shape), -1)
-    cells = cell_centres(grid)[ijk].astype(np.float64)
+    cells = grid_axis(grid)[ijk].astype(np.float64)
     outward = normals(sdf, cells)
     surface = cells - interpolate(sdf, cells)[:, None] * outward
     far = rng.random(count) < FAR_FRACTION

@@ -129,22 +129,35 @@ def union_bounds(prims: list[Primitive]) -> tuple[np.ndarray, np.ndarray]:
     return np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
 
 
+GRID_ORIGIN = -1.0  # coordinate of voxel 0 along every axis: the seed's (mesh2sdf's) grid
+
+
+def grid_spacing(grid: int) -> float:
+    """Distance between neighbouring voxels of a `grid`^3 lattice over [-1, 1]^3: 2 / grid."""
+    return 2.0 / grid
+
+
 @functools.lru_cache(maxsize=8)
-def cell_centres(grid: int) -> np.ndarray:
-    """Coordinates of the `grid` cell centres along one axis of the [-1, 1] cube (float32)."""
-    centres = -1.0 + (np.arange(grid) + 0.5) * (2.0 / grid)
-    centres = centres.astype(np.float32)
-    centres.flags.writeable = False  # shared by every call through the cache
-    return centres
+def grid_axis(grid: int) -> np.ndarray:
+    """Coordinates of the `grid` voxels along one axis (float32): voxel i at -1 + 2i/grid.
+
+    The seed's convention (mesh2sdf's): voxel 0 sits on the cube's face at -1 and the last one at
+    1 - 2/grid, one spacing short of +1. Every SDF in this project, from primitives or from
+    meshes, is sampled at these points and indexed sdf[x, y, z].
+    """
+    axis = GRID_ORIGIN + np.arange(grid) * grid_spacing(grid)
+    axis = axis.astype(np.float32)
+    axis.flags.writeable = False  # shared by every call through the cache
+    return axis
 
 
 def sample_grid(prims: list[Primitive], grid: int) -> np.ndarray:
-    """SDF of the union at the cell centres of a grid^3 lattice over [-1, 1]^3.
+    """SDF of the union at the voxels of a grid^3 lattice over [-1, 1]^3 (the seed's grid).
 
-    `out[i, j, k]` is the distance at (c[i], c[j], c[k]) with c = cell_centres(grid), i.e. the
+    `out[i, j, k]` is the distance at (a[i], a[j], a[k]) with a = grid_axis(grid), i.e. the
     first axis is x. Evaluated in float32 by broadcasting three 1-D axes, so no (grid^3, 3) point
     array is ever built.
     """
-    c = cell_centres(grid)
-    x, y, z = c[:, None, None], c[None, :, None], c[None, None, :]
+    a = grid_axis(grid)
+    x, y, z = a[:, None, None], a[None, :, None], a[None, None, :]
     return np.ascontiguousarray(union_sdf(prims, x, y, z), dtype=np.float32)

@@ -1,9 +1,10 @@
 """Grasp quality labels: a deterministic kinematic contact loss read off the SDF grid.
 
 Lower is better, as in the seed. With d(p) the SDF at point p, read from the stored grid by
-trilinear interpolation (beyond the outermost cell centres: the clamped value plus the distance
-to the clamped point, an upper bound that keeps d continuous), n(p) the unit gradient of that
-interpolant (central differences one cell apart = trilinear interpolation of the grid's gradient),
+trilinear interpolation on the seed's grid (voxel i at -1 + 2i/n; beyond the outermost voxels: the
+clamped value plus the distance to the clamped point, an upper bound that keeps d continuous), n(p)
+the unit gradient of that interpolant (central differences one spacing apart = trilinear
+interpolation of the grid's gradient),
 the 13 control points p_i of the hand (hand.forward_kinematics) and its 4 fingertips t_f:
 
     tip        = W_TIP  * sum_f |d(t_f)|                            fingertips off the surface
@@ -26,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .hand import PALM, TIPS, forward_kinematics
+from .primitives import GRID_ORIGIN, grid_spacing
 
 W_TIP = 1.5
 W_PEN = 24.0
@@ -38,17 +40,18 @@ W_CONTACT = 0.5
 
 
 def interpolate(sdf: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """SDF values at points (..., 3) by trilinear interpolation of the cell-centred grid.
+    """SDF values at points (..., 3) by trilinear interpolation of the grid (voxel i at -1 + 2i/n).
 
-    Points outside the cell-centre box get the value at the nearest box point plus their distance
-    to it, which bounds the true distance from above and keeps the field continuous.
+    Points outside the box of voxel positions [-1, 1 - 2/n]^3 get the value at the nearest box
+    point plus their distance to it, which bounds the true distance from above and keeps the
+    field continuous.
     """
     grid = sdf.shape[0]
-    step = 2.0 / grid
-    first, last = -1.0 + step / 2, 1.0 - step / 2
+    step = grid_spacing(grid)
+    first, last = GRID_ORIGIN, GRID_ORIGIN + (grid - 1) * step
     clamped = np.clip(points, first, last)
     beyond = np.linalg.norm(points - clamped, axis=-1)
-    u = (clamped - first) / step  # continuous cell index in [0, grid - 1]
+    u = (clamped - first) / step  # continuous voxel index in [0, grid - 1]
     i0 = np.minimum(u.astype(np.int64), grid - 2)
     f = u - i0
     flat = sdf.reshape(-1)
@@ -63,8 +66,8 @@ def interpolate(sdf: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def normals(sdf: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Unit gradients (..., 3) of the interpolated SDF, by central differences one cell apart."""
-    step = 2.0 / sdf.shape[0]
+    """Unit gradients (..., 3) of the interpolated SDF, by central differences one spacing apart."""
+    step = grid_spacing(sdf.shape[0])
     offsets = np.concatenate([np.eye(3), -np.eye(3)]) * step
     values = interpolate(sdf, points[..., None, :] + offsets)  # (..., 6)
     grad = values[..., :3] - values[..., 3:]

@@ -32,28 +32,31 @@ def scene_name(index: int) -> str:
     return f"{SCENE_PREFIX}{index:06d}"
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write `arrays` as an uncompressed .npz (np.savez's format), atomically and reproducibly.
+def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
+    """Write `arrays` as .npz, atomically and reproducibly; zlib-compressed like the seed's files.
 
-    np.savez stamps the current time into each zip entry, so two runs would differ in bytes;
-    here every entry gets a fixed timestamp. Written to `<path>.partial` and renamed.
+    `compress` gives np.savez_compressed's format (what the seed's preprocessing writes), else
+    np.savez's. Both stamp the current time into each zip entry, so two runs would differ in
+    bytes; here every entry gets a fixed timestamp. Written to `<path>.partial` and renamed.
     """
     partial = path.with_name(path.name + ".partial")
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(partial, "w", method) as archive:
         for key, value in arrays.items():
             entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = method  # a ZipInfo does not take the archive's method
             with archive.open(entry, "w", force_zip64=True) as stream:
                 np.lib.format.write_array(stream, np.asanyarray(value), allow_pickle=False)
     os.replace(partial, path)
 
 
-def _write_scene(task: tuple[Path, int, int, int, int]) -> tuple[int, np.ndarray]:
+def _write_scene(task: tuple[Path, int, int, int, int, bool]) -> tuple[int, np.ndarray]:
     """Make and save one scene; returns its index and scores (for the summary)."""
-    root, seed, index, grid, num_grasps = task
+    root, seed, index, grid, num_grasps, compress = task
     scene = make_scene(seed, index, grid, num_grasps)
     folder = root / scene_name(index)
     folder.mkdir()
-    save_npz(folder / "scene.npz", scene)
+    save_npz(folder / "scene.npz", scene, compress)
     return index, scene["scores"]
 
 
@@ -107,9 +110,9 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 
 def _generate(tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, workers: int,
-              progress: bool) -> np.ndarray:
+              progress: bool, compress: bool) -> np.ndarray:
     """Write every scene into `tmp`; returns all scores in scene order."""
-    tasks = [(tmp, seed, i, grid, num_grasps) for i in range(scenes)]
+    tasks = [(tmp, seed, i, grid, num_grasps, compress) for i in range(scenes)]
     scores: list[np.ndarray | None] = [None] * scenes
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=scenes, unit="scene", desc="scenes", file=sys.stderr,
@@ -128,9 +131,10 @@ def _generate(tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, wor
 
 def write_scenes(out_dir: str | os.PathLike, scenes: int, *, grasps_per_scene: int = 480,
                  grid: int = 48, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, compress: bool = True) -> dict:
     """Write scenes 0..scenes-1 of dataset `seed` to `out_dir`; returns a summary dict.
 
+    Scene files are zlib-compressed npz like the seed's (`compress=False`: np.savez's format).
     `workers` processes (default: the CPUs available) share the work; the bytes written do not
     depend on it. An existing non-empty `out_dir` is replaced only with `overwrite`, and only if
     it holds nothing but scene directories. Bad arguments raise ValueError before anything is
@@ -151,7 +155,7 @@ def write_scenes(out_dir: str | os.PathLike, scenes: int, *, grasps_per_scene: i
     start = time.perf_counter()
     tmp, created = _make_temp_dir(out)
     try:
-        scores = _generate(tmp, scenes, grid, grasps_per_scene, seed, workers, progress)
+        scores = _generate(tmp, scenes, grid, grasps_per_scene, seed, workers, progress, compress)
         if out.exists():  # empty, or overwrite: move it aside, swap in the new one, then delete
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old)

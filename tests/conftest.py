@@ -22,7 +22,7 @@ def write_scene(root: Path, name: str, **arrays) -> Path:
 
 def random_scene(rng: np.random.Generator, grid: int, num_grasps: int) -> dict:
     """A smooth SDF (a sphere at a random centre) with random grasps and scores in seed ranges."""
-    axis = (np.arange(grid, dtype=np.float32) + 0.5) / grid * 2 - 1
+    axis = np.float32(-1) + np.arange(grid, dtype=np.float32) * np.float32(2 / grid)  # the seed's grid
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
     c = rng.uniform(-0.3, 0.3, 3)
     sdf = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) - rng.uniform(0.3, 0.6)

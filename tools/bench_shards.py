@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the shard format against the seed's scene.npz files, all in one run.
 
-Makes N synthetic scenes in the seed's layout in a temporary directory, then measures
+Makes N synthetic scenes in the seed's layout in a temporary directory, twice: zlib-compressed
+(np.savez_compressed, as the seed's preprocessing writes them) and uncompressed (np.savez). For each
+input kind it measures
 (a) the decode floor: np.load of every input with K worker processes,
 (b) make_shards end to end (build_shards with K workers, in this process),
 (c) reading every SDF back: from the shards (one mmap per shard) vs from the scene.npz files.
@@ -54,6 +56,44 @@ def _read_npz(paths: list[Path]) -> int:
     return total
 
 
+INPUT_KINDS = ("compressed", "uncompressed")
+
+
+def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, grasps: int, repeat: int) -> dict:
+    """Figures (a)-(c) and the sizes for one kind of input scene files, made under `root`."""
+    src, out = root / "scenes", root / "shards"
+    write_scenes(src, scenes, grasps_per_scene=grasps, grid=grid, workers=workers, progress=sys.stderr.isatty(),
+                 compress=compress)
+    paths = sorted(src.glob("*/scene.npz"))
+
+    def decode_floor() -> None:
+        with multiprocessing.Pool(workers) as pool:
+            list(pool.imap(_decode, paths, chunksize=8))
+
+    def make() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        build_shards(src, out, BuildOptions(grid=grid, max_grasps=grasps), workers=workers, progress=False)
+
+    floor_s = _best(decode_floor, repeat)
+    make_s = _best(make, repeat)
+    read_shards_s = _best(lambda: _read_shards(out), repeat)
+    read_npz_s = _best(lambda: _read_npz(paths), repeat)
+    files = [p for p in out.iterdir() if p.is_file()]
+    on_disk = sum(p.stat().st_blocks * 512 for p in files)
+    apparent = sum(p.stat().st_size for p in files)
+    seed_bytes = grid ** 3 * 4 + grasps * 19 * 4 + grasps * 4
+    result = {
+        "decode_floor_s": floor_s, "make_shards_s": make_s, "make_over_floor": make_s / floor_s,
+        "read_shards_s": read_shards_s, "read_npz_s": read_npz_s, "read_speedup": read_npz_s / read_shards_s,
+        "bytes_per_scene": on_disk / scenes, "apparent_bytes_per_scene": apparent / scenes,
+        "seed_bytes_per_scene": seed_bytes, "bytes_ratio": on_disk / scenes / seed_bytes,
+        "input_bytes_per_scene": sum(p.stat().st_size for p in paths) / scenes,
+        "sdf_dtype": ShardReader(out).layout.dtype,
+    }
+    shutil.rmtree(root)
+    return result
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--scenes", default=2000, show_default=True, help="Scenes to generate.")
 @click.option("--workers", default=os.cpu_count(), show_default=True, help="Worker processes K for (a) and (b).")
@@ -64,52 +104,35 @@ def _read_npz(paths: list[Path]) -> int:
 def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_path: Path | None) -> None:
     """Time make_shards and shard reads against np.load of the seed's scene.npz files."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
+    result = {"scenes": scenes, "workers": workers, "grid": grid, "grasps": grasps, "repeat": repeat}
     try:
-        src, out = tmp / "scenes", tmp / "shards"
-        click.echo(f"generating {scenes} scenes ({grid}^3, {grasps} grasps) in {src} ...", err=True)
-        write_scenes(src, scenes, grasps_per_scene=grasps, grid=grid, workers=workers, progress=sys.stderr.isatty())
-        paths = sorted(src.glob("*/scene.npz"))
-
-        def decode_floor() -> None:
-            with multiprocessing.Pool(workers) as pool:
-                list(pool.imap(_decode, paths, chunksize=8))
-
-        def make() -> None:
-            shutil.rmtree(out, ignore_errors=True)
-            build_shards(src, out, BuildOptions(grid=grid, max_grasps=grasps), workers=workers, progress=False)
-
-        floor_s = _best(decode_floor, repeat)
-        make_s = _best(make, repeat)
-        read_shards_s = _best(lambda: _read_shards(out), repeat)
-        read_npz_s = _best(lambda: _read_npz(paths), repeat)
-        files = [p for p in out.iterdir() if p.is_file()]
-        on_disk = sum(p.stat().st_blocks * 512 for p in files)
-        apparent = sum(p.stat().st_size for p in files)
-        seed_bytes = grid ** 3 * 4 + grasps * 19 * 4 + grasps * 4
-        result = {
-            "scenes": scenes, "workers": workers, "grid": grid, "grasps": grasps, "repeat": repeat,
-            "decode_floor_s": floor_s, "make_shards_s": make_s, "make_over_floor": make_s / floor_s,
-            "read_shards_s": read_shards_s, "read_npz_s": read_npz_s, "read_speedup": read_npz_s / read_shards_s,
-            "bytes_per_scene": on_disk / scenes, "apparent_bytes_per_scene": apparent / scenes,
-            "seed_bytes_per_scene": seed_bytes, "bytes_ratio": on_disk / scenes / seed_bytes,
-            "sdf_dtype": ShardReader(out).layout.dtype,
-        }
+        for kind in INPUT_KINDS:
+            click.echo(f"generating {scenes} {kind} scenes ({grid}^3, {grasps} grasps) in {tmp} ...", err=True)
+            result[kind] = _bench(tmp / kind, kind == "compressed", scenes, workers, grid, grasps, repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [
-        ("(a) decode floor: np.load, K workers", f"{floor_s:.3f} s", f"{scenes / floor_s:,.0f} scenes/s", ""),
-        ("(b) make_shards end to end", f"{make_s:.3f} s", f"{scenes / make_s:,.0f} scenes/s",
-         f"{result['make_over_floor']:.2f} x floor (target <= 1.5)"),
-        ("(c) read all SDFs from shards", f"{read_shards_s:.3f} s", f"{scenes / read_shards_s:,.0f} scenes/s",
-         f"{result['read_speedup']:.1f} x faster than npz (target >= 20)"),
-        ("    read all SDFs from scene.npz", f"{read_npz_s:.3f} s", f"{scenes / read_npz_s:,.0f} scenes/s", ""),
-        ("bytes per scene on disk (float16)", f"{on_disk / scenes:,.0f}", f"seed {seed_bytes:,}",
-         f"{result['bytes_ratio']:.3f} x seed (target <= 0.55)"),
-    ]
     click.echo(f"bench_shards: {scenes} scenes, {grid}^3, {grasps} grasps, K={workers} workers, best of {repeat}")
-    for name, a, b, c in rows:
-        click.echo(f"  {name:<40} {a:>10}  {b:>18}  {c}")
+    for kind in INPUT_KINDS:
+        r = result[kind]
+        rows = [
+            ("(a) decode floor: np.load, K workers", f"{r['decode_floor_s']:.3f} s",
+             f"{scenes / r['decode_floor_s']:,.0f} scenes/s", ""),
+            ("(b) make_shards end to end", f"{r['make_shards_s']:.3f} s",
+             f"{scenes / r['make_shards_s']:,.0f} scenes/s",
+             f"{r['make_over_floor']:.2f} x floor (target <= 1.5)"),
+            ("(c) read all SDFs from shards", f"{r['read_shards_s']:.3f} s",
+             f"{scenes / r['read_shards_s']:,.0f} scenes/s",
+             f"{r['read_speedup']:.1f} x faster than npz (target >= 20)"),
+            ("    read all SDFs from scene.npz", f"{r['read_npz_s']:.3f} s",
+             f"{scenes / r['read_npz_s']:,.0f} scenes/s", ""),
+            ("bytes per scene on disk (float16)", f"{r['bytes_per_scene']:,.0f}", f"seed {r['seed_bytes_per_scene']:,}",
+             f"{r['bytes_ratio']:.3f} x seed (target <= 0.55)"),
+            ("    scene.npz input bytes per scene", f"{r['input_bytes_per_scene']:,.0f}", "", ""),
+        ]
+        click.echo(f"  {kind} scene.npz inputs:")
+        for name, a, b, c in rows:
+            click.echo(f"  {name:<40} {a:>10}  {b:>18}  {c}")
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 

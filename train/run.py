@@ -4,6 +4,7 @@
     python train/run.py fit --shards DIR --out RUN_DIR [options]
     python train/run.py compare --shards DIR --out DIR [fit options]
     python train/run.py eval CKPT --shards DIR --split val|test
+    python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh OBJ --grasps G.npy) --out F.parquet
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from train.compare import compare as run_compare
 from train.compare import format_table
 from train.config import ConfigError, FitConfig, parse_fc_dims
 from train.loop import TrainError, dataset_identity, evaluate, fit
+from train.predict import PredictError
 from train.rundir import WriteError
 
-USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError)
+USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError, PredictError)
 
 
 def _errors(fn):
@@ -163,6 +165,57 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
     with open_loader(shards, loader, split, scenes_per_batch, max_grasps, device=dev, progress=False) as data:
         metrics = evaluate(model.to(dev), data, mean, std, prefix=f"{split}_")
     click.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, **metrics}, indent=2))
+
+
+@cli.command("predict")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--scenes", type=click.Path(path_type=Path),
+              help="Processed directory: <scene>/scene.npz (scores optional).")
+@click.option("--shards", type=click.Path(path_type=Path), help="Shard dataset (with --split).")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--mesh", type=click.Path(path_type=Path),
+              help="One mesh file (with --grasps), prepared as import_meshes does.")
+@click.option("--grasps", type=click.Path(path_type=Path),
+              help="(N,19) .npy of grasps in the mesh's frame (with --mesh).")
+@click.option("--mesh-max-extent", type=float, default=None,
+              help="With --mesh: the training data's mesh_max_extent.txt value [default: the mesh's own extent].")
+@click.option("--open-meshes", type=click.Choice(["refuse", "winding", "repair"]), default="refuse", show_default=True,
+              help="With --mesh: how to sign a mesh that is not closed.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Parquet file to write.")
+@click.option("--top-k", default=5, show_default=True, help="Best grasps per object to print.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_errors
+def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, split: str, mesh: Path | None,
+                grasps: Path | None, mesh_max_extent: float | None, open_meshes: str, out: Path, top_k: int,
+                device: str) -> None:
+    """Per-grasp predictions of CHECKPOINT to --out (scene, grasp, prediction, score); prints each object's best."""
+    from train.predict import Estimator, best_grasps, predict_mesh, predict_scenes, predict_shards, ranking_metrics
+    from train.predict import write_parquet
+    sources = [name for name, value in (("--scenes", scenes), ("--shards", shards), ("--mesh", mesh)) if value]
+    if len(sources) != 1:
+        raise PredictError(f"give exactly one of --scenes, --shards, --mesh (got {', '.join(sources) or 'none'})")
+    if bool(mesh) != bool(grasps):
+        raise PredictError("--mesh and --grasps go together")
+    if top_k < 1:
+        raise PredictError(f"--top-k {top_k}: must be at least 1")
+    estimator = Estimator.load(checkpoint, device)
+    if scenes:
+        predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())
+    elif shards:
+        predictions = predict_shards(estimator, shards, split)
+    else:
+        predictions = predict_mesh(estimator, mesh, grasps, mesh_max_extent, open_meshes)
+    write_parquet(predictions, out)
+    click.echo(f"{'scene':<24} {'rank':>4} {'grasp':>6} {'prediction':>11} {'score':>9}")
+    for name, rank, grasp, pred, score in best_grasps(predictions, top_k):
+        click.echo(f"{name:<24} {rank:>4} {grasp:>6} {pred:>11.4f} {score:>9.4f}")
+    metrics = ranking_metrics(predictions)
+    if metrics:
+        keys = ("spearman", "kendall_tau", "top1_regret", "top1_overlap", "top5_overlap", "top10_overlap",
+                "top50_overlap", "r2")
+        values = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+        click.echo(f"per object: {values}  ({metrics['scenes']} objects)")
+    click.echo(f"wrote {len(predictions.grasp):,} predictions of {len(set(predictions.scene))} objects to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,304 @@
+"""The seed's raw layout to its processed layout: `RAW/<scene>/{mesh.obj, recording.npz}` -> `OUT/<scene>/scene.npz`.
+
+Exactly the seed's preprocessing (`scripts/data_processing/preprocess.py`): one scale for the whole
+dataset, `global_scale = 2 / max(mesh.extents.max())` over its meshes (written to OUT/mesh_max_extent.txt,
+or given), per mesh `translation = mesh.bounds.mean(axis=0)`, the mesh moved by -translation and scaled,
+its SDF by mesh2sdf (meshes.sdf), grasp positions `(p - translation) * global_scale` (quaternions and joints
+unchanged), saved with np.savez_compressed's format. A scene without a recording can be labelled by our
+hand model instead (`label="synth"`: grasps sampled and scored on its SDF by `synth`).
+
+Two passes: the first loads and checks every mesh and recording (and finds the largest extent); the
+second computes SDFs and labels in worker processes and writes into a temporary sibling of OUT that is
+renamed into place at the end, so a bad scene or a crash leaves nothing half-written. Every scene depends
+only on its own files and the options, so any worker count gives the same bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from synth.grasps import sample_grasps
+from synth.scenes import check_grid
+from synth.score import score_grasps
+from synth.writer import save_npz
+
+from .sdf import OPEN_MESH_MODES, OPEN_MESH_REASON, MeshError, is_closed, load_mesh, mesh_sdf
+
+MESH_FILE = "mesh.obj"
+RECORDING_FILE = "recording.npz"
+SCENE_FILE = "scene.npz"
+EXTENT_FILE = "mesh_max_extent.txt"
+SKIPPED_FILE = "skipped.jsonl"
+LABELS = ("recording", "synth")
+GRASP_DIM = 19
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """How to import: see tools/import_meshes.py --help for each option."""
+
+    grid: int = 48
+    mesh_max_extent: float | None = None  # None: the largest extent of the dataset's accepted meshes
+    label: str = "recording"  # recording: every scene needs one; synth: scenes without one get synth labels
+    grasps_per_scene: int = 480  # synth labels only
+    seed: int = 0  # synth labels only
+    open_meshes: str = "refuse"
+    skip_bad: bool = False
+
+    def check(self) -> None:
+        check_grid(self.grid)
+        if self.label not in LABELS:
+            raise ValueError(f"label {self.label!r}: choose one of {', '.join(LABELS)}")
+        if self.open_meshes not in OPEN_MESH_MODES:
+            raise ValueError(f"open_meshes {self.open_meshes!r}: choose one of {', '.join(OPEN_MESH_MODES)}")
+        if self.mesh_max_extent is not None and not (np.isfinite(self.mesh_max_extent) and self.mesh_max_extent > 0):
+            raise ValueError(f"mesh_max_extent {self.mesh_max_extent}: must be a positive length")
+        if self.grasps_per_scene < 1 or self.seed < 0:
+            raise ValueError("grasps_per_scene must be >= 1 and seed >= 0")
+
+
+def read_recording(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(grasps (N,19), scores (N,)) of a recording.npz, checked; MeshError names the file and the problem.
+
+    Extra keys (e.g. the optimiser's `fk_loss`) are ignored.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("grasps", "scores") if k not in data.files]
+            if missing:
+                has = ", ".join(data.files) or "nothing"
+                raise MeshError(path, f"recording lacks {', '.join(missing)} (has {has})")
+            grasps, scores = np.asarray(data["grasps"]), np.asarray(data["scores"])
+    except MeshError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise MeshError(path, f"unreadable recording ({type(err).__name__}: {err})") from None
+    if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM:
+        raise MeshError(path, f"recording 'grasps' has shape {grasps.shape}, expected (N, {GRASP_DIM})")
+    if grasps.shape[0] == 0:
+        raise MeshError(path, "recording has no grasps (N = 0)")
+    if scores.shape != (grasps.shape[0],):
+        raise MeshError(path, f"recording 'scores' has shape {scores.shape}, expected ({grasps.shape[0]},)")
+    for key, array in (("grasps", grasps), ("scores", scores)):
+        if array.dtype.kind != "f" or not np.isfinite(array).all():
+            raise MeshError(path, f"recording '{key}' is not all finite floating-point values")
+    return grasps, scores
+
+
+def _survey(task: tuple[Path, str, str]) -> dict:
+    """Pass 1 for one scene: load and check its mesh (and recording); its extent and translation."""
+    raw, name, label = task
+    folder = raw / name
+    mesh = load_mesh(folder / MESH_FILE) if (folder / MESH_FILE).is_file() else None
+    if mesh is None:
+        raise MeshError(folder, f"missing {MESH_FILE}")
+    recording = folder / RECORDING_FILE
+    if recording.exists():
+        read_recording(recording)
+    elif label == "recording":
+        raise MeshError(folder, f"missing {RECORDING_FILE}; pass --label synth to label it with our hand model")
+    return {"name": name, "extent": float(mesh.extents.max()), "translation": mesh.bounds.mean(axis=0),
+            "closed": is_closed(mesh), "recording": recording.exists()}
+
+
+def _scene_seed(seed: int, name: str) -> list[int]:
+    """The synthetic-label generator's seed for a scene: its name's, not its position's."""
+    return [seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")]
+
+
+def convert_scene(raw: Path, scene: dict, global_scale: float, opts: ImportOptions) -> dict[str, np.ndarray]:
+    """The processed scene's arrays (the seed's scene.npz keys) from a surveyed raw scene."""
+    folder = raw / scene["name"]
+    mesh = load_mesh(folder / MESH_FILE)
+    translation = scene["translation"]
+    vertices = (mesh.vertices - translation) * global_scale
+    if np.abs(vertices).max() > 1.0 + 1e-6:
+        raise MeshError(folder / MESH_FILE, f"mesh extent {scene['extent']:.6g} exceeds the mesh max extent "
+                                            f"{2.0 / global_scale:.6g}; raise --mesh-max-extent")
+    try:
+        sdf = mesh_sdf(vertices, mesh.faces, opts.grid, scene["closed"], opts.open_meshes)
+    except ValueError as err:
+        raise MeshError(folder / MESH_FILE, str(err)) from None
+    if scene["recording"]:
+        grasps, scores = read_recording(folder / RECORDING_FILE)
+        grasps = grasps.astype(np.float32)  # a copy: positions move into the SDF's frame as the seed does
+        grasps[:, :3] = (grasps[:, :3] - translation) * global_scale
+        scores = scores.astype(np.float32)
+    else:
+        if not (np.abs(sdf) < 2.0 / opts.grid).any():
+            raise MeshError(folder / MESH_FILE, "object too small for the grid: no voxel near its surface")
+        rng = np.random.default_rng(_scene_seed(opts.seed, scene["name"]))
+        grasps = sample_grasps(sdf, rng, opts.grasps_per_scene).astype(np.float32)
+        scores = score_grasps(sdf, grasps)
+    return {"sdf": sdf, "grasps": grasps, "scores": scores, "translation": np.asarray(translation, np.float64),
+            "global_scale": np.float64(global_scale)}
+
+
+def _convert(task: tuple[Path, Path, dict, float, ImportOptions]) -> tuple[str, float, MeshError | None]:
+    """Pass 2 for one scene, in a worker: write tmp/<name>/scene.npz; (name, seconds, error or None)."""
+    raw, tmp, scene, global_scale, opts = task
+    start = time.perf_counter()
+    try:
+        arrays = convert_scene(raw, scene, global_scale, opts)
+    except MeshError as err:
+        return scene["name"], time.perf_counter() - start, err
+    (tmp / scene["name"]).mkdir()
+    save_npz(tmp / scene["name"] / SCENE_FILE, arrays, compress=True)
+    return scene["name"], time.perf_counter() - start, None
+
+
+def list_raw(raw: Path) -> list[str]:
+    """Scene names of a raw directory (its subdirectories, sorted); ValueError if there are none."""
+    if not raw.is_dir():
+        raise ValueError(f"RAW {raw}: not a directory")
+    names = sorted(p.name for p in raw.iterdir() if p.is_dir())
+    if not names:
+        raise ValueError(f"RAW {raw}: no scene directories (expected RAW/<scene>/{MESH_FILE})")
+    return names
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory; choose another path")
+    entries = list(out.iterdir())
+    if entries and not overwrite:
+        raise ValueError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    if entries and not (out / EXTENT_FILE).exists():
+        raise ValueError(f"refusing to overwrite {out}: it has no {EXTENT_FILE}, so this tool did not write it")
+
+
+def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
+    """fn over tasks in order, in `workers` processes (in-process for one), with a progress bar."""
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(tasks), unit="scene", desc=desc, file=sys.stderr,
+                                       disable=(not progress) or None, dynamic_ncols=True))
+        if workers == 1:
+            results = map(fn, tasks)
+        else:
+            pool = stack.enter_context(multiprocessing.Pool(workers))
+            results = pool.imap(fn, tasks, chunksize=max(1, min(8, len(tasks) // (8 * workers))))
+        for result in results:
+            bar.update()
+            yield result
+
+
+def _survey_or_error(task: tuple[Path, str, str]) -> dict:
+    try:
+        return _survey(task)
+    except MeshError as err:
+        return {"name": task[1], "error": err}
+
+
+def _kind(reason: str) -> str:
+    """A short category of a refusal, for the summary's counts."""
+    for key, kind in (("empty mesh", "empty mesh"), ("unreadable mesh", "unreadable mesh"),
+                      ("not closed", "not closed"), ("recording", "bad recording"), ("extent", "too large"),
+                      ("too small", "too small"), (f"missing {MESH_FILE}", "no mesh")):
+        if key in reason:
+            return kind
+    return "other"
+
+
+def import_meshes(raw: str | Path, out: str | Path, opts: ImportOptions = ImportOptions(), *,
+                  workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Import every scene of RAW into OUT (see the module docstring); returns a summary dict.
+
+    A bad scene raises MeshError (one line naming it) before anything is written, unless
+    `opts.skip_bad`: then it is left out and listed with its reason in OUT/skipped.jsonl.
+    Summary keys: out, scenes, imported, skipped, refused (reason kind -> count), open_signed,
+    mesh_max_extent, global_scale, workers, wall_s, convert_s (summed over workers), scenes_per_s.
+    """
+    opts.check()
+    raw, out = Path(raw), Path(out).absolute()
+    names = list_raw(raw)
+    workers = min(workers or len(os.sched_getaffinity(0)), len(names))
+    _check_out(out, overwrite)
+    start = time.perf_counter()
+
+    surveyed, refused = [], {}
+    for item in _map(_survey_or_error, [(raw, n, opts.label) for n in names], workers, progress, "check"):
+        if "error" in item:
+            if not opts.skip_bad:
+                raise item["error"]
+            refused[item["name"]] = str(item["error"])
+        elif not item["closed"] and opts.open_meshes == "refuse":
+            error = MeshError(raw / item["name"] / MESH_FILE, OPEN_MESH_REASON)
+            if not opts.skip_bad:
+                raise error
+            refused[item["name"]] = str(error)
+        else:
+            surveyed.append(item)
+    if not surveyed:
+        raise ValueError(f"RAW {raw}: no importable scene ({len(refused)} refused)")
+    max_extent = opts.mesh_max_extent or max(s["extent"] for s in surveyed)
+    global_scale = 2.0 / max_extent
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        convert_s, imported = 0.0, 0
+        tasks = [(raw, tmp, s, global_scale, opts) for s in surveyed]
+        for name, seconds, error in _map(_convert, tasks, workers, progress, "import"):
+            convert_s += seconds
+            if error is None:
+                imported += 1
+            elif opts.skip_bad:
+                refused[name] = str(error)
+            else:
+                raise error
+        if not imported:
+            raise ValueError(f"RAW {raw}: no importable scene ({len(refused)} refused)")
+        (tmp / EXTENT_FILE).write_text(f"{max_extent!r}\n")
+        if refused:
+            lines = [json.dumps({"name": n, "kind": _kind(r), "reason": r}) for n, r in sorted(refused.items())]
+            (tmp / SKIPPED_FILE).write_text("\n".join(lines) + "\n")
+        tmp.chmod(0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    wall = time.perf_counter() - start
+    return {"out": str(out), "scenes": len(names), "imported": imported, "skipped": len(refused),
+            "refused": dict(Counter(_kind(r) for r in refused.values()).most_common()),
+            "open_signed": sum(not s["closed"] for s in surveyed) if opts.open_meshes != "refuse" else 0,
+            "mesh_max_extent": max_extent, "global_scale": global_scale, "workers": workers, "wall_s": wall,
+            "convert_s": convert_s, "scenes_per_s": imported / wall, "options": asdict(opts)}
+
+
+def format_summary(summary: dict) -> str:
+    """A few human-readable lines describing an import_meshes summary."""
+    lines = [f"imported {summary['imported']} of {summary['scenes']} scenes into {summary['out']} "
+             f"(grid {summary['options']['grid']}, labels: {summary['options']['label']})",
+             f"mesh max extent {summary['mesh_max_extent']:.6g}, global scale {summary['global_scale']:.6g}"]
+    if summary["skipped"]:
+        why = ", ".join(f"{k}: {v}" for k, v in summary["refused"].items())
+        lines.append(f"skipped {summary['skipped']} ({why}); see {SKIPPED_FILE}")
+    if summary["open_signed"]:
+        mode = summary["options"]["open_meshes"]
+        lines.append(f"{summary['open_signed']} open meshes signed by --open-meshes {mode}")
+    lines.append(f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.2f} scenes/s with "
+                 f"{summary['workers']} worker(s); {summary['convert_s'] / max(summary['imported'], 1):.3f} s "
+                 "per scene in SDF + labels")
+    return "\n".join(lines)

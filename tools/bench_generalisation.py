@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Generalisation across object sources: train on generated primitives or on imported real objects, evaluate both.
+
+Makes (in --work, or a temporary directory) P primitive scenes (`synth`) and imports R of pybullet's
+`random_urdfs` objects with labels from the same hand model (`meshes`, the seed's conventions), builds
+shards of each (80/10/10 hash splits by name), trains the same small model on each train split for the
+same --max-time, and evaluates both models on both test splits. Baselines from the same data: predicting
+the train mean (MSE) and picking a grasp at random (its expected top-1 regret, mean - min per object).
+
+    python tools/bench_generalisation.py --primitives 600 --real 400 --max-time 180 --json gen.json
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from meshes import ImportOptions, import_meshes
+from meshes.pybullet import write_raw
+from pipeline import open_loader
+from shards import BuildOptions, ShardReader, build_shards
+from synth import write_scenes
+from train.checkpoint import load_model
+from train.config import FitConfig
+from train.loop import evaluate, fit
+
+SOURCES = ("primitives", "real")
+KEYS = ("r2", "spearman", "kendall_tau", "top1_regret", "top5_overlap", "mse", "mse_mean_baseline")
+
+
+def _random_pick_regret(shards: Path, split: str) -> float:
+    """Expected top-1 regret of a uniformly random grasp: per object mean - min, averaged."""
+    reader = ShardReader(shards)
+    scores = [np.asarray(reader.scores(s), np.float64) for s in reader.split_scenes(split)]
+    return float(np.mean([s.mean() - s.min() for s in scores]))
+
+
+def _evaluate(checkpoint: Path, shards: Path, split: str) -> dict[str, float]:
+    model, stats = load_model(checkpoint)
+    max_grasps = ShardReader(shards).layout.max_grasps
+    with open_loader(shards, "cache", split, 8, max_grasps, device="cpu", progress=False) as data:
+        metrics = evaluate(model, data, stats["mean"], stats["std"], prefix="")
+    return {k: metrics[k] for k in KEYS}
+
+
+def _prepare(root: Path, primitives: int, real: int, grid: int, workers: int | None, progress: bool) -> None:
+    """Scenes and shards of both sources in `root`: {primitives,real}_shards."""
+    write_scenes(root / "primitives_scenes", primitives, grid=grid, seed=0, workers=workers, progress=progress,
+                 overwrite=True)
+    write_raw(root / "real_raw", "random", real)
+    summary = import_meshes(root / "real_raw", root / "real_scenes",
+                            ImportOptions(grid=grid, label="synth", skip_bad=True), workers=workers, overwrite=True,
+                            progress=progress)
+    click.echo(f"imported {summary['imported']} of {summary['scenes']} real objects "
+               f"(refused: {summary['refused'] or 'none'})", err=True)
+    for source in SOURCES:
+        shutil.rmtree(root / f"{source}_shards", ignore_errors=True)
+        build_shards(root / f"{source}_scenes", root / f"{source}_shards", BuildOptions(grid=grid), workers=workers,
+                     progress=False)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--primitives", default=600, show_default=True, help="Generated primitive scenes.")
+@click.option("--real", default=400, show_default=True, help="pybullet random_urdfs objects to import.")
+@click.option("--grid", default=48, show_default=True)
+@click.option("--max-time", default=180.0, show_default=True, help="Training seconds per model.")
+@click.option("--max-steps", type=int, default=None,
+              help="Training steps per model instead of --max-time (the same budget however busy the machine is).")
+@click.option("--base-channels", default=8, show_default=True)
+@click.option("--workers", type=int, default=None, help="Processes for data preparation [default: all CPUs].")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep data and runs here [default: a temporary directory, removed at the end].")
+@click.option("--reuse-data", is_flag=True, help="Keep the shards already in --work (from an earlier run).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the figures here.")
+def main(primitives: int, real: int, grid: int, max_time: float, max_steps: int | None, base_channels: int,
+         workers: int | None, work: Path | None, reuse_data: bool, json_path: Path | None) -> None:
+    """Train on primitives and on real objects; evaluate each model on both test splits."""
+    root = work or Path(tempfile.mkdtemp(prefix="bench_generalisation_"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        progress = sys.stderr.isatty()
+        if not reuse_data:
+            _prepare(root, primitives, real, grid, workers, progress)
+        counts = {s: ShardReader(root / f"{s}_shards").num_scenes for s in SOURCES}
+        for source in SOURCES:
+            fit(FitConfig(shards=str(root / f"{source}_shards"), out=str(root / f"{source}_run"),
+                          max_time=None if max_steps else max_time, max_steps=max_steps, scenes_per_batch=8,
+                          grasps_per_scene=64, base_channels=base_channels, lr=1e-3, early_stopping=0,
+                          val_every=200, overwrite=True, progress=progress))
+        wall = {s: json.loads((root / f"{s}_run" / "summary.json").read_text()) for s in SOURCES}
+        table = {}
+        for trained in SOURCES:
+            for tested in SOURCES:
+                row = _evaluate(root / f"{trained}_run" / "best.pt", root / f"{tested}_shards", "test")
+                row["random_pick_regret"] = _random_pick_regret(root / f"{tested}_shards", "test")
+                table[f"{trained}->{tested}"] = row
+    finally:
+        if work is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    budget = f"{max_steps} steps" if max_steps else f"{max_time:.0f} s"
+    click.echo(f"bench_generalisation: {counts['primitives']} primitives, {counts['real']} real objects, grid {grid}, "
+               f"{budget} of training each (base channels {base_channels}, S=8 G=64, lr 1e-3), test splits")
+    for s in SOURCES:
+        click.echo(f"  trained on {s}: {wall[s]['steps']} steps in {wall[s]['train_time_s']:.0f} s")
+    click.echo(f"  {'train -> test':<22} {'R2':>7} {'Spearman':>9} {'Kendall':>8} {'top-1 regret':>13} "
+               f"{'random pick':>12} {'top-5 overlap':>14} {'MSE':>8} {'mean MSE':>9}")
+    for name, r in table.items():
+        click.echo(f"  {name:<22} {r['r2']:>7.3f} {r['spearman']:>9.3f} {r['kendall_tau']:>8.3f} "
+                   f"{r['top1_regret']:>13.3f} {r['random_pick_regret']:>12.3f} {r['top5_overlap']:>14.3f} "
+                   f"{r['mse']:>8.2f} {r['mse_mean_baseline']:>9.2f}")
+    if json_path:
+        json_path.write_text(json.dumps({"scenes": counts, "grid": grid, "max_time": max_time, "max_steps": max_steps,
+                                         "base_channels": base_channels, "table": table,
+                                         "train": {s: {k: wall[s][k] for k in ("steps", "train_time_s")}
+                                                   for s in SOURCES}}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

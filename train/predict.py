@@ -1,0 +1,231 @@
+"""Use a trained estimator as users do: score the grasps of objects and pick the best ones.
+
+`Estimator.scores(sdf, grasps)` scores candidate grasps of one SDF (for a grasp planner's loop).
+`predict_scenes`, `predict_shards` and `predict_mesh` score whole datasets or one mesh and give one row
+per grasp: `scene` (name), `grasp` (its index in the scene), `prediction`, and `score` when the labels
+are known; `write_parquet` saves them and `best_grasps` picks each object's K best (lowest) predictions.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from models import GRASP_DIM, GQEstimatorBase
+from pipeline import open_loader, resolve_device
+from shards import ShardReader, read_manifest
+
+from .checkpoint import load_model
+from .metrics import Metrics
+
+GRASP_CHUNK = 8192  # grasps per forward pass of one SDF
+
+
+class PredictError(ValueError):
+    """Input that cannot be scored; `str()` names the file or value and what to do."""
+
+
+@dataclass
+class Predictions:
+    """One row per grasp; `score` is NaN where the true score is unknown."""
+
+    scene: np.ndarray       # object names (str)
+    grasp: np.ndarray       # int32 index of the grasp in its scene
+    prediction: np.ndarray  # float32 predicted score (lower is better)
+    score: np.ndarray       # float32 true score, NaN when unknown
+
+    @staticmethod
+    def concat(parts: list["Predictions"]) -> "Predictions":
+        return Predictions(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                             ("scene", "grasp", "prediction", "score")))
+
+    @staticmethod
+    def of_scene(name: str, prediction: np.ndarray, score: np.ndarray | None) -> "Predictions":
+        n = len(prediction)
+        return Predictions(np.full(n, name, dtype=object), np.arange(n, dtype=np.int32),
+                           prediction.astype(np.float32),
+                           np.full(n, np.nan, np.float32) if score is None else score.astype(np.float32))
+
+
+class Estimator:
+    """A trained model with its score units, ready to score grasps on a device."""
+
+    def __init__(self, model: GQEstimatorBase, stats: dict | None, device: str | torch.device = "cpu"):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.mean, self.std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "Estimator":
+        """From one of our checkpoints (best.pt, last.pt) or a seed state_dict."""
+        model, stats = load_model(checkpoint)
+        return cls(model, stats, device)
+
+    @property
+    def grid(self) -> int:
+        return self.model.input_size
+
+    def check(self, sdf: np.ndarray, grasps: np.ndarray, where: str) -> None:
+        """PredictError naming `where` unless sdf is (D,D,D) for this model and grasps are (N,19)."""
+        d = self.grid
+        if sdf.shape != (d, d, d):
+            raise PredictError(f"{where}: SDF of shape {sdf.shape}, the model reads ({d}, {d}, {d}); "
+                               "use data made at the model's grid")
+        if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM or len(grasps) == 0:
+            raise PredictError(f"{where}: grasps of shape {grasps.shape}, expected (N, {GRASP_DIM}) with N >= 1")
+        if not (np.isfinite(sdf).all() and np.isfinite(grasps).all()):
+            raise PredictError(f"{where}: non-finite SDF or grasp values")
+
+    @torch.no_grad()
+    def scores(self, sdf: np.ndarray, grasps: np.ndarray) -> np.ndarray:
+        """Predicted scores (N,) float32, in score units (lower is better), of grasps (N,19) on one SDF (D,D,D).
+
+        The SDF is encoded once for all the grasps.
+        """
+        sdf, grasps = np.asarray(sdf), np.asarray(grasps)
+        self.check(sdf, grasps, "scores()")
+        x = torch.from_numpy(np.ascontiguousarray(sdf, dtype=np.float32)).to(self.device)
+        features = self.model.encode_sdf(x[None, None])
+        g = torch.from_numpy(np.ascontiguousarray(grasps, dtype=np.float32)).to(self.device)
+        out = [self.model.score_features(features.expand(len(chunk), -1), chunk)
+               for chunk in torch.split(g, GRASP_CHUNK)]
+        return (torch.cat(out).float() * self.std + self.mean).cpu().numpy()
+
+
+def predict_scenes(estimator: Estimator, scenes_dir: str | Path, progress: bool = False) -> Predictions:
+    """Every `<name>/scene.npz` of a processed directory (the seed's layout); `scores` are optional there."""
+    root = Path(scenes_dir)
+    if not root.is_dir():
+        raise PredictError(f"--scenes {root}: not a directory")
+    names = sorted(p.name for p in root.iterdir() if (p / "scene.npz").is_file())
+    if not names:
+        raise PredictError(f"--scenes {root}: no <scene>/scene.npz inside")
+    parts = []
+    for name in tqdm(names, unit="scene", disable=not progress or None):
+        path = root / name / "scene.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "sdf" not in z.files or "grasps" not in z.files:
+                    raise PredictError(f"{path}: needs keys sdf and grasps (has {', '.join(z.files)})")
+                sdf, grasps = z["sdf"], z["grasps"]
+                score = z["scores"] if "scores" in z.files else None
+        except PredictError:
+            raise
+        except (OSError, ValueError, EOFError) as err:
+            raise PredictError(f"{path}: unreadable scene file ({type(err).__name__}: {err})") from None
+        if score is not None and score.shape != (len(grasps),):
+            raise PredictError(f"{path}: scores of shape {score.shape} do not match {len(grasps)} grasps")
+        estimator.check(sdf, grasps, str(path))
+        parts.append(Predictions.of_scene(name, estimator.scores(sdf, grasps), score))
+    return Predictions.concat(parts)
+
+
+def _grasp_indices(batch_grasps: np.ndarray, stored: np.ndarray, where: str) -> np.ndarray:
+    """For each row of `batch_grasps`, its row in `stored` (the same rows in another order)."""
+    a = np.lexsort(batch_grasps.T[::-1])
+    b = np.lexsort(stored.T[::-1])
+    if len(a) != len(b) or not np.array_equal(batch_grasps[a], stored[b]):
+        raise PredictError(f"{where}: the loader's grasps are not the scene's stored grasps; verify the dataset")
+    index = np.empty(len(a), dtype=np.int64)
+    index[a] = b
+    return index
+
+
+@torch.no_grad()
+def predict_shards(estimator: Estimator, shards_dir: str | Path, split: str, scenes_per_batch: int = 8,
+                   loader: str = "cache") -> Predictions:
+    """Every scene of one split of a shard dataset, whole scenes per batch (the epoch plan shuffles each
+    scene's grasps, so rows are matched back to their stored order)."""
+    manifest = read_manifest(shards_dir)
+    if manifest["grid"][0] != estimator.grid:
+        raise PredictError(f"--shards {shards_dir}: grid {manifest['grid'][0]}, the model reads {estimator.grid}")
+    reader = ShardReader(shards_dir)
+    parts = []
+    with open_loader(shards_dir, loader, split, scenes_per_batch, manifest["max_grasps"], seed=0,
+                     device=estimator.device, progress=False) as data:
+        for batch in data:
+            pred = estimator.model(batch.sdf, batch.grasps, batch.scene_of_grasp).float() * estimator.std \
+                + estimator.mean
+            pred, grasps = pred.cpu().numpy(), batch.grasps.cpu().numpy()
+            owner = batch.scene_of_grasp.cpu().numpy()
+            for s, scene in enumerate(batch.scene_ids.tolist()):
+                rows = np.flatnonzero(owner == s)
+                labels = reader.labels(scene)
+                name = str(reader.column("name", [scene])[0])
+                index = _grasp_indices(grasps[rows], np.asarray(labels[:, :GRASP_DIM]), f"{shards_dir} scene {name}")
+                ordered = np.empty(len(rows), np.float32)
+                ordered[index] = pred[rows]
+                parts.append(Predictions.of_scene(name, ordered, np.asarray(labels[:, GRASP_DIM])))
+    order = np.argsort([p.scene[0] for p in parts], kind="stable")  # by name, whatever the plan's order
+    return Predictions.concat([parts[i] for i in order])
+
+
+def predict_mesh(estimator: Estimator, mesh_path: str | Path, grasps_path: str | Path,
+                 mesh_max_extent: float | None = None, open_meshes: str = "refuse") -> Predictions:
+    """One mesh (any trimesh format) and grasps (N,19) .npy in the mesh's frame, prepared as the seed's
+    importer does: translation = bounds centre, scale = 2 / mesh_max_extent (default: this mesh's own
+    largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale)."""
+    from meshes import MeshError, is_closed, load_mesh, mesh_sdf
+    try:
+        mesh = load_mesh(mesh_path)
+        grasps = np.load(grasps_path, allow_pickle=False)
+    except MeshError as err:
+        raise PredictError(str(err)) from None
+    except (OSError, ValueError) as err:
+        raise PredictError(f"{grasps_path}: unreadable .npy ({type(err).__name__}: {err})") from None
+    extent = mesh_max_extent or float(mesh.extents.max())
+    if mesh.extents.max() > extent:
+        raise PredictError(f"{mesh_path}: extent {mesh.extents.max():.6g} exceeds --mesh-max-extent {extent:.6g}")
+    translation, scale = mesh.bounds.mean(axis=0), 2.0 / extent
+    try:
+        sdf = mesh_sdf((mesh.vertices - translation) * scale, mesh.faces, estimator.grid, is_closed(mesh), open_meshes)
+    except ValueError as err:
+        raise PredictError(f"{mesh_path}: {err}") from None
+    estimator.check(sdf, grasps, str(grasps_path))
+    grasps = grasps.astype(np.float32)
+    grasps[:, :3] = (grasps[:, :3] - translation) * scale
+    return Predictions.of_scene(Path(mesh_path).stem, estimator.scores(sdf, grasps), None)
+
+
+def write_parquet(predictions: Predictions, path: str | Path) -> None:
+    """Columns scene, grasp, prediction, and score when any is known; written to a temporary file and renamed."""
+    path = Path(path)
+    columns = {"scene": pa.array(predictions.scene.astype(str)), "grasp": pa.array(predictions.grasp),
+               "prediction": pa.array(predictions.prediction)}
+    if not np.isnan(predictions.score).all():
+        columns["score"] = pa.array(predictions.score, mask=np.isnan(predictions.score))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
+
+
+def best_grasps(predictions: Predictions, k: int) -> list[tuple[str, int, int, float, float]]:
+    """Each object's k best grasps by prediction (lowest first): (scene, rank, grasp, prediction, score)."""
+    order = np.lexsort((predictions.grasp, predictions.prediction, predictions.scene.astype(str)))
+    rows, seen = [], {}
+    for i in order:
+        name = str(predictions.scene[i])
+        rank = seen.get(name, 0)
+        if rank < k:
+            rows.append((name, rank + 1, int(predictions.grasp[i]), float(predictions.prediction[i]),
+                         float(predictions.score[i])))
+        seen[name] = rank + 1
+    return rows
+
+
+def ranking_metrics(predictions: Predictions) -> dict[str, float] | None:
+    """The per-object metrics of train.metrics over the scenes whose true scores are known, or None."""
+    known = ~np.isnan(predictions.score)
+    if not known.any():
+        return None
+    _, groups = np.unique(predictions.scene[known].astype(str), return_inverse=True)
+    metrics = Metrics(torch.device("cpu"))
+    metrics.add(torch.from_numpy(predictions.prediction[known]), torch.from_numpy(predictions.score[known]),
+                torch.from_numpy(groups.astype(np.int64)), int(groups.max()) + 1)
+    return metrics.result(baseline=float("nan"), prefix="")
