@@ -249,6 +249,9 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
 
     if not out.parent.is_dir():
         raise BuildError(f"--out {out}: its parent directory does not exist; create it first")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BuildError(f"--out {out}: its parent directory is not writable (the build is made beside --out); "
+                         "choose another --out")
     lock = Lock(out)
     try:
         work, done = _prepare(out, resume, overwrite, header, source)

@@ -114,6 +114,16 @@ def test_failed_rebuild_leaves_the_old_dataset(where: str, small_source: Path, t
     assert verify(out)[0] == [] and leftovers(out) == []
 
 
+def test_overwrite_where_the_file_system_cannot_exchange(small_source: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "ds"
+    assert make(small_source, out, "--limit", 4).exit_code == 0
+    monkeypatch.setattr("shards.outdir._exchange", lambda a, b: False)  # as on a file system without RENAME_EXCHANGE
+    assert make(small_source, out, "--overwrite").exit_code == 0
+    assert ShardReader(out).num_scenes == 11 and verify(out)[0] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "src"]
+
+
 # --- killed builds, resume, the lock (real processes) -------------------------------------------
 
 def _stalled_build(src: Path, out: Path, *args) -> subprocess.Popen:
