@@ -191,6 +191,22 @@ def test_resume_refuses_a_changed_source_scene(tmp_path: Path) -> None:
     assert ShardReader(out).num_scenes == 30 and leftovers(out) == []
 
 
+def test_resume_continues_an_unfinished_build_left_inside_out(small_source: Path, tmp_path: Path) -> None:
+    """An unfinished build made in place by an older make_shards (journal in OUT/.build) is resumed too."""
+    from dataclasses import asdict
+
+    from shards import BuildOptions
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert make(small_source, ref, "--records-per-shard", 4).exit_code == 0
+    opts = BuildOptions(grid=GRID, records_per_shard=4)
+    header = {"format": "gq-shards", "version": 2, "source": str(small_source.resolve()), "args": asdict(opts)}
+    (out / ".build").mkdir(parents=True)
+    (out / ".build" / "journal.jsonl").write_text(json.dumps(header, sort_keys=True) + "\n")
+    (out / ".sdf-00000.npy.tmp").write_bytes(b"half a shard")
+    assert make(small_source, out, "--records-per-shard", 4, "--resume").exit_code == 0
+    assert tree_bytes(out) == tree_bytes(ref) and leftovers(out) == []
+
+
 def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", scenes=30)
     out = tmp_path / "out"
