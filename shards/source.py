@@ -82,19 +82,27 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
     return sorted(names)
 
 
-def _header_of(path: Path, archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of one array of an npz, from its NPY header alone (no data read, nothing allocated)."""
-    with archive.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise SceneError(path, f"'{key}' has NPY version {version}, expected 1.0 or 2.0")
-    if dtype.kind != "f":
-        raise SceneError(path, f"'{key}' has dtype {dtype}, expected a floating-point array")
-    return shape, dtype
+def _header_of(path: Path, f, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of one npz member from its NPY header; `f` is left at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        header = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise SceneError(path, f"'{key}' has NPY version {version}, expected 1.0 or 2.0")
+    if header[2].kind != "f":
+        raise SceneError(path, f"'{key}' has dtype {header[2]}, expected a floating-point array")
+    return header
+
+
+def _read_data(path: Path, f, key: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> np.ndarray:
+    """The array whose header `_header_of` read (and whose shape was checked): exactly its bytes, or an error."""
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    data = f.read(size)
+    if len(data) != size:
+        raise SceneError(path, f"unreadable or corrupt npz ('{key}' holds {len(data)} of its {size} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], grid: int, max_grasps: int) -> int:
@@ -139,10 +147,14 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
             if missing:
                 raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {', '.join(sorted(present)) or 'none'}")
             keys = [k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k in present]
-            shapes = {k: _header_of(path, archive, k)[0] for k in keys}
-        n = _check_shapes(path, shapes, grid, max_grasps)
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: _finite(path, k, data[k]) for k in keys}
+            members = {k: archive.open(f"{k}.npy") for k in keys}
+            try:
+                headers = {k: _header_of(path, members[k], k) for k in keys}
+                n = _check_shapes(path, {k: h[0] for k, h in headers.items()}, grid, max_grasps)
+                arrays = {k: _finite(path, k, _read_data(path, members[k], k, *headers[k])) for k in keys}
+            finally:
+                for member in members.values():
+                    member.close()
     except SceneError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:

@@ -380,3 +380,21 @@ def test_absurd_record_sizes_are_refused(flags: list, expected: str, small_sourc
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], result.output
     assert not (tmp_path / "ds").exists()
+
+
+def test_header_first_reader_reads_compressed_and_fortran_scenes(tmp_path: Path) -> None:
+    """The seed's files are np.savez_compressed; the header-first reader must give the same bytes as np.load."""
+    src = tmp_path / "src"
+    scenes = {}
+    for i in range(4):
+        scene = random_scene(np.random.default_rng(i), GRID, 5 + i)
+        scene["sdf"] = np.asfortranarray(scene["sdf"]) if i % 2 else scene["sdf"]
+        (src / f"s{i}").mkdir(parents=True)
+        np.savez_compressed(src / f"s{i}" / "scene.npz", **scene)
+        scenes[f"s{i}"] = scene
+    assert make(src, tmp_path / "ds", "--dtype", "float32").exit_code == 0
+    reader = ShardReader(tmp_path / "ds")
+    for scene_id, name in zip(reader.index["scene"], reader.index["name"]):
+        assert np.array_equal(reader.sdf(scene_id), scenes[name]["sdf"])
+        assert np.array_equal(reader.grasps(scene_id), scenes[name]["grasps"])
+        assert np.array_equal(reader.scores(scene_id), scenes[name]["scores"])
