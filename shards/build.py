@@ -258,6 +258,7 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
         try:
             _restart_journal(work, header, done)
             summary = _write_all(source, work, opts, names, splits, placement, done, workers, progress)
+            replace(out, work)
         except (SceneError, BuildError, OSError, MemoryError) as err:
             remove_ours(work)
             if isinstance(err, OSError):
@@ -267,7 +268,6 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
             for tmp in work.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
             raise
-        replace(out, work)
     finally:
         lock.release()
     summary["out"] = str(out)

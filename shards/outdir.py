@@ -129,7 +129,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot exchange
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):  # this file system cannot exchange
         return False
     raise OSError(err, os.strerror(err), str(b))
 
@@ -148,7 +148,11 @@ def replace(out: Path, staging: Path) -> None:
         old = out.parent / f".{out.name}.old"
         remove_ours(old)
         os.rename(out, old)
-        os.rename(staging, out)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            os.rename(old, out)
+            raise
         remove_ours(old)
 
 
