@@ -145,7 +145,8 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
             present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
             missing = [k for k in REQUIRED_KEYS if k not in present]
             if missing:
-                raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {', '.join(sorted(present)) or 'none'}")
+                found = ", ".join(sorted(present)) or "none"
+                raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {found}")
             keys = [k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k in present]
             members = {k: archive.open(f"{k}.npy") for k in keys}
             try:
