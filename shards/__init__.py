@@ -9,11 +9,11 @@ from .build import BuildError, BuildOptions, build_shards  # noqa: E402
 from .format import FORMAT_NAME, FORMAT_VERSION, GRASP_DIM, LABEL_DIM, SCORE_COLUMN  # noqa: E402
 from .manifest import DatasetError, fingerprint, read_manifest  # noqa: E402
 from .reader import SPLITS, ShardReader  # noqa: E402
-from .source import SceneError  # noqa: E402
+from .source import SceneError, SourceError  # noqa: E402
 from .splits import SplitError  # noqa: E402
 from .verify import verify  # noqa: E402
 from .writer import Layout  # noqa: E402
 
 __all__ = ["BuildError", "BuildOptions", "build_shards", "FORMAT_NAME", "FORMAT_VERSION", "GRASP_DIM",
            "LABEL_DIM", "SCORE_COLUMN", "DatasetError", "fingerprint", "read_manifest", "SPLITS", "ShardReader",
-           "SceneError", "SplitError", "verify", "Layout"]
+           "SceneError", "SourceError", "SplitError", "verify", "Layout"]

@@ -5,17 +5,19 @@ front (`placement.py`): each split fills its own consecutive shards, its scenes 
 Worker processes load, check and convert scenes and write each record straight into its shard's
 temporary files; only metadata comes back. The builder consumes results in record order, folds
 the record CRC-32s into the files' CRC-32s, and when a shard's R records are all in, renames its
-files into place and appends a line to `.build/journal.jsonl` (its files, its index rows).
-`--resume` keeps the journalled shards whose files still match and rebuilds the rest, so a resumed
-build writes the same bytes as an uninterrupted one. The manifest is last.
+files into place and appends a line to `.build/journal.jsonl` (its files, its index rows, and the
+size and mtime_ns of each of its source files). `--resume` keeps the journalled shards whose files
+still match and rebuilds the rest, so a resumed build writes the same bytes as an uninterrupted
+one; a kept shard whose source file changed since is an error. The manifest is last. All of it
+happens in a staging directory beside `--out`, under a lock, swapped in when complete (`outdir.py`).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
-import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -30,17 +32,16 @@ from .format import (BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, GRASP_DIM, HEADER_B
                      MANIFEST, SDF_DTYPES, SKIPPED, file_crc32, grid_points)
 from .index import write_index
 from .manifest import write_manifest
+from .outdir import JOURNAL, BuildError, Lock, check_ours, remove_ours, replace, staging_dir
 from .placement import Placement, place_scenes
 from .reader import SPLITS
-from .source import Record, SceneError, list_scenes, load_record
+from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
 from .splits import assign_splits
+from .stats import ScoreSums, score_stats
 from .writer import Layout, commit_shard, create_shard, write_record
 
-JOURNAL = "journal.jsonl"
-
-
-class BuildError(ValueError):
-    """A build that cannot start or continue; `str()` says what and what to do."""
+MAX_RECORD_BYTES = 1 << 28  # 256 MiB: a 256^3 float32 grid is 64 MiB; the seed's 480 grasps take 38 kB
+MAX_SHARD_BYTES = 1 << 36   # 64 GiB per shard file
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ class BuildOptions:
                 raise BuildError(f"{flag} {value}: must be at least 1")
         if self.grid % 2:
             raise BuildError(f"--grid {self.grid}: must be even (records are whole 32-bit words)")
+        layout = self.layout()
+        record = layout.sdf_record_bytes + layout.labels_record_bytes
+        if record > MAX_RECORD_BYTES:
+            raise BuildError(f"--grid {self.grid} --max-grasps {self.max_grasps}: one record would take "
+                             f"{record:,} bytes (SDF {layout.sdf_record_bytes:,} + labels "
+                             f"{layout.labels_record_bytes:,}), over the {MAX_RECORD_BYTES >> 20} MiB limit; "
+                             "the seed's scenes have 48^3 grids and at most 480 grasps")
+        if record * self.records_per_shard > MAX_SHARD_BYTES:
+            raise BuildError(f"--records-per-shard {self.records_per_shard}: a shard would take "
+                             f"{record * self.records_per_shard:,} bytes ({record:,} per record), over the "
+                             f"{MAX_SHARD_BYTES >> 30} GiB limit; use fewer records per shard")
         if self.shuffle_seed < 0:
             raise BuildError(f"--shuffle-seed {self.shuffle_seed}: must be >= 0")
         if self.limit is not None and self.limit < 1:
@@ -83,21 +95,13 @@ class BuildOptions:
 class _ShardStats:
     """Per-shard sums, merged in shard order so resumed and fresh builds round identically."""
 
-    train_count: int = 0
-    train_sum: float = 0.0
-    train_sumsq: float = 0.0
-    train_min: float = float("inf")
-    train_max: float = float("-inf")
+    train: ScoreSums = dataclasses.field(default_factory=ScoreSums)
     conversion_error: float = 0.0
 
     def add(self, record: Record, split: str) -> None:
         self.conversion_error = max(self.conversion_error, record.conversion_error)
         if split == "train":
-            self.train_count += record.num_grasps
-            self.train_sum += record.score_sum
-            self.train_sumsq += record.score_sumsq
-            self.train_min = min(self.train_min, record.score_min)
-            self.train_max = max(self.train_max, record.score_max)
+            self.train.add(record.scores)
 
 
 class _Shard:
@@ -107,71 +111,79 @@ class _Shard:
         self.number, self.crcs = number, list(header_crcs)
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
+        self.sources: list[dict] = []  # each scene's source file as read: name, bytes, mtime_ns
         self.stats = _ShardStats()
 
     def add_crcs(self, appenders: tuple[CRCAppender, CRCAppender], crcs: tuple[int, int]) -> None:
         self.crcs = [a.append(c, r) for a, c, r in zip(appenders, self.crcs, crcs)]
 
 
-def _convert(source: Path, out: Path, opts: BuildOptions, task: tuple[int, str]) -> Record | SceneError:
-    """Worker task: load, check, convert and write one scene; returns its metadata or its error."""
+def _source_stat(source: Path, name: str) -> dict:
+    """Size and mtime_ns of a scene's file, taken before it is read: what `--resume` re-checks."""
+    try:
+        st = os.stat(source / name / SCENE_FILE)
+    except OSError:
+        return {"name": name, "bytes": None, "mtime_ns": None}
+    return {"name": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _convert(source: Path, out: Path, opts: BuildOptions, task: tuple[int, str]) -> tuple[Record | SceneError, dict]:
+    """Worker task: load, check, convert and write one scene; returns its metadata or its error, and its file's stat."""
     position, name = task
+    stat = _source_stat(source, name)
     try:
         record = load_record(source, name, opts.grid, opts.dtype, opts.max_grasps)
     except SceneError as err:
-        return err  # a value, not a raise: the builder decides to skip or stop
+        return err, stat  # a value, not a raise: the builder decides to skip or stop
     write_record(out, opts.layout(), position, record.sdf, record.labels)
-    return dataclasses.replace(record, sdf=b"", labels=b"")
+    return dataclasses.replace(record, sdf=b"", labels=b""), stat
 
 
-def _ours(path: Path) -> bool:
-    return (path / MANIFEST).exists() or (path / BUILD_DIR).exists()
+def _prepare(out: Path, resume: bool, overwrite: bool, header: dict, source: Path) -> tuple[Path, list[dict]]:
+    """Check --out and its staging directory, and ready the staging directory for this build.
 
-
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Check or clear the output directory; returns whether this build created it."""
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not _ours(out):
-            raise BuildError(f"--out {out}: not empty and not a dataset; choose a new or empty directory")
-        if overwrite:
-            shutil.rmtree(out)
-        elif resume and (out / MANIFEST).exists():
+    Returns it and the shards kept from an unfinished build (`--resume`). Nothing is removed or
+    moved before every check has passed; a refused resume leaves the unfinished build as it was.
+    """
+    staging = staging_dir(out)
+    if out.exists() and out.is_dir() and out.stat().st_dev != out.parent.stat().st_dev:
+        raise BuildError(f"--out {out}: a mount point; choose a directory inside it (make_shards builds "
+                         "beside --out and renames the result into place)")
+    state, staged = check_ours(out, "--out"), check_ours(staging, "staging directory")
+    if resume:
+        if staged == "unfinished" or state == "unfinished":
+            where = staging if staged == "unfinished" else out
+            done = _read_journal(where, header, source)
+            if where == out:  # an unfinished build made in place by an older make_shards
+                remove_ours(staging)
+                os.rename(out, staging)
+            return staging, done
+        if state == "dataset":
             raise BuildError(f"--out {out}: already a finished dataset, nothing to resume; "
                              "pass --overwrite to rebuild it")
-        elif not resume:
-            raise BuildError(f"--out {out}: already holds a dataset or an unfinished build; "
-                             "pass --resume to continue it or --overwrite to replace it")
-    created = not out.exists()
-    (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-    return created
+    elif not overwrite and (state in ("dataset", "unfinished") or staged == "unfinished"):
+        raise BuildError(f"--out {out}: already holds a dataset or an unfinished build; "
+                         "pass --resume to continue it or --overwrite to replace it")
+    remove_ours(staging)
+    if staging.exists():
+        raise BuildError(f"staging directory {staging}: could not be emptied; remove it")
+    (staging / BUILD_DIR).mkdir(parents=True)
+    (staging / BUILD_DIR / JOURNAL).write_text(json.dumps(header, sort_keys=True) + "\n")  # marks it ours
+    return staging, []
 
 
-def _remove_outputs(out: Path, created: bool) -> None:
-    """Leave nothing behind after a failed build: the directory if we made it, else our files."""
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for path in out.iterdir():
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
+    """The journalled shards whose files still match, in order; later ones are rebuilt.
 
-
-def _read_journal(out: Path, header: dict) -> list[dict]:
-    """The journalled shards whose files still match, in order; later ones are rebuilt."""
-    path = out / BUILD_DIR / JOURNAL
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
+    A kept shard whose source file's size or mtime_ns differs from the journal's is an error.
+    """
+    lines = (work / BUILD_DIR / JOURNAL).read_text().splitlines()
     try:
         first = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
         first = None
     if first != header:
-        raise BuildError(f"--out {out}: the unfinished build there used other sources or options; "
+        raise BuildError(f"--out {work}: the unfinished build there used other sources or options; "
                          "pass --overwrite to start again")
     kept = []
     for line in lines[1:]:
@@ -179,23 +191,30 @@ def _read_journal(out: Path, header: dict) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             break  # the line being written when the build was killed
-        good = entry["shard"] == len(kept) and all(
-            (out / f["name"]).exists() and (out / f["name"]).stat().st_size == f["bytes"]
-            and file_crc32(out / f["name"]) == f["crc32"] for f in entry["files"])
+        good = entry["shard"] == len(kept) and "sources" in entry and all(
+            (work / f["name"]).exists() and (work / f["name"]).stat().st_size == f["bytes"]
+            and file_crc32(work / f["name"]) == f["crc32"] for f in entry["files"])
         if not good:
             break
         kept.append(entry)
+    for entry in kept:
+        for recorded in entry["sources"]:
+            now = _source_stat(source, recorded["name"])
+            if now != recorded:
+                raise BuildError(f"{source / recorded['name'] / SCENE_FILE}: changed since the unfinished build read "
+                                 f"it (size {recorded['bytes']} -> {now['bytes']}, mtime_ns {recorded['mtime_ns']} -> "
+                                 f"{now['mtime_ns']}); pass --overwrite to rebuild from scratch")
     return kept
 
 
-def _restart_journal(out: Path, header: dict, done: list[dict]) -> None:
+def _restart_journal(work: Path, header: dict, done: list[dict]) -> None:
     """Rewrite the journal with the kept shards only, and delete every other file."""
     keep = {f["name"] for entry in done for f in entry["files"]}
-    for path in out.iterdir():
+    for path in work.iterdir():
         if path.is_file() and path.name not in keep:
             path.unlink()
     lines = [header] + done
-    (out / BUILD_DIR / JOURNAL).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+    (work / BUILD_DIR / JOURNAL).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
 
 
 def _allocated_bytes(paths: list[Path]) -> int:
@@ -204,39 +223,64 @@ def _allocated_bytes(paths: list[Path]) -> int:
 
 
 def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, workers: int | None = None,
-                 resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+                 resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 allow_missing_scenes: bool = False) -> dict:
     """Build a dataset in `out` from `source/<name>/scene.npz`; returns the build summary.
 
-    Raises SceneError for the first bad scene (unless `opts.skip_bad`), BuildError or SplitError
-    for unusable arguments; in both cases nothing is left in `out`. A KeyboardInterrupt keeps the
-    completed shards for `--resume`.
+    The build runs in a staging directory beside `out` under a lock and replaces `out` only when
+    complete. Raises SceneError for the first bad scene (unless `opts.skip_bad`), BuildError,
+    SplitError or SourceError for unusable arguments, sources or output (a full disk included);
+    in all cases `out` is as it was and no staging is left. A KeyboardInterrupt keeps the staged
+    complete shards for `--resume`. `allow_missing_scenes` accepts a splits file naming absent scenes.
     """
     start = time.perf_counter()
     opts.check()
-    source, out = Path(source).resolve(), Path(out)
+    source, out = Path(source).resolve(), Path(out).resolve()
     if not source.is_dir():
         raise BuildError(f"SOURCE {source}: no such directory (expected <name>/scene.npz inside)")
-    names = list_scenes(source)[: opts.limit]
+    listed = list_scenes(source, exclude=(out, staging_dir(out)))
+    names = listed[: opts.limit]
     if not names:
         raise BuildError(f"SOURCE {source}: no scene directories found (expected <name>/scene.npz)")
-    splits = assign_splits(names, Path(opts.splits) if opts.splits else None, opts.val_fraction, opts.test_fraction)
+    splits = assign_splits(names, Path(opts.splits) if opts.splits else None, opts.val_fraction, opts.test_fraction,
+                           present=listed, allow_missing=allow_missing_scenes)
     placement = place_scenes(names, splits, opts.shuffle_seed, opts.records_per_shard)
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source), "args": asdict(opts)}
 
-    created = _prepare_out(out, resume, overwrite)
+    if not out.parent.is_dir():
+        raise BuildError(f"--out {out}: its parent directory does not exist; create it first")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BuildError(f"--out {out}: its parent directory is not writable (the build is made beside --out); "
+                         "choose another --out")
+    lock = Lock(out)
     try:
-        done = _read_journal(out, header) if resume else []
-        _restart_journal(out, header, done)
-        summary = _write_all(source, out, opts, names, splits, placement, done, workers, progress)
-    except (SceneError, BuildError, OSError, MemoryError):
-        _remove_outputs(out, created)
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit: keep complete shards for --resume
-        for tmp in out.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        raise
+        work, done = _prepare(out, resume, overwrite, header, source)
+        try:
+            _restart_journal(work, header, done)
+            summary = _write_all(source, work, opts, names, splits, placement, done, workers, progress)
+            replace(out, work)
+        except (SceneError, BuildError, OSError, MemoryError) as err:
+            remove_ours(work)
+            if isinstance(err, OSError):
+                raise _disk_error(err, out) from None
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: keep complete shards for --resume
+            for tmp in work.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        lock.release()
+    summary["out"] = str(out)
     summary["wall_s"] = time.perf_counter() - start
     return summary
+
+
+def _disk_error(err: OSError, out: Path) -> BuildError:
+    """One line for a failed read or write (a full disk, a lost permission)."""
+    what = f"{err.strerror or os.strerror(err.errno or 0)} ({err.filename})" if err.filename else str(err)
+    advice = "free some space (or choose another --out) and rerun" if err.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "fix it and rerun"
+    return BuildError(f"--out {out}: the build failed: {what}; --out was left as it was; {advice}")
 
 
 def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], splits: list[str],
@@ -264,7 +308,9 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
         results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
         for position in range(first, num_shards * r):
             scene = int(scene_at[position])
-            result = next(results) if scene >= 0 else None
+            result, stat = next(results) if scene >= 0 else (None, None)
+            if stat is not None:
+                shard.sources.append(stat)
             if isinstance(result, Record):
                 shard.rows.append({"scene": scene, "name": result.name, "split": splits[scene],
                                    "shard": shard.number, "slot": position % r, "num_grasps": result.num_grasps,
@@ -286,7 +332,8 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
                     bar.set_postfix_str(f"{rate:.0f} MB/s")
             if position % r == r - 1:
                 entry = {"shard": shard.number, "files": commit_shard(out, shard.number, tuple(shard.crcs)),
-                         "rows": shard.rows, "skipped": shard.skipped, "stats": asdict(shard.stats)}
+                         "rows": shard.rows, "skipped": shard.skipped, "stats": asdict(shard.stats),
+                         "sources": shard.sources}
                 with open(journal, "a") as f:
                     f.write(json.dumps(entry, sort_keys=True) + "\n")
                 entries.append(entry)
@@ -303,7 +350,7 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
     layout = opts.layout()
     rows = [row for e in entries for row in e["rows"]]
     skipped = [s for e in entries for s in e["skipped"]]
-    stats = [_ShardStats(**e["stats"]) for e in entries]
+    stats = [_ShardStats(ScoreSums(**e["stats"]["train"]), e["stats"]["conversion_error"]) for e in entries]
     files = [f for e in entries for f in e["files"]]
     write_index(out / INDEX, rows)
     files.append({"name": INDEX, "bytes": (out / INDEX).stat().st_size, "crc32": file_crc32(out / INDEX)})
@@ -317,12 +364,10 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
     for row in rows:
         per_split[row["split"]]["scenes"] += 1
         per_split[row["split"]]["grasps"] += row["num_grasps"]
-    n = sum(s.train_count for s in stats)
-    mean = sum(s.train_sum for s in stats) / n if n else None
-    std = max(sum(s.train_sumsq for s in stats) / n - mean ** 2, 0.0) ** 0.5 if n else None
-    score_stats = {"split": "train", "count": n, "mean": mean, "std": std,
-                   "min": min(s.train_min for s in stats) if n else None,
-                   "max": max(s.train_max for s in stats) if n else None}
+    train = score_stats([s.train for s in stats])
+    if train["count"] and train["min"] == train["max"]:
+        raise BuildError(f"SOURCE {source}: all {train['count']} train scores are equal ({train['min']}), so their "
+                         "std is 0 and scores cannot be standardised; check the labels")
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "grid": [layout.grid] * 3, "grid_origin": grid_points(layout.grid)[0],
@@ -331,7 +376,7 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
         "records_per_shard": layout.records_per_shard, "header_bytes": HEADER_BYTES,
         "num_shards": len(entries), "num_scenes": len(rows), "num_records": len(entries) * layout.records_per_shard,
         "source_scenes": considered,
-        "splits": per_split, "score_stats": score_stats,
+        "splits": per_split, "score_stats": train,
         "sdf_max_conversion_error": max(s.conversion_error for s in stats),
         "skipped": len(skipped),
         "checksums": {"files": "crc32 of the whole file",
@@ -342,12 +387,13 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
         "made_by": {"tool": "make_shards", "version": __version__, "source": str(source), "args": asdict(opts)},
     }
     write_manifest(out, manifest)
-    shutil.rmtree(out / BUILD_DIR)
+    (out / BUILD_DIR / JOURNAL).unlink()
+    (out / BUILD_DIR).rmdir()
     paths = [out / f["name"] for f in files] + [out / MANIFEST]
     return {
         "out": str(out), "scenes": len(rows), "considered": considered, "skipped": len(skipped),
         "splits": per_split, "shards": len(entries), "records": manifest["num_records"],
         "bytes_on_disk": _allocated_bytes(paths), "bytes_apparent": sum(p.stat().st_size for p in paths),
-        "score_stats": score_stats, "sdf_dtype": layout.dtype,
+        "score_stats": train, "sdf_dtype": layout.dtype,
         "sdf_max_conversion_error": manifest["sdf_max_conversion_error"],
     }

@@ -5,6 +5,7 @@ or substituted. A scene that passes becomes a `Record`: its bytes exactly as the
 """
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ import numpy as np
 from .checksum import checksum, device_checksum, word_keys
 from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN
 from .half import to_float16
+from .stats import ScoreSums
 
 SCENE_FILE = "scene.npz"
 REQUIRED_KEYS = ("sdf", "grasps", "scores")
+OPTIONAL_KEYS = ("translation", "global_scale")  # the seed's later versions add them
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -31,6 +34,10 @@ class SceneError(ValueError):
 
     def __reduce__(self):  # travels back from worker processes intact
         return SceneError, (self.path, self.reason)
+
+
+class SourceError(ValueError):
+    """A SOURCE directory whose listing cannot be trusted (a dangling link, a name that is not UTF-8)."""
 
 
 @dataclass
@@ -47,67 +54,113 @@ class Record:
     labels_crc: int
     translation: list[float] | None
     global_scale: float | None
-    score_sum: float           # float64 sums, for the split's score statistics
-    score_sumsq: float
-    score_min: float
-    score_max: float
+    scores: ScoreSums          # of the scores as stored, for the train split's statistics
     conversion_error: float    # max |sdf - stored sdf| (0 for float32)
 
 
-def list_scenes(source: Path) -> list[str]:
-    """Scene names of a processed directory: its subdirectories, sorted by name."""
-    return sorted(p.name for p in source.iterdir() if p.is_dir())
+def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
+    """Scene names of a processed directory: its subdirectories, sorted by name, minus `exclude`
+    (the dataset being written and its staging directory, when they sit inside SOURCE).
+
+    A dangling symlink or a name that is not UTF-8 is an error, never silently dropped.
+    """
+    names = []
+    for p in source.iterdir():
+        if p in exclude:
+            continue
+        if p.is_symlink() and not p.exists():
+            raise SourceError(f"{os.fsencode(p)!r}: a symlink to {os.fsencode(os.readlink(p))!r}, which does not "
+                              "exist; fix the link or remove the scene from SOURCE")
+        if not p.is_dir():
+            continue
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SourceError(f"SOURCE {source}: scene folder {os.fsencode(p.name)!r} is not a UTF-8 name; "
+                              "rename it (scene names are stored as text in the index)") from None
+        names.append(p.name)
+    return sorted(names)
 
 
-def _finite_float(path: Path, key: str, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind != "f":
-        raise SceneError(path, f"'{key}' has dtype {array.dtype}, expected a floating-point array")
+def _header_of(path: Path, f, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of one npz member from its NPY header; `f` is left at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        header = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise SceneError(path, f"'{key}' has NPY version {version}, expected 1.0 or 2.0")
+    if header[2].kind != "f":
+        raise SceneError(path, f"'{key}' has dtype {header[2]}, expected a floating-point array")
+    return header
+
+
+def _read_data(path: Path, f, key: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> np.ndarray:
+    """The array whose header `_header_of` read (and whose shape was checked): exactly its bytes, or an error."""
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    data = f.read(size)
+    if len(data) != size:
+        raise SceneError(path, f"unreadable or corrupt npz ('{key}' holds {len(data)} of its {size} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], grid: int, max_grasps: int) -> int:
+    """Check the arrays' shapes against the grid and --max-grasps before any is loaded; returns N."""
+    if shapes["sdf"] != (grid,) * 3:
+        raise SceneError(path, f"'sdf' has shape {shapes['sdf']}, expected {(grid,) * 3} (--grid {grid})")
+    grasps = shapes["grasps"]
+    if len(grasps) != 2 or grasps[1] != GRASP_DIM:
+        raise SceneError(path, f"'grasps' has shape {grasps}, expected (N, {GRASP_DIM})")
+    n = grasps[0]
+    if n > max_grasps:
+        raise SceneError(path, f"has {n} grasps, more than --max-grasps {max_grasps}")
+    if shapes["scores"] != (n,):
+        raise SceneError(path, f"'scores' has shape {shapes['scores']}, expected ({n},) to match 'grasps'")
+    if n == 0:
+        raise SceneError(path, "has no grasps (N = 0)")
+    for key, shape in (("translation", (3,)), ("global_scale", ())):
+        if key in shapes and shapes[key] != shape:
+            raise SceneError(path, f"'{key}' has shape {shapes[key]}, expected {shape}")
+    return n
+
+
+def _finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) -> np.ndarray:
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if as_stored:
+            raise SceneError(path, f"'{key}' has {bad} values that are finite in the file but not as stored "
+                                   f"({array.dtype}, |x| <= {float(np.finfo(array.dtype).max):.6g}); fix the scene")
         raise SceneError(path, f"'{key}' has {bad} non-finite values (NaN or inf)")
     return array
 
 
-def _optional_extra(path: Path, data, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    if key not in data.files:
-        return None
-    value = _finite_float(path, key, np.asarray(data[key]))
-    if value.shape != shape:
-        raise SceneError(path, f"'{key}' has shape {value.shape}, expected {shape}")
-    return value
-
-
 def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int) -> Record:
-    """Load `source/name/scene.npz`, check it, and convert it to a shard record."""
+    """Load `source/name/scene.npz`, check it (headers first, then values as stored), convert it to a record."""
     path = source / name / SCENE_FILE
     if not path.exists():
         raise SceneError(path, f"missing {SCENE_FILE}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in REQUIRED_KEYS if k not in data.files]
+        with zipfile.ZipFile(path) as archive:
+            present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
+            missing = [k for k in REQUIRED_KEYS if k not in present]
             if missing:
-                raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {', '.join(data.files) or 'none'}")
-            sdf = _finite_float(path, "sdf", data["sdf"])
-            grasps = _finite_float(path, "grasps", data["grasps"])
-            scores = _finite_float(path, "scores", data["scores"])
-            translation = _optional_extra(path, data, "translation", (3,))
-            global_scale = _optional_extra(path, data, "global_scale", ())
+                found = ", ".join(sorted(present)) or "none"
+                raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {found}")
+            keys = [k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k in present]
+            members = {k: archive.open(f"{k}.npy") for k in keys}
+            try:
+                headers = {k: _header_of(path, members[k], k) for k in keys}
+                n = _check_shapes(path, {k: h[0] for k, h in headers.items()}, grid, max_grasps)
+                arrays = {k: _finite(path, k, _read_data(path, members[k], k, *headers[k])) for k in keys}
+            finally:
+                for member in members.values():
+                    member.close()
     except SceneError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise SceneError(path, f"unreadable or corrupt npz ({type(err).__name__}: {err})") from None
-
-    if sdf.shape != (grid,) * 3:
-        raise SceneError(path, f"'sdf' has shape {sdf.shape}, expected {(grid,) * 3} (--grid {grid})")
-    if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM:
-        raise SceneError(path, f"'grasps' has shape {grasps.shape}, expected (N, {GRASP_DIM})")
-    n = grasps.shape[0]
-    if scores.shape != (n,):
-        raise SceneError(path, f"'scores' has shape {scores.shape}, expected ({n},) to match 'grasps'")
-    if n == 0:
-        raise SceneError(path, "has no grasps (N = 0)")
-    if n > max_grasps:
-        raise SceneError(path, f"has {n} grasps, more than --max-grasps {max_grasps}")
+    sdf = arrays["sdf"]
 
     if dtype == "float16":
         peak = float(np.abs(sdf).max())
@@ -117,22 +170,21 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
     if dtype == "float16" and sdf.dtype == np.float32:
         stored, error = to_float16(sdf)
     else:
-        stored = np.ascontiguousarray(sdf, dtype=dtype)
+        stored = _finite(path, "sdf", np.ascontiguousarray(sdf, dtype=dtype), as_stored=True)
         error = float(np.abs(stored.astype(np.float64) - sdf).max())
 
     labels = np.zeros((max_grasps, LABEL_DIM), dtype=LABEL_DTYPE)
     labels[n:, SCORE_COLUMN] = np.nan
-    labels[:n, :GRASP_DIM] = grasps
-    labels[:n, SCORE_COLUMN] = scores
+    labels[:n, :GRASP_DIM] = _finite(path, "grasps", arrays["grasps"].astype(LABEL_DTYPE), as_stored=True)
+    labels[:n, SCORE_COLUMN] = _finite(path, "scores", arrays["scores"].astype(LABEL_DTYPE), as_stored=True)
+    extras = {k: _finite(path, k, arrays[k].astype(np.float32), as_stored=True) for k in OPTIONAL_KEYS if k in arrays}
     sdf_bytes, label_bytes = memoryview(stored).cast("B"), memoryview(labels).cast("B")
-    s64 = scores.astype(np.float64)
     keys = word_keys((len(sdf_bytes) + len(label_bytes)) // 4)
     return Record(
         name=name, sdf=sdf_bytes, labels=label_bytes, num_grasps=n, checksum=checksum(sdf_bytes, label_bytes),
         device_checksum=device_checksum(sdf_bytes, label_bytes, keys),
         sdf_crc=zlib.crc32(sdf_bytes), labels_crc=zlib.crc32(label_bytes),
-        translation=None if translation is None else [float(v) for v in translation.astype(np.float32)],
-        global_scale=None if global_scale is None else float(np.float32(global_scale)),
-        score_sum=float(s64.sum()), score_sumsq=float(np.square(s64).sum()),
-        score_min=float(s64.min()), score_max=float(s64.max()), conversion_error=error,
+        translation=[float(v) for v in extras["translation"]] if "translation" in extras else None,
+        global_scale=float(extras["global_scale"]) if "global_scale" in extras else None,
+        scores=ScoreSums.of(labels[:n, SCORE_COLUMN]), conversion_error=error,
     )

@@ -42,9 +42,10 @@ def load_splits(path: Path) -> dict[str, str]:
     return assignment
 
 
-def assign_splits(names: list[str], splits_file: Path | None,
-                  val_fraction: float, test_fraction: float) -> list[str]:
-    """The split of each name, from the file when given (a missing scene is an error)."""
+def assign_splits(names: list[str], splits_file: Path | None, val_fraction: float, test_fraction: float,
+                  present: list[str] | None = None, allow_missing: bool = False) -> list[str]:
+    """The split of each name, from the file when given: a scene in no split is an error, and so is a
+    scene the file names that is not `present` in SOURCE (a half-copied SOURCE) unless `allow_missing`."""
     if splits_file is None:
         return [hash_split(n, val_fraction, test_fraction) for n in names]
     assignment = load_splits(splits_file)
@@ -52,4 +53,9 @@ def assign_splits(names: list[str], splits_file: Path | None,
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SplitError(f"{splits_file}: scene {missing[0]}{more} is in no split; add it to the file")
+    known = set(names if present is None else present)
+    absent = sorted(n for n in assignment if n not in known)
+    if absent and not allow_missing:
+        raise SplitError(f"{splits_file}: scene {absent[0]} ({len(absent)} of its {len(assignment)} scenes in all) "
+                         "is not in SOURCE; copy the missing scenes in, or pass --allow-missing-scenes")
     return [assignment[n] for n in names]

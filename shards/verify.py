@@ -1,10 +1,12 @@
 """Verification: manifest, files and index agree; headers are right; every record's bytes match.
 
 `python -m shards.verify DIR [--quick]` (also `tools/verify_shards.py`): exit 0 with a one-line
-summary, or exit 1 with one line per problem naming the file, shard, slot and scene.
+summary, or exit 1 with one line per problem naming the file, shard, slot and scene. The full check
+also recomputes the train score statistics from the stored labels and compares them with the manifest's.
 """
 from __future__ import annotations
 
+import math
 import sys
 import zlib
 from pathlib import Path
@@ -17,8 +19,9 @@ from .checksum import checksum, device_checksum, word_keys
 from .format import (HEADER_BYTES, INDEX, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, file_crc32, labels_name,
                      read_npy_header, sdf_name)
 from .index import read_index
-from .manifest import DatasetError, read_manifest
+from .manifest import DatasetError, fingerprint, read_manifest
 from .reader import SPLITS
+from .stats import ScoreSums, score_stats
 from .writer import Layout
 
 
@@ -73,9 +76,28 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
     return problems
 
 
+def _check_stats(manifest: dict, recomputed: dict | None = None) -> list[str]:
+    """The manifest's train score statistics: a spread (std > 0), and equal to those `recomputed` from the labels."""
+    stats, problems = manifest["score_stats"], []
+    if stats.get("count") and (stats.get("std") == 0 or stats.get("min") == stats.get("max")):
+        problems.append(f"manifest.json: score_stats std is {stats.get('std')}: all train scores are equal "
+                        f"(min {stats.get('min')}, max {stats.get('max')}); scores cannot be standardised, rebuild "
+                        "with varied labels")
+    if recomputed is not None:
+        for key, want in recomputed.items():
+            got = stats.get(key)
+            same = (got == want if not isinstance(want, float) or not isinstance(got, (int, float))
+                    else math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12))
+            if not same:
+                problems.append(f"manifest.json: score_stats {key} is {got}, but the train labels give {want}; "
+                                "the manifest was edited or is not this dataset's: rebuild the dataset")
+    return problems
+
+
 def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int],
-                   crcs: dict[str, str]) -> list[str]:
-    """One pass over a shard's two files: whole-file CRC-32, every record's two checksums and its scores."""
+                   crcs: dict[str, str], train: ScoreSums) -> list[str]:
+    """One pass over a shard's two files: whole-file CRC-32, every record's two checksums and its scores
+    (adding the train records' scores, as stored, to `train`)."""
     problems = []
     keys = word_keys(layout.record_words)
     sdf_path, lab_path = root / sdf_name(shard), root / labels_name(shard)
@@ -101,6 +123,8 @@ def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: di
             used = int(index["num_grasps"][row])
             if not np.isfinite(scores[:used]).all() or not np.isnan(scores[used:]).all():
                 problems.append(f"{where}: scores of the {used} used slots must be finite and the rest NaN")
+            elif index["split"][row] == "train":
+                train.add(ScoreSums.of(scores[:used]))
     for path, crc in ((sdf_path, sdf_crc), (lab_path, lab_crc)):
         if f"{crc:08x}" != crcs[path.name]:
             problems.append(f"{path.name}: shard {shard}: file CRC-32 {crc:08x} differs from the manifest's "
@@ -116,6 +140,9 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
     except DatasetError as err:
         return [str(err)], ""
     m = manifest
+    if m.get("fingerprint") != fingerprint(m):
+        return [f"{root / 'manifest.json'}: its fingerprint does not match its contents: edited after the build; "
+                "rebuild the dataset"], ""
     layout = Layout(m["grid"][0], m["sdf_dtype"], m["max_grasps"], m["records_per_shard"])
     listed = {f["name"]: f for f in m["files"]}
     problems = []
@@ -144,6 +171,7 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
     except (OSError, ValueError) as err:
         return problems + [f"{INDEX}: unreadable index ({err})"], ""
     problems += _check_index(m, index, layout)
+    problems += _check_stats(m)
     if problems or quick:
         checked = "sizes, headers and index match (records not read: --quick)"
     else:
@@ -151,8 +179,12 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         for row, (shard, slot) in enumerate(zip(index["shard"], index["slot"])):
             rows_by_shard[int(shard)][int(slot)] = row
         crcs = {name: entry["crc32"] for name, entry in listed.items()}
+        parts = []
         for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=(not progress) or None):
-            problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs)
+            parts.append(ScoreSums())
+            problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs, parts[-1])
+        if not problems:
+            problems += _check_stats(m, score_stats(parts))
         checked = "every file and record checksum matches"
     splits = " / ".join(f"{s} {m['splits'][s]['scenes']}" for s in SPLITS)
     size = sum(entry["bytes"] for entry in m["files"]) / 1e6

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from shards import BuildError, BuildOptions, SceneError, SplitError, build_shards
+from shards import BuildError, BuildOptions, SceneError, SourceError, SplitError, build_shards
 
 
 def _summary(s: dict, wall_s: float) -> str:
@@ -45,15 +45,20 @@ def _summary(s: dict, wall_s: float) -> str:
 @click.option("--limit", type=int, default=None, help="Use only the first N scenes by name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping complete shards that verify.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in --out.")
+@click.option("--allow-missing-scenes", is_flag=True,
+              help="Build even though --splits names scenes that are not in SOURCE (a partial copy).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad scenes (listed in DIR/skipped.jsonl) instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(source: Path, out: Path, grid: int, records_per_shard: int, dtype: str, max_grasps: int,
          splits: Path | None, val_fraction: float, test_fraction: float, shuffle_seed: int, workers: int | None,
-         limit: int | None, resume: bool, overwrite: bool, skip_bad: bool, quiet: bool) -> None:
+         limit: int | None, resume: bool, overwrite: bool, allow_missing_scenes: bool, skip_bad: bool,
+         quiet: bool) -> None:
     """Write SOURCE/<name>/scene.npz scenes into fixed-size shards in --out (format 2).
 
     Each split fills its own shards, its scenes in a seeded order; scene ids are name-sorted positions.
-    Stops at the first bad scene (exit 2, nothing left behind) unless --skip-bad.
+    Stops at the first bad scene (exit 2, nothing left behind) unless --skip-bad. The build is made
+    beside --out and replaces it only when complete; --overwrite and --resume touch only a directory
+    that is a dataset (or unfinished build) of this format, and a second build into --out is refused.
     """
     if workers is not None and workers < 1:
         raise click.BadParameter(f"{workers}: must be at least 1", param_hint="--workers")
@@ -63,12 +68,13 @@ def main(source: Path, out: Path, grid: int, records_per_shard: int, dtype: str,
                         shuffle_seed=shuffle_seed)
     try:
         summary = build_shards(source, out, opts, workers=workers, resume=resume, overwrite=overwrite,
-                               progress=not quiet)
-    except (SceneError, BuildError, SplitError) as err:
+                               progress=not quiet, allow_missing_scenes=allow_missing_scenes)
+    except (SceneError, BuildError, SplitError, SourceError) as err:
         click.echo(f"make_shards: error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo(f"make_shards: interrupted; complete shards are kept: rerun with --resume to finish {out}",
+        click.echo(f"make_shards: interrupted; --out is as it was and the complete new shards are kept "
+                   f"beside it: rerun with --resume to finish {out}",
                    err=True)
         sys.exit(130)
     click.echo(_summary(summary, summary["wall_s"]))
