@@ -348,15 +348,16 @@ def test_eval_refuses_what_does_not_fit_in_one_line(data_a: Path, tmp_path: Path
     assert message.format(ckpt=ckpt, shards=shards) in line
 
 
-def test_a_zero_score_std_is_refused_not_replaced(data_a: Path, tmp_path: Path) -> None:
-    """std 0 in the manifest used to become 1 silently; now fit stops with one line naming the manifest."""
+@pytest.mark.parametrize("std", [0.0, -1.0], ids=["zero", "negative"])
+def test_an_unusable_score_std_is_refused_not_replaced(data_a: Path, tmp_path: Path, std: float) -> None:
+    """std 0 in the manifest used to become 1 silently; now fit stops with one line (verify's, or fit's own)."""
     import shutil
 
     from shards.manifest import write_manifest
     copy = tmp_path / "copy"
     shutil.copytree(data_a, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["score_stats"]["std"] = 0.0
+    manifest["score_stats"]["std"] = std
     write_manifest(copy, {k: v for k, v in manifest.items() if k != "fingerprint"})
     line = one_line(fit(copy, tmp_path / "run", ok=False), 2)
-    assert "manifest.json: train score statistics mean" in line and "std 0.0" in line and "std must be" in line
+    assert "manifest.json" in line and f"std {'is ' if std == 0 else ''}{std}" in line
