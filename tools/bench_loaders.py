@@ -120,7 +120,7 @@ def _split_file_bytes(shards_dir: Path, split: str) -> int:
                for k in reader.split_shards(split))
 
 
-def _epoch_bytes(source, it, epochs: int = 2) -> dict:
+def _epoch_bytes(source, it, epochs: int = 4) -> dict:
     """Finish the timed epoch, then count the bytes read per epoch in the steady state: from the first
     batch of epoch 1 to the first batch of epoch 1 + `epochs`, over `epochs` (a streaming reader's
     read-ahead then counts once at each end, as it should)."""

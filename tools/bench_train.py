@@ -76,20 +76,23 @@ def time_to_quality(shards: Path, device: str, budget_s: float, val_every: int, 
                 "g16_final_val_mse": [r for r in rows if "val_mse" in r][-1]["val_mse"]}
 
 
-def run_window_study(shards: Path, device: str, windows: list[str], steps: int, s: int, g: int,
-                 base_channels: int | None, fc_dims: tuple[int, ...] | None, lr: float) -> list[dict]:
-    """Final val MSE after `steps` steps for each shuffle window (same seed and settings otherwise)."""
+def run_window_study(shards: Path, device: str, windows: list[str], seeds: list[int], steps: int, s: int, g: int,
+                     base_channels: int | None, fc_dims: tuple[int, ...] | None, lr: float) -> list[dict]:
+    """Final val MSE after `steps` steps for each shuffle window and seed (the same settings otherwise);
+    each run is compared with the full shuffle (`all`) of its own seed."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_window_") as tmp:
-        for window in windows:
-            summary = fit(FitConfig(shards=str(shards), out=f"{tmp}/w{window}", device=device, base_channels=base_channels,
-                                    fc_dims=fc_dims, lr=lr, max_steps=steps, scenes_per_batch=s, grasps_per_scene=g,
-                                    shuffle_window=window, val_every=10 ** 9, early_stopping=0, ckpt_every=10 ** 9,
-                                    progress=False))
-            rows.append({"shuffle_window": window, "steps": summary["steps"], "val_mse": summary["val_mse"],
-                         "val_spearman": summary.get("val_spearman"), "train_time_s": summary["train_time_s"]})
-    full = next((r["val_mse"] for r in rows if r["shuffle_window"] == "all"), None)
+        for seed in seeds:
+            for window in windows:
+                summary = fit(FitConfig(shards=str(shards), out=f"{tmp}/s{seed}w{window}", device=device, seed=seed,
+                                        base_channels=base_channels, fc_dims=fc_dims, lr=lr, max_steps=steps,
+                                        scenes_per_batch=s, grasps_per_scene=g, shuffle_window=window,
+                                        val_every=10 ** 9, early_stopping=0, ckpt_every=10 ** 9, progress=False))
+                rows.append({"seed": seed, "shuffle_window": window, "steps": summary["steps"],
+                             "val_mse": summary["val_mse"], "val_spearman": summary.get("val_spearman"),
+                             "train_time_s": summary["train_time_s"]})
     for row in rows:
+        full = next((r["val_mse"] for r in rows if r["seed"] == row["seed"] and r["shuffle_window"] == "all"), None)
         row["val_mse_vs_all"] = row["val_mse"] / full if full else None
     return rows
 
@@ -115,11 +118,13 @@ def run_window_study(shards: Path, device: str, windows: list[str], steps: int, 
 @click.option("--window-study", default=None,
               help="Instead of everything else: val MSE after --study-steps for these windows, e.g. 1,2,4,all.")
 @click.option("--study-steps", default=600, show_default=True, help="Window study: training steps per window.")
+@click.option("--study-seeds", default="0", show_default=True, help="Window study: seeds (comma-separated), one run "
+              "per window and seed, to see the run-to-run spread.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
 def main(shards: Path, device: str, models: str, loaders: str, steps: int, large_steps: int, warmup: int,
          base_channels: int | None, fc_dims: str | None, amp: str, channels_last: bool, compile_model: bool,
          budget_s: float, val_every: int, lr: float, skip_quality: bool, shuffle_window: str, window_study: str | None,
-         study_steps: int, json_path: Path | None) -> None:
+         study_steps: int, study_seeds: str, json_path: Path | None) -> None:
     """Training samples/s (each model x loader x (S,G)) and time for G=16 to reach G=1's val MSE."""
     logging.basicConfig(level=logging.WARNING)
     dev = resolve_device(device)
@@ -133,14 +138,19 @@ def main(shards: Path, device: str, models: str, loaders: str, steps: int, large
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--shuffle-window / --window-study") from None
     if window_study:
-        rows = run_window_study(shards, device, window_study.split(","), study_steps, 8, 16,
-                                                   base_channels, dims, lr)
-        click.echo(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}, seed 0")
-        click.echo(f"  {'window':>8} {'val MSE':>9} {'x all':>7} {'Spearman':>9} {'train s':>8}")
+        windows, seeds = window_study.split(","), [int(x) for x in study_seeds.split(",")]
+        rows = run_window_study(shards, device, windows, seeds, study_steps, 8, 16, base_channels, dims, lr)
+        click.echo(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}")
+        click.echo(f"  {'seed':>4} {'window':>8} {'val MSE':>9} {'x all':>7} {'Spearman':>9} {'train s':>8}")
         for r in rows:
             vs = f"{r['val_mse_vs_all']:.3f}" if r["val_mse_vs_all"] else "-"
-            click.echo(f"  {r['shuffle_window']:>8} {r['val_mse']:>9.4f} {vs:>7} {r['val_spearman'] or 0:>9.4f} "
-                       f"{r['train_time_s']:>8.1f}")
+            click.echo(f"  {r['seed']:>4} {r['shuffle_window']:>8} {r['val_mse']:>9.4f} {vs:>7} "
+                       f"{r['val_spearman'] or 0:>9.4f} {r['train_time_s']:>8.1f}")
+        for window in windows:
+            ratios = [r["val_mse_vs_all"] for r in rows if r["shuffle_window"] == window and r["val_mse_vs_all"]]
+            if ratios and window != "all":
+                click.echo(f"  window {window}: val MSE / all's, mean over {len(ratios)} seed(s): "
+                           f"{sum(ratios) / len(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
         if json_path:
             json_path.write_text(json.dumps({"window_study": rows}, indent=2) + "\n")
         return
