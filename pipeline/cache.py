@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -76,56 +76,60 @@ class CacheLoader(Loader):
     def _load(self, progress: bool) -> None:
         """Shard by shard: read the rank's records into the cache rows, checking each shard's records.
 
-        CPU: reads land in the cache itself and a second thread checks each shard while the next
-        is read (both release the GIL). CUDA: reads land in one of two pinned buffers, whose copy to
-        the device overlaps the next read; the records are then checked on the device.
+        CPU: one task per shard reads it straight into the cache and checks it, on as many threads as
+        there are cores (reads and XXH3 release the GIL; the kernel's page zeroing of the fresh cache
+        then runs on every core too). CUDA: reads land in one of two pinned buffers, whose copy to the
+        device overlaps the next read; the records are then checked on the device.
         """
         start = time.perf_counter()
         shard_of = self.records.shard[self._mine]
         bounds = np.searchsorted(shard_of, np.append(self.shards, np.iinfo(np.int64).max))
-        on_gpu = self.device.type == "cuda"
-        staging, done_copy = [], []
-        if on_gpu:
-            r = self.reader.layout.records_per_shard
-            staging = [(torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
-                        torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True))
-                       for _ in range(2)]
-            done_copy = [None, None]
-        checks: list[Future] = []
+        parts = [(int(shard), int(bounds[i]), int(bounds[i + 1])) for i, shard in enumerate(self.shards)]
         bar = tqdm(total=self.resident_bytes, unit="B", unit_scale=True, desc=f"cache {self.split}",
                    disable=(not progress) or None, dynamic_ncols=True)
-        with ThreadPoolExecutor(1) as checker:
-            for i, shard in enumerate(self.shards):
-                a, z = int(bounds[i]), int(bounds[i + 1])
-                slots = self.records.slot[self._mine[a:z]]
-                dest = (self.sdf[a:z], self.labels[a:z])
-                if on_gpu:
-                    buf = staging[i % 2]
-                    if done_copy[i % 2] is not None:
-                        done_copy[i % 2].synchronize()  # its last copy to the device has finished
-                    stage = (buf[0][:z - a], buf[1][:z - a])
-                    for kind, part in zip(("sdf", "labels"), stage):
-                        self.reader.read_records(kind, int(shard), slots, part.numpy())
-                    for d, part in zip(dest, stage):
-                        d.copy_(part, non_blocking=True)
-                    done_copy[i % 2] = torch.cuda.Event()
-                    done_copy[i % 2].record()
-                else:
-                    for kind, part in zip(("sdf", "labels"), dest):
-                        self.reader.read_records(kind, int(shard), slots, part.numpy())
-                    checks.append(checker.submit(self._timed_check, *dest, self._mine[a:z]))
-                bar.update(dest[0].nbytes + dest[1].nbytes)
-            for check in checks:
-                check.result()  # raises the first bad record's error
-        if on_gpu:
-            torch.cuda.synchronize(self.device)
-            self._timed_check(self.sdf, self.labels, self._mine)
+        if self.device.type == "cuda":
+            self._load_staged(parts, bar)
+        else:
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                for done in [pool.submit(self._load_shard, *part) for part in parts]:
+                    bar.update(done.result())  # in shard order: the first bad record's error is raised here
         bar.close()
         self.load_s = time.perf_counter() - start
         log.info("cache: %s scenes of split %s, rank %d of %d (%.1f MB, sdf %s) loaded into %s and checked in "
                  "%.2f s (%.0f MB/s; checks %.2f s)", f"{len(self._mine):,}", self.split, self.spec.rank,
                  self.spec.world_size, self.resident_bytes / 1e6, self.reader.layout.dtype, self.device,
                  self.load_s, self.resident_bytes / 1e6 / max(self.load_s, 1e-9), self.check_s)
+
+    def _load_shard(self, shard: int, a: int, z: int) -> int:
+        """Read one shard's records into cache rows a..z and check them; returns the bytes read."""
+        dest = (self.sdf[a:z], self.labels[a:z])
+        slots = self.records.slot[self._mine[a:z]]
+        for kind, part in zip(("sdf", "labels"), dest):
+            self.reader.read_records(kind, shard, slots, part.numpy())
+        self._timed_check(*dest, self._mine[a:z])
+        return dest[0].nbytes + dest[1].nbytes
+
+    def _load_staged(self, parts: list[tuple[int, int, int]], bar: tqdm) -> None:
+        """CUDA: read each shard into one of two pinned buffers and copy it to the device while the next is read."""
+        r = self.reader.layout.records_per_shard
+        staging = [(torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
+                    torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True))
+                   for _ in range(2)]
+        copied: list[torch.cuda.Event | None] = [None, None]
+        for i, (shard, a, z) in enumerate(parts):
+            if copied[i % 2] is not None:
+                copied[i % 2].synchronize()  # this buffer's last copy to the device has finished
+            stage = (staging[i % 2][0][:z - a], staging[i % 2][1][:z - a])
+            slots = self.records.slot[self._mine[a:z]]
+            for kind, part in zip(("sdf", "labels"), stage):
+                self.reader.read_records(kind, shard, slots, part.numpy())
+            for dest, part in zip((self.sdf[a:z], self.labels[a:z]), stage):
+                dest.copy_(part, non_blocking=True)
+            copied[i % 2] = torch.cuda.Event()
+            copied[i % 2].record()
+            bar.update(stage[0].nbytes + stage[1].nbytes)
+        torch.cuda.synchronize(self.device)
+        self._timed_check(self.sdf, self.labels, self._mine)
 
     def _timed_check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
         t = time.perf_counter()
