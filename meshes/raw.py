@@ -34,7 +34,7 @@ from tqdm import tqdm
 from synth.grasps import sample_grasps
 from synth.scenes import check_grid
 from synth.score import score_grasps
-from synth.writer import save_npz
+from synth.writer import save_npz, swap_in
 
 from .sdf import OPEN_MESH_MODES, OPEN_MESH_REASON, MeshError, is_closed, load_mesh, mesh_sdf
 
@@ -269,13 +269,7 @@ def import_meshes(raw: str | Path, out: str | Path, opts: ImportOptions = Import
             lines = [json.dumps({"name": n, "kind": _kind(r), "reason": r}) for n, r in sorted(refused.items())]
             (tmp / SKIPPED_FILE).write_text("\n".join(lines) + "\n")
         tmp.chmod(0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

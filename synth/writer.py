@@ -101,6 +101,18 @@ def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
     return tmp, missing
 
 
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` in place as `out`; an existing `out` (empty, or being overwritten,
+    checked by the caller) is moved aside first and deleted only once `tmp` is in place."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def _remove_empty(dirs: list[Path]) -> None:
     for folder in reversed(dirs):
         try:
@@ -156,13 +168,7 @@ def write_scenes(out_dir: str | os.PathLike, scenes: int, *, grasps_per_scene: i
     tmp, created = _make_temp_dir(out)
     try:
         scores = _generate(tmp, scenes, grid, grasps_per_scene, seed, workers, progress, compress)
-        if out.exists():  # empty, or overwrite: move it aside, swap in the new one, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
