@@ -72,7 +72,7 @@ def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
     result = run_tool("bench_train.py", "--shards", shards, "--window-study", "1,all", "--study-steps", 2,
                       "--study-seeds", "0,1", "--base-channels", 2, "--fc-dims", 8, "--json", out, check=True)
     rows = json.loads(out.read_text())["window_study"]
-    assert [(r["seed"], r["shuffle_window"]) for r in rows] == [(0, 1), (0, "all"), (1, 1), (1, "all")]
+    assert [(r["seed"], r["shuffle_window"]) for r in rows] == [(0, "1"), (0, "all"), (1, "1"), (1, "all")]
     assert all(r["steps"] == 2 and r["val_mse"] > 0 for r in rows)
     assert [r["val_mse_vs_all"] for r in rows][1::2] == [1.0, 1.0]
     assert "window 1: val MSE / all's, mean over 2 seed(s)" in result.stdout
