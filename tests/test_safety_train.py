@@ -361,3 +361,17 @@ def test_an_unusable_score_std_is_refused_not_replaced(data_a: Path, tmp_path: P
     write_manifest(copy, {k: v for k, v in manifest.items() if k != "fingerprint"})
     line = one_line(fit(copy, tmp_path / "run", ok=False), 2)
     assert "manifest.json" in line and f"std {'is ' if std == 0 else ''}{std}" in line
+
+
+def test_compare_and_predict_never_replace_someone_elses_files(data_a: Path, tmp_path: Path) -> None:
+    """compare into a folder of someone else's, predict onto an existing non-Parquet file: refused, kept."""
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    line = one_line(invoke("compare", "--shards", data_a, "--out", folder, "--overwrite", "--max-steps", 1), 2)
+    assert "holds 'notes.txt', which compare did not write" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    line = one_line(invoke("predict", tmp_path / "any.pt", "--shards", data_a, "--split", "val",
+                           "--out", folder / "notes.txt", "--overwrite"), 2)
+    assert "notes.txt: exists and is not a Parquet file" in line
+    assert (folder / "notes.txt").read_text() == "mine"

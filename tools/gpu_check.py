@@ -62,6 +62,12 @@ QUICK = Sizes(scenes=40, grid=16, grasps=64, loader_batches=3, steps=2, large_st
               model_args=("--base-channels", "2", "--fc-dims", "8"))
 
 
+def _ours(name: str) -> bool:
+    """Whether a top-level name in OUTDIR is one the check writes (summary, logs, data, runs, step JSONs)."""
+    return name in ("summary.md", "summary.json", "cuda_tests.xml", "logs", "data", "compare") or \
+        (name.startswith("bench_") and name.endswith(".json"))
+
+
 @dataclass
 class Step:
     """One subprocess of the check: what it runs, what it should cost, what it needs."""
@@ -354,7 +360,13 @@ def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | 
     if outdir.exists() and any(outdir.iterdir()):
         if not overwrite:
             raise click.UsageError(f"{outdir} exists and is not empty; pass --overwrite or choose another OUTDIR")
-        shutil.rmtree(outdir)
+        # Remove only what an earlier check wrote: a folder holding anything else is not ours to empty.
+        foreign = sorted(p.name for p in outdir.iterdir() if not _ours(p.name))
+        if foreign:
+            raise click.UsageError(f"{outdir} holds {foreign[0]!r}, which the GPU check did not write; "
+                                   "choose another OUTDIR")
+        for p in outdir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     env = probe_environment(device)
     if env["missing"]:
         raise click.ClickException(f"{sys.executable} lacks {', '.join(env['missing'])}; install or stage them "

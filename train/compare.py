@@ -16,6 +16,7 @@ from .plots import plot_compare
 from .rundir import RunDir
 
 LOADERS = ("cache", "dali")
+OUTPUTS = (*LOADERS, "compare.json", "compare.png")  # all that compare writes into --out
 
 
 def _fit_in_child(options: dict) -> None:
@@ -35,6 +36,10 @@ def compare(base: FitConfig, out: Path) -> dict:
     """Run `base` with each loader into out/<loader>; returns the comparison table."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a directory; choose a directory for the runs")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.exists() else []
+    if foreign:
+        raise ConfigError(f"--out {out}: holds {foreign[0]!r}, which compare did not write; choose a new or empty "
+                          "directory")
     out.mkdir(parents=True, exist_ok=True)
     runs, table = {}, {}
     for loader in LOADERS:

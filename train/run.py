@@ -182,12 +182,13 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
 @click.option("--open-meshes", type=click.Choice(["refuse", "winding", "repair"]), default="refuse", show_default=True,
               help="With --mesh: how to sign a mesh that is not closed.")
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Parquet file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only a Parquet file).")
 @click.option("--top-k", default=5, show_default=True, help="Best grasps per object to print.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_errors
 def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, split: str, mesh: Path | None,
-                grasps: Path | None, mesh_max_extent: float | None, open_meshes: str, out: Path, top_k: int,
-                device: str) -> None:
+                grasps: Path | None, mesh_max_extent: float | None, open_meshes: str, out: Path, overwrite: bool,
+                top_k: int, device: str) -> None:
     """Per-grasp predictions of CHECKPOINT to --out (scene, grasp, prediction, score); prints each object's best."""
     from train.predict import Estimator, best_grasps, predict_mesh, predict_scenes, predict_shards, ranking_metrics
     from train.predict import write_parquet
@@ -198,6 +199,12 @@ def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, spli
         raise PredictError("--mesh and --grasps go together")
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: must be at least 1")
+    if out.exists():  # never replace a file that is not a Parquet file (someone else's), nor any without --overwrite
+        with open(out, "rb") as f:
+            parquet = f.read(4) == b"PAR1"
+        if not (overwrite and parquet):
+            raise PredictError(f"--out {out}: exists{'' if parquet else ' and is not a Parquet file'}; "
+                               f"{'pass --overwrite to replace it or ' if parquet else ''}choose another file")
     estimator = Estimator.load(checkpoint, device)
     if scenes:
         predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())
