@@ -26,8 +26,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,meshes]'
 	touch $@
 
+# The full suite, slow learning checks included (plain `pytest` leaves them out: see setup.cfg).
 test: install
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -x -q -m 'slow or not slow'
 
 demo: install
 	$(PY) tools/make_scenes.py --scenes $(DEMO_SCENES) --out $(DEMO)/scenes --overwrite

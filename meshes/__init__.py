@@ -4,8 +4,22 @@ SDFs by mesh2sdf on the seed's grid (voxel i at -1 + 2i/n, the grid `synth` uses
 the whole dataset, labels from the recording or from our hand model (`synth`). Needs the optional
 extra: `pip install -e .[meshes]` (trimesh, mesh2sdf, libigl; pybullet for its example objects).
 """
+
 from .raw import LABELS, ImportOptions, convert_scene, format_summary, import_meshes, list_raw, read_recording
 from .sdf import OPEN_MESH_MODES, MeshError, is_closed, load_mesh, mesh_sdf, voxel_points
 
-__all__ = ["LABELS", "ImportOptions", "convert_scene", "format_summary", "import_meshes", "list_raw",
-           "read_recording", "OPEN_MESH_MODES", "MeshError", "is_closed", "load_mesh", "mesh_sdf", "voxel_points"]
+__all__ = [
+    "LABELS",
+    "ImportOptions",
+    "convert_scene",
+    "format_summary",
+    "import_meshes",
+    "list_raw",
+    "read_recording",
+    "OPEN_MESH_MODES",
+    "MeshError",
+    "is_closed",
+    "load_mesh",
+    "mesh_sdf",
+    "voxel_points",
+]

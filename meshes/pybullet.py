@@ -4,6 +4,7 @@
 the named objects (bunny, duck, teddy, mug, ...) come in their own units, so import them as their own
 dataset. Needs `pybullet` (the `meshes` extra); nothing of it goes into this repository.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -11,10 +12,20 @@ from pathlib import Path
 
 from .raw import MESH_FILE
 
-NAMED = {"bunny": "bunny.obj", "duck": "duck.obj", "teddy": "teddy2_VHACD_CHs.obj", "mug": "objects/mug.obj",
-         "torus": "torus/torus_textured.obj", "sphere": "sphere_smooth.obj", "soccerball": "soccerball.obj",
-         "cube": "cube.obj", "lego": "lego/lego.obj", "jenga": "jenga/jenga.obj", "domino": "domino/domino.obj",
-         "cone": "racecar/meshes/cone.obj"}
+NAMED = {
+    "bunny": "bunny.obj",
+    "duck": "duck.obj",
+    "teddy": "teddy2_VHACD_CHs.obj",
+    "mug": "objects/mug.obj",
+    "torus": "torus/torus_textured.obj",
+    "sphere": "sphere_smooth.obj",
+    "soccerball": "soccerball.obj",
+    "cube": "cube.obj",
+    "lego": "lego/lego.obj",
+    "jenga": "jenga/jenga.obj",
+    "domino": "domino/domino.obj",
+    "cone": "racecar/meshes/cone.obj",
+}
 
 
 def data_path() -> Path:

@@ -12,6 +12,7 @@ second computes SDFs and labels in worker processes and writes into a temporary 
 renamed into place at the end, so a bad scene or a crash leaves nothing half-written. Every scene depends
 only on its own files and the options, so any worker count gives the same bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,8 +112,13 @@ def _survey(task: tuple[Path, str, str]) -> dict:
         read_recording(recording)
     elif label == "recording":
         raise MeshError(folder, f"missing {RECORDING_FILE}; pass --label synth to label it with our hand model")
-    return {"name": name, "extent": float(mesh.extents.max()), "translation": mesh.bounds.mean(axis=0),
-            "closed": is_closed(mesh), "recording": recording.exists()}
+    return {
+        "name": name,
+        "extent": float(mesh.extents.max()),
+        "translation": mesh.bounds.mean(axis=0),
+        "closed": is_closed(mesh),
+        "recording": recording.exists(),
+    }
 
 
 def _scene_seed(seed: int, name: str) -> list[int]:
@@ -127,8 +133,11 @@ def convert_scene(raw: Path, scene: dict, global_scale: float, opts: ImportOptio
     translation = scene["translation"]
     vertices = (mesh.vertices - translation) * global_scale
     if np.abs(vertices).max() > 1.0 + 1e-6:
-        raise MeshError(folder / MESH_FILE, f"mesh extent {scene['extent']:.6g} exceeds the mesh max extent "
-                                            f"{2.0 / global_scale:.6g}; raise --mesh-max-extent")
+        raise MeshError(
+            folder / MESH_FILE,
+            f"mesh extent {scene['extent']:.6g} exceeds the mesh max extent "
+            f"{2.0 / global_scale:.6g}; raise --mesh-max-extent",
+        )
     try:
         sdf = mesh_sdf(vertices, mesh.faces, opts.grid, scene["closed"], opts.open_meshes)
     except ValueError as err:
@@ -144,8 +153,13 @@ def convert_scene(raw: Path, scene: dict, global_scale: float, opts: ImportOptio
         rng = np.random.default_rng(_scene_seed(opts.seed, scene["name"]))
         grasps = sample_grasps(sdf, rng, opts.grasps_per_scene).astype(np.float32)
         scores = score_grasps(sdf, grasps)
-    return {"sdf": sdf, "grasps": grasps, "scores": scores, "translation": np.asarray(translation, np.float64),
-            "global_scale": np.float64(global_scale)}
+    return {
+        "sdf": sdf,
+        "grasps": grasps,
+        "scores": scores,
+        "translation": np.asarray(translation, np.float64),
+        "global_scale": np.float64(global_scale),
+    }
 
 
 def _convert(task: tuple[Path, Path, dict, float, ImportOptions]) -> tuple[str, float, MeshError | None]:
@@ -186,8 +200,16 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
     """fn over tasks in order, in `workers` processes (in-process for one), with a progress bar."""
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=len(tasks), unit="scene", desc=desc, file=sys.stderr,
-                                       disable=(not progress) or None, dynamic_ncols=True))
+        bar = stack.enter_context(
+            tqdm(
+                total=len(tasks),
+                unit="scene",
+                desc=desc,
+                file=sys.stderr,
+                disable=(not progress) or None,
+                dynamic_ncols=True,
+            )
+        )
         if workers == 1:
             results = map(fn, tasks)
         else:
@@ -207,16 +229,29 @@ def _survey_or_error(task: tuple[Path, str, str]) -> dict:
 
 def _kind(reason: str) -> str:
     """A short category of a refusal, for the summary's counts."""
-    for key, kind in (("empty mesh", "empty mesh"), ("unreadable mesh", "unreadable mesh"),
-                      ("not closed", "not closed"), ("recording", "bad recording"), ("extent", "too large"),
-                      ("too small", "too small"), (f"missing {MESH_FILE}", "no mesh")):
+    for key, kind in (
+        ("empty mesh", "empty mesh"),
+        ("unreadable mesh", "unreadable mesh"),
+        ("not closed", "not closed"),
+        ("recording", "bad recording"),
+        ("extent", "too large"),
+        ("too small", "too small"),
+        (f"missing {MESH_FILE}", "no mesh"),
+    ):
         if key in reason:
             return kind
     return "other"
 
 
-def import_meshes(raw: str | Path, out: str | Path, opts: ImportOptions = ImportOptions(), *,
-                  workers: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+def import_meshes(
+    raw: str | Path,
+    out: str | Path,
+    opts: ImportOptions = ImportOptions(),
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Import every scene of RAW into OUT (see the module docstring); returns a summary dict.
 
     A bad scene raises MeshError (one line naming it) before anything is written, unless
@@ -274,25 +309,39 @@ def import_meshes(raw: str | Path, out: str | Path, opts: ImportOptions = Import
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     wall = time.perf_counter() - start
-    return {"out": str(out), "scenes": len(names), "imported": imported, "skipped": len(refused),
-            "refused": dict(Counter(_kind(r) for r in refused.values()).most_common()),
-            "open_signed": sum(not s["closed"] for s in surveyed) if opts.open_meshes != "refuse" else 0,
-            "mesh_max_extent": max_extent, "global_scale": global_scale, "workers": workers, "wall_s": wall,
-            "convert_s": convert_s, "scenes_per_s": imported / wall, "options": asdict(opts)}
+    return {
+        "out": str(out),
+        "scenes": len(names),
+        "imported": imported,
+        "skipped": len(refused),
+        "refused": dict(Counter(_kind(r) for r in refused.values()).most_common()),
+        "open_signed": sum(not s["closed"] for s in surveyed) if opts.open_meshes != "refuse" else 0,
+        "mesh_max_extent": max_extent,
+        "global_scale": global_scale,
+        "workers": workers,
+        "wall_s": wall,
+        "convert_s": convert_s,
+        "scenes_per_s": imported / wall,
+        "options": asdict(opts),
+    }
 
 
 def format_summary(summary: dict) -> str:
     """A few human-readable lines describing an import_meshes summary."""
-    lines = [f"imported {summary['imported']} of {summary['scenes']} scenes into {summary['out']} "
-             f"(grid {summary['options']['grid']}, labels: {summary['options']['label']})",
-             f"mesh max extent {summary['mesh_max_extent']:.6g}, global scale {summary['global_scale']:.6g}"]
+    lines = [
+        f"imported {summary['imported']} of {summary['scenes']} scenes into {summary['out']} "
+        f"(grid {summary['options']['grid']}, labels: {summary['options']['label']})",
+        f"mesh max extent {summary['mesh_max_extent']:.6g}, global scale {summary['global_scale']:.6g}",
+    ]
     if summary["skipped"]:
         why = ", ".join(f"{k}: {v}" for k, v in summary["refused"].items())
         lines.append(f"skipped {summary['skipped']} ({why}); see {SKIPPED_FILE}")
     if summary["open_signed"]:
         mode = summary["options"]["open_meshes"]
         lines.append(f"{summary['open_signed']} open meshes signed by --open-meshes {mode}")
-    lines.append(f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.2f} scenes/s with "
-                 f"{summary['workers']} worker(s); {summary['convert_s'] / max(summary['imported'], 1):.3f} s "
-                 "per scene in SDF + labels")
+    lines.append(
+        f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.2f} scenes/s with "
+        f"{summary['workers']} worker(s); {summary['convert_s'] / max(summary['imported'], 1):.3f} s "
+        "per scene in SDF + labels"
+    )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ to sign them: "winding" keeps mesh2sdf's unsigned distance and takes the sign fr
 generalised winding number (inside where it exceeds 1/2), "repair" is mesh2sdf's own `fix=True`
 (re-mesh the grid's |d| = 2/n level set, keep the largest part, recompute).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,10 @@ import numpy as np
 import trimesh
 
 OPEN_MESH_MODES = ("refuse", "winding", "repair")
-OPEN_MESH_REASON = ("mesh is not closed (not watertight), so its inside/outside signs cannot be trusted; "
-                    "repair it, or import with --open-meshes winding|repair")
+OPEN_MESH_REASON = (
+    "mesh is not closed (not watertight), so its inside/outside signs cannot be trusted; "
+    "repair it, or import with --open-meshes winding|repair"
+)
 
 
 class MeshError(ValueError):
@@ -60,8 +63,9 @@ def voxel_points(grid: int) -> np.ndarray:
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
 
 
-def mesh_sdf(vertices: np.ndarray, faces: np.ndarray, grid: int, closed: bool = True,
-             open_meshes: str = "refuse") -> np.ndarray:
+def mesh_sdf(
+    vertices: np.ndarray, faces: np.ndarray, grid: int, closed: bool = True, open_meshes: str = "refuse"
+) -> np.ndarray:
     """SDF (grid, grid, grid) float32 of a mesh already inside [-1, 1]^3, negative inside.
 
     A closed mesh gets the seed's call, `mesh2sdf.compute(V, F, size=grid, fix=False, level=2/grid)`.

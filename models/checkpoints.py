@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 def strip_compile_prefix(state_dict: StateDict) -> dict[str, torch.Tensor]:
     """Drop torch.compile's `_orig_mod.` key prefix so the dict loads into an uncompiled model."""
     return {
-        key[len(COMPILE_PREFIX):] if key.startswith(COMPILE_PREFIX) else key: value
+        key[len(COMPILE_PREFIX) :] if key.startswith(COMPILE_PREFIX) else key: value
         for key, value in state_dict.items()
     }
 

@@ -109,9 +109,7 @@ class GQEstimatorBase(nn.Module):
             sdf = sdf.unsqueeze(1)
         d = self.input_size
         if sdf.dim() != 5 or tuple(sdf.shape[1:]) != (1, d, d, d):
-            raise ValueError(
-                f"sdf must have shape [S,1,{d},{d},{d}] or [S,{d},{d},{d}], got {tuple(sdf.shape)}"
-            )
+            raise ValueError(f"sdf must have shape [S,1,{d},{d},{d}] or [S,{d},{d},{d}], got {tuple(sdf.shape)}")
         # flatten (a reshape) rather than view: channels_last_3d outputs are not contiguous.
         return self.conv_block(sdf).flatten(1)
 
@@ -119,15 +117,12 @@ class GQEstimatorBase(nn.Module):
         """Per-grasp SDF features [N,F] and grasps [N,19] -> predicted scores [N]."""
         expected = (features.shape[0], GRASP_DIM)
         if tuple(grasps.shape) != expected:
-            raise ValueError(f"grasps must have shape [{expected[0]},{GRASP_DIM}], "
-                             f"got {tuple(grasps.shape)}")
+            raise ValueError(f"grasps must have shape [{expected[0]},{GRASP_DIM}], got {tuple(grasps.shape)}")
         # Under autocast the features are bf16/fp16; match them so cat never mixes dtypes.
         x = torch.cat([features, grasps.to(features.dtype)], dim=1)
         return self.gq_head(x).squeeze(1)
 
-    def forward(
-        self, sdf: torch.Tensor, grasps: torch.Tensor, scene_of_grasp: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, sdf: torch.Tensor, grasps: torch.Tensor, scene_of_grasp: torch.Tensor) -> torch.Tensor:
         """Scores [N] for grasps [N,19] on SDFs [S,1,D,D,D]; scene_of_grasp [N] indexes the S.
 
         Each SDF is encoded once, however many grasps share it; that is the point of grouping.
@@ -173,9 +168,7 @@ class GQEstimatorLarge(GQEstimatorBase):
         super().__init__(input_size, base_channels, fc_dims)
 
 
-MODEL_KINDS: dict[str, type[GQEstimatorBase]] = {
-    cls.layout.kind: cls for cls in (GQEstimator, GQEstimatorLarge)
-}
+MODEL_KINDS: dict[str, type[GQEstimatorBase]] = {cls.layout.kind: cls for cls in (GQEstimator, GQEstimatorLarge)}
 
 
 def build_model(

@@ -4,10 +4,25 @@
 `mode="dali"` streams them with DALI, whole shards a window ahead. Both follow the same epoch plan
 and yield bit-identical batches.
 """
+
 from .batch import Batch
 from .host_memory import keep_freed_host_memory
 from .loader import MODES, Loader, LoaderError, open_loader, resolve_device
 from .plan import DEFAULT_WINDOW, EpochPlan, PlanSpec, SplitRecords, make_plan, num_batches, parse_window
 
-__all__ = ["Batch", "keep_freed_host_memory", "MODES", "Loader", "LoaderError", "open_loader", "resolve_device",
-           "DEFAULT_WINDOW", "EpochPlan", "PlanSpec", "SplitRecords", "make_plan", "num_batches", "parse_window"]
+__all__ = [
+    "Batch",
+    "keep_freed_host_memory",
+    "MODES",
+    "Loader",
+    "LoaderError",
+    "open_loader",
+    "resolve_device",
+    "DEFAULT_WINDOW",
+    "EpochPlan",
+    "PlanSpec",
+    "SplitRecords",
+    "make_plan",
+    "num_batches",
+    "parse_window",
+]

@@ -1,4 +1,5 @@
 """The Batch contract every loader yields and every model consumes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +15,11 @@ class Batch:
     gathers its features for every grasp of that scene.
     """
 
-    sdf: torch.Tensor             # float32 [S, 1, D, D, D]
-    grasps: torch.Tensor          # float32 [N, 19]
-    scores: torch.Tensor          # float32 [N]  (lower is better)
+    sdf: torch.Tensor  # float32 [S, 1, D, D, D]
+    grasps: torch.Tensor  # float32 [N, 19]
+    scores: torch.Tensor  # float32 [N]  (lower is better)
     scene_of_grasp: torch.Tensor  # int64 [N], values in [0, S)
-    scene_ids: torch.Tensor       # int64 [S], global scene ids (see scenes.parquet)
+    scene_ids: torch.Tensor  # int64 [S], global scene ids (see scenes.parquet)
 
     @property
     def num_grasps(self) -> int:

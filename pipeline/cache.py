@@ -6,6 +6,7 @@ two pinned staging buffers on CUDA so reading one shard overlaps copying the las
 is checked against the index as it arrives. A batch is two `index_select`s and a dtype conversion
 on the device: no per-sample Python, no DataLoader, no collate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,19 +37,33 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(needed: int, free: int, what: str, device: torch.device,
-               advice: str = "stream it with mode='dali' (--loader dali) instead") -> None:
+def check_fits(
+    needed: int,
+    free: int,
+    what: str,
+    device: torch.device,
+    advice: str = "stream it with mode='dali' (--loader dali) instead",
+) -> None:
     """Refuse to allocate what does not fit, naming both numbers and the alternative."""
     if needed > free:
-        raise LoaderError(f"{what} needs {needed / 1e9:.3f} GB on {device}, but only {free / 1e9:.3f} GB are free; "
-                          f"{advice}")
+        raise LoaderError(
+            f"{what} needs {needed / 1e9:.3f} GB on {device}, but only {free / 1e9:.3f} GB are free; {advice}"
+        )
 
 
 class CacheLoader(Loader):
     mode = "cache"
 
-    def __init__(self, reader: ShardReader, split: str, spec: PlanSpec, device: torch.device, *,
-                 memory_budget: int | None = None, progress: bool = True):
+    def __init__(
+        self,
+        reader: ShardReader,
+        split: str,
+        spec: PlanSpec,
+        device: torch.device,
+        *,
+        memory_budget: int | None = None,
+        progress: bool = True,
+    ):
         super().__init__(reader, split, spec, device)
         lay = reader.layout
         # This rank's records, by shard then slot; cache row i holds record mine[i].
@@ -56,8 +71,12 @@ class CacheLoader(Loader):
         n = len(mine)
         needed = n * (lay.sdf_record_bytes + lay.labels_record_bytes)
         free = free_memory(device) if memory_budget is None else int(memory_budget)
-        check_fits(needed, free, f"cache: the {split} split's {len(self.shards)} shards of rank {spec.rank} "
-                                 f"({n:,} scenes)", device)
+        check_fits(
+            needed,
+            free,
+            f"cache: the {split} split's {len(self.shards)} shards of rank {spec.rank} ({n:,} scenes)",
+            device,
+        )
         self.sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=device)
         self.labels = torch.empty((n, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=device)
         self._row = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)  # (shard, slot) -> row
@@ -85,8 +104,14 @@ class CacheLoader(Loader):
         shard_of = self.records.shard[self._mine]
         bounds = np.searchsorted(shard_of, np.append(self.shards, np.iinfo(np.int64).max))
         parts = [(int(shard), int(bounds[i]), int(bounds[i + 1])) for i, shard in enumerate(self.shards)]
-        bar = tqdm(total=self.resident_bytes, unit="B", unit_scale=True, desc=f"cache {self.split}",
-                   disable=(not progress) or None, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.resident_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=f"cache {self.split}",
+            disable=(not progress) or None,
+            dynamic_ncols=True,
+        )
         if self.device.type == "cuda":
             self._load_staged(parts, bar)
         else:
@@ -95,10 +120,20 @@ class CacheLoader(Loader):
                     bar.update(done.result())  # in shard order: the first bad record's error is raised here
         bar.close()
         self.load_s = time.perf_counter() - start
-        log.info("cache: %s scenes of split %s, rank %d of %d (%.1f MB, sdf %s) loaded into %s and checked in "
-                 "%.2f s (%.0f MB/s; checks %.2f s)", f"{len(self._mine):,}", self.split, self.spec.rank,
-                 self.spec.world_size, self.resident_bytes / 1e6, self.reader.layout.dtype, self.device,
-                 self.load_s, self.resident_bytes / 1e6 / max(self.load_s, 1e-9), self.check_s)
+        log.info(
+            "cache: %s scenes of split %s, rank %d of %d (%.1f MB, sdf %s) loaded into %s and checked in "
+            "%.2f s (%.0f MB/s; checks %.2f s)",
+            f"{len(self._mine):,}",
+            self.split,
+            self.spec.rank,
+            self.spec.world_size,
+            self.resident_bytes / 1e6,
+            self.reader.layout.dtype,
+            self.device,
+            self.load_s,
+            self.resident_bytes / 1e6 / max(self.load_s, 1e-9),
+            self.check_s,
+        )
 
     def _load_shard(self, shard: int, a: int, z: int) -> int:
         """Read one shard's records into cache rows a..z and check them; returns the bytes read."""
@@ -112,14 +147,18 @@ class CacheLoader(Loader):
     def _load_staged(self, parts: list[tuple[int, int, int]], bar: tqdm) -> None:
         """CUDA: read each shard into one of two pinned buffers and copy it to the device while the next is read."""
         r = self.reader.layout.records_per_shard
-        staging = [(torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
-                    torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True))
-                   for _ in range(2)]
+        staging = [
+            (
+                torch.empty((r,) + self.sdf.shape[1:], dtype=self.sdf.dtype, pin_memory=True),
+                torch.empty((r,) + self.labels.shape[1:], dtype=self.labels.dtype, pin_memory=True),
+            )
+            for _ in range(2)
+        ]
         copied: list[torch.cuda.Event | None] = [None, None]
         for i, (shard, a, z) in enumerate(parts):
             if copied[i % 2] is not None:
                 copied[i % 2].synchronize()  # this buffer's last copy to the device has finished
-            stage = (staging[i % 2][0][:z - a], staging[i % 2][1][:z - a])
+            stage = (staging[i % 2][0][: z - a], staging[i % 2][1][: z - a])
             slots = self.records.slot[self._mine[a:z]]
             for kind, part in zip(("sdf", "labels"), stage):
                 self.reader.read_records(kind, shard, slots, part.numpy())

@@ -6,6 +6,7 @@ cache runs it beside its reads); on a GPU it is the same linear word hash the bu
 `device_checksum`, two tensor operations per shard, so data read by GPUDirect Storage never has to
 come back to the host to be checked.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,8 +37,8 @@ def _device_sums(sdf: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     sums = []
     for a in range(0, n, rows):
         # int64 products and sums wrap, which is the arithmetic mod 2^64 the builder used
-        s = ((sdf_words[a:a + rows].to(torch.int64) & 0xFFFFFFFF) * keys[:split]).sum(dim=1)
-        s += ((label_words[a:a + rows].to(torch.int64) & 0xFFFFFFFF) * keys[split:]).sum(dim=1)
+        s = ((sdf_words[a : a + rows].to(torch.int64) & 0xFFFFFFFF) * keys[:split]).sum(dim=1)
+        s += ((label_words[a : a + rows].to(torch.int64) & 0xFFFFFFFF) * keys[split:]).sum(dim=1)
         sums.append(s)
     return torch.cat(sums).cpu().numpy().view(np.uint64) if sums else np.zeros(0, np.uint64)
 
@@ -47,8 +48,13 @@ def _host_sums(sdf: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     return np.array([checksum(s[i], lab[i]) for i in range(len(s))], dtype=np.uint64)
 
 
-def check_records(sdf: torch.Tensor, labels: torch.Tensor, expected: np.ndarray, device_expected: np.ndarray,
-                  where: Callable[[int], str]) -> None:
+def check_records(
+    sdf: torch.Tensor,
+    labels: torch.Tensor,
+    expected: np.ndarray,
+    device_expected: np.ndarray,
+    where: Callable[[int], str],
+) -> None:
     """Raise DatasetError for the first record whose bytes do not match the index.
 
     `sdf` [n, D, D, D] and `labels` [n, G, 20] are resident records (host or GPU); `expected` and
@@ -63,6 +69,8 @@ def check_records(sdf: torch.Tensor, labels: torch.Tensor, expected: np.ndarray,
     if len(bad):
         i = int(bad[0])
         more = f" (and {len(bad) - 1} more records)" if len(bad) > 1 else ""
-        raise DatasetError(f"{where(i)}: record checksum {int(got[i]):016x}, the index says {int(want[i]):016x}"
-                           f"{more}: the data on disk is corrupt or not this dataset's; run tools/verify_shards.py "
-                           "on the dataset and rebuild it with tools/make_shards.py")
+        raise DatasetError(
+            f"{where(i)}: record checksum {int(got[i]):016x}, the index says {int(want[i]):016x}"
+            f"{more}: the data on disk is corrupt or not this dataset's; run tools/verify_shards.py "
+            "on the dataset and rebuild it with tools/make_shards.py"
+        )

@@ -11,6 +11,7 @@ queue holds the next window while the current one is used. Arriving shards are c
 of resident shards (as many as a batch can span), checked against the index (`checks.py`), and
 batches are cut from the ring by the same index operations as the cache's.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,8 +35,16 @@ EPOCHS_PER_PIPELINE = 64
 class DaliLoader(Loader):
     mode = "dali"
 
-    def __init__(self, reader: ShardReader, split: str, spec: PlanSpec, device: torch.device, *,
-                 prefetch: int | None = None, num_threads: int | None = None):
+    def __init__(
+        self,
+        reader: ShardReader,
+        split: str,
+        spec: PlanSpec,
+        device: torch.device,
+        *,
+        prefetch: int | None = None,
+        num_threads: int | None = None,
+    ):
         super().__init__(reader, split, spec, device)
         window = min(spec.window or len(self.shards), len(self.shards))
         self.prefetch = max(1, window) if prefetch is None else prefetch
@@ -46,9 +55,9 @@ class DaliLoader(Loader):
         self._shard_bytes = lay.records_per_shard * (lay.sdf_record_bytes + lay.labels_record_bytes)
         self._capacity = 0  # shards in the ring
         self._pipe = self._iter = None
-        self._loaded = 0     # shards of the current epoch's order read into the ring so far
-        self._next = None    # (epoch, position in its shard order) of the pipeline's next shard
-        self._left = 0       # shards the pipeline has yet to deliver
+        self._loaded = 0  # shards of the current epoch's order read into the ring so far
+        self._next = None  # (epoch, position in its shard order) of the pipeline's next shard
+        self._left = 0  # shards the pipeline has yet to deliver
         # Split record number of each (shard, slot), to check the records of an arriving shard.
         self._record = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)
         self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
@@ -69,8 +78,13 @@ class DaliLoader(Loader):
         lay = self.reader.layout
         self.sdf = self.labels = None
         needed = (capacity + self.prefetch) * self._shard_bytes
-        check_fits(needed, free_memory(self.device), f"dali: {capacity} resident + {self.prefetch} read-ahead shards",
-                   self.device, advice="use a smaller --shuffle-window")
+        check_fits(
+            needed,
+            free_memory(self.device),
+            f"dali: {capacity} resident + {self.prefetch} read-ahead shards",
+            self.device,
+            advice="use a smaller --shuffle-window",
+        )
         rows = capacity * lay.records_per_shard
         self.sdf = torch.empty((rows,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=self.device)
         self.labels = torch.empty((rows, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=self.device)
@@ -86,16 +100,25 @@ class DaliLoader(Loader):
     def _open(self, epoch: int, first: int) -> None:
         """A pipeline over the shard orders of `epoch` (from position `first`) and the epochs after it."""
         self._release()
-        order = np.concatenate([shard_order(self.records, self.spec, e)[first if e == epoch else 0:]
-                                for e in range(epoch, epoch + EPOCHS_PER_PIPELINE)])
+        order = np.concatenate(
+            [
+                shard_order(self.records, self.spec, e)[first if e == epoch else 0 :]
+                for e in range(epoch, epoch + EPOCHS_PER_PIPELINE)
+            ]
+        )
         self._next, self._left = (epoch, first), len(order)
         on_gpu = self.device.type == "cuda"
 
         # exec_dynamic: outputs are reference-counted, so DALIGenericIterator hands them to torch
         # through DLPack without a copy. On the CPU, plain reads (no mmap) copy each shard once in
         # long sequential reads instead of page-faulting it in 4 KiB at a time.
-        @pipeline_def(batch_size=1, num_threads=self.num_threads, device_id=self.device.index if on_gpu else None,
-                      prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        @pipeline_def(
+            batch_size=1,
+            num_threads=self.num_threads,
+            device_id=self.device.index if on_gpu else None,
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,
+        )
         def pipe():
             read = dict(device="gpu" if on_gpu else "cpu", random_shuffle=False, cache_header_information=True)
             if not on_gpu:
@@ -106,8 +129,15 @@ class DaliLoader(Loader):
 
         self._pipe = pipe()
         self._pipe.build()
-        self._iter = iter(DALIGenericIterator(self._pipe, ["sdf", "labels"], reader_name="sdf",
-                                              last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False))
+        self._iter = iter(
+            DALIGenericIterator(
+                self._pipe,
+                ["sdf", "labels"],
+                reader_name="sdf",
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+            )
+        )
 
     def _make_resident(self, plan: EpochPlan, b: int) -> None:
         """Read shards into the ring up to the last one batch b touches; each is checked on arrival."""
@@ -121,7 +151,7 @@ class DaliLoader(Loader):
             epoch, pos = self._next
             self._next = (epoch, pos + 1) if pos + 1 < len(self.shards) else (epoch + 1, 0)
             ring = self._loaded % self._capacity * r
-            sdf, labels = self.sdf[ring:ring + r], self.labels[ring:ring + r]
+            sdf, labels = self.sdf[ring : ring + r], self.labels[ring : ring + r]
             sdf.copy_(out["sdf"][0])
             labels.copy_(out["labels"][0])
             shard = int(plan.shard_order[self._loaded])

@@ -7,6 +7,7 @@ per batch here). Telling glibc never to use mmap and never to trim the heap make
 reusable as they are. A process-wide setting, so only entry points (the trainer, the benchmarks,
 for every row alike) call it; other allocators (jemalloc, tcmalloc via LD_PRELOAD) do the same job.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,7 +22,7 @@ def keep_freed_host_memory() -> bool:
     """Switch glibc malloc to reuse freed blocks (no mmap, no trim); False where not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+        ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         ok = False
     log.debug("host allocator: keep freed memory %s", "on" if ok else "unavailable")

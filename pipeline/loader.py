@@ -1,4 +1,5 @@
 """`open_loader` and what both loader modes share: checks, the epoch plan, resumable position."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -41,7 +42,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def split_records(reader: ShardReader, split: str) -> tuple[SplitRecords, np.ndarray]:
     """A split's records in storage order, and their rows in the index."""
     rows = np.flatnonzero(reader.index["split"] == split)
-    return SplitRecords(*(reader.index[k][rows].astype(np.int64) for k in ("scene", "shard", "slot", "num_grasps"))), rows
+    return SplitRecords(
+        *(reader.index[k][rows].astype(np.int64) for k in ("scene", "shard", "slot", "num_grasps"))
+    ), rows
 
 
 class Loader:
@@ -117,13 +120,18 @@ class Loader:
 
     def _epoch_index(self, plan: EpochPlan) -> dict[str, torch.Tensor]:
         """The plan's per-group and per-grasp index arrays on the device, built once per epoch."""
+
         def dev(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
         group_of_grasp = plan.group_of_grasp()
         rows = self._rows(plan)
-        return {"group_scene": dev(plan.group_scene), "rows": dev(rows),
-                "label_index": dev(rows[group_of_grasp] * self.max_grasps + plan.slots),
-                "scene_of_grasp": dev(group_of_grasp % self.spec.scenes_per_batch)}
+        return {
+            "group_scene": dev(plan.group_scene),
+            "rows": dev(rows),
+            "label_index": dev(rows[group_of_grasp] * self.max_grasps + plan.slots),
+            "scene_of_grasp": dev(group_of_grasp % self.spec.scenes_per_batch),
+        }
 
     def _batch(self, plan: EpochPlan, b: int, idx: dict[str, torch.Tensor]) -> Batch:
         """Batch b: its SDFs and labels gathered from the resident records (two index_selects)."""
@@ -131,9 +139,13 @@ class Loader:
         a, z = plan.grasp_range(b)
         lab = self.labels.view(-1, LABEL_DIM).index_select(0, idx["label_index"][a:z])
         sdf = self.sdf.index_select(0, idx["rows"][g0:g1])
-        return Batch(sdf=sdf.unsqueeze(1).float(), grasps=lab[:, :GRASP_DIM].contiguous(),
-                     scores=lab[:, SCORE_COLUMN].contiguous(), scene_of_grasp=idx["scene_of_grasp"][a:z],
-                     scene_ids=idx["group_scene"][g0:g1])
+        return Batch(
+            sdf=sdf.unsqueeze(1).float(),
+            grasps=lab[:, :GRASP_DIM].contiguous(),
+            scores=lab[:, SCORE_COLUMN].contiguous(),
+            scene_of_grasp=idx["scene_of_grasp"][a:z],
+            scene_ids=idx["group_scene"][g0:g1],
+        )
 
     def _check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
         """Check resident records (split record numbers `records`, one per row) against the index."""
@@ -143,8 +155,11 @@ class Loader:
         def where(i: int) -> str:
             r = rows[i]
             shard = int(index["shard"][r])
-            return (f"{self.reader.sdf_path(shard)}: shard {shard} slot {index['slot'][r]} scene "
-                    f"{index['scene'][r]} ({index['name'][r]})")
+            return (
+                f"{self.reader.sdf_path(shard)}: shard {shard} slot {index['slot'][r]} scene "
+                f"{index['scene'][r]} ({index['name'][r]})"
+            )
+
         check_records(sdf, labels, index["checksum"][rows], index["device_checksum"][rows], where)
 
     def _rows(self, plan: EpochPlan) -> np.ndarray:
@@ -161,7 +176,7 @@ class Loader:
         """Release what the loader holds; it cannot be iterated afterwards."""
         self.sdf = self.labels = None
 
-    def __enter__(self) -> "Loader":
+    def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -173,15 +188,30 @@ def _check_dataset(root: Path) -> None:
     problems, _ = verify(root, quick=True)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise DatasetError(f"{root}: not a usable dataset: {problems[0]}{more}; "
-                           "run tools/verify_shards.py on it, or rebuild it with tools/make_shards.py")
+        raise DatasetError(
+            f"{root}: not a usable dataset: {problems[0]}{more}; "
+            "run tools/verify_shards.py on it, or rebuild it with tools/make_shards.py"
+        )
 
 
-def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train", scenes_per_batch: int = 8,
-                grasps_per_scene: int = 16, seed: int = 0, device: str | torch.device = "cpu", rank: int = 0,
-                world_size: int = 1, drop_last: bool = False, *, shuffle_window: int | None = DEFAULT_WINDOW,
-                memory_budget: int | None = None, prefetch: int | None = None, num_threads: int | None = None,
-                progress: bool = True) -> Loader:
+def open_loader(
+    shards_dir: str | Path,
+    mode: str = "cache",
+    split: str = "train",
+    scenes_per_batch: int = 8,
+    grasps_per_scene: int = 16,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    *,
+    shuffle_window: int | None = DEFAULT_WINDOW,
+    memory_budget: int | None = None,
+    prefetch: int | None = None,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
     mode "cache" reads this rank's shards of the split once into one device tensor (pass
@@ -200,21 +230,27 @@ def open_loader(shards_dir: str | Path, mode: str = "cache", split: str = "train
     _check_dataset(root)
     reader = ShardReader(root)
     if grasps_per_scene > reader.layout.max_grasps:
-        raise LoaderError(f"grasps_per_scene {grasps_per_scene}: more than the {reader.layout.max_grasps} "
-                          f"grasp slots per scene of {root}")
+        raise LoaderError(
+            f"grasps_per_scene {grasps_per_scene}: more than the {reader.layout.max_grasps} "
+            f"grasp slots per scene of {root}"
+        )
     records, _ = split_records(reader, split)
     if len(records.scene) == 0:
         raise LoaderError(f"split {split!r} of {root} has no scenes")
     # A rank may get no batch (a small split, many ranks, no drop_last); the split as a whole must.
     if num_batches(records, spec, all_ranks=True) == 0:
-        raise LoaderError(f"split {split!r} of {root} ({len(records.shards())} shards) gives no batches with "
-                          f"scenes_per_batch {scenes_per_batch}, grasps_per_scene {grasps_per_scene}, world_size "
-                          f"{world_size}, drop_last {drop_last}")
+        raise LoaderError(
+            f"split {split!r} of {root} ({len(records.shards())} shards) gives no batches with "
+            f"scenes_per_batch {scenes_per_batch}, grasps_per_scene {grasps_per_scene}, world_size "
+            f"{world_size}, drop_last {drop_last}"
+        )
     dev = resolve_device(device)
     if mode == "cache":
         from .cache import CacheLoader
+
         loader: Loader = CacheLoader(reader, split, spec, dev, memory_budget=memory_budget, progress=progress)
     else:
         from .dali_loader import DaliLoader
+
         loader = DaliLoader(reader, split, spec, dev, prefetch=prefetch, num_threads=num_threads)
     return loader

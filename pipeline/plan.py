@@ -21,6 +21,7 @@
 Stored scene order is already a seeded shuffle of the split (shards/placement.py), so any window of
 shards is a random sample of the split.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,9 +74,9 @@ class PlanSpec:
 class SplitRecords:
     """A split's scenes as stored (index rows in storage order): what a plan needs from the dataset."""
 
-    scene: np.ndarray       # int64 global scene ids
-    shard: np.ndarray       # int64 shard of each record
-    slot: np.ndarray        # int64 slot of each record in its shard
+    scene: np.ndarray  # int64 global scene ids
+    shard: np.ndarray  # int64 shard of each record
+    slot: np.ndarray  # int64 slot of each record in its shard
     num_grasps: np.ndarray  # int64
 
     def shards(self) -> np.ndarray:
@@ -93,14 +94,14 @@ class EpochPlan:
 
     spec: PlanSpec
     epoch: int
-    shard_order: np.ndarray   # int64 [shards]: this rank's shards in the order the epoch reads them
-    window: int               # shards per window (the last window may have fewer)
-    group_scene: np.ndarray   # int64 [groups]: global scene id of each group, in batch order
-    group_shard: np.ndarray   # int64 [groups]: the shard holding each group's record
-    group_slot: np.ndarray    # int64 [groups]: the record's slot in that shard
-    group_pos: np.ndarray     # int64 [groups]: position of that shard in `shard_order`
-    group_start: np.ndarray   # int64 [groups + 1]: offsets of each group's grasps in `slots`
-    slots: np.ndarray         # int64 [grasps]: grasp slot within its scene's record
+    shard_order: np.ndarray  # int64 [shards]: this rank's shards in the order the epoch reads them
+    window: int  # shards per window (the last window may have fewer)
+    group_scene: np.ndarray  # int64 [groups]: global scene id of each group, in batch order
+    group_shard: np.ndarray  # int64 [groups]: the shard holding each group's record
+    group_slot: np.ndarray  # int64 [groups]: the record's slot in that shard
+    group_pos: np.ndarray  # int64 [groups]: position of that shard in `shard_order`
+    group_start: np.ndarray  # int64 [groups + 1]: offsets of each group's grasps in `slots`
+    slots: np.ndarray  # int64 [grasps]: grasp slot within its scene's record
 
     def __len__(self) -> int:
         return -(-len(self.group_scene) // self.spec.scenes_per_batch)
@@ -142,8 +143,11 @@ class EpochPlan:
         """(scene_ids [S], slots [N], scene_of_grasp [N]) of one batch, for tests and tools."""
         g0, g1 = self.groups(batch)
         a, z = self.grasp_range(batch)
-        return (self.group_scene[g0:g1], self.slots[a:z],
-                np.repeat(np.arange(g1 - g0), np.diff(self.group_start[g0:g1 + 1])))
+        return (
+            self.group_scene[g0:g1],
+            self.slots[a:z],
+            np.repeat(np.arange(g1 - g0), np.diff(self.group_start[g0 : g1 + 1])),
+        )
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -213,15 +217,24 @@ def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int) -> EpochPlan:
     # Groups are already in window order (records are); shuffle each window's groups in place.
     group_window = pos[records.shard[mine[group_record]]] // w
     bounds = np.searchsorted(group_window, np.arange(-(-len(order) // w) + 1))
-    perm = np.concatenate([a + rng.permutation(b - a) for a, b in zip(bounds[:-1], bounds[1:])] +
-                          [np.zeros(0, np.int64)])
-    perm = perm[:_kept_groups(records, spec)[spec.rank]]
+    perm = np.concatenate(
+        [a + rng.permutation(b - a) for a, b in zip(bounds[:-1], bounds[1:])] + [np.zeros(0, np.int64)]
+    )
+    perm = perm[: _kept_groups(records, spec)[spec.rank]]
 
     lengths = group_len[perm]
     starts = _exclusive_cumsum(lengths)
     flat = np.repeat(group_first[perm] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
     rec = mine[group_record[perm]]
-    return EpochPlan(spec=spec, epoch=epoch, shard_order=order, window=w,
-                     group_scene=records.scene[rec].astype(np.int64), group_shard=records.shard[rec].astype(np.int64),
-                     group_slot=records.slot[rec].astype(np.int64), group_pos=pos[records.shard[rec]],
-                     group_start=starts, slots=shuffled_slot[flat])
+    return EpochPlan(
+        spec=spec,
+        epoch=epoch,
+        shard_order=order,
+        window=w,
+        group_scene=records.scene[rec].astype(np.int64),
+        group_shard=records.shard[rec].astype(np.int64),
+        group_slot=records.slot[rec].astype(np.int64),
+        group_pos=pos[records.shard[rec]],
+        group_start=starts,
+        slots=shuffled_slot[flat],
+    )

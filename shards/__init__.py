@@ -3,6 +3,7 @@
 Written by `build_shards` (through `ShardWriter`), read by `ShardReader`, described by
 `manifest.json` and indexed by `scenes.parquet`. NumPy and pyarrow only: no torch, no DALI.
 """
+
 __version__ = "0.1.0"
 
 from .build import BuildError, BuildOptions, build_shards  # noqa: E402
@@ -14,6 +15,23 @@ from .splits import SplitError  # noqa: E402
 from .verify import verify  # noqa: E402
 from .writer import Layout  # noqa: E402
 
-__all__ = ["BuildError", "BuildOptions", "build_shards", "FORMAT_NAME", "FORMAT_VERSION", "GRASP_DIM",
-           "LABEL_DIM", "SCORE_COLUMN", "DatasetError", "fingerprint", "read_manifest", "SPLITS", "ShardReader",
-           "SceneError", "SourceError", "SplitError", "verify", "Layout"]
+__all__ = [
+    "BuildError",
+    "BuildOptions",
+    "build_shards",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "GRASP_DIM",
+    "LABEL_DIM",
+    "SCORE_COLUMN",
+    "DatasetError",
+    "fingerprint",
+    "read_manifest",
+    "SPLITS",
+    "ShardReader",
+    "SceneError",
+    "SourceError",
+    "SplitError",
+    "verify",
+    "Layout",
+]

@@ -11,6 +11,7 @@ still match and rebuilds the rest, so a resumed build writes the same bytes as a
 one; a kept shard whose source file changed since is an error. The manifest is last. All of it
 happens in a staging directory beside `--out`, under a lock, swapped in when complete (`outdir.py`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,20 @@ from tqdm import tqdm
 
 from . import __version__
 from .crc import CRCAppender
-from .format import (BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, GRASP_DIM, HEADER_BYTES, INDEX, LABEL_DIM,
-                     MANIFEST, SDF_DTYPES, SKIPPED, file_crc32, grid_points)
+from .format import (
+    BUILD_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GRASP_DIM,
+    HEADER_BYTES,
+    INDEX,
+    LABEL_DIM,
+    MANIFEST,
+    SDF_DTYPES,
+    SKIPPED,
+    file_crc32,
+    grid_points,
+)
 from .index import write_index
 from .manifest import write_manifest
 from .outdir import JOURNAL, BuildError, Lock, check_ours, remove_ours, replace, staging_dir
@@ -41,7 +54,7 @@ from .stats import ScoreSums, score_stats
 from .writer import Layout, commit_shard, create_shard, write_record
 
 MAX_RECORD_BYTES = 1 << 28  # 256 MiB: a 256^3 float32 grid is 64 MiB; the seed's 480 grasps take 38 kB
-MAX_SHARD_BYTES = 1 << 36   # 64 GiB per shard file
+MAX_SHARD_BYTES = 1 << 36  # 64 GiB per shard file
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,11 @@ class BuildOptions:
     def check(self) -> None:
         if self.dtype not in SDF_DTYPES:
             raise BuildError(f"--dtype {self.dtype}: choose one of {', '.join(SDF_DTYPES)}")
-        for flag, value in (("--grid", self.grid), ("--records-per-shard", self.records_per_shard),
-                            ("--max-grasps", self.max_grasps)):
+        for flag, value in (
+            ("--grid", self.grid),
+            ("--records-per-shard", self.records_per_shard),
+            ("--max-grasps", self.max_grasps),
+        ):
             if value < 1:
                 raise BuildError(f"{flag} {value}: must be at least 1")
         if self.grid % 2:
@@ -71,21 +87,27 @@ class BuildOptions:
         layout = self.layout()
         record = layout.sdf_record_bytes + layout.labels_record_bytes
         if record > MAX_RECORD_BYTES:
-            raise BuildError(f"--grid {self.grid} --max-grasps {self.max_grasps}: one record would take "
-                             f"{record:,} bytes (SDF {layout.sdf_record_bytes:,} + labels "
-                             f"{layout.labels_record_bytes:,}), over the {MAX_RECORD_BYTES >> 20} MiB limit; "
-                             "the seed's scenes have 48^3 grids and at most 480 grasps")
+            raise BuildError(
+                f"--grid {self.grid} --max-grasps {self.max_grasps}: one record would take "
+                f"{record:,} bytes (SDF {layout.sdf_record_bytes:,} + labels "
+                f"{layout.labels_record_bytes:,}), over the {MAX_RECORD_BYTES >> 20} MiB limit; "
+                "the seed's scenes have 48^3 grids and at most 480 grasps"
+            )
         if record * self.records_per_shard > MAX_SHARD_BYTES:
-            raise BuildError(f"--records-per-shard {self.records_per_shard}: a shard would take "
-                             f"{record * self.records_per_shard:,} bytes ({record:,} per record), over the "
-                             f"{MAX_SHARD_BYTES >> 30} GiB limit; use fewer records per shard")
+            raise BuildError(
+                f"--records-per-shard {self.records_per_shard}: a shard would take "
+                f"{record * self.records_per_shard:,} bytes ({record:,} per record), over the "
+                f"{MAX_SHARD_BYTES >> 30} GiB limit; use fewer records per shard"
+            )
         if self.shuffle_seed < 0:
             raise BuildError(f"--shuffle-seed {self.shuffle_seed}: must be >= 0")
         if self.limit is not None and self.limit < 1:
             raise BuildError(f"--limit {self.limit}: must be at least 1")
-        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
-            raise BuildError(f"--val-fraction {self.val_fraction} --test-fraction {self.test_fraction}: "
-                             "each must be >= 0 and together < 1")
+        if not (self.val_fraction >= 0 and self.test_fraction >= 0 and self.val_fraction + self.test_fraction < 1):
+            raise BuildError(
+                f"--val-fraction {self.val_fraction} --test-fraction {self.test_fraction}: "
+                "each must be >= 0 and together < 1"
+            )
 
     def layout(self) -> Layout:
         return Layout(self.grid, self.dtype, self.max_grasps, self.records_per_shard)
@@ -147,8 +169,10 @@ def _prepare(out: Path, resume: bool, overwrite: bool, header: dict, source: Pat
     """
     staging = staging_dir(out)
     if out.exists() and out.is_dir() and out.stat().st_dev != out.parent.stat().st_dev:
-        raise BuildError(f"--out {out}: a mount point; choose a directory inside it (make_shards builds "
-                         "beside --out and renames the result into place)")
+        raise BuildError(
+            f"--out {out}: a mount point; choose a directory inside it (make_shards builds "
+            "beside --out and renames the result into place)"
+        )
     state, staged = check_ours(out, "--out"), check_ours(staging, "staging directory")
     if resume:
         if staged == "unfinished" or state == "unfinished":
@@ -159,11 +183,14 @@ def _prepare(out: Path, resume: bool, overwrite: bool, header: dict, source: Pat
                 os.rename(out, staging)
             return staging, done
         if state == "dataset":
-            raise BuildError(f"--out {out}: already a finished dataset, nothing to resume; "
-                             "pass --overwrite to rebuild it")
+            raise BuildError(
+                f"--out {out}: already a finished dataset, nothing to resume; pass --overwrite to rebuild it"
+            )
     elif not overwrite and (state in ("dataset", "unfinished") or staged == "unfinished"):
-        raise BuildError(f"--out {out}: already holds a dataset or an unfinished build; "
-                         "pass --resume to continue it or --overwrite to replace it")
+        raise BuildError(
+            f"--out {out}: already holds a dataset or an unfinished build; "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
     remove_ours(staging)
     if staging.exists():
         raise BuildError(f"staging directory {staging}: could not be emptied; remove it")
@@ -183,17 +210,25 @@ def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
     except json.JSONDecodeError:
         first = None
     if first != header:
-        raise BuildError(f"--out {work}: the unfinished build there used other sources or options; "
-                         "pass --overwrite to start again")
+        raise BuildError(
+            f"--out {work}: the unfinished build there used other sources or options; pass --overwrite to start again"
+        )
     kept = []
     for line in lines[1:]:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             break  # the line being written when the build was killed
-        good = entry["shard"] == len(kept) and "sources" in entry and all(
-            (work / f["name"]).exists() and (work / f["name"]).stat().st_size == f["bytes"]
-            and file_crc32(work / f["name"]) == f["crc32"] for f in entry["files"])
+        good = (
+            entry["shard"] == len(kept)
+            and "sources" in entry
+            and all(
+                (work / f["name"]).exists()
+                and (work / f["name"]).stat().st_size == f["bytes"]
+                and file_crc32(work / f["name"]) == f["crc32"]
+                for f in entry["files"]
+            )
+        )
         if not good:
             break
         kept.append(entry)
@@ -201,9 +236,11 @@ def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
         for recorded in entry["sources"]:
             now = _source_stat(source, recorded["name"])
             if now != recorded:
-                raise BuildError(f"{source / recorded['name'] / SCENE_FILE}: changed since the unfinished build read "
-                                 f"it (size {recorded['bytes']} -> {now['bytes']}, mtime_ns {recorded['mtime_ns']} -> "
-                                 f"{now['mtime_ns']}); pass --overwrite to rebuild from scratch")
+                raise BuildError(
+                    f"{source / recorded['name'] / SCENE_FILE}: changed since the unfinished build read "
+                    f"it (size {recorded['bytes']} -> {now['bytes']}, mtime_ns {recorded['mtime_ns']} -> "
+                    f"{now['mtime_ns']}); pass --overwrite to rebuild from scratch"
+                )
     return kept
 
 
@@ -222,9 +259,17 @@ def _allocated_bytes(paths: list[Path]) -> int:
     return sum(p.stat().st_blocks * 512 for p in paths)
 
 
-def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, workers: int | None = None,
-                 resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 allow_missing_scenes: bool = False) -> dict:
+def build_shards(
+    source: str | Path,
+    out: str | Path,
+    opts: BuildOptions,
+    *,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_missing_scenes: bool = False,
+) -> dict:
     """Build a dataset in `out` from `source/<name>/scene.npz`; returns the build summary.
 
     The build runs in a staging directory beside `out` under a lock and replaces `out` only when
@@ -242,16 +287,23 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
     names = listed[: opts.limit]
     if not names:
         raise BuildError(f"SOURCE {source}: no scene directories found (expected <name>/scene.npz)")
-    splits = assign_splits(names, Path(opts.splits) if opts.splits else None, opts.val_fraction, opts.test_fraction,
-                           present=listed, allow_missing=allow_missing_scenes)
+    splits = assign_splits(
+        names,
+        Path(opts.splits) if opts.splits else None,
+        opts.val_fraction,
+        opts.test_fraction,
+        present=listed,
+        allow_missing=allow_missing_scenes,
+    )
     placement = place_scenes(names, splits, opts.shuffle_seed, opts.records_per_shard)
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source), "args": asdict(opts)}
 
     if not out.parent.is_dir():
         raise BuildError(f"--out {out}: its parent directory does not exist; create it first")
     if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise BuildError(f"--out {out}: its parent directory is not writable (the build is made beside --out); "
-                         "choose another --out")
+        raise BuildError(
+            f"--out {out}: its parent directory is not writable (the build is made beside --out); choose another --out"
+        )
     lock = Lock(out)
     try:
         work, done = _prepare(out, resume, overwrite, header, source)
@@ -278,13 +330,25 @@ def build_shards(source: str | Path, out: str | Path, opts: BuildOptions, *, wor
 def _disk_error(err: OSError, out: Path) -> BuildError:
     """One line for a failed read or write (a full disk, a lost permission)."""
     what = f"{err.strerror or os.strerror(err.errno or 0)} ({err.filename})" if err.filename else str(err)
-    advice = "free some space (or choose another --out) and rerun" if err.errno in (errno.ENOSPC, errno.EDQUOT) \
+    advice = (
+        "free some space (or choose another --out) and rerun"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT)
         else "fix it and rerun"
+    )
     return BuildError(f"--out {out}: the build failed: {what}; --out was left as it was; {advice}")
 
 
-def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], splits: list[str],
-               placement: Placement, done: list[dict], workers: int | None, progress: bool) -> dict:
+def _write_all(
+    source: Path,
+    out: Path,
+    opts: BuildOptions,
+    names: list[str],
+    splits: list[str],
+    placement: Placement,
+    done: list[dict],
+    workers: int | None,
+    progress: bool,
+) -> dict:
     layout = opts.layout()
     r = layout.records_per_shard
     num_shards = placement.num_shards
@@ -294,14 +358,20 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
     empty_crcs, empty_labels = layout.empty_checksums(), layout.empty_labels()
     journal = out / BUILD_DIR / JOURNAL
     for k in range(len(done), num_shards):
-        create_shard(out, layout, k, int((scene_at[k * r:(k + 1) * r] >= 0).sum()))
+        create_shard(out, layout, k, int((scene_at[k * r : (k + 1) * r] >= 0).sum()))
 
     entries = list(done)
     shard = _Shard(len(done), header_crcs)
     first = len(done) * r
     record_bytes = layout.sdf_record_bytes + layout.labels_record_bytes
-    bar = tqdm(total=len(names), initial=first, unit="scene", disable=(not progress) or None, desc="make_shards",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(names),
+        initial=first,
+        unit="scene",
+        disable=(not progress) or None,
+        desc="make_shards",
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
         tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
@@ -312,10 +382,20 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
             if stat is not None:
                 shard.sources.append(stat)
             if isinstance(result, Record):
-                shard.rows.append({"scene": scene, "name": result.name, "split": splits[scene],
-                                   "shard": shard.number, "slot": position % r, "num_grasps": result.num_grasps,
-                                   "checksum": result.checksum, "device_checksum": result.device_checksum,
-                                   "translation": result.translation, "global_scale": result.global_scale})
+                shard.rows.append(
+                    {
+                        "scene": scene,
+                        "name": result.name,
+                        "split": splits[scene],
+                        "shard": shard.number,
+                        "slot": position % r,
+                        "num_grasps": result.num_grasps,
+                        "checksum": result.checksum,
+                        "device_checksum": result.device_checksum,
+                        "translation": result.translation,
+                        "global_scale": result.global_scale,
+                    }
+                )
                 shard.stats.add(result, splits[scene])
                 shard.add_crcs(appenders, (result.sdf_crc, result.labels_crc))
             else:  # a skipped scene or a split's padding: an empty record
@@ -331,9 +411,14 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
                     rate = (position - first + 1) * record_bytes / 1e6 / max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix_str(f"{rate:.0f} MB/s")
             if position % r == r - 1:
-                entry = {"shard": shard.number, "files": commit_shard(out, shard.number, tuple(shard.crcs)),
-                         "rows": shard.rows, "skipped": shard.skipped, "stats": asdict(shard.stats),
-                         "sources": shard.sources}
+                entry = {
+                    "shard": shard.number,
+                    "files": commit_shard(out, shard.number, tuple(shard.crcs)),
+                    "rows": shard.rows,
+                    "skipped": shard.skipped,
+                    "stats": asdict(shard.stats),
+                    "sources": shard.sources,
+                }
                 with open(journal, "a") as f:
                     f.write(json.dumps(entry, sort_keys=True) + "\n")
                 entries.append(entry)
@@ -344,8 +429,9 @@ def _write_all(source: Path, out: Path, opts: BuildOptions, names: list[str], sp
     return _finish(out, opts, source, entries, len(names), placement)
 
 
-def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], considered: int,
-            placement: Placement) -> dict:
+def _finish(
+    out: Path, opts: BuildOptions, source: Path, entries: list[dict], considered: int, placement: Placement
+) -> dict:
     """Index, skip report and manifest (last), then drop the journal."""
     layout = opts.layout()
     rows = [row for e in entries for row in e["rows"]]
@@ -359,30 +445,46 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
         tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
         os.replace(tmp, out / SKIPPED)
 
-    per_split = {s: {"scenes": 0, "grasps": 0, "first_shard": placement.shards[s][0],
-                     "num_shards": placement.shards[s][1]} for s in SPLITS}
+    per_split = {
+        s: {"scenes": 0, "grasps": 0, "first_shard": placement.shards[s][0], "num_shards": placement.shards[s][1]}
+        for s in SPLITS
+    }
     for row in rows:
         per_split[row["split"]]["scenes"] += 1
         per_split[row["split"]]["grasps"] += row["num_grasps"]
     train = score_stats([s.train for s in stats])
     if train["count"] and train["min"] == train["max"]:
-        raise BuildError(f"SOURCE {source}: all {train['count']} train scores are equal ({train['min']}), so their "
-                         "std is 0 and scores cannot be standardised; check the labels")
+        raise BuildError(
+            f"SOURCE {source}: all {train['count']} train scores are equal ({train['min']}), so their "
+            "std is 0 and scores cannot be standardised; check the labels"
+        )
     manifest = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "grid": [layout.grid] * 3, "grid_origin": grid_points(layout.grid)[0],
-        "grid_spacing": grid_points(layout.grid)[1], "sdf_dtype": layout.dtype, "label_dtype": "float32",
-        "grasp_dim": GRASP_DIM, "label_dim": LABEL_DIM, "max_grasps": layout.max_grasps,
-        "records_per_shard": layout.records_per_shard, "header_bytes": HEADER_BYTES,
-        "num_shards": len(entries), "num_scenes": len(rows), "num_records": len(entries) * layout.records_per_shard,
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "grid": [layout.grid] * 3,
+        "grid_origin": grid_points(layout.grid)[0],
+        "grid_spacing": grid_points(layout.grid)[1],
+        "sdf_dtype": layout.dtype,
+        "label_dtype": "float32",
+        "grasp_dim": GRASP_DIM,
+        "label_dim": LABEL_DIM,
+        "max_grasps": layout.max_grasps,
+        "records_per_shard": layout.records_per_shard,
+        "header_bytes": HEADER_BYTES,
+        "num_shards": len(entries),
+        "num_scenes": len(rows),
+        "num_records": len(entries) * layout.records_per_shard,
         "source_scenes": considered,
-        "splits": per_split, "score_stats": train,
+        "splits": per_split,
+        "score_stats": train,
         "sdf_max_conversion_error": max(s.conversion_error for s in stats),
         "skipped": len(skipped),
-        "checksums": {"files": "crc32 of the whole file",
-                      "records": "xxh3_64 of the record's SDF bytes, then its labels bytes",
-                      "device_records": "sum of the record's little-endian 32-bit words times splitmix64 keys, "
-                                        "mod 2^64 (shards/checksum.py)"},
+        "checksums": {
+            "files": "crc32 of the whole file",
+            "records": "xxh3_64 of the record's SDF bytes, then its labels bytes",
+            "device_records": "sum of the record's little-endian 32-bit words times splitmix64 keys, "
+            "mod 2^64 (shards/checksum.py)",
+        },
         "files": files,
         "made_by": {"tool": "make_shards", "version": __version__, "source": str(source), "args": asdict(opts)},
     }
@@ -391,9 +493,16 @@ def _finish(out: Path, opts: BuildOptions, source: Path, entries: list[dict], co
     (out / BUILD_DIR).rmdir()
     paths = [out / f["name"] for f in files] + [out / MANIFEST]
     return {
-        "out": str(out), "scenes": len(rows), "considered": considered, "skipped": len(skipped),
-        "splits": per_split, "shards": len(entries), "records": manifest["num_records"],
-        "bytes_on_disk": _allocated_bytes(paths), "bytes_apparent": sum(p.stat().st_size for p in paths),
-        "score_stats": train, "sdf_dtype": layout.dtype,
+        "out": str(out),
+        "scenes": len(rows),
+        "considered": considered,
+        "skipped": len(skipped),
+        "splits": per_split,
+        "shards": len(entries),
+        "records": manifest["num_records"],
+        "bytes_on_disk": _allocated_bytes(paths),
+        "bytes_apparent": sum(p.stat().st_size for p in paths),
+        "score_stats": train,
+        "sdf_dtype": layout.dtype,
         "sdf_max_conversion_error": manifest["sdf_max_conversion_error"],
     }

@@ -11,6 +11,7 @@ Two functions of a record's bytes (its SDF, then its labels), each fast where th
 
 Both are stored in `scenes.parquet` as unsigned 64-bit integers.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -32,7 +33,7 @@ def checksum(sdf: bytes | memoryview, labels: bytes | memoryview) -> int:
 def word_keys(count: int) -> np.ndarray:
     """The first `count` keys of the device checksum: splitmix64 of 1, 2, ..., forced odd (uint64, read-only)."""
     with np.errstate(over="ignore"):
-        z = (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN)
+        z = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         keys = (z ^ (z >> np.uint64(31))) | np.uint64(1)

@@ -5,6 +5,7 @@ builder folds them, in file order, into the whole file's CRC-32 without reading 
 crc32(A + B) = Z_n(crc32(A)) ^ crc32(B), n = len(B), where Z_n advances a CRC register over n zero
 bytes. Z_n is linear over GF(2), so it is applied with four 256-entry byte tables.
 """
+
 from __future__ import annotations
 
 import zlib

@@ -5,6 +5,7 @@ any NumPy reads it with `np.load(mmap_mode="r")`, and every record of a 48^3 flo
 4 KiB aligned on disk, which is what O_DIRECT and GPUDirect Storage reads want. Version 2 keeps
 each split in its own consecutive shards, in a seeded order of its scenes (see `build.py`).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -44,8 +45,13 @@ def labels_name(shard: int) -> str:
 
 def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     """NPY 1.0 header for a C-order array, padded with spaces to exactly HEADER_BYTES."""
-    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                 "fortran_order": False, "shape": tuple(int(s) for s in shape)})
+    text = repr(
+        {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": tuple(int(s) for s in shape),
+        }
+    )
     body = text.encode("latin1")
     pad = HEADER_BYTES - len(_MAGIC) - 2 - len(body) - 1
     if pad < 0:

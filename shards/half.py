@@ -5,13 +5,14 @@ needs a second conversion back; together they were the largest cost of make_shar
 This does both with integer operations (round to nearest even, as IEEE and NumPy do), about twice
 as fast, and is bit-identical to NumPy (tests/test_shards.py checks millions of bit patterns).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 _REBIAS = np.uint32((((15 - 127) << 23) + 0xFFF) & 0xFFFFFFFF)  # exponent 127 -> 15, plus half an ulp - 1
-_SMALLEST_NORMAL = np.uint32(113 << 23)                          # |x| < 2**-14 becomes a float16 subnormal
-_UNBIAS = np.uint32(112 << 23)                                   # exponent 15 -> 127, to convert back
+_SMALLEST_NORMAL = np.uint32(113 << 23)  # |x| < 2**-14 becomes a float16 subnormal
+_UNBIAS = np.uint32(112 << 23)  # exponent 15 -> 127, to convert back
 
 
 def to_float16(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -21,7 +22,7 @@ def to_float16(x: np.ndarray) -> tuple[np.ndarray, float]:
     n = a + _REBIAS
     n += (a >> 13) & np.uint32(1)  # ties go to the even mantissa
     n >>= 13
-    back = (n << 13) + _UNBIAS     # the float16 magnitude as float32 bits (valid for normal results)
+    back = (n << 13) + _UNBIAS  # the float16 magnitude as float32 bits (valid for normal results)
     error = np.abs(a.view(np.float32) - back.view(np.float32))
     half = n.astype(np.uint16)
     small = a < _SMALLEST_NORMAL

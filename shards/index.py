@@ -5,6 +5,7 @@ skipped scenes leave gaps), name (source name), split, shard, slot, num_grasps, 
 of the record's bytes) and device_checksum (their word hash, for GPUs; see `checksum.py`), and the
 seed's per-scene extras translation (3 floats) and global_scale, null where the source had none.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,18 +15,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("scene", pa.int64()),
-    ("name", pa.string()),
-    ("split", pa.string()),
-    ("shard", pa.int32()),
-    ("slot", pa.int32()),
-    ("num_grasps", pa.int32()),
-    ("checksum", pa.uint64()),
-    ("device_checksum", pa.uint64()),
-    ("translation", pa.list_(pa.float32(), 3)),
-    ("global_scale", pa.float32()),
-])
+SCHEMA = pa.schema(
+    [
+        ("scene", pa.int64()),
+        ("name", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.int32()),
+        ("slot", pa.int32()),
+        ("num_grasps", pa.int32()),
+        ("checksum", pa.uint64()),
+        ("device_checksum", pa.uint64()),
+        ("translation", pa.list_(pa.float32(), 3)),
+        ("global_scale", pa.float32()),
+    ]
+)
 COLUMNS = tuple(SCHEMA.names)
 
 
@@ -43,12 +46,15 @@ def read_index(path: Path) -> dict[str, np.ndarray]:
     table = pq.read_table(path)
     if tuple(table.schema.names) != COLUMNS:
         raise ValueError(f"{path}: columns {table.schema.names}, expected {list(COLUMNS)}")
-    cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
-            ("scene", "name", "split", "shard", "slot", "num_grasps", "checksum", "device_checksum")}
+    cols = {
+        name: table.column(name).to_numpy(zero_copy_only=False)
+        for name in ("scene", "name", "split", "shard", "slot", "num_grasps", "checksum", "device_checksum")
+    }
     cols["name"] = cols["name"].astype(str)
     cols["split"] = cols["split"].astype(str)
     translation = table.column("translation").to_pylist()
-    cols["translation"] = np.array([t if t is not None else [np.nan] * 3 for t in translation],
-                                   dtype=np.float32).reshape(-1, 3)
+    cols["translation"] = np.array(
+        [t if t is not None else [np.nan] * 3 for t in translation], dtype=np.float32
+    ).reshape(-1, 3)
     cols["global_scale"] = table.column("global_scale").to_numpy(zero_copy_only=False).astype(np.float32)
     return cols

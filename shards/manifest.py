@@ -1,4 +1,5 @@
 """`manifest.json`: what a dataset is, written last; a directory without it is not a dataset."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,6 +50,8 @@ def read_manifest(root: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format version {manifest.get('version')}, this reader reads version "
-                           f"{FORMAT_VERSION}; rebuild the dataset with tools/make_shards.py SOURCE --out DIR")
+        raise DatasetError(
+            f"{path}: format version {manifest.get('version')}, this reader reads version "
+            f"{FORMAT_VERSION}; rebuild the dataset with tools/make_shards.py SOURCE --out DIR"
+        )
     return manifest

@@ -8,8 +8,10 @@ complete, so a failed rebuild leaves the old dataset as it was. `.<name>.lock` b
 serialises builds: `flock` on it, with its identity re-checked after locking (a holder unlinks it
 on release, so a waiter may have opened a file that is no longer there).
 """
+
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -98,10 +100,8 @@ def remove_ours(path: Path) -> None:
 
 
 def _rmdir_if_empty(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # something not ours is inside: it stays
         path.rmdir()
-    except OSError:
-        pass  # something not ours is inside: it stays
 
 
 def check_ours(path: Path, what: str) -> str:
@@ -109,13 +109,16 @@ def check_ours(path: Path, what: str) -> str:
     k = kind(path)
     if k == "foreign":
         example = sorted(p.name for p in path.iterdir())[0]
-        raise BuildError(f"{what} {path}: not empty and not a dataset (it holds {example!r}); "
-                         "choose a new or empty directory")
+        raise BuildError(
+            f"{what} {path}: not empty and not a dataset (it holds {example!r}); choose a new or empty directory"
+        )
     if k in ("dataset", "unfinished"):
         extra = foreign_files(path)
         if extra:
-            raise BuildError(f"{what} {path}: holds {extra[0]!r} ({len(extra)} file(s) not of the dataset); "
-                             "move them away first: make_shards removes only dataset files")
+            raise BuildError(
+                f"{what} {path}: holds {extra[0]!r} ({len(extra)} file(s) not of the dataset); "
+                "move them away first: make_shards removes only dataset files"
+            )
     return k
 
 
@@ -185,8 +188,10 @@ class Lock:
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
-                raise BuildError(f"--out {out}: another make_shards is building it ({holder}); "
-                                 "wait for it to finish, or stop that process") from None
+                raise BuildError(
+                    f"--out {out}: another make_shards is building it ({holder}); "
+                    "wait for it to finish, or stop that process"
+                ) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -194,8 +199,12 @@ class Lock:
             if same:
                 break
             os.close(fd)  # the holder released and unlinked it after we opened it: lock the new one
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": shlex.join(sys.argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self.fd = fd

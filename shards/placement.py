@@ -6,6 +6,7 @@ of SHA-256(shuffle seed, name), not by name: seed names carry the object categor
 and a window of name-sorted shards would hold one category. So any window of a split's shards is a
 random sample of that split, which is what the shuffle window of the epoch plan relies on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,8 @@ def shuffle_key(name: str, shuffle_seed: int) -> bytes:
 class Placement:
     """Scene id (its position in the name-sorted source) of every record position; -1 for padding."""
 
-    scene_at: np.ndarray                 # int64 [num_shards * R]
-    shards: dict[str, tuple[int, int]]   # split -> (first shard, number of shards)
+    scene_at: np.ndarray  # int64 [num_shards * R]
+    shards: dict[str, tuple[int, int]]  # split -> (first shard, number of shards)
 
     @property
     def num_shards(self) -> int:

@@ -1,4 +1,5 @@
 """Memory-mapped reader: O(1) access to any scene's SDF and labels, or to a whole shard."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,12 @@ class ShardReader:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         m = self.manifest
-        self.layout = Layout(grid=m["grid"][0], dtype=m["sdf_dtype"], max_grasps=m["max_grasps"],
-                             records_per_shard=m["records_per_shard"])
+        self.layout = Layout(
+            grid=m["grid"][0],
+            dtype=m["sdf_dtype"],
+            max_grasps=m["max_grasps"],
+            records_per_shard=m["records_per_shard"],
+        )
         if not (self.root / INDEX).exists():
             raise DatasetError(f"{self.root / INDEX}: missing index; rebuild the dataset")
         self.index = read_index(self.root / INDEX)
@@ -90,7 +95,7 @@ class ShardReader:
         breaks = np.flatnonzero(np.diff(slots) != 1) + 1
         with open(path, "rb", buffering=0) as f:
             for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(slots)]])):
-                view = buffer[first * record:last * record]
+                view = buffer[first * record : last * record]
                 offset = HEADER_BYTES + int(slots[first]) * record
                 while len(view):
                     n = os.preadv(f.fileno(), [view], offset)

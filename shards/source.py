@@ -3,6 +3,7 @@
 Every check names the file and the problem; nothing is repaired, cast from a non-float type,
 or substituted. A scene that passes becomes a `Record`: its bytes exactly as the shard stores them.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,17 +46,17 @@ class Record:
     """One scene converted to the shard's layout, plus what the manifest and index need."""
 
     name: str
-    sdf: memoryview            # (D,D,D) in the shard dtype, C order (dropped before crossing processes)
-    labels: memoryview         # (max_grasps, 20) float32; unused slots: zeros, NaN score
+    sdf: memoryview  # (D,D,D) in the shard dtype, C order (dropped before crossing processes)
+    labels: memoryview  # (max_grasps, 20) float32; unused slots: zeros, NaN score
     num_grasps: int
-    checksum: int              # XXH3-64 of sdf then labels: the index's per-record checksum
-    device_checksum: int       # the same bytes' word hash, checked on GPUs (shards/checksum.py)
-    sdf_crc: int               # CRC-32 of sdf alone and of labels alone: folded into the files' CRC-32
+    checksum: int  # XXH3-64 of sdf then labels: the index's per-record checksum
+    device_checksum: int  # the same bytes' word hash, checked on GPUs (shards/checksum.py)
+    sdf_crc: int  # CRC-32 of sdf alone and of labels alone: folded into the files' CRC-32
     labels_crc: int
     translation: list[float] | None
     global_scale: float | None
-    scores: ScoreSums          # of the scores as stored, for the train split's statistics
-    conversion_error: float    # max |sdf - stored sdf| (0 for float32)
+    scores: ScoreSums  # of the scores as stored, for the train split's statistics
+    conversion_error: float  # max |sdf - stored sdf| (0 for float32)
 
 
 def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
@@ -69,15 +70,19 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
         if p in exclude:
             continue
         if p.is_symlink() and not p.exists():
-            raise SourceError(f"{os.fsencode(p)!r}: a symlink to {os.fsencode(os.readlink(p))!r}, which does not "
-                              "exist; fix the link or remove the scene from SOURCE")
+            raise SourceError(
+                f"{os.fsencode(p)!r}: a symlink to {os.fsencode(os.readlink(p))!r}, which does not "
+                "exist; fix the link or remove the scene from SOURCE"
+            )
         if not p.is_dir():
             continue
         try:
             p.name.encode("utf-8")
         except UnicodeEncodeError:
-            raise SourceError(f"SOURCE {source}: scene folder {os.fsencode(p.name)!r} is not a UTF-8 name; "
-                              "rename it (scene names are stored as text in the index)") from None
+            raise SourceError(
+                f"SOURCE {source}: scene folder {os.fsencode(p.name)!r} is not a UTF-8 name; "
+                "rename it (scene names are stored as text in the index)"
+            ) from None
         names.append(p.name)
     return sorted(names)
 
@@ -129,8 +134,11 @@ def _finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) ->
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         if as_stored:
-            raise SceneError(path, f"'{key}' has {bad} values that are finite in the file but not as stored "
-                                   f"({array.dtype}, |x| <= {float(np.finfo(array.dtype).max):.6g}); fix the scene")
+            raise SceneError(
+                path,
+                f"'{key}' has {bad} values that are finite in the file but not as stored "
+                f"({array.dtype}, |x| <= {float(np.finfo(array.dtype).max):.6g}); fix the scene",
+            )
         raise SceneError(path, f"'{key}' has {bad} non-finite values (NaN or inf)")
     return array
 
@@ -165,8 +173,11 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
     if dtype == "float16":
         peak = float(np.abs(sdf).max())
         if peak > FLOAT16_MAX:
-            raise SceneError(path, f"'sdf' reaches |{peak:.6g}|, outside float16's finite range "
-                                   f"(±{FLOAT16_MAX:.0f}); store with --dtype float32")
+            raise SceneError(
+                path,
+                f"'sdf' reaches |{peak:.6g}|, outside float16's finite range "
+                f"(±{FLOAT16_MAX:.0f}); store with --dtype float32",
+            )
     if dtype == "float16" and sdf.dtype == np.float32:
         stored, error = to_float16(sdf)
     else:
@@ -181,10 +192,16 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
     sdf_bytes, label_bytes = memoryview(stored).cast("B"), memoryview(labels).cast("B")
     keys = word_keys((len(sdf_bytes) + len(label_bytes)) // 4)
     return Record(
-        name=name, sdf=sdf_bytes, labels=label_bytes, num_grasps=n, checksum=checksum(sdf_bytes, label_bytes),
+        name=name,
+        sdf=sdf_bytes,
+        labels=label_bytes,
+        num_grasps=n,
+        checksum=checksum(sdf_bytes, label_bytes),
         device_checksum=device_checksum(sdf_bytes, label_bytes, keys),
-        sdf_crc=zlib.crc32(sdf_bytes), labels_crc=zlib.crc32(label_bytes),
+        sdf_crc=zlib.crc32(sdf_bytes),
+        labels_crc=zlib.crc32(label_bytes),
         translation=[float(v) for v in extras["translation"]] if "translation" in extras else None,
         global_scale=float(extras["global_scale"]) if "global_scale" in extras else None,
-        scores=ScoreSums.of(labels[:n, SCORE_COLUMN]), conversion_error=error,
+        scores=ScoreSums.of(labels[:n, SCORE_COLUMN]),
+        conversion_error=error,
     )

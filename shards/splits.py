@@ -2,6 +2,7 @@
 
 Splits are by scene, never by grasp, so no validation object is ever seen in training.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ class SplitError(ValueError):
 
 def hash_split(name: str, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split from the name alone: stable when scenes are added or removed."""
-    u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0 ** 64
+    u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
@@ -42,8 +43,14 @@ def load_splits(path: Path) -> dict[str, str]:
     return assignment
 
 
-def assign_splits(names: list[str], splits_file: Path | None, val_fraction: float, test_fraction: float,
-                  present: list[str] | None = None, allow_missing: bool = False) -> list[str]:
+def assign_splits(
+    names: list[str],
+    splits_file: Path | None,
+    val_fraction: float,
+    test_fraction: float,
+    present: list[str] | None = None,
+    allow_missing: bool = False,
+) -> list[str]:
     """The split of each name, from the file when given: a scene in no split is an error, and so is a
     scene the file names that is not `present` in SOURCE (a half-copied SOURCE) unless `allow_missing`."""
     if splits_file is None:
@@ -56,6 +63,8 @@ def assign_splits(names: list[str], splits_file: Path | None, val_fraction: floa
     known = set(names if present is None else present)
     absent = sorted(n for n in assignment if n not in known)
     if absent and not allow_missing:
-        raise SplitError(f"{splits_file}: scene {absent[0]} ({len(absent)} of its {len(assignment)} scenes in all) "
-                         "is not in SOURCE; copy the missing scenes in, or pass --allow-missing-scenes")
+        raise SplitError(
+            f"{splits_file}: scene {absent[0]} ({len(absent)} of its {len(assignment)} scenes in all) "
+            "is not in SOURCE; copy the missing scenes in, or pass --allow-missing-scenes"
+        )
     return [assignment[n] for n in names]

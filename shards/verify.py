@@ -4,6 +4,7 @@
 summary, or exit 1 with one line per problem naming the file, shard, slot and scene. The full check
 also recomputes the train score statistics from the stored labels and compares them with the manifest's.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,17 @@ import numpy as np
 from tqdm import tqdm
 
 from .checksum import checksum, device_checksum, word_keys
-from .format import (HEADER_BYTES, INDEX, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, file_crc32, labels_name,
-                     read_npy_header, sdf_name)
+from .format import (
+    HEADER_BYTES,
+    INDEX,
+    LABEL_DIM,
+    LABEL_DTYPE,
+    SCORE_COLUMN,
+    file_crc32,
+    labels_name,
+    read_npy_header,
+    sdf_name,
+)
 from .index import read_index
 from .manifest import DatasetError, fingerprint, read_manifest
 from .reader import SPLITS
@@ -55,13 +65,21 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
     if len(np.unique(index["name"])) != n:
         problems.append(f"{INDEX}: scene names must be unique")
     position = index["shard"].astype(np.int64) * r + index["slot"]
-    if (np.diff(position) <= 0).any() or (index["slot"] < 0).any() or (index["slot"] >= r).any() \
-            or (position < 0).any() or (position >= manifest["num_records"]).any():
-        problems.append(f"{INDEX}: (shard, slot) must be unique records of the {manifest['num_shards']} shards, "
-                        "in storage order")
+    if (
+        (np.diff(position) <= 0).any()
+        or (index["slot"] < 0).any()
+        or (index["slot"] >= r).any()
+        or (position < 0).any()
+        or (position >= manifest["num_records"]).any()
+    ):
+        problems.append(
+            f"{INDEX}: (shard, slot) must be unique records of the {manifest['num_shards']} shards, in storage order"
+        )
     for row in np.flatnonzero((index["num_grasps"] < 1) | (index["num_grasps"] > layout.max_grasps)):
-        problems.append(f"{INDEX}: scene {scene[row]} ({index['name'][row]}) has num_grasps "
-                        f"{index['num_grasps'][row]}, outside 1..{layout.max_grasps}")
+        problems.append(
+            f"{INDEX}: scene {scene[row]} ({index['name'][row]}) has num_grasps "
+            f"{index['num_grasps'][row]}, outside 1..{layout.max_grasps}"
+        )
     for split in SPLITS:
         entry = manifest["splits"][split]
         mask = index["split"] == split
@@ -71,8 +89,10 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
         first, count = entry["first_shard"], entry["num_shards"]
         outside = mask & ((index["shard"] < first) | (index["shard"] >= first + count))
         for row in np.flatnonzero(outside)[:1]:
-            problems.append(f"{INDEX}: scene {scene[row]} ({index['name'][row]}) of split {split} is in shard "
-                            f"{index['shard'][row]}, outside the split's shards {first}..{first + count - 1}")
+            problems.append(
+                f"{INDEX}: scene {scene[row]} ({index['name'][row]}) of split {split} is in shard "
+                f"{index['shard'][row]}, outside the split's shards {first}..{first + count - 1}"
+            )
     return problems
 
 
@@ -80,22 +100,30 @@ def _check_stats(manifest: dict, recomputed: dict | None = None) -> list[str]:
     """The manifest's train score statistics: a spread (std > 0), and equal to those `recomputed` from the labels."""
     stats, problems = manifest["score_stats"], []
     if stats.get("count") and (stats.get("std") == 0 or stats.get("min") == stats.get("max")):
-        problems.append(f"manifest.json: score_stats std is {stats.get('std')}: all train scores are equal "
-                        f"(min {stats.get('min')}, max {stats.get('max')}); scores cannot be standardised, rebuild "
-                        "with varied labels")
+        problems.append(
+            f"manifest.json: score_stats std is {stats.get('std')}: all train scores are equal "
+            f"(min {stats.get('min')}, max {stats.get('max')}); scores cannot be standardised, rebuild "
+            "with varied labels"
+        )
     if recomputed is not None:
         for key, want in recomputed.items():
             got = stats.get(key)
-            same = (got == want if not isinstance(want, float) or not isinstance(got, (int, float))
-                    else math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12))
+            same = (
+                got == want
+                if not isinstance(want, float) or not isinstance(got, (int, float))
+                else math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+            )
             if not same:
-                problems.append(f"manifest.json: score_stats {key} is {got}, but the train labels give {want}; "
-                                "the manifest was edited or is not this dataset's: rebuild the dataset")
+                problems.append(
+                    f"manifest.json: score_stats {key} is {got}, but the train labels give {want}; "
+                    "the manifest was edited or is not this dataset's: rebuild the dataset"
+                )
     return problems
 
 
-def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int],
-                   crcs: dict[str, str], train: ScoreSums) -> list[str]:
+def _check_records(
+    root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int], crcs: dict[str, str], train: ScoreSums
+) -> list[str]:
     """One pass over a shard's two files: whole-file CRC-32, every record's two checksums and its scores
     (adding the train records' scores, as stored, to `train`)."""
     problems = []
@@ -114,9 +142,13 @@ def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: di
                     problems.append(f"{where} (empty record): scores must all be NaN")
                 continue
             where += f" scene {index['scene'][row]} ({index['name'][row]})"
-            sums = (("checksum", checksum(sdf_rec, lab_rec), int(index["checksum"][row])),
-                    ("device checksum", device_checksum(sdf_rec, lab_rec, keys), int(index["device_checksum"][row])))
-            bad = [f"{where}: record {kind} {got:016x}, index says {want:016x}" for kind, got, want in sums if got != want]
+            sums = (
+                ("checksum", checksum(sdf_rec, lab_rec), int(index["checksum"][row])),
+                ("device checksum", device_checksum(sdf_rec, lab_rec, keys), int(index["device_checksum"][row])),
+            )
+            bad = [
+                f"{where}: record {kind} {got:016x}, index says {want:016x}" for kind, got, want in sums if got != want
+            ]
             if bad:
                 problems += bad
                 continue
@@ -127,8 +159,9 @@ def _check_records(root: Path, shard: int, layout: Layout, index: dict, rows: di
                 train.add(ScoreSums.of(scores[:used]))
     for path, crc in ((sdf_path, sdf_crc), (lab_path, lab_crc)):
         if f"{crc:08x}" != crcs[path.name]:
-            problems.append(f"{path.name}: shard {shard}: file CRC-32 {crc:08x} differs from the manifest's "
-                            f"{crcs[path.name]}")
+            problems.append(
+                f"{path.name}: shard {shard}: file CRC-32 {crc:08x} differs from the manifest's {crcs[path.name]}"
+            )
     return problems
 
 
@@ -141,8 +174,10 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         return [str(err)], ""
     m = manifest
     if m.get("fingerprint") != fingerprint(m):
-        return [f"{root / 'manifest.json'}: its fingerprint does not match its contents: edited after the build; "
-                "rebuild the dataset"], ""
+        return [
+            f"{root / 'manifest.json'}: its fingerprint does not match its contents: edited after the build; "
+            "rebuild the dataset"
+        ], ""
     layout = Layout(m["grid"][0], m["sdf_dtype"], m["max_grasps"], m["records_per_shard"])
     listed = {f["name"]: f for f in m["files"]}
     problems = []
@@ -164,8 +199,9 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
     # The index is small: its checksum is checked even by --quick, so an index from another
     # dataset (or with scenes moved between splits) never reaches a loader.
     if INDEX in listed and (root / INDEX).exists() and file_crc32(root / INDEX) != listed[INDEX]["crc32"]:
-        return problems + [f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; "
-                           "rebuild the dataset"], ""
+        return problems + [
+            f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; rebuild the dataset"
+        ], ""
     try:
         index = read_index(root / INDEX)
     except (OSError, ValueError) as err:
@@ -188,8 +224,10 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         checked = "every file and record checksum matches"
     splits = " / ".join(f"{s} {m['splits'][s]['scenes']}" for s in SPLITS)
     size = sum(entry["bytes"] for entry in m["files"]) / 1e6
-    summary = (f"OK {root}: {m['num_scenes']} scenes ({splits}), {m['num_shards']} shards of "
-               f"{m['records_per_shard']}, {size:.1f} MB; {checked}")
+    summary = (
+        f"OK {root}: {m['num_scenes']} scenes ({splits}), {m['num_shards']} shards of "
+        f"{m['records_per_shard']}, {size:.1f} MB; {checked}"
+    )
     return problems, summary
 
 

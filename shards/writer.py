@@ -6,6 +6,7 @@ order, and nothing but small metadata travels back to the builder. Files are cre
 size; a split's padding is left a sparse hole of zeros that takes no disk space (its SDFs are
 never written; its labels are written as empty records).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ class Layout:
 
     @property
     def sdf_record_bytes(self) -> int:
-        return self.grid ** 3 * np.dtype(self.dtype).itemsize
+        return self.grid**3 * np.dtype(self.dtype).itemsize
 
     @property
     def labels_record_bytes(self) -> int:
@@ -75,8 +76,9 @@ def create_shard(out: Path, layout: Layout, shard: int, records: int) -> None:
     The first `records` slots are allocated up front (writes into a hole cost ~5x more than into
     allocated blocks); the slots after them, the last shard's padding, stay a hole.
     """
-    for path, header, record in zip(shard_paths(out, shard), layout.headers(),
-                                    (layout.sdf_record_bytes, layout.labels_record_bytes)):
+    for path, header, record in zip(
+        shard_paths(out, shard), layout.headers(), (layout.sdf_record_bytes, layout.labels_record_bytes)
+    ):
         with open(temporary(path), "wb") as f:
             f.write(header)
             if records:
@@ -87,8 +89,9 @@ def create_shard(out: Path, layout: Layout, shard: int, records: int) -> None:
 def write_record(out: Path, layout: Layout, position: int, sdf: bytes | None, labels: bytes) -> None:
     """Write one record into its shard's temporary files; `sdf=None` leaves the SDF a hole (zeros)."""
     shard, slot = divmod(position, layout.records_per_shard)
-    for path, data, record in zip(shard_paths(out, shard), (sdf, labels),
-                                  (layout.sdf_record_bytes, layout.labels_record_bytes)):
+    for path, data, record in zip(
+        shard_paths(out, shard), (sdf, labels), (layout.sdf_record_bytes, layout.labels_record_bytes)
+    ):
         if data is None:
             continue
         fd = os.open(temporary(path), os.O_WRONLY)

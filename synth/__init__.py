@@ -10,5 +10,4 @@ from .scenes import make_scene
 from .score import score_grasps
 from .writer import format_summary, scene_name, write_scenes
 
-__all__ = ["make_scene", "write_scenes", "format_summary", "scene_name", "score_grasps",
-           "forward_kinematics"]
+__all__ = ["make_scene", "write_scenes", "format_summary", "scene_name", "score_grasps", "forward_kinematics"]

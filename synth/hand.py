@@ -61,7 +61,8 @@ def forward_kinematics(grasps: np.ndarray) -> np.ndarray:
 
     link_ends = BASES + PROXIMAL * link(proximal)
     tips = link_ends + DISTAL * link(proximal + distal)
-    local = np.concatenate([np.zeros((len(grasps), 1, 3)), np.broadcast_to(BASES, link_ends.shape),
-                            link_ends, tips], axis=1)
+    local = np.concatenate(
+        [np.zeros((len(grasps), 1, 3)), np.broadcast_to(BASES, link_ends.shape), link_ends, tips], axis=1
+    )
     # rotation @ local per point, spelled out: much faster than einsum/matmul on 3x3 blocks.
     return position[:, None, :] + sum(local[..., j, None] * rotation[:, None, :, j] for j in range(3))

@@ -107,15 +107,22 @@ class Primitive:
         elif self.kind == "torus":
             half = p[0] * across + p[1]
         else:  # cone: the hull of its two end discs
-            ends = np.stack([-p[2] * axis - p[0] * across, -p[2] * axis + p[0] * across,
-                             p[2] * axis - p[1] * across, p[2] * axis + p[1] * across])
+            ends = np.stack(
+                [
+                    -p[2] * axis - p[0] * across,
+                    -p[2] * axis + p[0] * across,
+                    p[2] * axis - p[1] * across,
+                    p[2] * axis + p[1] * across,
+                ]
+            )
             return self.centre + ends.min(0), self.centre + ends.max(0)
         return self.centre - half, self.centre + half
 
-    def normalised(self, translation: np.ndarray, scale: float) -> "Primitive":
+    def normalised(self, translation: np.ndarray, scale: float) -> Primitive:
         """The same shape in the frame where p' = (p - translation) * scale."""
-        return Primitive(self.kind, (self.centre - translation) * scale, self.rotation,
-                         tuple(float(v) * scale for v in self.params))
+        return Primitive(
+            self.kind, (self.centre - translation) * scale, self.rotation, tuple(float(v) * scale for v in self.params)
+        )
 
 
 def union_sdf(prims: list[Primitive], x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:

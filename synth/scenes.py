@@ -19,8 +19,10 @@ GRID_MULTIPLE = 16  # the seed's CNN halves the grid four times
 def check_grid(grid: int) -> None:
     """Raise ValueError unless `grid` is a positive multiple of GRID_MULTIPLE."""
     if not (isinstance(grid, (int, np.integer)) and grid > 0 and grid % GRID_MULTIPLE == 0):
-        raise ValueError(f"grid must be a positive multiple of {GRID_MULTIPLE} (the CNN pools it "
-                         f"4 times), got {grid!r}; use e.g. 32, 48 or 64")
+        raise ValueError(
+            f"grid must be a positive multiple of {GRID_MULTIPLE} (the CNN pools it "
+            f"4 times), got {grid!r}; use e.g. 32, 48 or 64"
+        )
 
 
 def check_int(name: str, value: int, minimum: int) -> None:

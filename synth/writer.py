@@ -73,12 +73,16 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(f"output {out} exists and is not a directory; choose another path")
     entries = sorted(out.iterdir())
     if entries and not overwrite:
-        raise ValueError(f"output directory {out} is not empty; pass --overwrite "
-                         "(overwrite=True) to replace it, or choose another directory")
+        raise ValueError(
+            f"output directory {out} is not empty; pass --overwrite "
+            "(overwrite=True) to replace it, or choose another directory"
+        )
     foreign = [e.name for e in entries if not (e.is_dir() and e.name.startswith(SCENE_PREFIX))]
     if foreign:
-        raise ValueError(f"refusing to overwrite {out}: it holds {foreign[0]!r}, which this tool "
-                         "did not write; remove it yourself or choose another directory")
+        raise ValueError(
+            f"refusing to overwrite {out}: it holds {foreign[0]!r}, which this tool "
+            "did not write; remove it yourself or choose another directory"
+        )
 
 
 def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
@@ -86,15 +90,13 @@ def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
     missing = [p for p in reversed(out.parents) if not p.exists()]
     existing = out.parent if not missing else missing[0].parent
     if not existing.is_dir():
-        raise ValueError(f"cannot write {out}: {existing} is not a directory; "
-                         "choose another output directory")
+        raise ValueError(f"cannot write {out}: {existing} is not a directory; choose another output directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as exc:
         _remove_empty(missing)
-        raise ValueError(f"cannot write to {out.parent}: {exc.strerror}; "
-                         "choose a writable output directory") from exc
+        raise ValueError(f"cannot write to {out.parent}: {exc.strerror}; choose a writable output directory") from exc
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset gets the usual mode
@@ -115,20 +117,27 @@ def swap_in(tmp: Path, out: Path) -> None:
 
 def _remove_empty(dirs: list[Path]) -> None:
     for folder in reversed(dirs):
-        try:
+        with contextlib.suppress(OSError):  # not empty or already gone: someone else's now
             folder.rmdir()
-        except OSError:
-            pass  # not empty or already gone: someone else's now
 
 
-def _generate(tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, workers: int,
-              progress: bool, compress: bool) -> np.ndarray:
+def _generate(
+    tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, workers: int, progress: bool, compress: bool
+) -> np.ndarray:
     """Write every scene into `tmp`; returns all scores in scene order."""
     tasks = [(tmp, seed, i, grid, num_grasps, compress) for i in range(scenes)]
     scores: list[np.ndarray | None] = [None] * scenes
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=scenes, unit="scene", desc="scenes", file=sys.stderr,
-                                       disable=(not progress) or None, dynamic_ncols=True))
+        bar = stack.enter_context(
+            tqdm(
+                total=scenes,
+                unit="scene",
+                desc="scenes",
+                file=sys.stderr,
+                disable=(not progress) or None,
+                dynamic_ncols=True,
+            )
+        )
         if workers == 1:  # in-process: no pool start-up, and what the benchmark measures per worker
             results = map(_write_scene, tasks)
         else:
@@ -141,9 +150,18 @@ def _generate(tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, wor
     return np.concatenate(scores)
 
 
-def write_scenes(out_dir: str | os.PathLike, scenes: int, *, grasps_per_scene: int = 480,
-                 grid: int = 48, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-                 progress: bool = True, compress: bool = True) -> dict:
+def write_scenes(
+    out_dir: str | os.PathLike,
+    scenes: int,
+    *,
+    grasps_per_scene: int = 480,
+    grid: int = 48,
+    seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    compress: bool = True,
+) -> dict:
     """Write scenes 0..scenes-1 of dataset `seed` to `out_dir`; returns a summary dict.
 
     Scene files are zlib-compressed npz like the seed's (`compress=False`: np.savez's format).
@@ -175,11 +193,19 @@ def write_scenes(out_dir: str | os.PathLike, scenes: int, *, grasps_per_scene: i
         raise
     wall = time.perf_counter() - start
     return {
-        "out": str(out), "scenes": scenes, "grasps": int(scores.size), "grid": grid, "seed": seed,
-        "workers": workers, "wall_s": wall, "scenes_per_s": scenes / wall,
+        "out": str(out),
+        "scenes": scenes,
+        "grasps": int(scores.size),
+        "grid": grid,
+        "seed": seed,
+        "workers": workers,
+        "wall_s": wall,
+        "scenes_per_s": scenes / wall,
         "score": {
-            "mean": float(scores.mean()), "std": float(scores.std()),
-            "min": float(scores.min()), "max": float(scores.max()),
+            "mean": float(scores.mean()),
+            "std": float(scores.std()),
+            "min": float(scores.min()),
+            "max": float(scores.max()),
             "quantiles": {q: float(v) for q, v in zip(QUANTILES, np.percentile(scores, QUANTILES))},
         },
     }
@@ -189,11 +215,13 @@ def format_summary(summary: dict) -> str:
     """A few human-readable lines describing a write_scenes summary."""
     s = summary["score"]
     quantiles = "  ".join(f"p{q}={v:.2f}" for q, v in s["quantiles"].items())
-    return "\n".join([
-        f"wrote {summary['scenes']} scenes ({summary['grasps']} grasps, grid {summary['grid']}) "
-        f"to {summary['out']}",
-        f"scores: mean {s['mean']:.2f}  std {s['std']:.2f}  min {s['min']:.2f}  max {s['max']:.2f}",
-        f"quantiles: {quantiles}",
-        f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.1f} scenes/s "
-        f"with {summary['workers']} worker(s)",
-    ])
+    return "\n".join(
+        [
+            f"wrote {summary['scenes']} scenes ({summary['grasps']} grasps, grid {summary['grid']}) "
+            f"to {summary['out']}",
+            f"scores: mean {s['mean']:.2f}  std {s['std']:.2f}  min {s['min']:.2f}  max {s['max']:.2f}",
+            f"quantiles: {quantiles}",
+            f"time: {summary['wall_s']:.1f} s, {summary['scenes_per_s']:.1f} scenes/s "
+            f"with {summary['workers']} worker(s)",
+        ]
+    )

@@ -1,4 +1,5 @@
 """Shared test helpers: small scene directories in the seed's layout, and running the tools."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,8 +29,13 @@ def random_scene(rng: np.random.Generator, grid: int, num_grasps: int) -> dict:
     sdf = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) - rng.uniform(0.3, 0.6)
     grasps = rng.uniform(-1, 1, (num_grasps, 19)).astype(np.float32)
     scores = rng.gamma(1.0, 5.0, num_grasps).astype(np.float32) - 1.0
-    return {"sdf": sdf.astype(np.float32), "grasps": grasps, "scores": scores,
-            "translation": rng.normal(size=3).astype(np.float32), "global_scale": np.float32(rng.uniform(0.5, 2))}
+    return {
+        "sdf": sdf.astype(np.float32),
+        "grasps": grasps,
+        "scores": scores,
+        "translation": rng.normal(size=3).astype(np.float32),
+        "global_scale": np.float32(rng.uniform(0.5, 2)),
+    }
 
 
 def make_source(root: Path, scenes: int, grid: int = 16, grasps: tuple[int, int] = (3, 24), seed: int = 0) -> Path:

@@ -2,14 +2,15 @@
 
 These check that the benchmarks work, not how fast anything is: figures come from full runs.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_tool
+
 from shards import BuildOptions, build_shards
 from synth import write_scenes
 
@@ -18,22 +19,34 @@ from synth import write_scenes
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("bench")
     write_scenes(root / "scenes", 60, grasps_per_scene=64, grid=16, seed=2, workers=1, progress=False)
-    build_shards(root / "scenes", root / "shards", BuildOptions(grid=16, max_grasps=64, records_per_shard=8),
-                 workers=1, progress=False)
+    build_shards(
+        root / "scenes",
+        root / "shards",
+        BuildOptions(grid=16, max_grasps=64, records_per_shard=8),
+        workers=1,
+        progress=False,
+    )
     return root / "scenes", root / "shards"
 
 
 def test_bench_shards(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    result = run_tool("bench_shards.py", "--scenes", 8, "--grid", 16, "--grasps", 16, "--repeat", 1, "--json", out,
-                      check=True)
+    result = run_tool(
+        "bench_shards.py", "--scenes", 8, "--grid", 16, "--grasps", 16, "--repeat", 1, "--json", out, check=True
+    )
     figures = json.loads(out.read_text())
     assert figures["scenes"] == 8 and figures["workers"] >= 1
     for kind in ("compressed", "uncompressed"):  # the seed's zlib-compressed files, and np.savez's
-        for key in ("decode_floor_s", "make_shards_s", "read_shards_s", "read_npz_s", "bytes_per_scene",
-                    "input_bytes_per_scene"):
+        for key in (
+            "decode_floor_s",
+            "make_shards_s",
+            "read_shards_s",
+            "read_npz_s",
+            "bytes_per_scene",
+            "input_bytes_per_scene",
+        ):
             assert figures[kind][key] > 0
-        assert figures[kind]["seed_bytes_per_scene"] == 16 ** 3 * 4 + 16 * 20 * 4
+        assert figures[kind]["seed_bytes_per_scene"] == 16**3 * 4 + 16 * 20 * 4
     assert figures["compressed"]["input_bytes_per_scene"] < figures["uncompressed"]["input_bytes_per_scene"]
     assert result.stdout.count("x floor") == 2 and "compressed scene.npz inputs" in result.stdout
 
@@ -43,34 +56,85 @@ def test_bench_loaders(tiny, tmp_path: Path) -> None:
     out = tmp_path / "l.json"
     run_tool("bench_loaders.py", "--shards", shards, "--seed-scenes", scenes, "--batches", 2, "--json", out, check=True)
     rows = json.loads(out.read_text())
-    assert [r["loader"] for r in rows] == ["cache", "cache", "dali", "dali", "cache", "cache", "seed-npz", "seed-memory"]
+    assert [r["loader"] for r in rows] == [
+        "cache",
+        "cache",
+        "dali",
+        "dali",
+        "cache",
+        "cache",
+        "seed-npz",
+        "seed-memory",
+    ]
     assert [r.get("rank") for r in rows[4:6]] == [0, 1] and rows[4]["world_size"] == 2
     epoch = rows[3]
     # every byte once per epoch; at this size one shard more or less in DALI's read-ahead at either mark is ~10 %
     assert epoch["split_bytes"] > 0 and 0.75 <= epoch["bytes_read_per_epoch"] / epoch["split_bytes"] <= 1.25
     for row in rows:
-        assert {"device", "scenes_per_batch", "grasps_per_scene", "first_batch_s", "batches_per_s", "samples_per_s",
-                "resident_bytes"} <= row.keys()
+        assert {
+            "device",
+            "scenes_per_batch",
+            "grasps_per_scene",
+            "first_batch_s",
+            "batches_per_s",
+            "samples_per_s",
+            "resident_bytes",
+        } <= row.keys()
         assert row["samples_per_s"] > 0
 
 
 def test_bench_train(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "t.json"
-    run_tool("bench_train.py", "--shards", shards, "--steps", 1, "--large-steps", 1, "--base-channels", 2,
-             "--fc-dims", 8, "--budget-s", 1, "--val-every", 2, "--json", out, check=True)
+    run_tool(
+        "bench_train.py",
+        "--shards",
+        shards,
+        "--steps",
+        1,
+        "--large-steps",
+        1,
+        "--base-channels",
+        2,
+        "--fc-dims",
+        8,
+        "--budget-s",
+        1,
+        "--val-every",
+        2,
+        "--json",
+        out,
+        check=True,
+    )
     result = json.loads(out.read_text())
     assert len(result["throughput"]) == 8
-    assert {"model", "loader", "device", "scenes_per_batch", "grasps_per_scene", "samples_per_s"} <= \
-        result["throughput"][0].keys()
+    assert {"model", "loader", "device", "scenes_per_batch", "grasps_per_scene", "samples_per_s"} <= result[
+        "throughput"
+    ][0].keys()
     assert {"target_val_mse", "g1_s", "g16_s"} <= result["time_to_quality"].keys()
 
 
 def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "w.json"
-    result = run_tool("bench_train.py", "--shards", shards, "--window-study", "1,all", "--study-steps", 2,
-                      "--study-seeds", "0,1", "--base-channels", 2, "--fc-dims", 8, "--json", out, check=True)
+    result = run_tool(
+        "bench_train.py",
+        "--shards",
+        shards,
+        "--window-study",
+        "1,all",
+        "--study-steps",
+        2,
+        "--study-seeds",
+        "0,1",
+        "--base-channels",
+        2,
+        "--fc-dims",
+        8,
+        "--json",
+        out,
+        check=True,
+    )
     rows = json.loads(out.read_text())["window_study"]
     assert [(r["seed"], r["shuffle_window"]) for r in rows] == [(0, "1"), (0, "all"), (1, "1"), (1, "all")]
     assert all(r["steps"] == 2 and r["val_mse"] > 0 for r in rows)

@@ -3,6 +3,7 @@
 Every test here is marked `cuda` and skips with a reason where torch sees no CUDA device; the GPU
 check (tools/gpu_check.sh) runs them with `-m cuda` on a GPU machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from pipeline import Batch, open_loader
 from shards import BuildOptions, build_shards
 from synth import write_scenes
 from train.config import FitConfig
 from train.loop import fit
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)"),
+]
 
 GRID, GRASPS = 32, 96
 TINY = ["--base-channels", "4", "--fc-dims", "32,16", "--quiet"]
@@ -31,9 +34,13 @@ TINY = ["--base-channels", "4", "--fc-dims", "32,16", "--quiet"]
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cuda")
     write_scenes(root / "scenes", 80, grasps_per_scene=GRASPS, grid=GRID, seed=3, workers=2, progress=False)
-    build_shards(root / "scenes", root / "shards", BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16,
-                                                                val_fraction=0.2, test_fraction=0.1),
-                 workers=1, progress=False)
+    build_shards(
+        root / "scenes",
+        root / "shards",
+        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16, val_fraction=0.2, test_fraction=0.1),
+        workers=1,
+        progress=False,
+    )
     return root / "shards"
 
 
@@ -58,8 +65,10 @@ def _assert_same(a: list[Batch], b: list[Batch]) -> None:
 
 @pytest.mark.parametrize("s,g", [(3, 5), (8, 16), (32, 1)])
 def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None:
-    with open_loader(shards, "cache", "train", s, g, seed=7, device="cpu", progress=False) as cpu, \
-            open_loader(shards, "cache", "train", s, g, seed=7, device="cuda", progress=False) as gpu:
+    with (
+        open_loader(shards, "cache", "train", s, g, seed=7, device="cpu", progress=False) as cpu,
+        open_loader(shards, "cache", "train", s, g, seed=7, device="cuda", progress=False) as gpu,
+    ):
         assert gpu.device.type == "cuda"
         _assert_same(_epochs(cpu), _epochs(gpu))
 
@@ -68,17 +77,41 @@ def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None
 def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None:
     pytest.importorskip("nvidia.dali", reason="DALI is not installed (tools/stage_wheels.sh stages it)")
     from nvidia.dali import backend
+
     if backend.GetCUDADeviceCount() < 1:
         pytest.skip("this DALI build sees no CUDA device")
-    with open_loader(shards, "cache", "train", s, g, seed=7, device="cuda", progress=False) as cache, \
-            open_loader(shards, "dali", "train", s, g, seed=7, device="cuda", progress=False) as dali:
+    with (
+        open_loader(shards, "cache", "train", s, g, seed=7, device="cuda", progress=False) as cache,
+        open_loader(shards, "dali", "train", s, g, seed=7, device="cuda", progress=False) as dali,
+    ):
         _assert_same(_epochs(cache), _epochs(dali))
 
 
 def _fit_cli(shards: Path, out: Path, *flags: str, steps: int = 12) -> dict:
-    result = subprocess.run([sys.executable, str(REPO / "train" / "run.py"), "fit", "--shards", str(shards),
-                             "--out", str(out), "--device", "cuda", "--max-steps", str(steps), "--log-every", "1",
-                             "--lr", "1e-3", *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train" / "run.py"),
+            "fit",
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+            "--max-steps",
+            str(steps),
+            "--log-every",
+            "1",
+            "--lr",
+            "1e-3",
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
 
@@ -102,8 +135,16 @@ def test_fit_bf16_channels_last_on_cuda_tracks_fp32(shards: Path, tmp_path: Path
 
 
 def test_compile_on_cuda_gives_the_eager_losses(shards: Path, tmp_path: Path) -> None:
-    common = dict(shards=str(shards), device="cuda", base_channels=4, fc_dims=(32, 16), max_steps=8, log_every=1,
-                  lr=1e-3, progress=False)
+    common = dict(
+        shards=str(shards),
+        device="cuda",
+        base_channels=4,
+        fc_dims=(32, 16),
+        max_steps=8,
+        log_every=1,
+        lr=1e-3,
+        progress=False,
+    )
     compiled = fit(FitConfig(out=str(tmp_path / "compiled"), compile=True, **common))
     eager = fit(FitConfig(out=str(tmp_path / "eager"), **common))
     assert compiled["steps"] == eager["steps"] == 8
@@ -114,10 +155,34 @@ def test_compile_on_cuda_gives_the_eager_losses(shards: Path, tmp_path: Path) ->
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for a 2-process NCCL run")
 def test_torchrun_two_gpus_with_nccl(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out),
-                             "--device", "cuda", "--max-steps", "6", "-S", "2", "-G", "8", *TINY],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "train" / "run.py"),
+            "fit",
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+            "--max-steps",
+            "6",
+            "-S",
+            "2",
+            "-G",
+            "8",
+            *TINY,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["device"].startswith("cuda")

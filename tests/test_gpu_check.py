@@ -3,6 +3,7 @@
 The run also installs staged wheel pieces the way the GPU machine does: here a small wheel built on
 the spot, split into pieces, reassembled, checked and installed into a private --target folder.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,25 +17,34 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 SCRIPT = REPO / "tools" / "gpu_check.sh"
 
 
 def check(out: Path, *args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), str(out), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def write_wheel(path: Path) -> None:
     """A minimal real wheel (one module, METADATA, WHEEL, RECORD) that pip installs."""
-    files = {"gqcheckprobe/__init__.py": b"VALUE = 42\n",
-             "gqcheckprobe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: gqcheckprobe\nVersion: 1.0\n",
-             "gqcheckprobe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                                 b"Tag: py3-none-any\n"}
-    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
-              f"{len(data)}" for name, data in files.items()]
+    files = {
+        "gqcheckprobe/__init__.py": b"VALUE = 42\n",
+        "gqcheckprobe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: gqcheckprobe\nVersion: 1.0\n",
+        "gqcheckprobe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    record = [
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for name, data in files.items()
+    ]
     record.append("gqcheckprobe-1.0.dist-info/RECORD,,")
     files["gqcheckprobe-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
     with zipfile.ZipFile(path, "w") as z:
@@ -54,8 +64,8 @@ def staged_pieces(root: Path, piece_bytes: int = 4096) -> Path:
     lines = []
     for i in range(0, len(data), piece_bytes):
         name = f"dali-wheels.tar.{i // piece_bytes:02d}"
-        (pieces / name).write_bytes(data[i:i + piece_bytes])
-        lines.append(f"{hashlib.sha256(data[i:i + piece_bytes]).hexdigest()}  {name}")
+        (pieces / name).write_bytes(data[i : i + piece_bytes])
+        lines.append(f"{hashlib.sha256(data[i : i + piece_bytes]).hexdigest()}  {name}")
     lines.append(f"{hashlib.sha256(data).hexdigest()}  dali-wheels.tar")
     (pieces / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     return pieces
@@ -67,8 +77,9 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     site = tmp_path / "site"
     out = tmp_path / "check"
     # The compile steps' CPU estimates (~304 s each) exceed this budget, so the budget logic must skip them.
-    result = check(out, "--device", "cpu", "--quick", "--budget-s", 300, "--wheels", pieces,
-                   env={"GQ_DALI_SITE": str(site)})
+    result = check(
+        out, "--device", "cpu", "--quick", "--budget-s", 300, "--wheels", pieces, env={"GQ_DALI_SITE": str(site)}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (site / "gqcheckprobe" / "__init__.py").read_text() == "VALUE = 42\n"
     summary = json.loads((out / "summary.json").read_text())
@@ -76,8 +87,16 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     assert n_pieces >= 2 and summary["dali_install"].startswith(f"installed from {n_pieces} pieces into {site}")
     status = {s["name"]: s for s in summary["steps"]}
     compile_steps = ["bench_train_compile_large", "bench_train_compile_small"]
-    assert list(status) == ["make_scenes", "make_shards", "verify_shards", "cuda_tests", "bench_loaders",
-                            "bench_train", "compare", *compile_steps]
+    assert list(status) == [
+        "make_scenes",
+        "make_shards",
+        "verify_shards",
+        "cuda_tests",
+        "bench_loaders",
+        "bench_train",
+        "compare",
+        *compile_steps,
+    ]
     assert all(status[n]["status"] == "passed" for n in list(status)[:-2]), status
     for name in compile_steps:
         assert status[name]["status"] == "skipped" and status[name]["reason"].startswith("would need ~")
@@ -88,8 +107,9 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     tests = fig["cuda_tests"]
     assert len(tests) >= 7 and all(t["outcome"] == "skipped" and "CUDA" in t["reason"] for t in tests)
     assert {r["loader"] for r in fig["bench_loaders"]} == {"cache", "dali"}
-    assert len(fig["bench_train"]["throughput"]) == 8 and all(r["samples_per_s"] > 0
-                                                             for r in fig["bench_train"]["throughput"])
+    assert len(fig["bench_train"]["throughput"]) == 8 and all(
+        r["samples_per_s"] > 0 for r in fig["bench_train"]["throughput"]
+    )
     assert fig["compare"]["loss_curves_identical"] is True
     assert summary["train_scenes"] > 0 and not (out / "data").exists() and not list(out.rglob("*.pt"))
     targets = {t["target"]: t for t in summary["targets"]}
@@ -126,8 +146,9 @@ def test_missing_pieces_non_empty_outdir_and_absent_cuda_are_refused(tmp_path: P
 
 
 def test_help() -> None:
-    result = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}
+    )
     assert result.returncode == 0 and "--budget-s" in result.stdout and "--wheels" in result.stdout
     result = subprocess.run(["bash", str(REPO / "tools" / "stage_wheels.sh"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--piece-mib" in result.stdout

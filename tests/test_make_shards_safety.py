@@ -4,6 +4,7 @@ Each test is one case of the issue: what --overwrite / --resume may remove, the 
 replaces --out only when complete, the lock, values as stored, verify's recomputed statistics,
 source listing and splits checks, resume's source re-check, a full disk, absurd headers and flags.
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
+
 from shards import ShardReader, fingerprint, verify
 from shards.outdir import lock_path, staging_dir
 
@@ -42,8 +43,9 @@ MAKE = _cli("make_shards")
 
 def make(src: Path, out: Path, *args):
     """make_shards in-process (click's CliRunner): exit code and stderr lines."""
-    result = CliRunner().invoke(MAKE, [str(src), "--out", str(out), "--grid", str(GRID), "--quiet", "--workers", "2",
-                                       *map(str, args)])
+    result = CliRunner().invoke(
+        MAKE, [str(src), "--out", str(out), "--grid", str(GRID), "--quiet", "--workers", "2", *map(str, args)]
+    )
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
@@ -60,6 +62,7 @@ def leftovers(out: Path) -> list[Path]:
 
 
 # --- what --overwrite and --resume may remove --------------------------------------------------
+
 
 def _foreign(kind: str, root: Path, src: Path) -> Path:
     out = root / kind
@@ -81,15 +84,20 @@ def _foreign(kind: str, root: Path, src: Path) -> Path:
 
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
-@pytest.mark.parametrize("kind", ["web_project_manifest", "build_folder_and_thesis", "dataset_plus_notes",
-                                  "unfinished_build_plus_notes"])
+@pytest.mark.parametrize(
+    "kind", ["web_project_manifest", "build_folder_and_thesis", "dataset_plus_notes", "unfinished_build_plus_notes"]
+)
 def test_only_our_datasets_are_removed_or_resumed(kind: str, flag: str, small_source: Path, tmp_path: Path) -> None:
     out = _foreign(kind, tmp_path, small_source)
     before = tree_bytes(out)
     line = one_line(make(small_source, out, flag))
     assert str(out) in line and ("not a dataset" in line or "not of the dataset" in line)
-    named = {"web_project_manifest": "manifest.json", "build_folder_and_thesis": ".build",
-             "dataset_plus_notes": "notes.txt", "unfinished_build_plus_notes": "notes.txt"}[kind]
+    named = {
+        "web_project_manifest": "manifest.json",
+        "build_folder_and_thesis": ".build",
+        "dataset_plus_notes": "notes.txt",
+        "unfinished_build_plus_notes": "notes.txt",
+    }[kind]
     assert f"'{named}'" in line or ("not a dataset" in line and "'" in line)
     assert tree_bytes(out) == before and (kind != "build_folder_and_thesis" or (out / ".build").is_dir())
     assert leftovers(out) == []
@@ -114,8 +122,9 @@ def test_failed_rebuild_leaves_the_old_dataset(where: str, small_source: Path, t
     assert verify(out)[0] == [] and leftovers(out) == []
 
 
-def test_overwrite_where_the_file_system_cannot_exchange(small_source: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overwrite_where_the_file_system_cannot_exchange(
+    small_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "ds"
     assert make(small_source, out, "--limit", 4).exit_code == 0
     monkeypatch.setattr("shards.outdir._exchange", lambda a, b: False)  # as on a file system without RENAME_EXCHANGE
@@ -126,15 +135,28 @@ def test_overwrite_where_the_file_system_cannot_exchange(small_source: Path, tmp
 
 # --- killed builds, resume, the lock (real processes) -------------------------------------------
 
+
 def _stalled_build(src: Path, out: Path, *args) -> subprocess.Popen:
     """Start make_shards with scene_025 a FIFO (its read blocks), and return once shards are journalled."""
     npz = src / "scene_025" / "scene.npz"
     npz.unlink()
     os.mkfifo(npz)
-    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), str(src), "--out", str(out),
-           "--grid", str(GRID), "--records-per-shard", "4", "--workers", "2", "--quiet", *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "make_shards.py"),
+        str(src),
+        "--out",
+        str(out),
+        "--grid",
+        str(GRID),
+        "--records-per-shard",
+        "4",
+        "--workers",
+        "2",
+        "--quiet",
+        *map(str, args),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = staging_dir(out) / ".build" / "journal.jsonl"
     lines, stable_since, deadline = 0, time.time(), time.time() + 60
     while time.time() < deadline and (lines < 3 or time.time() - stable_since < 1.0):
@@ -196,6 +218,7 @@ def test_resume_continues_an_unfinished_build_left_inside_out(small_source: Path
     from dataclasses import asdict
 
     from shards import BuildOptions
+
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert make(small_source, ref, "--records-per-shard", 4).exit_code == 0
     opts = BuildOptions(grid=GRID, records_per_shard=4)
@@ -215,8 +238,9 @@ def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: 
     try:
         staged = tree_bytes(staging_dir(out))
         for flags in ([], ["--resume"], ["--overwrite"]):
-            second = run_tool("make_shards.py", src, "--out", out, "--grid", GRID, "--records-per-shard", 4,
-                              "--quiet", *flags)
+            second = run_tool(
+                "make_shards.py", src, "--out", out, "--grid", GRID, "--records-per-shard", 4, "--quiet", *flags
+            )
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1, second.stderr
             assert f"pid {holder.pid} on {socket.gethostname()}" in lines[0] and "make_shards.py" in lines[0]
@@ -230,11 +254,13 @@ def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: 
 
 # --- values and labels as stored ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["score_1e39", "grasp_1e300", "sdf_1e39_float32"])
 def test_values_finite_in_float64_but_not_as_stored_are_bad(case: str, small_source: Path, tmp_path: Path) -> None:
     scene = random_scene(np.random.default_rng(3), GRID, 6)
-    key, value = {"score_1e39": ("scores", 1e39), "grasp_1e300": ("grasps", 1e300),
-                  "sdf_1e39_float32": ("sdf", 1e39)}[case]
+    key, value = {"score_1e39": ("scores", 1e39), "grasp_1e300": ("grasps", 1e300), "sdf_1e39_float32": ("sdf", 1e39)}[
+        case
+    ]
     scene[key] = scene[key].astype(np.float64)
     scene[key].flat[2] = value
     path = write_scene(small_source, "scene_004", **scene)
@@ -264,9 +290,11 @@ def test_verify_recomputes_score_statistics(case: str, small_source: Path, tmp_p
     _edit_manifest(out, refingerprint=not case.endswith("stale"), **edit)
     problems, _ = verify(out)
     assert len(problems) == 1, problems
-    expected = {"mean_1000": "score_stats mean is 1000.0, but the train labels give",
-                "std_0": "score_stats std is 0.0: all train scores are equal",
-                "mean_1000_fingerprint_stale": "fingerprint does not match its contents"}[case]
+    expected = {
+        "mean_1000": "score_stats mean is 1000.0, but the train labels give",
+        "std_0": "score_stats std is 0.0: all train scores are equal",
+        "mean_1000_fingerprint_stale": "fingerprint does not match its contents",
+    }[case]
     assert expected in problems[0]
     if case == "std_0":
         assert expected in verify(out, quick=True)[0][0]
@@ -283,6 +311,7 @@ def test_equal_train_scores_are_refused_at_build(tmp_path: Path) -> None:
 
 
 # --- SOURCE listing, splits ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", ["dangling_symlink", "non_utf8_name"])
 def test_source_listing_problems_name_the_scene(case: str, small_source: Path, tmp_path: Path) -> None:
@@ -309,6 +338,7 @@ def test_splits_naming_absent_scenes_is_an_error_unless_allowed(small_source: Pa
 
 # --- one line, not a traceback ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 120 kB tmpfs (needs root); skipped where mounting is not allowed (the simulated case still runs)."""
@@ -334,8 +364,9 @@ def test_full_disk_on_a_real_tmpfs(small_source: Path, small_disk: Path) -> None
     assert sorted(p.name for p in small_disk.iterdir()) == ["ds"]
 
 
-def test_full_disk_simulated_at_the_record_write(small_source: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_simulated_at_the_record_write(
+    small_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "ds"
     assert make(small_source, out, "--max-grasps", 24, "--records-per-shard", 2, "--limit", 1).exit_code == 0
     real = os.pwrite
@@ -361,7 +392,7 @@ def _npz_with_header(path: Path, key: str, shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("key", ["sdf", "grasps"])
 def test_npz_header_claiming_petabytes_is_one_line(key: str, small_source: Path, tmp_path: Path) -> None:
-    shape = (1 << 17,) * 3 if key == "sdf" else (int(3.5 * 2 ** 50) // 76, 19)  # ~4 PiB, 3.5 PiB
+    shape = (1 << 17,) * 3 if key == "sdf" else (int(3.5 * 2**50) // 76, 19)  # ~4 PiB, 3.5 PiB
     path = small_source / "scene_006" / "scene.npz"
     _npz_with_header(path, key, shape)
     start = time.perf_counter()
@@ -370,11 +401,15 @@ def test_npz_header_claiming_petabytes_is_one_line(key: str, small_source: Path,
     assert str(path) in line and expected in line and time.perf_counter() - start < 30
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (["--max-grasps", 100_000_000], "one record would take 8,000,221,184 bytes"),
-    (["--grid", 4096], "one record would take 137,438,991,872 bytes"),
-    (["--records-per-shard", 10_000_000], "a shard would take 2,595,840,000,000 bytes"),
-], ids=["max_grasps", "grid", "records_per_shard"])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--max-grasps", 100_000_000], "one record would take 8,000,221,184 bytes"),
+        (["--grid", 4096], "one record would take 137,438,991,872 bytes"),
+        (["--records-per-shard", 10_000_000], "a shard would take 2,595,840,000,000 bytes"),
+    ],
+    ids=["max_grasps", "grid", "records_per_shard"],
+)
 def test_absurd_record_sizes_are_refused(flags: list, expected: str, small_source: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(MAKE, [str(small_source), "--out", str(tmp_path / "ds"), "--quiet", *map(str, flags)])
     lines = result.stderr.strip().splitlines()

@@ -1,4 +1,5 @@
 """The seed's mesh-to-SDF import (meshes, tools/import_meshes.py) on meshes the tests make (trimesh primitives)."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ trimesh = pytest.importorskip("trimesh")
 mesh2sdf = pytest.importorskip("mesh2sdf")
 
 from conftest import run_tool, tree_bytes  # noqa: E402
+
 from meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
 from synth import score_grasps  # noqa: E402
 from synth.primitives import Primitive, sample_grid  # noqa: E402
@@ -19,11 +21,11 @@ from synth.primitives import Primitive, sample_grid  # noqa: E402
 GRID = 32
 
 
-def _box(extents, centre=(0, 0, 0)) -> "trimesh.Trimesh":
+def _box(extents, centre=(0, 0, 0)) -> trimesh.Trimesh:
     return trimesh.creation.box(extents=extents, transform=trimesh.transformations.translation_matrix(centre))
 
 
-def _open_box() -> "trimesh.Trimesh":
+def _open_box() -> trimesh.Trimesh:
     box = _box((1.0, 0.6, 0.8))
     box.update_faces(np.arange(2, len(box.faces)))  # one side removed: a hole of 1.0 x 0.8
     return box
@@ -104,25 +106,54 @@ def test_seed_scale_translation_and_grasp_transform(tmp_path: Path):
         exact = sample_grid([Primitive("box", np.zeros(3), np.eye(3), (0.5, 0.25, 0.25))], GRID)
         assert np.abs(z["sdf"] - exact).max() < 1e-5
     # --mesh-max-extent overrides the dataset's own scale; a mesh larger than it is refused.
-    summary = import_meshes(raw, tmp_path / "out8", ImportOptions(grid=GRID, mesh_max_extent=8.0), workers=1,
-                            progress=False)
+    summary = import_meshes(
+        raw, tmp_path / "out8", ImportOptions(grid=GRID, mesh_max_extent=8.0), workers=1, progress=False
+    )
     assert summary["global_scale"] == 0.25
     with pytest.raises(MeshError, match="exceeds the mesh max extent"):
-        import_meshes(raw, tmp_path / "out3", ImportOptions(grid=GRID, mesh_max_extent=3.0), workers=1,
-                      progress=False)
+        import_meshes(raw, tmp_path / "out3", ImportOptions(grid=GRID, mesh_max_extent=3.0), workers=1, progress=False)
     assert not (tmp_path / "out3").exists()
 
 
 def test_synthetic_labels_same_bytes_for_any_worker_count(tmp_path: Path):
     raw = tmp_path / "raw"
-    for i, (shape, extents) in enumerate([("box", (1.0, 0.5, 0.7)), ("box", (0.4, 0.4, 1.2)),
-                                          ("sphere", 0.4), ("box", (0.3, 0.8, 0.3))]):
+    for i, (shape, extents) in enumerate(
+        [("box", (1.0, 0.5, 0.7)), ("box", (0.4, 0.4, 1.2)), ("sphere", 0.4), ("box", (0.3, 0.8, 0.3))]
+    ):
         mesh = _box(extents) if shape == "box" else trimesh.creation.icosphere(subdivisions=3, radius=extents)
         _raw_scene(raw, f"obj_{i}", mesh)
-    one = run_tool("import_meshes.py", raw, "--out", tmp_path / "one", "--grid", GRID, "--label", "synth",
-                   "--grasps-per-scene", 40, "--workers", 1, "--quiet", check=True)
-    run_tool("import_meshes.py", raw, "--out", tmp_path / "two", "--grid", GRID, "--label", "synth",
-             "--grasps-per-scene", 40, "--workers", 2, "--quiet", check=True)
+    one = run_tool(
+        "import_meshes.py",
+        raw,
+        "--out",
+        tmp_path / "one",
+        "--grid",
+        GRID,
+        "--label",
+        "synth",
+        "--grasps-per-scene",
+        40,
+        "--workers",
+        1,
+        "--quiet",
+        check=True,
+    )
+    run_tool(
+        "import_meshes.py",
+        raw,
+        "--out",
+        tmp_path / "two",
+        "--grid",
+        GRID,
+        "--label",
+        "synth",
+        "--grasps-per-scene",
+        40,
+        "--workers",
+        2,
+        "--quiet",
+        check=True,
+    )
     assert "imported 4 of 4 scenes" in one.stdout
     assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
     with np.load(tmp_path / "one" / "obj_2" / "scene.npz") as z:
@@ -151,10 +182,18 @@ def _make_bad(raw: Path, case: str) -> None:
         _raw_scene(raw, case, box)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("empty", "empty mesh"), ("garbage", "mesh"), ("open", "not closed"), ("nokeys", "lacks scores"),
-    ("shape", "expected (N, 19)"), ("zero", "N = 0"), ("norec", "missing recording.npz"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("empty", "empty mesh"),
+        ("garbage", "mesh"),
+        ("open", "not closed"),
+        ("nokeys", "lacks scores"),
+        ("shape", "expected (N, 19)"),
+        ("zero", "N = 0"),
+        ("norec", "missing recording.npz"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, message: str):
     raw = tmp_path / "raw"
     _raw_scene(raw, "good", _box((1, 1, 1)), np.zeros((5, 19), np.float32), np.zeros(5, np.float32))
@@ -164,8 +203,9 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and str(raw / case) in lines[0], result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing half-written
-    skipped = run_tool("import_meshes.py", raw, "--out", tmp_path / "out", "--grid", GRID, "--quiet", "--skip-bad",
-                       check=True)
+    skipped = run_tool(
+        "import_meshes.py", raw, "--out", tmp_path / "out", "--grid", GRID, "--quiet", "--skip-bad", check=True
+    )
     assert "imported 1 of 2 scenes" in skipped.stdout
     rows = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == [case] and message in rows[0]["reason"]
@@ -175,8 +215,18 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, me
 def test_open_meshes_option_imports_them(tmp_path: Path):
     raw = tmp_path / "raw"
     _raw_scene(raw, "open", _open_box(), np.zeros((5, 19), np.float32), np.zeros(5, np.float32))
-    result = run_tool("import_meshes.py", raw, "--out", tmp_path / "out", "--grid", GRID, "--quiet",
-                      "--open-meshes", "winding", check=True)
+    result = run_tool(
+        "import_meshes.py",
+        raw,
+        "--out",
+        tmp_path / "out",
+        "--grid",
+        GRID,
+        "--quiet",
+        "--open-meshes",
+        "winding",
+        check=True,
+    )
     assert "1 open meshes signed by --open-meshes winding" in result.stdout
     with np.load(tmp_path / "out" / "open" / "scene.npz") as z:
         assert z["sdf"][GRID // 2, GRID // 2, GRID // 2] < 0  # the box's centre is inside
@@ -194,6 +244,7 @@ def test_cli_help_and_bad_options(tmp_path: Path):
 def test_pybullet_objects_laid_out_as_raw_scenes(tmp_path: Path):
     pytest.importorskip("pybullet_data")  # the extra's example objects; the CLI says how to install them
     from meshes.pybullet import write_raw
+
     names = write_raw(tmp_path / "raw", "named", limit=2)
     assert names == ["bunny", "cone"] and all((tmp_path / "raw" / n / "mesh.obj").stat().st_size > 0 for n in names)
     with pytest.raises(ValueError, match="choose random or named"):

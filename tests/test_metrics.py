@@ -1,4 +1,5 @@
 """Per-object ranking metrics (train.metrics): hand-computed cases and a brute-force reference."""
+
 from __future__ import annotations
 
 import itertools
@@ -68,8 +69,10 @@ def _reference(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         c, d = c + (s > 0), d + (s < 0)
         tp, tt = tp + (pred[i] == pred[j]), tt + (target[i] == target[j])
     n0 = n * (n - 1) / 2
-    out = {"top1_regret": target[np.argmin(pred)] - target.min(),
-           "kendall_tau": (c - d) / math.sqrt((n0 - tp) * (n0 - tt))}
+    out = {
+        "top1_regret": target[np.argmin(pred)] - target.min(),
+        "kendall_tau": (c - d) / math.sqrt((n0 - tp) * (n0 - tt)),
+    }
     for k in TOP_K:
         kk = min(k, n)
         best_p, best_t = np.argsort(pred, kind="stable")[:kk], np.argsort(target, kind="stable")[:kk]

@@ -22,9 +22,7 @@ FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SEED_C4 = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
 SEED_C8_COMPILED = FIXTURES / "seed_gqestimator_c8_fc256-128-64_compiled.pth"
 
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"seed fixtures directory {FIXTURES} is absent"
-)
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"seed fixtures directory {FIXTURES} is absent")
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -44,8 +42,10 @@ def make_inputs(num_sdfs: int, num_grasps: int, size: int = 48, seed: int = 0):
     # 4 fingers x (abduction, proximal flexion, distal flexion)
     joints = torch.cat(
         [
-            torch.stack([uniform(-0.52, 0.52, num_grasps), uniform(-0.35, 1.50, num_grasps),
-                         uniform(-0.20, 1.83, num_grasps)], dim=1)
+            torch.stack(
+                [uniform(-0.52, 0.52, num_grasps), uniform(-0.35, 1.50, num_grasps), uniform(-0.20, 1.83, num_grasps)],
+                dim=1,
+            )
             for _finger in range(4)
         ],
         dim=1,
@@ -80,8 +80,13 @@ def test_parameter_counts_at_defaults():
 def test_state_dict_keys_follow_the_seed_layout():
     small = GQEstimator(base_channels=4, fc_dims=(32, 16)).state_dict()
     assert [k for k in small if k.endswith(".weight")] == [
-        "conv_block.0.weight", "conv_block.3.weight", "conv_block.6.weight", "conv_block.9.weight",
-        "gq_head.0.weight", "gq_head.2.weight", "gq_head.4.weight",
+        "conv_block.0.weight",
+        "conv_block.3.weight",
+        "conv_block.6.weight",
+        "conv_block.9.weight",
+        "gq_head.0.weight",
+        "gq_head.2.weight",
+        "gq_head.4.weight",
     ]
     large = GQEstimatorLarge(base_channels=4, fc_dims=(8,)).state_dict()
     # stage = conv, bn, relu, conv, bn, relu, pool (7 modules); head = linear, bn, relu, dropout
@@ -99,7 +104,10 @@ def test_seed_checkpoint_parity(path, base_channels, fc_dims, capsys):
     model = from_seed_checkpoint(path).eval()
     assert type(model) is GQEstimator
     assert model.config == {
-        "kind": "small", "input_size": 48, "base_channels": base_channels, "fc_dims": fc_dims,
+        "kind": "small",
+        "input_size": 48,
+        "base_channels": base_channels,
+        "fc_dims": fc_dims,
     }
     raw = strip_compile_prefix(torch.load(path, map_location="cpu", weights_only=True))
     sdf, grasps = make_inputs(num_sdfs=4, num_grasps=4)
@@ -163,22 +171,33 @@ def test_checkpoint_round_trip_infers_large_config(tmp_path):
     loaded = from_seed_checkpoint(path).eval()
     assert type(loaded) is GQEstimatorLarge
     assert loaded.config == {
-        "kind": "large", "input_size": 32, "base_channels": 4, "fc_dims": (16, 8),
+        "kind": "large",
+        "input_size": 32,
+        "base_channels": 4,
+        "fc_dims": (16, 8),
     }
     assert infer_config(model.state_dict()) == loaded.config
     sdf, grasps = make_inputs(2, 3, size=32)
     with torch.no_grad():
-        assert torch.equal(loaded.forward_with_sdf(sdf[:1].expand(3, -1, -1, -1), grasps),
-                           model.forward_with_sdf(sdf[:1].expand(3, -1, -1, -1), grasps))
+        assert torch.equal(
+            loaded.forward_with_sdf(sdf[:1].expand(3, -1, -1, -1), grasps),
+            model.forward_with_sdf(sdf[:1].expand(3, -1, -1, -1), grasps),
+        )
 
 
 def test_build_model_defaults_and_config():
     small, large = build_model("small"), build_model("large", fc_dims=[64])
     assert small.config == {
-        "kind": "small", "input_size": 48, "base_channels": 16, "fc_dims": (256, 128, 64),
+        "kind": "small",
+        "input_size": 48,
+        "base_channels": 16,
+        "fc_dims": (256, 128, 64),
     }
     assert large.config == {
-        "kind": "large", "input_size": 48, "base_channels": 32, "fc_dims": (64,),
+        "kind": "large",
+        "input_size": 48,
+        "base_channels": 32,
+        "fc_dims": (64,),
     }
     assert build_model(**small.config).config == small.config
     with pytest.raises(ValueError, match="unknown model kind"):
@@ -217,8 +236,9 @@ def test_missing_checkpoint(tmp_path):
 
 def test_corrupt_checkpoint(tmp_path):
     path = tmp_path / "corrupt.pth"
-    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     with pytest.raises(CheckpointError, match="cannot be read") as exc:
         from_seed_checkpoint(path)
     assert_one_line_naming(exc, path)

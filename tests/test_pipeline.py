@@ -1,4 +1,5 @@
 """The epoch plan and both loaders: coverage, determinism, identical batches, alignment, misuse."""
+
 from __future__ import annotations
 
 import gc
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_source
+
 from pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_loader
 from shards import BuildOptions, DatasetError, ShardReader, build_shards
 
@@ -25,8 +26,13 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pipeline")
     src = make_source(root / "src", scenes=26, grid=GRID, grasps=(3, 24), seed=3)
     out = root / "shards"
-    build_shards(src, out, BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2,
-                                        test_fraction=0.0), workers=1, progress=False)
+    build_shards(
+        src,
+        out,
+        BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2, test_fraction=0.0),
+        workers=1,
+        progress=False,
+    )
     return src, out
 
 
@@ -37,8 +43,12 @@ def _records(shards: int = 10, per_shard: int = 4, seed: int = 0) -> SplitRecord
     counts = rng.integers(1, 481, n)
     counts[:4] = [480, 479, 476, 3]  # full scenes, the seed's short ones, one with fewer than G
     position = np.arange(n)
-    return SplitRecords(scene=rng.permutation(1000)[:n].astype(np.int64), shard=3 + position // per_shard,
-                        slot=position % per_shard, num_grasps=counts.astype(np.int64))
+    return SplitRecords(
+        scene=rng.permutation(1000)[:n].astype(np.int64),
+        shard=3 + position // per_shard,
+        slot=position % per_shard,
+        num_grasps=counts.astype(np.int64),
+    )
 
 
 @pytest.mark.parametrize("g", [1, 7, 480])
@@ -111,20 +121,22 @@ def test_plan_is_deterministic_and_changes_with_epoch_and_seed() -> None:
 
 
 def test_scene_shorter_than_g_gets_a_short_group() -> None:
-    records = SplitRecords(scene=np.array([0, 1]), shard=np.array([0, 0]), slot=np.array([0, 1]),
-                           num_grasps=np.array([3, 20]))
+    records = SplitRecords(
+        scene=np.array([0, 1]), shard=np.array([0, 0]), slot=np.array([0, 1]), num_grasps=np.array([3, 20])
+    )
     plan = make_plan(records, PlanSpec(1, 8, seed=0), 0)
     lengths = sorted(np.diff(plan.group_start).tolist())
     assert lengths == [3, 4, 8, 8]  # scene 0: one group of 3; scene 1: 8, 8 and the rest, 4
 
 
 def _epoch(loader) -> list:
-    return [b for b in loader]
+    return list(loader)
 
 
 def _same(x, y) -> bool:
-    return all(torch.equal(getattr(x, f), getattr(y, f)) for f in
-               ("sdf", "grasps", "scores", "scene_of_grasp", "scene_ids"))
+    return all(
+        torch.equal(getattr(x, f), getattr(y, f)) for f in ("sdf", "grasps", "scores", "scene_of_grasp", "scene_ids")
+    )
 
 
 @pytest.mark.parametrize("s,g,window", [(3, 5, 2), (4, 1, 2), (2, 24, 2), (3, 5, None), (4, 1, 1)])
@@ -184,8 +196,9 @@ def test_ranks_split_the_epoch(dataset) -> None:
     _, shards = dataset
     seen = []
     for rank in range(3):
-        with open_loader(shards, "cache", scenes_per_batch=2, grasps_per_scene=5, seed=2, rank=rank,
-                         world_size=3, progress=False) as loader:
+        with open_loader(
+            shards, "cache", scenes_per_batch=2, grasps_per_scene=5, seed=2, rank=rank, world_size=3, progress=False
+        ) as loader:
             for b in loader:
                 seen += list(zip(b.scene_ids[b.scene_of_grasp].tolist(), b.grasps[:, 0].tolist()))
     reader = ShardReader(shards)
@@ -200,7 +213,7 @@ def test_memory_check_names_both_numbers_and_suggests_dali(dataset) -> None:
     assert re.search(r"needs 0\.\d{3} GB on cpu, but only 0\.000 GB are free", message), message
     assert "mode='dali'" in message
     n = len(ShardReader(shards).split_scenes("train"))
-    needed = n * (GRID ** 3 * 2 + 24 * 20 * 4)  # the records, not the shards' padding
+    needed = n * (GRID**3 * 2 + 24 * 20 * 4)  # the records, not the shards' padding
     with open_loader(shards, "cache", memory_budget=needed, progress=False) as loader:
         assert loader.resident_bytes == needed
 
@@ -258,15 +271,18 @@ def test_bad_directories_fail_before_any_work(dataset, tmp_path: Path) -> None:
         open_loader(copy, "dali")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"scenes_per_batch": 0}, "scenes_per_batch 0"),
-    ({"grasps_per_scene": 25}, "more than the 24 grasp slots"),
-    ({"grasps_per_scene": 0}, "grasps_per_scene 0"),
-    ({"mode": "stream"}, "mode 'stream'"),
-    ({"split": "test"}, "split 'test' of .* has no scenes"),
-    ({"rank": 3, "world_size": 3}, "rank 3 of world size 3"),
-    ({"scenes_per_batch": 1000, "drop_last": True}, "gives no batches"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"scenes_per_batch": 0}, "scenes_per_batch 0"),
+        ({"grasps_per_scene": 25}, "more than the 24 grasp slots"),
+        ({"grasps_per_scene": 0}, "grasps_per_scene 0"),
+        ({"mode": "stream"}, "mode 'stream'"),
+        ({"split": "test"}, "split 'test' of .* has no scenes"),
+        ({"rank": 3, "world_size": 3}, "rank 3 of world size 3"),
+        ({"scenes_per_batch": 1000, "drop_last": True}, "gives no batches"),
+    ],
+)
 def test_settings_that_cannot_work_are_refused(dataset, kwargs: dict, message: str) -> None:
     _, shards = dataset
     with pytest.raises(LoaderError, match=message):
@@ -283,8 +299,10 @@ def test_cuda_request_without_cuda_is_refused(dataset) -> None:
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_cuda_batches_equal_cpu_batches(dataset, mode: str) -> None:
     _, shards = dataset
-    with open_loader(shards, "cache", scenes_per_batch=3, grasps_per_scene=5, progress=False) as cpu, \
-            open_loader(shards, mode, scenes_per_batch=3, grasps_per_scene=5, device="cuda", progress=False) as gpu:
+    with (
+        open_loader(shards, "cache", scenes_per_batch=3, grasps_per_scene=5, progress=False) as cpu,
+        open_loader(shards, mode, scenes_per_batch=3, grasps_per_scene=5, device="cuda", progress=False) as gpu,
+    ):
         for x, y in zip(cpu, gpu):
             assert y.sdf.is_cuda and _same(x, type(x)(**{k: v.cpu() for k, v in vars(y).items()}))
 
@@ -305,6 +323,7 @@ def _flip(path: Path, offset: int) -> None:
 @pytest.mark.parametrize("kind", ["sdf", "labels"])
 def test_a_flipped_byte_is_refused_before_any_batch_uses_it(dataset, tmp_path: Path, kind: str) -> None:
     from shards.format import HEADER_BYTES
+
     _, shards = dataset
     copy = _copy_dataset(shards, tmp_path / "copy")
     reader = ShardReader(copy)
@@ -336,20 +355,29 @@ def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) 
     a.write_bytes(data_b)
     b.write_bytes(data_a)
     for mode in ("cache", "dali"):
-        with pytest.raises(DatasetError, match="record checksum .* the data on disk is corrupt or not this dataset's"):
-            with open_loader(swapped, mode, progress=False) as loader:
-                next(iter(loader))
+        match = "record checksum .* the data on disk is corrupt or not this dataset's"
+        with pytest.raises(DatasetError, match=match), open_loader(swapped, mode, progress=False) as loader:
+            next(iter(loader))
     # an index from another build of the same scenes (another shuffle seed: other records) is refused up front
     other = tmp_path / "other"
-    build_shards(src, other, BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2,
-                                          test_fraction=0.0, shuffle_seed=1), workers=1, progress=False)
+    build_shards(
+        src,
+        other,
+        BuildOptions(
+            grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2, test_fraction=0.0, shuffle_seed=1
+        ),
+        workers=1,
+        progress=False,
+    )
     foreign = _copy_dataset(shards, tmp_path / "foreign")
     (foreign / "scenes.parquet").write_bytes((other / "scenes.parquet").read_bytes())
     with pytest.raises(DatasetError, match="scenes.parquet: "):
         open_loader(foreign)
     # the same index with a train and a val scene's splits exchanged: same size, other checksum
     import pyarrow.parquet as pq
+
     from shards.index import write_index
+
     moved = _copy_dataset(shards, tmp_path / "moved")
     rows = pq.read_table(moved / "scenes.parquet").to_pylist()
     i = next(k for k, r in enumerate(rows) if r["split"] == "train")
@@ -382,6 +410,7 @@ def test_each_rank_caches_only_its_own_shards(dataset) -> None:
 def test_device_checksum_in_torch_equals_the_builders(dataset) -> None:
     """The GPU check's arithmetic (int64 words times keys, wrapping) run here on CPU tensors."""
     from pipeline.checks import _device_sums
+
     _, shards = dataset
     reader = ShardReader(shards)
     shard = int(reader.split_shards("train")[0])
@@ -391,5 +420,6 @@ def test_device_checksum_in_torch_equals_the_builders(dataset) -> None:
     labels = torch.from_numpy(np.ascontiguousarray(reader.labels_shard(shard)[slots]))
     assert np.array_equal(_device_sums(sdf, labels), reader.index["device_checksum"][rows])
     sdf.view(torch.int16)[1, 0, 0, 0] ^= 1
-    assert (_device_sums(sdf, labels) != reader.index["device_checksum"][rows]).tolist() == \
-        [i == 1 for i in range(len(rows))]
+    assert (_device_sums(sdf, labels) != reader.index["device_checksum"][rows]).tolist() == [
+        i == 1 for i in range(len(rows))
+    ]

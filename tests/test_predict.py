@@ -1,4 +1,5 @@
 """`train/run.py predict` and `eval`'s ranking metrics on a tiny trained model, as a user runs them."""
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,33 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
             arrays = {k: z[k] for k in z.files}
         arrays["grasps"], arrays["scores"] = arrays["grasps"][:29], arrays["scores"][:29]
         np.savez(root / "scenes" / name / "scene.npz", **arrays)
-    build_shards(root / "scenes", root / "shards", BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8,
-                                                                val_fraction=0.25, test_fraction=0.25),
-                 workers=1, progress=False)
-    run("fit", "--shards", root / "shards", "--out", root / "run", "--max-steps", 30, "-S", 4, "-G", 8,
-        "--lr", "1e-3", "--base-channels", 4, "--fc-dims", "16,8", "--quiet")
+    build_shards(
+        root / "scenes",
+        root / "shards",
+        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8, val_fraction=0.25, test_fraction=0.25),
+        workers=1,
+        progress=False,
+    )
+    run(
+        "fit",
+        "--shards",
+        root / "shards",
+        "--out",
+        root / "run",
+        "--max-steps",
+        30,
+        "-S",
+        4,
+        "-G",
+        8,
+        "--lr",
+        "1e-3",
+        "--base-channels",
+        4,
+        "--fc-dims",
+        "16,8",
+        "--quiet",
+    )
     return root / "scenes", root / "shards", root / "run" / "last.pt"
 
 
@@ -56,8 +79,13 @@ def test_scores_function_is_the_models_output(trained):
         sdf, grasps = z["sdf"], z["grasps"]
     ours = est.scores(sdf, grasps)
     with torch.no_grad():  # the model called directly: standardised outputs back in score units
-        direct = est.model.forward_with_sdf(torch.from_numpy(np.repeat(sdf[None, None], len(grasps), 0)),
-                                            torch.from_numpy(grasps)).numpy() * est.std + est.mean
+        direct = (
+            est.model.forward_with_sdf(
+                torch.from_numpy(np.repeat(sdf[None, None], len(grasps), 0)), torch.from_numpy(grasps)
+            ).numpy()
+            * est.std
+            + est.mean
+        )
     np.testing.assert_allclose(ours, direct, rtol=1e-5, atol=1e-5)
     assert np.array_equal(np.argsort(ours, kind="stable"), np.argsort(direct, kind="stable"))
     with pytest.raises(PredictError, match=r"SDF of shape \(8, 8, 8\)"):
@@ -114,22 +142,43 @@ def test_predict_mesh_and_bad_input(trained, tmp_path: Path):
     grasps[:, 6] = 1.0
     grasps[:, 2] += np.arange(6) * 0.05
     np.save(tmp_path / "g.npy", grasps)
-    result = run("predict", ckpt, "--mesh", tmp_path / "box.obj", "--grasps", tmp_path / "g.npy",
-                 "--out", tmp_path / "m.parquet", "--device", "cpu")
+    result = run(
+        "predict",
+        ckpt,
+        "--mesh",
+        tmp_path / "box.obj",
+        "--grasps",
+        tmp_path / "g.npy",
+        "--out",
+        tmp_path / "m.parquet",
+        "--device",
+        "cpu",
+    )
     cols = pq.read_table(tmp_path / "m.parquet").to_pydict()
     assert list(cols) == ["scene", "grasp", "prediction"] and cols["grasp"] == list(range(6))
     assert "box" in result.stdout
-    bad = run("predict", ckpt, "--mesh", tmp_path / "box.obj", "--grasps", tmp_path / "box.obj",
-              "--out", tmp_path / "x.parquet", check=False)
+    bad = run(
+        "predict",
+        ckpt,
+        "--mesh",
+        tmp_path / "box.obj",
+        "--grasps",
+        tmp_path / "box.obj",
+        "--out",
+        tmp_path / "x.parquet",
+        check=False,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "box.obj" in bad.stderr
     assert not (tmp_path / "x.parquet").exists()
 
 
 def test_predict_refuses_bad_arguments(trained, tmp_path: Path):
     scenes, shards, ckpt = trained
-    for args, message in ((["--scenes", scenes, "--shards", shards], "exactly one of"),
-                          (["--mesh", tmp_path / "a.obj"], "go together"),
-                          (["--scenes", tmp_path / "none"], "not a directory")):
+    for args, message in (
+        (["--scenes", scenes, "--shards", shards], "exactly one of"),
+        (["--mesh", tmp_path / "a.obj"], "go together"),
+        (["--scenes", tmp_path / "none"], "not a directory"),
+    ):
         result = run("predict", ckpt, *args, "--out", tmp_path / "o.parquet", check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "o.parquet").exists()

@@ -4,6 +4,7 @@ survive a full disk, one-line refusals of bad values and files, and datasets com
 Most cases run `train/run.py` in-process (click's CliRunner); only the concurrency case starts a
 second process, because a lock is only proven by another process holding it.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-
 from conftest import REPO
+
 from models import build_model
 from pipeline import Batch
 from shards import BuildOptions, build_shards, read_manifest
 from synth import write_scenes
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.loop import TrainError, train_step
-from train.rundir import LOCK
 from train.run import cli
+from train.rundir import LOCK
 
 GRID, GRASPS = 16, 32
 TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4"]
@@ -38,9 +39,13 @@ TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "
 
 def _dataset(root: Path, seed: int) -> Path:
     write_scenes(root / "scenes", 40, grasps_per_scene=GRASPS, grid=GRID, seed=seed, workers=1, progress=False)
-    build_shards(root / "scenes", root / "shards", BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8,
-                                                                val_fraction=0.2, test_fraction=0.1),
-                 workers=1, progress=False)
+    build_shards(
+        root / "scenes",
+        root / "shards",
+        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8, val_fraction=0.2, test_fraction=0.1),
+        workers=1,
+        progress=False,
+    )
     return root / "shards"
 
 
@@ -84,10 +89,25 @@ def temporaries(folder: Path) -> list[str]:
 
 # -- 1. two fits into one --out: a lock, and temporaries no two writers share ---------------------------
 
+
 def test_a_second_fit_into_a_busy_run_folder_is_refused_naming_the_holder(data_a: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train" / "run.py"), "fit", "--shards", str(data_a), "--out", str(out),
-           "--max-steps", "1000000", "--ckpt-every", "5", "--log-every", "2", *TINY]
+    cmd = [
+        sys.executable,
+        str(REPO / "train" / "run.py"),
+        "fit",
+        "--shards",
+        str(data_a),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1000000",
+        "--ckpt-every",
+        "5",
+        "--log-every",
+        "2",
+        *TINY,
+    ]
     holder = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -128,6 +148,7 @@ def test_fit_removes_the_temporaries_a_killed_run_left(data_a: Path, tmp_path: P
 
 
 # -- 2. full disk during fit -----------------------------------------------------------------------------
+
 
 @contextmanager
 def _tmpfs_full(folder: Path):
@@ -192,15 +213,20 @@ def test_a_full_disk_during_fit_keeps_the_last_checkpoint_and_says_so(data_a: Pa
 
 # -- 3, 4, 7. values and files that cannot work: one line, exit 2, nothing written ------------------------
 
-@pytest.mark.parametrize("args,message", [
-    (["--lr", "nan"], "--lr nan: must be a finite number"),
-    (["--lr", "inf"], "--lr inf: must be a finite number"),
-    (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number"),
-    (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
-    (["--max-time", "nan"], "--max-time nan: must be a finite number"),
-    (["--max-time", "inf"], "--max-time inf: must be a finite number (leave --max-time out for no limit)"),
-    (["--init-from", "{text}"], "{text}: unreadable checkpoint: not a PyTorch checkpoint file"),
-], ids=["lr-nan", "lr-inf", "wd-nan", "wd-inf", "max-time-nan", "max-time-inf", "init-from-text-file"])
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lr", "nan"], "--lr nan: must be a finite number"),
+        (["--lr", "inf"], "--lr inf: must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number"),
+        (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
+        (["--max-time", "nan"], "--max-time nan: must be a finite number"),
+        (["--max-time", "inf"], "--max-time inf: must be a finite number (leave --max-time out for no limit)"),
+        (["--init-from", "{text}"], "{text}: unreadable checkpoint: not a PyTorch checkpoint file"),
+    ],
+    ids=["lr-nan", "lr-inf", "wd-nan", "wd-inf", "max-time-nan", "max-time-inf", "init-from-text-file"],
+)
 def test_bad_values_are_refused_in_one_line(data_a: Path, tmp_path: Path, args: list, message: str) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello\nthis is not a checkpoint\n")
@@ -221,6 +247,7 @@ def test_out_naming_a_file_is_refused_in_one_line(data_a: Path, tmp_path: Path, 
 
 # -- 5, 6. resume from what a copy or a kill left -----------------------------------------------------------
 
+
 def test_best_pt_copied_over_last_pt_is_not_resumable(data_a: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     fit(data_a, out, "--max-steps", 2)
@@ -229,12 +256,16 @@ def test_best_pt_copied_over_last_pt_is_not_resumable(data_a: Path, tmp_path: Pa
     assert f"{out}/last.pt: not a resumable checkpoint" in line and f"--init-from {out}/last.pt" in line
 
 
-@pytest.mark.parametrize("damage,refused", [
-    ("torn-last-line", False),  # what kill -9 during a write leaves: dropped, logged
-    ("corrupt-line-2", True),   # damage anywhere else: an error naming the line
-])
-def test_resume_reads_metrics_jsonl_as_a_kill_leaves_it(data_a: Path, tmp_path: Path, caplog, damage: str,
-                                                        refused: bool) -> None:
+@pytest.mark.parametrize(
+    "damage,refused",
+    [
+        ("torn-last-line", False),  # what kill -9 during a write leaves: dropped, logged
+        ("corrupt-line-2", True),  # damage anywhere else: an error naming the line
+    ],
+)
+def test_resume_reads_metrics_jsonl_as_a_kill_leaves_it(
+    data_a: Path, tmp_path: Path, caplog, damage: str, refused: bool
+) -> None:
     out = tmp_path / "run"
     fit(data_a, out, "--max-steps", 4, "--log-every", 1)
     metrics = out / "metrics.jsonl"
@@ -254,24 +285,38 @@ def test_resume_reads_metrics_jsonl_as_a_kill_leaves_it(data_a: Path, tmp_path: 
 
 # -- 8. a non-finite loss from non-finite data blames the data ------------------------------------------------
 
-@pytest.mark.parametrize("field,where", [("sdf", "SDF of scenes [31]"), ("grasps", "grasps or scores of scenes [31]"),
-                                         ("scores", "grasps or scores of scenes [31]")])
+
+@pytest.mark.parametrize(
+    "field,where",
+    [
+        ("sdf", "SDF of scenes [31]"),
+        ("grasps", "grasps or scores of scenes [31]"),
+        ("scores", "grasps or scores of scenes [31]"),
+    ],
+)
 def test_a_non_finite_loss_from_non_finite_data_names_the_data(field: str, where: str) -> None:
     torch.manual_seed(0)
     model = build_model("small", input_size=GRID, base_channels=2, fc_dims=(8,))
-    batch = Batch(sdf=torch.rand(2, 1, GRID, GRID, GRID), grasps=torch.rand(6, 19), scores=torch.rand(6),
-                  scene_of_grasp=torch.tensor([0, 0, 0, 1, 1, 1]), scene_ids=torch.tensor([12, 31]))
+    batch = Batch(
+        sdf=torch.rand(2, 1, GRID, GRID, GRID),
+        grasps=torch.rand(6, 19),
+        scores=torch.rand(6),
+        scene_of_grasp=torch.tensor([0, 0, 0, 1, 1, 1]),
+        scene_ids=torch.tensor([12, 31]),
+    )
     tensor = getattr(batch, field)
     tensor[1 if field == "sdf" else 4].view(-1)[0] = float("nan")
     optimizer = torch.optim.Adam(model.parameters())
     with pytest.raises(TrainError) as err:
-        train_step(model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), 0.0, 1.0, "off", False,
-                   False, step=3)
+        train_step(
+            model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), 0.0, 1.0, "off", False, False, step=3
+        )
     assert f"non-finite loss at step 3: non-finite input data ({where} hold NaN or inf)" in str(err.value)
     assert "verify_shards" in str(err.value) and "--lr" not in str(err.value)
 
 
 # -- 9. datasets compared by identity, not by path ---------------------------------------------------------
+
 
 def test_resume_refuses_a_dataset_rebuilt_in_place(data_a: Path, data_b: Path, tmp_path: Path) -> None:
     shards, out = tmp_path / "shards", tmp_path / "run"
@@ -280,15 +325,18 @@ def test_resume_refuses_a_dataset_rebuilt_in_place(data_a: Path, data_b: Path, t
     shutil.rmtree(shards)
     shutil.copytree(data_b, shards)  # same path, other scenes
     line = one_line(fit(shards, out, "--max-steps", 4, "--resume", ok=False), 2)
-    assert f"was trained on dataset {fingerprint(data_a)[:16]}, but --shards {shards} is dataset " \
-           f"{fingerprint(data_b)[:16]}" in line
+    assert (
+        f"was trained on dataset {fingerprint(data_a)[:16]}, but --shards {shards} is dataset "
+        f"{fingerprint(data_b)[:16]}" in line
+    )
     assert f"--init-from {out}/last.pt" in line
     assert load_checkpoint(out / "last.pt")["state"]["step"] == 2
 
 
 @pytest.mark.parametrize("spelling", ["dotdot", "symlink", "relative", "moved-run"])
-def test_resume_follows_the_dataset_not_how_its_path_is_spelled(data_a: Path, tmp_path: Path, monkeypatch,
-                                                                spelling: str) -> None:
+def test_resume_follows_the_dataset_not_how_its_path_is_spelled(
+    data_a: Path, tmp_path: Path, monkeypatch, spelling: str
+) -> None:
     out = tmp_path / "run"
     fit(data_a, out, "--max-steps", 2)
     shards = data_a
@@ -306,16 +354,19 @@ def test_resume_follows_the_dataset_not_how_its_path_is_spelled(data_a: Path, tm
     assert load_checkpoint(out / "last.pt")["state"]["step"] == 4
 
 
-def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(data_a: Path, data_b: Path,
-                                                                              tmp_path: Path, caplog) -> None:
+def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(
+    data_a: Path, data_b: Path, tmp_path: Path, caplog
+) -> None:
     out = tmp_path / "run"
     fit(data_a, out, "--max-steps", 2)
     same = invoke("eval", out / "last.pt", "--shards", data_a)
     assert same.exit_code == 0 and same.stderr == ""
     other = invoke("eval", out / "last.pt", "--shards", data_b)
     assert other.exit_code == 0 and json.loads(other.stdout)["val_grasps"] > 0
-    warning = f"warning: {out}/last.pt was trained on dataset {fingerprint(data_a)[:16]}, not on --shards' " \
-              f"dataset {fingerprint(data_b)[:16]}"
+    warning = (
+        f"warning: {out}/last.pt was trained on dataset {fingerprint(data_a)[:16]}, not on --shards' "
+        f"dataset {fingerprint(data_b)[:16]}"
+    )
     assert other.stderr.strip().splitlines() == [warning + " (another dataset, or this one rebuilt since)"]
     caplog.clear()
     fit(data_b, tmp_path / "from_a", "--max-steps", 2, "--init-from", out / "last.pt")
@@ -324,12 +375,16 @@ def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(d
 
 # -- 10. eval's own checks: one line, exit 2 ---------------------------------------------------------------
 
-@pytest.mark.parametrize("case,message", [
-    ("text-checkpoint", "{ckpt}: unreadable checkpoint: not a PyTorch checkpoint file"),
-    ("other-grid", "{ckpt}: model input size 32 != the dataset's grid 16"),
-    ("manifest-without-grid", "{shards}/manifest.json: no valid max_grasps and grid"),
-    ("not-a-dataset", "{shards}/manifest.json: missing"),
-])
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("text-checkpoint", "{ckpt}: unreadable checkpoint: not a PyTorch checkpoint file"),
+        ("other-grid", "{ckpt}: model input size 32 != the dataset's grid 16"),
+        ("manifest-without-grid", "{shards}/manifest.json: no valid max_grasps and grid"),
+        ("not-a-dataset", "{shards}/manifest.json: missing"),
+    ],
+)
 def test_eval_refuses_what_does_not_fit_in_one_line(data_a: Path, tmp_path: Path, case: str, message: str) -> None:
     ckpt, shards = tmp_path / "model.pt", tmp_path / "shards"
     shutil.copytree(data_a, shards)
@@ -354,6 +409,7 @@ def test_an_unusable_score_std_is_refused_not_replaced(data_a: Path, tmp_path: P
     import shutil
 
     from shards.manifest import write_manifest
+
     copy = tmp_path / "copy"
     shutil.copytree(data_a, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -371,7 +427,19 @@ def test_compare_and_predict_never_replace_someone_elses_files(data_a: Path, tmp
     line = one_line(invoke("compare", "--shards", data_a, "--out", folder, "--overwrite", "--max-steps", 1), 2)
     assert "holds 'notes.txt', which compare did not write" in line
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
-    line = one_line(invoke("predict", tmp_path / "any.pt", "--shards", data_a, "--split", "val",
-                           "--out", folder / "notes.txt", "--overwrite"), 2)
+    line = one_line(
+        invoke(
+            "predict",
+            tmp_path / "any.pt",
+            "--shards",
+            data_a,
+            "--split",
+            "val",
+            "--out",
+            folder / "notes.txt",
+            "--overwrite",
+        ),
+        2,
+    )
     assert "notes.txt: exists and is not a Parquet file" in line
     assert (folder / "notes.txt").read_text() == "mine"

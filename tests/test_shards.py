@@ -1,4 +1,5 @@
 """The shard format end to end: make_shards -> files -> reader / np.load / verify."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
+
 from shards import ShardReader, verify
 from shards.format import HEADER_BYTES, read_npy_header
 
@@ -82,12 +83,15 @@ def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
     assert arr[0].nbytes % 4096 == 0
     shards = range(manifest["num_shards"])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"sdf-{k:05d}.npy" for k in shards] + [f"labels-{k:05d}.npy" for k in shards] + ["manifest.json",
-                                                                                          "scenes.parquet"])
+        [f"sdf-{k:05d}.npy" for k in shards]
+        + [f"labels-{k:05d}.npy" for k in shards]
+        + ["manifest.json", "scenes.parquet"]
+    )
 
 
 def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
     from shards.placement import shuffle_key
+
     src = make_source(tmp_path / "src", scenes=40)
     assert build(src, tmp_path / "a", "--records-per-shard", 4).returncode == 0
     assert build(src, tmp_path / "b", "--records-per-shard", 4, "--shuffle-seed", 7).returncode == 0
@@ -122,12 +126,15 @@ def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
 
 def test_version_1_dataset_is_refused_with_the_rebuild_command(small_source: Path, tmp_path: Path) -> None:
     from shards import DatasetError, read_manifest
+
     out = tmp_path / "ds"
     assert build(small_source, out).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(DatasetError, match="format version 1, this reader reads version 2; rebuild the dataset "
-                                           "with tools/make_shards.py"):
+    with pytest.raises(
+        DatasetError,
+        match="format version 1, this reader reads version 2; rebuild the dataset with tools/make_shards.py",
+    ):
         read_manifest(out)
     result = run_tool("verify_shards.py", out)
     assert result.returncode == 1 and len(result.stdout.splitlines()) == 1 and "make_shards.py" in result.stdout
@@ -279,7 +286,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, t
     assert ok.returncode == 0 and ok.stdout.startswith("OK") and len(ok.stdout.splitlines()) == 1
     path = out / "sdf-00001.npy"
     data = bytearray(path.read_bytes())
-    record = GRID ** 3 * 2
+    record = GRID**3 * 2
     data[HEADER_BYTES + 0 * record + 100] ^= 0x40  # shard 1, slot 0
     path.write_bytes(bytes(data))
     quick = run_tool("verify_shards.py", out, "--quick")
@@ -287,6 +294,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, t
     bad = subprocess.run([sys.executable, "-m", "shards.verify", str(out)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     from shards.index import read_index
+
     index = read_index(out / "scenes.parquet")
     row = int(np.flatnonzero((index["shard"] == 1) & (index["slot"] == 0))[0])
     assert f"shard 1 slot 0 scene {index['scene'][row]} ({index['name'][row]}): record checksum" in bad.stdout
@@ -324,12 +332,13 @@ def test_help_and_bad_flags() -> None:
 
 def test_float16_conversion_is_bit_identical_to_numpy() -> None:
     from shards.half import to_float16
+
     rng = np.random.default_rng(0)
-    bits = rng.integers(0, 2 ** 32, 4_000_000, dtype=np.uint64).astype(np.uint32)
+    bits = rng.integers(0, 2**32, 4_000_000, dtype=np.uint64).astype(np.uint32)
     values = bits.view(np.float32)
     values = values[np.isfinite(values) & (np.abs(values) <= 65504)]
-    ties = (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0 ** -10)  # exact halfway cases
-    edge = np.array([0.0, -0.0, 65504.0, -65504.0, 65519.0, 6.1e-5, 6.0e-8, 1e-9, 2.0 ** -24], np.float32)
+    ties = (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0**-10)  # exact halfway cases
+    edge = np.array([0.0, -0.0, 65504.0, -65504.0, 65519.0, 6.1e-5, 6.0e-8, 1e-9, 2.0**-24], np.float32)
     for x in (values, ties, edge, rng.standard_normal((16, 16, 16)).astype(np.float32)):
         half, error = to_float16(x)
         expected = x.astype(np.float16)

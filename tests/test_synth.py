@@ -20,9 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"sdf", "grasps", "scores", "translation", "global_scale"}
 
 # One example of each family, sized to fit the cube: (kind, params).
-EXAMPLES = [("sphere", (0.55,)), ("box", (0.5, 0.3, 0.2)), ("cylinder", (0.35, 0.5)),
-            ("capsule", (0.25, 0.45)), ("torus", (0.5, 0.15)), ("cone", (0.5, 0.15, 0.45)),
-            ("cone", (0.45, 0.0, 0.5))]
+EXAMPLES = [
+    ("sphere", (0.55,)),
+    ("box", (0.5, 0.3, 0.2)),
+    ("cylinder", (0.35, 0.5)),
+    ("capsule", (0.25, 0.45)),
+    ("torus", (0.5, 0.15)),
+    ("cone", (0.5, 0.15, 0.45)),
+    ("cone", (0.45, 0.0, 0.5)),
+]
 
 
 def _placed(kind: str, params: tuple, seed: int) -> Primitive:
@@ -90,8 +96,7 @@ def test_primitive_gradient_has_unit_norm(kind, params):
     prim = _placed(kind, params, seed=7)
     pts = np.random.default_rng(1).uniform(-1, 1, (2000, 3))
     eps = 1e-6
-    grad = np.stack([(prim.sdf(*(pts + eps * e).T) - prim.sdf(*(pts - eps * e).T)) / (2 * eps)
-                     for e in np.eye(3)], -1)
+    grad = np.stack([(prim.sdf(*(pts + eps * e).T) - prim.sdf(*(pts - eps * e).T)) / (2 * eps) for e in np.eye(3)], -1)
     close = np.abs(np.linalg.norm(grad, axis=1) - 1) < 1e-4
     assert close.mean() > 0.99
 
@@ -101,8 +106,7 @@ def test_union_is_pointwise_min_and_bounds_are_tight():
     x, y, z = np.random.default_rng(2).uniform(-1, 1, (3, 500))
     expected = np.min([p.sdf(x, y, z) for p in prims], axis=0)
     np.testing.assert_array_equal(union_sdf(prims, x, y, z), expected)
-    np.testing.assert_array_equal(sample_grid(prims, 16),
-                                  np.minimum.reduce([sample_grid([p], 16) for p in prims]))
+    np.testing.assert_array_equal(sample_grid(prims, 16), np.minimum.reduce([sample_grid([p], 16) for p in prims]))
     for kind, params in EXAMPLES:  # the shape touches every face of its bounding box
         prim = _placed(kind, params, seed=3)
         lo, hi = prim.bounds()
@@ -124,8 +128,9 @@ def test_objects_are_centred_and_scaled_with_margin():
         assert np.isclose(np.max(hi - lo) / 2, 1 - MARGIN)
         # The normalised shape is the world shape moved and scaled: SDFs scale with it.
         p = np.random.default_rng(6).uniform(-1, 1, (100, 3))
-        np.testing.assert_allclose(union_sdf(prims, *p.T),
-                                   scale * union_sdf(world, *(p / scale + translation).T), atol=1e-9)
+        np.testing.assert_allclose(
+            union_sdf(prims, *p.T), scale * union_sdf(world, *(p / scale + translation).T), atol=1e-9
+        )
         sdf = sample_grid(prims, 32)
         faces = np.concatenate([sdf[[0, -1]].ravel(), sdf[:, [0, -1]].ravel(), sdf[..., [0, -1]].ravel()])
         assert faces.min() > 0  # the object never touches the cube's walls
@@ -137,10 +142,12 @@ def test_forward_kinematics_rest_shape():
     points = hand.forward_kinematics(rest)[0]
     assert points.shape == (hand.NUM_POINTS, 3)
     np.testing.assert_allclose(points[hand.PALM], [0, 0, 0])
-    np.testing.assert_allclose(points[hand.TIPS], [[-0.22, 1.15, 0], [0, 1.15, 0], [0.22, 1.15, 0],
-                                                   [0, -1.15, 0]], atol=1e-12)
-    np.testing.assert_allclose(points[hand.LINK_ENDS], [[-0.22, 0.8, 0], [0, 0.8, 0], [0.22, 0.8, 0],
-                                                        [0, -0.8, 0]], atol=1e-12)
+    np.testing.assert_allclose(
+        points[hand.TIPS], [[-0.22, 1.15, 0], [0, 1.15, 0], [0.22, 1.15, 0], [0, -1.15, 0]], atol=1e-12
+    )
+    np.testing.assert_allclose(
+        points[hand.LINK_ENDS], [[-0.22, 0.8, 0], [0, 0.8, 0], [0.22, 0.8, 0], [0, -0.8, 0]], atol=1e-12
+    )
     np.testing.assert_allclose(points[hand.FINGER_BASES], hand.BASES)
 
 
@@ -157,10 +164,8 @@ def test_forward_kinematics_hand_computed_poses():
     base = np.array([0, 0.35, 0])
     link_end = base + 0.45 * np.array([0, np.cos(0.5), np.sin(0.5)])
     np.testing.assert_allclose(points[0, 5 + 1], link_end, atol=1e-12)
-    np.testing.assert_allclose(points[0, 9 + 1], link_end + 0.35 * np.array([0, np.cos(1.5), np.sin(1.5)]),
-                               atol=1e-12)
-    np.testing.assert_allclose(points[0, 9 + 0], [-0.22 - 0.8 * np.sin(0.3), 0.35 + 0.8 * np.cos(0.3), 0],
-                               atol=1e-12)
+    np.testing.assert_allclose(points[0, 9 + 1], link_end + 0.35 * np.array([0, np.cos(1.5), np.sin(1.5)]), atol=1e-12)
+    np.testing.assert_allclose(points[0, 9 + 0], [-0.22 - 0.8 * np.sin(0.3), 0.35 + 0.8 * np.cos(0.3), 0], atol=1e-12)
     np.testing.assert_allclose(points[1, 9 + 1], [1 - 1.15, 2, 3], atol=1e-12)
     np.testing.assert_allclose(points[1, 9 + 3], [1 + 1.15, 2, 3], atol=1e-12)
 
@@ -261,11 +266,14 @@ def test_cli_writes_the_seeds_compressed_npz_unless_uncompressed(tmp_path):
         path = tmp_path / kind / synth.scene_name(1) / "scene.npz"
         with zipfile.ZipFile(path) as archive:
             assert {i.compress_type for i in archive.infolist()} == {method}
-    with np.load(tmp_path / "z" / synth.scene_name(1) / "scene.npz") as z, \
-            np.load(tmp_path / "raw" / synth.scene_name(1) / "scene.npz") as raw:
+    with (
+        np.load(tmp_path / "z" / synth.scene_name(1) / "scene.npz") as z,
+        np.load(tmp_path / "raw" / synth.scene_name(1) / "scene.npz") as raw,
+    ):
         assert all(np.array_equal(z[k], raw[k]) for k in KEYS)
-    assert (tmp_path / "z" / synth.scene_name(1) / "scene.npz").stat().st_size < \
-        (tmp_path / "raw" / synth.scene_name(1) / "scene.npz").stat().st_size
+    assert (tmp_path / "z" / synth.scene_name(1) / "scene.npz").stat().st_size < (
+        tmp_path / "raw" / synth.scene_name(1) / "scene.npz"
+    ).stat().st_size
 
 
 def test_grid_is_the_seeds_and_interpolation_is_exact_at_voxels():
@@ -286,12 +294,15 @@ def test_grid_is_the_seeds_and_interpolation_is_exact_at_voxels():
     assert np.abs(err).max() < 0.25 * 2 / 16
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--scenes", 0], "scenes must be an integer >= 1"),
-    (["--scenes", 2, "--grid", 40], "multiple of 16"),
-    (["--scenes", 2, "--grasps-per-scene", -1], "grasps_per_scene"),
-    (["--scenes", 2, "--workers", 0], "workers"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--scenes", 0], "scenes must be an integer >= 1"),
+        (["--scenes", 2, "--grid", 40], "multiple of 16"),
+        (["--scenes", 2, "--grasps-per-scene", -1], "grasps_per_scene"),
+        (["--scenes", 2, "--workers", 0], "workers"),
+    ],
+)
 def test_cli_rejects_bad_arguments(tmp_path, args, message):
     result = _run_cli(*args, "--out", tmp_path / "out")
     assert result.exit_code == 2
@@ -329,8 +340,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "make_scene", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        synth.write_scenes(tmp_path / "new" / "out", 4, grasps_per_scene=8, grid=16, workers=1,
-                           progress=False)
+        synth.write_scenes(tmp_path / "new" / "out", 4, grasps_per_scene=8, grid=16, workers=1, progress=False)
     assert not any(tmp_path.iterdir())
 
 

@@ -1,4 +1,5 @@
 """Training end to end on CPU: learning, loader parity, kill and resume, signals, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURES, REPO
+
 from models import from_seed_checkpoint
 from shards import BuildOptions, build_shards
 from synth import write_scenes
@@ -28,15 +29,24 @@ SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quie
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     write_scenes(root / "scenes", 200, grasps_per_scene=GRASPS, grid=GRID, seed=1, workers=2, progress=False)
-    build_shards(root / "scenes", root / "shards", BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16,
-                                                                val_fraction=0.2, test_fraction=0.1),
-                 workers=1, progress=False)
+    build_shards(
+        root / "scenes",
+        root / "shards",
+        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16, val_fraction=0.2, test_fraction=0.1),
+        workers=1,
+        progress=False,
+    )
     return root / "shards"
 
 
 def run(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "train" / "run.py"), *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True, **kwargs)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train" / "run.py"), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"run.py {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -49,8 +59,30 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_path: Path) -> None:
     # ~30 s each on 2 cores; the labels depend on the object, so only the model that sees it learns
-    common = ["fit", "--shards", shards, "--max-steps", 600, "-S", 8, "-G", 32, "--lr", "2e-3", "--val-every", 200,
-              "--early-stopping", 0, "--base-channels", 8, "--fc-dims", "64,32", "--threads", 2, "--quiet"]
+    common = [
+        "fit",
+        "--shards",
+        shards,
+        "--max-steps",
+        600,
+        "-S",
+        8,
+        "-G",
+        32,
+        "--lr",
+        "2e-3",
+        "--val-every",
+        200,
+        "--early-stopping",
+        0,
+        "--base-channels",
+        8,
+        "--fc-dims",
+        "64,32",
+        "--threads",
+        2,
+        "--quiet",
+    ]
     run(*common, "--out", tmp_path / "real")
     run(*common, "--out", tmp_path / "blind", "--zero-sdf")
     real = json.loads((tmp_path / "real" / "summary.json").read_text())
@@ -85,9 +117,30 @@ def _final_weights(run_dir: Path) -> dict:
 
 
 def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
-    common = ["fit", "--shards", shards, "--max-steps", 40, "-S", 3, "-G", 8, "--ckpt-every", 4,
-              "--val-every", 15, "--model", "large", "--base-channels", "2", "--fc-dims", "16",
-              "--threads", "1", "--quiet"]
+    common = [
+        "fit",
+        "--shards",
+        shards,
+        "--max-steps",
+        40,
+        "-S",
+        3,
+        "-G",
+        8,
+        "--ckpt-every",
+        4,
+        "--val-every",
+        15,
+        "--model",
+        "large",
+        "--base-channels",
+        "2",
+        "--fc-dims",
+        "16",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     run(*common, "--out", tmp_path / "whole")
     cmd = [sys.executable, str(REPO / "train" / "run.py"), *map(str, common), "--out", str(tmp_path / "killed")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -109,8 +162,24 @@ def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path)
 
 def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out),
-           "--max-steps", "100000", "-S", "2", "-G", "4", "--ckpt-every", "100000", *SMALL]
+    cmd = [
+        sys.executable,
+        str(REPO / "train" / "run.py"),
+        "fit",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        "100000",
+        "-S",
+        "2",
+        "-G",
+        "4",
+        "--ckpt-every",
+        "100000",
+        *SMALL,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
@@ -126,8 +195,22 @@ def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path
 
 
 def test_compare_runs_both_loaders_and_finds_identical_curves(shards: Path, tmp_path: Path) -> None:
-    result = run("compare", "--shards", shards, "--out", tmp_path / "cmp", "--max-steps", 12, "-S", 2, "-G", 8,
-                 "--log-every", 3, *SMALL)
+    result = run(
+        "compare",
+        "--shards",
+        shards,
+        "--out",
+        tmp_path / "cmp",
+        "--max-steps",
+        12,
+        "-S",
+        2,
+        "-G",
+        8,
+        "--log-every",
+        3,
+        *SMALL,
+    )
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert report["loss_curves_identical"] and set(report["runs"]) == {"cache", "dali"}
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
@@ -154,14 +237,17 @@ def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
         _build_model(FitConfig(shards="-", out="-", init_from=str(path), model="large"), 48, mean, std)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--device", "cuda"], "CUDA is not available") if not torch.cuda.is_available() else (["-S", "0"], "-S 0"),
-    (["--fc-dims", "64,x"], "--fc-dims 64,x: comma-separated integers"),
-    (["-S", "0"], "--scenes-per-batch 0: must be at least 1"),
-    (["-G", "1000"], "more than the 96 grasp slots"),
-    (["--init-from", "/nonexistent.pt"], "/nonexistent.pt: no such checkpoint file"),
-    (["--resume"], "last.pt not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--device", "cuda"], "CUDA is not available") if not torch.cuda.is_available() else (["-S", "0"], "-S 0"),
+        (["--fc-dims", "64,x"], "--fc-dims 64,x: comma-separated integers"),
+        (["-S", "0"], "--scenes-per-batch 0: must be at least 1"),
+        (["-G", "1000"], "more than the 96 grasp slots"),
+        (["--init-from", "/nonexistent.pt"], "/nonexistent.pt: no such checkpoint file"),
+        (["--resume"], "last.pt not found"),
+    ],
+)
 def test_bad_flags_give_one_line_errors(shards: Path, tmp_path: Path, args: list, message: str) -> None:
     result = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *args, check=False)
     assert result.returncode == 2, result.stderr
@@ -176,16 +262,43 @@ def test_corrupt_checkpoints_and_reused_run_dirs_are_refused(shards: Path, tmp_p
     run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *SMALL)
     again = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *SMALL, check=False)
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    other = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 4, "--lr", "1e-3", "--resume",
-                *SMALL, check=False)
+    other = run(
+        "fit",
+        "--shards",
+        shards,
+        "--out",
+        tmp_path / "r",
+        "--max-steps",
+        4,
+        "--lr",
+        "1e-3",
+        "--resume",
+        *SMALL,
+        check=False,
+    )
     assert other.returncode == 2 and "options differ" in other.stderr and "lr" in other.stderr
     missing = run("fit", "--shards", tmp_path / "nope", "--out", tmp_path / "r2", check=False)
     assert missing.returncode == 2 and "no such dataset directory" in missing.stderr
 
 
 def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path) -> None:
-    result = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 200, "--lr", "1e30",
-                 "-S", 2, "-G", 4, *SMALL, check=False)
+    result = run(
+        "fit",
+        "--shards",
+        shards,
+        "--out",
+        tmp_path / "r",
+        "--max-steps",
+        200,
+        "--lr",
+        "1e30",
+        "-S",
+        2,
+        "-G",
+        4,
+        *SMALL,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite loss" in line and "at step" in line and "batch of scenes [" in line
@@ -193,15 +306,38 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
 
 def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out),
-                             "--max-steps", "6", "-S", "2", "-G", "8", *SMALL], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "train" / "run.py"),
+            "fit",
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--max-steps",
+            "6",
+            "-S",
+            "2",
+            "-G",
+            "8",
+            *SMALL,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     # rank 0's cache holds only its own shards: about half of the train split (whole shards, dealt round-robin)
     from shards import ShardReader
+
     reader = ShardReader(shards)
     lay = reader.layout
     whole = len(reader.split_scenes("train")) * (lay.sdf_record_bytes + lay.labels_record_bytes)

@@ -9,6 +9,7 @@ the train mean (MSE) and picking a grasp at random (its expected top-1 regret, m
 
     python tools/bench_generalisation.py --primitives 600 --real 400 --max-time 180 --json gen.json
 """
+
 from __future__ import annotations
 
 import json
@@ -50,18 +51,31 @@ def _evaluate(checkpoint: Path, shards: Path, split: str) -> dict[str, float]:
 
 def _prepare(root: Path, primitives: int, real: int, grid: int, workers: int | None, progress: bool) -> None:
     """Scenes and shards of both sources in `root`: {primitives,real}_shards."""
-    write_scenes(root / "primitives_scenes", primitives, grid=grid, seed=0, workers=workers, progress=progress,
-                 overwrite=True)
+    write_scenes(
+        root / "primitives_scenes", primitives, grid=grid, seed=0, workers=workers, progress=progress, overwrite=True
+    )
     write_raw(root / "real_raw", "random", real)
-    summary = import_meshes(root / "real_raw", root / "real_scenes",
-                            ImportOptions(grid=grid, label="synth", skip_bad=True), workers=workers, overwrite=True,
-                            progress=progress)
-    click.echo(f"imported {summary['imported']} of {summary['scenes']} real objects "
-               f"(refused: {summary['refused'] or 'none'})", err=True)
+    summary = import_meshes(
+        root / "real_raw",
+        root / "real_scenes",
+        ImportOptions(grid=grid, label="synth", skip_bad=True),
+        workers=workers,
+        overwrite=True,
+        progress=progress,
+    )
+    click.echo(
+        f"imported {summary['imported']} of {summary['scenes']} real objects (refused: {summary['refused'] or 'none'})",
+        err=True,
+    )
     for source in SOURCES:
         shutil.rmtree(root / f"{source}_shards", ignore_errors=True)
-        build_shards(root / f"{source}_scenes", root / f"{source}_shards", BuildOptions(grid=grid), workers=workers,
-                     progress=False)
+        build_shards(
+            root / f"{source}_scenes",
+            root / f"{source}_shards",
+            BuildOptions(grid=grid),
+            workers=workers,
+            progress=False,
+        )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,16 +83,34 @@ def _prepare(root: Path, primitives: int, real: int, grid: int, workers: int | N
 @click.option("--real", default=400, show_default=True, help="pybullet random_urdfs objects to import.")
 @click.option("--grid", default=48, show_default=True)
 @click.option("--max-time", default=180.0, show_default=True, help="Training seconds per model.")
-@click.option("--max-steps", type=int, default=None,
-              help="Training steps per model instead of --max-time (the same budget however busy the machine is).")
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    help="Training steps per model instead of --max-time (the same budget however busy the machine is).",
+)
 @click.option("--base-channels", default=8, show_default=True)
 @click.option("--workers", type=int, default=None, help="Processes for data preparation [default: all CPUs].")
-@click.option("--work", type=click.Path(path_type=Path), default=None,
-              help="Keep data and runs here [default: a temporary directory, removed at the end].")
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep data and runs here [default: a temporary directory, removed at the end].",
+)
 @click.option("--reuse-data", is_flag=True, help="Keep the shards already in --work (from an earlier run).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the figures here.")
-def main(primitives: int, real: int, grid: int, max_time: float, max_steps: int | None, base_channels: int,
-         workers: int | None, work: Path | None, reuse_data: bool, json_path: Path | None) -> None:
+def main(
+    primitives: int,
+    real: int,
+    grid: int,
+    max_time: float,
+    max_steps: int | None,
+    base_channels: int,
+    workers: int | None,
+    work: Path | None,
+    reuse_data: bool,
+    json_path: Path | None,
+) -> None:
     """Train on primitives and on real objects; evaluate each model on both test splits."""
     root = work or Path(tempfile.mkdtemp(prefix="bench_generalisation_"))
     try:
@@ -88,10 +120,22 @@ def main(primitives: int, real: int, grid: int, max_time: float, max_steps: int 
             _prepare(root, primitives, real, grid, workers, progress)
         counts = {s: ShardReader(root / f"{s}_shards").num_scenes for s in SOURCES}
         for source in SOURCES:
-            fit(FitConfig(shards=str(root / f"{source}_shards"), out=str(root / f"{source}_run"),
-                          max_time=None if max_steps else max_time, max_steps=max_steps, scenes_per_batch=8,
-                          grasps_per_scene=64, base_channels=base_channels, lr=1e-3, early_stopping=0,
-                          val_every=200, overwrite=True, progress=progress))
+            fit(
+                FitConfig(
+                    shards=str(root / f"{source}_shards"),
+                    out=str(root / f"{source}_run"),
+                    max_time=None if max_steps else max_time,
+                    max_steps=max_steps,
+                    scenes_per_batch=8,
+                    grasps_per_scene=64,
+                    base_channels=base_channels,
+                    lr=1e-3,
+                    early_stopping=0,
+                    val_every=200,
+                    overwrite=True,
+                    progress=progress,
+                )
+            )
         wall = {s: json.loads((root / f"{s}_run" / "summary.json").read_text()) for s in SOURCES}
         table = {}
         for trained in SOURCES:
@@ -104,21 +148,38 @@ def main(primitives: int, real: int, grid: int, max_time: float, max_steps: int 
             shutil.rmtree(root, ignore_errors=True)
 
     budget = f"{max_steps} steps" if max_steps else f"{max_time:.0f} s"
-    click.echo(f"bench_generalisation: {counts['primitives']} primitives, {counts['real']} real objects, grid {grid}, "
-               f"{budget} of training each (base channels {base_channels}, S=8 G=64, lr 1e-3), test splits")
+    click.echo(
+        f"bench_generalisation: {counts['primitives']} primitives, {counts['real']} real objects, grid {grid}, "
+        f"{budget} of training each (base channels {base_channels}, S=8 G=64, lr 1e-3), test splits"
+    )
     for s in SOURCES:
         click.echo(f"  trained on {s}: {wall[s]['steps']} steps in {wall[s]['train_time_s']:.0f} s")
-    click.echo(f"  {'train -> test':<22} {'R2':>7} {'Spearman':>9} {'Kendall':>8} {'top-1 regret':>13} "
-               f"{'random pick':>12} {'top-5 overlap':>14} {'MSE':>8} {'mean MSE':>9}")
+    click.echo(
+        f"  {'train -> test':<22} {'R2':>7} {'Spearman':>9} {'Kendall':>8} {'top-1 regret':>13} "
+        f"{'random pick':>12} {'top-5 overlap':>14} {'MSE':>8} {'mean MSE':>9}"
+    )
     for name, r in table.items():
-        click.echo(f"  {name:<22} {r['r2']:>7.3f} {r['spearman']:>9.3f} {r['kendall_tau']:>8.3f} "
-                   f"{r['top1_regret']:>13.3f} {r['random_pick_regret']:>12.3f} {r['top5_overlap']:>14.3f} "
-                   f"{r['mse']:>8.2f} {r['mse_mean_baseline']:>9.2f}")
+        click.echo(
+            f"  {name:<22} {r['r2']:>7.3f} {r['spearman']:>9.3f} {r['kendall_tau']:>8.3f} "
+            f"{r['top1_regret']:>13.3f} {r['random_pick_regret']:>12.3f} {r['top5_overlap']:>14.3f} "
+            f"{r['mse']:>8.2f} {r['mse_mean_baseline']:>9.2f}"
+        )
     if json_path:
-        json_path.write_text(json.dumps({"scenes": counts, "grid": grid, "max_time": max_time, "max_steps": max_steps,
-                                         "base_channels": base_channels, "table": table,
-                                         "train": {s: {k: wall[s][k] for k in ("steps", "train_time_s")}
-                                                   for s in SOURCES}}, indent=2) + "\n")
+        json_path.write_text(
+            json.dumps(
+                {
+                    "scenes": counts,
+                    "grid": grid,
+                    "max_time": max_time,
+                    "max_steps": max_steps,
+                    "base_channels": base_channels,
+                    "table": table,
+                    "train": {s: {k: wall[s][k] for k in ("steps", "train_time_s")} for s in SOURCES},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

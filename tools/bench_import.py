@@ -12,6 +12,7 @@ and the end-to-end import rate, on pybullet's random_urdfs objects (the `meshes`
 
     python tools/bench_import.py --objects 100 --json bench_import.json
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,12 @@ def _holed(vertices: np.ndarray, faces: np.ndarray, rng: np.random.Generator, si
 @click.option("--objects", default=100, show_default=True, help="pybullet random_urdfs objects to use.")
 @click.option("--grid", default=48, show_default=True)
 @click.option("--hole", default=0.1, show_default=True, help="Hole radius as a share of the object's extent.")
-@click.option("--workers", default=len(os.sched_getaffinity(0)), show_default=True,
-              help="Processes for the end-to-end import (c).")
+@click.option(
+    "--workers",
+    default=len(os.sched_getaffinity(0)),
+    show_default=True,
+    help="Processes for the end-to-end import (c).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the figures here.")
 def main(objects: int, grid: int, hole: float, workers: int, seed: int, json_path: Path | None) -> None:
@@ -63,7 +68,7 @@ def main(objects: int, grid: int, hole: float, workers: int, seed: int, json_pat
                 continue  # e.g. random_168, an empty mesh
             if is_closed(mesh):
                 meshes.append(mesh)
-        times = {m: 0.0 for m in METHODS}
+        times = dict.fromkeys(METHODS, 0.0)
         accuracy = {m: {"sign": [], "inside": [], "error": []} for m in METHODS}
         for mesh in meshes:
             vertices, faces = _normalised(mesh)
@@ -82,28 +87,48 @@ def main(objects: int, grid: int, hole: float, workers: int, seed: int, json_pat
                 accuracy[method]["error"].append(np.mean(np.abs(sdf - truth)))
         end_to_end = {}
         for k in sorted({1, workers}):  # (c)
-            summary = import_meshes(raw, Path(tmp) / f"out{k}", ImportOptions(grid=grid, label="synth", skip_bad=True),
-                                    workers=k, progress=False)
-            end_to_end[k] = {"scenes_per_s": summary["scenes_per_s"], "per_core": summary["scenes_per_s"] / k,
-                             "imported": summary["imported"], "refused": summary["refused"]}
+            summary = import_meshes(
+                raw,
+                Path(tmp) / f"out{k}",
+                ImportOptions(grid=grid, label="synth", skip_bad=True),
+                workers=k,
+                progress=False,
+            )
+            end_to_end[k] = {
+                "scenes_per_s": summary["scenes_per_s"],
+                "per_core": summary["scenes_per_s"] / k,
+                "imported": summary["imported"],
+                "refused": summary["refused"],
+            }
 
     n = len(meshes)
-    result = {"objects": objects, "closed_meshes": n, "grid": grid, "hole": hole,
-              "sdf_s_per_scene": {m: t / n for m, t in times.items()},
-              "sdf_scenes_per_s_per_core": {m: n / t for m, t in times.items()},
-              "holed": {m: {k: float(np.mean(v)) for k, v in a.items()} for m, a in accuracy.items()},
-              "import": end_to_end}
+    result = {
+        "objects": objects,
+        "closed_meshes": n,
+        "grid": grid,
+        "hole": hole,
+        "sdf_s_per_scene": {m: t / n for m, t in times.items()},
+        "sdf_scenes_per_s_per_core": {m: n / t for m, t in times.items()},
+        "holed": {m: {k: float(np.mean(v)) for k, v in a.items()} for m, a in accuracy.items()},
+        "import": end_to_end,
+    }
     click.echo(f"bench_import: {n} closed pybullet random_urdfs meshes, grid {grid}^3")
     click.echo(f"  holed meshes: a hole of {hole:.0%} of the extent, compared with mesh2sdf on the intact mesh")
-    click.echo(f"  {'method':<10} {'s/scene':>8} {'scenes/s/core':>14} {'holed: right sign':>18} {'inside found':>13} "
-               f"{'mean |err|':>11}")
+    click.echo(
+        f"  {'method':<10} {'s/scene':>8} {'scenes/s/core':>14} {'holed: right sign':>18} {'inside found':>13} "
+        f"{'mean |err|':>11}"
+    )
     for m in METHODS:
         h = result["holed"][m]
-        click.echo(f"  {m:<10} {result['sdf_s_per_scene'][m]:>8.3f} {result['sdf_scenes_per_s_per_core'][m]:>14.2f} "
-                   f"{h['sign']:>18.4f} {h['inside']:>13.4f} {h['error']:>11.4f}")
+        click.echo(
+            f"  {m:<10} {result['sdf_s_per_scene'][m]:>8.3f} {result['sdf_scenes_per_s_per_core'][m]:>14.2f} "
+            f"{h['sign']:>18.4f} {h['inside']:>13.4f} {h['error']:>11.4f}"
+        )
     for k, r in end_to_end.items():
-        click.echo(f"  import_meshes --label synth, {k} worker(s): {r['scenes_per_s']:.2f} scenes/s "
-                   f"({r['per_core']:.2f} per core), {r['imported']} imported, refused {r['refused'] or 'none'}")
+        click.echo(
+            f"  import_meshes --label synth, {k} worker(s): {r['scenes_per_s']:.2f} scenes/s "
+            f"({r['per_core']:.2f} per core), {r['imported']} imported, refused {r['refused'] or 'none'}"
+        )
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 

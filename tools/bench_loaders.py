@@ -7,6 +7,7 @@ The seed baselines are re-created from its README: a DataLoader over per-sample 
 files ("traditional"), and a DataLoader over an in-memory per-sample dataset with the default collate
 ("GPU-cached"; its start-up loads every scene.npz into memory, as the seed does).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ class SeedNpzDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         s, g = self.index[i]
         with np.load(self.paths[s]) as z:
-            return {"sdf": torch.from_numpy(z["sdf"]), "grasp": torch.from_numpy(z["grasps"][g]),
-                    "score": torch.tensor(z["scores"][g])}
+            return {
+                "sdf": torch.from_numpy(z["sdf"]),
+                "grasp": torch.from_numpy(z["grasps"][g]),
+                "score": torch.tensor(z["scores"][g]),
+            }
 
 
 class SeedMemoryDataset(Dataset):
@@ -85,8 +89,10 @@ def _time(make, to_device, count, device: torch.device, batches: int) -> dict:
     start = time.perf_counter()
     source = make()
     if len(source) < 1 + WARMUP + batches:
-        raise click.UsageError(f"an epoch has {len(source)} batches, fewer than the {1 + WARMUP + batches} timed; "
-                               "use a larger dataset or fewer --batches")
+        raise click.UsageError(
+            f"an epoch has {len(source)} batches, fewer than the {1 + WARMUP + batches} timed; "
+            "use a larger dataset or fewer --batches"
+        )
     it = iter(source)
     to_device(next(it))
     sync()
@@ -99,8 +105,13 @@ def _time(make, to_device, count, device: torch.device, batches: int) -> dict:
         samples += count(to_device(next(it)))
     sync()
     elapsed = time.perf_counter() - start
-    return {"source": source, "iterator": it, "first_batch_s": first, "batches_per_s": batches / elapsed,
-            "samples_per_s": samples / elapsed}
+    return {
+        "source": source,
+        "iterator": it,
+        "first_batch_s": first,
+        "batches_per_s": batches / elapsed,
+        "samples_per_s": samples / elapsed,
+    }
 
 
 def _seed_batch_to(device: torch.device):
@@ -116,8 +127,9 @@ def _bytes_read() -> int:
 def _split_file_bytes(shards_dir: Path, split: str) -> int:
     """Bytes of the split's shard files on disk (SDF and labels files, headers and padding included)."""
     reader = ShardReader(shards_dir)
-    return sum(reader.sdf_path(k).stat().st_size + reader.labels_path(k).stat().st_size
-               for k in reader.split_shards(split))
+    return sum(
+        reader.sdf_path(k).stat().st_size + reader.labels_path(k).stat().st_size for k in reader.split_shards(split)
+    )
 
 
 def _epoch_bytes(source, it, epochs: int = 4) -> dict:
@@ -138,9 +150,21 @@ def _epoch_bytes(source, it, epochs: int = 4) -> dict:
     return {"bytes_read_per_epoch": (marks[-1] - marks[0]) / epochs, "epochs_counted": epochs}
 
 
-def measure(loader: str, shards_dir: Path, paths: list[Path], split: str, s: int, g: int, device: str,
-            batches: int, workers: int, window: int | None, rank: int = 0, world_size: int = 1,
-            whole_epoch: bool = False) -> dict:
+def measure(
+    loader: str,
+    shards_dir: Path,
+    paths: list[Path],
+    split: str,
+    s: int,
+    g: int,
+    device: str,
+    batches: int,
+    workers: int,
+    window: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    whole_epoch: bool = False,
+) -> dict:
     """One row, timed in the calling process (main runs each row in a fresh one).
 
     `whole_epoch`: then read whole epochs and count the bytes read per epoch (`bytes_read_per_epoch`,
@@ -150,31 +174,69 @@ def measure(loader: str, shards_dir: Path, paths: list[Path], split: str, s: int
     dev = resolve_device(device)
     extra = {}
     if loader in ("cache", "dali"):
-        r = _time(lambda: open_loader(shards_dir, loader, split, s, g, seed=0, device=dev, rank=rank,
-                                      world_size=world_size, shuffle_window=window, progress=False),
-                  lambda b: b, lambda b: b.num_grasps, dev, batches)
+        r = _time(
+            lambda: open_loader(
+                shards_dir,
+                loader,
+                split,
+                s,
+                g,
+                seed=0,
+                device=dev,
+                rank=rank,
+                world_size=world_size,
+                shuffle_window=window,
+                progress=False,
+            ),
+            lambda b: b,
+            lambda b: b.num_grasps,
+            dev,
+            batches,
+        )
         source = r.pop("source")
         it = r.pop("iterator")
         if whole_epoch:
             extra = {**_epoch_bytes(source, it), "split_bytes": _split_file_bytes(shards_dir, split)}
         resident = source.resident_bytes
-        extra.update(load_s=getattr(source, "load_s", None), check_s=getattr(source, "check_s", None),
-                     rank=rank, world_size=world_size, shuffle_window=window or "all")
+        extra.update(
+            load_s=getattr(source, "load_s", None),
+            check_s=getattr(source, "check_s", None),
+            rank=rank,
+            world_size=world_size,
+            shuffle_window=window or "all",
+        )
         source.close()
     else:
         gen = torch.Generator().manual_seed(0)
         if loader == "seed-npz":
-            make = lambda: DataLoader(SeedNpzDataset(paths), batch_size=s, shuffle=True, generator=gen,  # noqa: E731
-                                      num_workers=workers)
+            make = lambda: DataLoader(
+                SeedNpzDataset(paths),
+                batch_size=s,
+                shuffle=True,
+                generator=gen,  # noqa: E731
+                num_workers=workers,
+            )
         else:
-            make = lambda: DataLoader(SeedMemoryDataset(paths, dev), batch_size=s, shuffle=True,  # noqa: E731
-                                      generator=gen, num_workers=0)
+            make = lambda: DataLoader(
+                SeedMemoryDataset(paths, dev),
+                batch_size=s,
+                shuffle=True,  # noqa: E731
+                generator=gen,
+                num_workers=0,
+            )
         r = _time(make, _seed_batch_to(dev), lambda b: len(b["score"]), dev, batches)
         source = r.pop("source")
         r.pop("iterator")
         resident = source.dataset.resident_bytes if loader == "seed-memory" else 0
-    return {"loader": loader, "device": str(dev), "scenes_per_batch": s, "grasps_per_scene": g,
-            "resident_bytes": resident, **r, **extra}
+    return {
+        "loader": loader,
+        "device": str(dev),
+        "scenes_per_batch": s,
+        "grasps_per_scene": g,
+        "resident_bytes": resident,
+        **r,
+        **extra,
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -183,55 +245,97 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def _summary(rows: list[dict]) -> list[str]:
     """The figures the streaming issue targets, each as a ratio measured in this run."""
-    pick = {(r["loader"], r["scenes_per_batch"], r["grasps_per_scene"], r.get("world_size", 1), r.get("rank", 0)): r
-            for r in rows}
+    pick = {
+        (r["loader"], r["scenes_per_batch"], r["grasps_per_scene"], r.get("world_size", 1), r.get("rank", 0)): r
+        for r in rows
+    }
     lines = []
     for s, g in CONFIGS:
         cache, dali = pick.get(("cache", s, g, 1, 0)), pick.get(("dali", s, g, 1, 0))
         if cache and dali:
-            lines.append(f"dali / cache samples/s at S={s} G={g}: {_ratio(dali['samples_per_s'], cache['samples_per_s'])} "
-                         "(target >= 0.8)")
+            lines.append(
+                f"dali / cache samples/s at S={s} G={g}: {_ratio(dali['samples_per_s'], cache['samples_per_s'])} "
+                "(target >= 0.8)"
+            )
     epoch = next((r for r in rows if "bytes_read_per_epoch" in r), None)
     if epoch:
         read = epoch["bytes_read_per_epoch"]
-        lines.append(f"dali bytes read per epoch / the split's shard files: {_ratio(read, epoch['split_bytes'])} "
-                     f"({read / 1e6:,.1f} MB of {epoch['split_bytes'] / 1e6:,.1f} MB, mean of "
-                     f"{epoch['epochs_counted']} epochs; target <= 1.05)")
+        lines.append(
+            f"dali bytes read per epoch / the split's shard files: {_ratio(read, epoch['split_bytes'])} "
+            f"({read / 1e6:,.1f} MB of {epoch['split_bytes'] / 1e6:,.1f} MB, mean of "
+            f"{epoch['epochs_counted']} epochs; target <= 1.05)"
+        )
     cache = pick.get(("cache", 8, 16, 1, 0))
     if cache and cache.get("load_s"):
-        lines.append(f"cache record checks: {cache['check_s']:.3f} s of CPU beside a {cache['load_s']:.3f} s load = "
-                     f"{_ratio(cache['check_s'], cache['load_s'])} (target <= 0.15)")
+        lines.append(
+            f"cache record checks: {cache['check_s']:.3f} s of CPU beside a {cache['load_s']:.3f} s load = "
+            f"{_ratio(cache['check_s'], cache['load_s'])} (target <= 0.15)"
+        )
     seed = pick.get(("seed-memory", SEED_BATCH, 1, 1, 0))
     if cache and seed:
-        lines.append(f"cache time to first batch (checks included) vs seed-memory start-up: "
-                     f"{_ratio(seed['first_batch_s'], cache['first_batch_s'])} x faster (target >= 5)")
+        lines.append(
+            f"cache time to first batch (checks included) vs seed-memory start-up: "
+            f"{_ratio(seed['first_batch_s'], cache['first_batch_s'])} x faster (target >= 5)"
+        )
     ranks = [r for r in rows if r.get("world_size", 1) > 1]
     if cache and ranks:
         worst = max(r["resident_bytes"] for r in ranks)
-        lines.append(f"cache resident per rank with {ranks[0]['world_size']} ranks / one rank: "
-                     f"{_ratio(worst, cache['resident_bytes'])} (largest rank; target <= 0.55)")
+        lines.append(
+            f"cache resident per rank with {ranks[0]['world_size']} ranks / one rank: "
+            f"{_ratio(worst, cache['resident_bytes'])} (largest rank; target <= 0.55)"
+        )
     return lines
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--shards", "shards_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--seed-scenes", type=click.Path(path_type=Path, file_okay=False),
-              help="The scene.npz directory the shards were built from (for the seed baselines).")
+@click.option(
+    "--seed-scenes",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The scene.npz directory the shards were built from (for the seed baselines).",
+)
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--batches", default=100, show_default=True, help="Steady-state batches timed per row.")
-@click.option("--repeat", default=1, show_default=True,
-              help="Time each row this many times, each in a fresh process, and keep the best (noisy machines).")
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    help="Time each row this many times, each in a fresh process, and keep the best (noisy machines).",
+)
 @click.option("--split", default="train", show_default=True)
-@click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True,
-              help="Shards per shuffle window, or 'all' (both loaders).")
-@click.option("--loaders", default="cache,dali", show_default=True,
-              help="Our loaders to time (comma-separated); 'cache' alone where DALI is not installed.")
-@click.option("--ranks", default=2, show_default=True,
-              help="Also time the cache as each rank of this many (its resident share); 1: skip.")
+@click.option(
+    "--shuffle-window",
+    default=str(DEFAULT_WINDOW),
+    show_default=True,
+    help="Shards per shuffle window, or 'all' (both loaders).",
+)
+@click.option(
+    "--loaders",
+    default="cache,dali",
+    show_default=True,
+    help="Our loaders to time (comma-separated); 'cache' alone where DALI is not installed.",
+)
+@click.option(
+    "--ranks",
+    default=2,
+    show_default=True,
+    help="Also time the cache as each rank of this many (its resident share); 1: skip.",
+)
 @click.option("--workers", default=os.cpu_count(), show_default=True, help="DataLoader workers of the seed's npz path.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows here as JSON.")
-def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, repeat: int, split: str,
-         shuffle_window: str, loaders: str, ranks: int, workers: int, json_path: Path | None) -> None:
+def main(
+    shards_dir: Path,
+    seed_scenes: Path | None,
+    device: str,
+    batches: int,
+    repeat: int,
+    split: str,
+    shuffle_window: str,
+    loaders: str,
+    ranks: int,
+    workers: int,
+    json_path: Path | None,
+) -> None:
     """Time cache and dali loaders at (S=128,G=1) and (S=8,G=16) against the seed's DataLoaders.
 
     Every row runs in a fresh process, so each time to first batch is a cold start of that loader
@@ -253,15 +357,19 @@ def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, 
     if "cache" in modes and 1 < ranks <= split_shards:
         plan += [dict(loader="cache", s=8, g=16, rank=r, world_size=ranks) for r in range(ranks)]
     elif ranks > split_shards:
-        click.echo(f"bench_loaders: no per-rank rows: split {split} has {split_shards} shard(s), fewer than --ranks {ranks}")
+        click.echo(
+            f"bench_loaders: no per-rank rows: split {split} has {split_shards} shard(s), fewer than --ranks {ranks}"
+        )
     paths: list[Path] = []
     if seed_scenes:
         reader = ShardReader(shards_dir)
         paths = [seed_scenes / n / "scene.npz" for n in reader.column("name", reader.split_scenes(split))]
         missing = [p for p in paths if not p.exists()]
         if missing:
-            raise click.UsageError(f"--seed-scenes {seed_scenes}: {missing[0]} is missing; point it at the "
-                                   "directory the shards were built from")
+            raise click.UsageError(
+                f"--seed-scenes {seed_scenes}: {missing[0]} is missing; point it at the "
+                "directory the shards were built from"
+            )
         plan += [dict(loader="seed-npz", s=SEED_BATCH, g=1), dict(loader="seed-memory", s=SEED_BATCH, g=1)]
     rows = []
     for row in plan:
@@ -269,27 +377,37 @@ def main(shards_dir: Path, seed_scenes: Path | None, device: str, batches: int, 
         tries = []
         for _ in range(repeat):  # each try a fresh process; the best of them is the row (a noisy VM only slows)
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                tries.append(pool.submit(measure, loader, shards_dir, paths, split, s, g, device, batches, workers,
-                                         window, **row).result())
+                tries.append(
+                    pool.submit(
+                        measure, loader, shards_dir, paths, split, s, g, device, batches, workers, window, **row
+                    ).result()
+                )
         best = max(tries, key=lambda r: r["samples_per_s"])
         rows.append({**best, "first_batch_s": min(r["first_batch_s"] for r in tries), "tries": len(tries)})
     dev = rows[0]["device"]
 
     base = {row["loader"]: row for row in rows if row["loader"].startswith("seed")}
-    click.echo(f"bench_loaders: {shards_dir} split {split}, device {dev}, shuffle window {shuffle_window}, "
-               f"{batches} steady-state batches per row, each row in a fresh process, best of {repeat}")
-    click.echo(f"  {'loader':<12} {'rank':>5} {'S':>4} {'G':>3} {'first batch':>12} {'batches/s':>10} {'samples/s':>10} "
-               f"{'resident':>10}  {'samples/s x seed-memory':>23} {'x seed-npz':>10} {'first batch x seed-memory':>25}")
+    click.echo(
+        f"bench_loaders: {shards_dir} split {split}, device {dev}, shuffle window {shuffle_window}, "
+        f"{batches} steady-state batches per row, each row in a fresh process, best of {repeat}"
+    )
+    click.echo(
+        f"  {'loader':<12} {'rank':>5} {'S':>4} {'G':>3} {'first batch':>12} {'batches/s':>10} {'samples/s':>10} "
+        f"{'resident':>10}  {'samples/s x seed-memory':>23} {'x seed-npz':>10} {'first batch x seed-memory':>25}"
+    )
     for row in rows:
-        ratio = {k: (f"{row['samples_per_s'] / base[k]['samples_per_s']:.1f}" if k in base else "-")
-                 for k in ("seed-memory", "seed-npz")}
-        first = (f"{base['seed-memory']['first_batch_s'] / row['first_batch_s']:.1f}" if "seed-memory" in base
-                 else "-")
+        ratio = {
+            k: (f"{row['samples_per_s'] / base[k]['samples_per_s']:.1f}" if k in base else "-")
+            for k in ("seed-memory", "seed-npz")
+        }
+        first = f"{base['seed-memory']['first_batch_s'] / row['first_batch_s']:.1f}" if "seed-memory" in base else "-"
         rank = f"{row['rank']}/{row['world_size']}" if row.get("world_size", 1) > 1 else "-"
-        click.echo(f"  {row['loader']:<12} {rank:>5} {row['scenes_per_batch']:>4} {row['grasps_per_scene']:>3} "
-                   f"{row['first_batch_s']:>10.3f} s {row['batches_per_s']:>10.1f} {row['samples_per_s']:>10,.0f} "
-                   f"{row['resident_bytes'] / 1e6:>8.1f}MB  {ratio['seed-memory']:>23} {ratio['seed-npz']:>10} "
-                   f"{first:>25}")
+        click.echo(
+            f"  {row['loader']:<12} {rank:>5} {row['scenes_per_batch']:>4} {row['grasps_per_scene']:>3} "
+            f"{row['first_batch_s']:>10.3f} s {row['batches_per_s']:>10.1f} {row['samples_per_s']:>10,.0f} "
+            f"{row['resident_bytes'] / 1e6:>8.1f}MB  {ratio['seed-memory']:>23} {ratio['seed-npz']:>10} "
+            f"{first:>25}"
+        )
     for line in _summary(rows):
         click.echo(f"  {line}")
     if json_path:

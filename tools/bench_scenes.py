@@ -28,27 +28,46 @@ TARGET_PER_WORKER = 20.0
 @click.option("--grid", type=int, default=48, show_default=True)
 @click.option("--grasps-per-scene", type=click.IntRange(min=1), default=480, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the result as JSON to this file.")
-def main(scenes: int, workers: int, grid: int, grasps_per_scene: int, seed: int,
-         json_path: Path | None) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the result as JSON to this file.",
+)
+def main(scenes: int, workers: int, grid: int, grasps_per_scene: int, seed: int, json_path: Path | None) -> None:
     """Time writing SCENES scenes with WORKERS processes into a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="bench_scenes.") as tmp:
-        summary = write_scenes(Path(tmp) / "scenes", scenes, grasps_per_scene=grasps_per_scene,
-                               grid=grid, seed=seed, workers=workers, progress=False)
+        summary = write_scenes(
+            Path(tmp) / "scenes",
+            scenes,
+            grasps_per_scene=grasps_per_scene,
+            grid=grid,
+            seed=seed,
+            workers=workers,
+            progress=False,
+        )
     per_worker = summary["scenes_per_s"] / summary["workers"]
     result = {
-        "scenes": scenes, "workers": summary["workers"], "grid": grid,
-        "grasps_per_scene": grasps_per_scene, "wall_s": summary["wall_s"],
-        "scenes_per_s": summary["scenes_per_s"], "scenes_per_s_per_worker": per_worker,
-        "target_per_worker": TARGET_PER_WORKER, "meets_target": per_worker >= TARGET_PER_WORKER,
+        "scenes": scenes,
+        "workers": summary["workers"],
+        "grid": grid,
+        "grasps_per_scene": grasps_per_scene,
+        "wall_s": summary["wall_s"],
+        "scenes_per_s": summary["scenes_per_s"],
+        "scenes_per_s_per_worker": per_worker,
+        "target_per_worker": TARGET_PER_WORKER,
+        "meets_target": per_worker >= TARGET_PER_WORKER,
         "seed_sized_minutes": SEED_SCENES / summary["scenes_per_s"] / 60,
-        "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
     }
-    click.echo(f"{scenes} scenes, grid {grid}, {grasps_per_scene} grasps, {result['workers']} "
-               f"worker(s): {summary['scenes_per_s']:.1f} scenes/s = {per_worker:.1f} scenes/s "
-               f"per worker (target {TARGET_PER_WORKER:.0f}); {SEED_SCENES} scenes would take "
-               f"{result['seed_sized_minutes']:.1f} min at this rate")
+    click.echo(
+        f"{scenes} scenes, grid {grid}, {grasps_per_scene} grasps, {result['workers']} "
+        f"worker(s): {summary['scenes_per_s']:.1f} scenes/s = {per_worker:.1f} scenes/s "
+        f"per worker (target {TARGET_PER_WORKER:.0f}); {SEED_SCENES} scenes would take "
+        f"{result['seed_sized_minutes']:.1f} min at this rate"
+    )
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 

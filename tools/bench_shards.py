@@ -9,6 +9,7 @@ input kind it measures
 (c) reading every SDF back: from the shards (one mmap per shard) vs from the scene.npz files.
 Each timing is the best of --repeat runs; inputs are in the page cache for all of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,15 @@ INPUT_KINDS = ("compressed", "uncompressed")
 def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, grasps: int, repeat: int) -> dict:
     """Figures (a)-(c) and the sizes for one kind of input scene files, made under `root`."""
     src, out = root / "scenes", root / "shards"
-    write_scenes(src, scenes, grasps_per_scene=grasps, grid=grid, workers=workers, progress=sys.stderr.isatty(),
-                 compress=compress)
+    write_scenes(
+        src,
+        scenes,
+        grasps_per_scene=grasps,
+        grid=grid,
+        workers=workers,
+        progress=sys.stderr.isatty(),
+        compress=compress,
+    )
     paths = sorted(src.glob("*/scene.npz"))
 
     def decode_floor() -> None:
@@ -81,12 +89,18 @@ def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, gra
     files = [p for p in out.iterdir() if p.is_file()]
     on_disk = sum(p.stat().st_blocks * 512 for p in files)
     apparent = sum(p.stat().st_size for p in files)
-    seed_bytes = grid ** 3 * 4 + grasps * 19 * 4 + grasps * 4
+    seed_bytes = grid**3 * 4 + grasps * 19 * 4 + grasps * 4
     result = {
-        "decode_floor_s": floor_s, "make_shards_s": make_s, "make_over_floor": make_s / floor_s,
-        "read_shards_s": read_shards_s, "read_npz_s": read_npz_s, "read_speedup": read_npz_s / read_shards_s,
-        "bytes_per_scene": on_disk / scenes, "apparent_bytes_per_scene": apparent / scenes,
-        "seed_bytes_per_scene": seed_bytes, "bytes_ratio": on_disk / scenes / seed_bytes,
+        "decode_floor_s": floor_s,
+        "make_shards_s": make_s,
+        "make_over_floor": make_s / floor_s,
+        "read_shards_s": read_shards_s,
+        "read_npz_s": read_npz_s,
+        "read_speedup": read_npz_s / read_shards_s,
+        "bytes_per_scene": on_disk / scenes,
+        "apparent_bytes_per_scene": apparent / scenes,
+        "seed_bytes_per_scene": seed_bytes,
+        "bytes_ratio": on_disk / scenes / seed_bytes,
         "input_bytes_per_scene": sum(p.stat().st_size for p in paths) / scenes,
         "sdf_dtype": ShardReader(out).layout.dtype,
     }
@@ -116,18 +130,36 @@ def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_pa
     for kind in INPUT_KINDS:
         r = result[kind]
         rows = [
-            ("(a) decode floor: np.load, K workers", f"{r['decode_floor_s']:.3f} s",
-             f"{scenes / r['decode_floor_s']:,.0f} scenes/s", ""),
-            ("(b) make_shards end to end", f"{r['make_shards_s']:.3f} s",
-             f"{scenes / r['make_shards_s']:,.0f} scenes/s",
-             f"{r['make_over_floor']:.2f} x floor (target <= 1.5)"),
-            ("(c) read all SDFs from shards", f"{r['read_shards_s']:.3f} s",
-             f"{scenes / r['read_shards_s']:,.0f} scenes/s",
-             f"{r['read_speedup']:.1f} x faster than npz (target >= 20)"),
-            ("    read all SDFs from scene.npz", f"{r['read_npz_s']:.3f} s",
-             f"{scenes / r['read_npz_s']:,.0f} scenes/s", ""),
-            ("bytes per scene on disk (float16)", f"{r['bytes_per_scene']:,.0f}", f"seed {r['seed_bytes_per_scene']:,}",
-             f"{r['bytes_ratio']:.3f} x seed (target <= 0.55)"),
+            (
+                "(a) decode floor: np.load, K workers",
+                f"{r['decode_floor_s']:.3f} s",
+                f"{scenes / r['decode_floor_s']:,.0f} scenes/s",
+                "",
+            ),
+            (
+                "(b) make_shards end to end",
+                f"{r['make_shards_s']:.3f} s",
+                f"{scenes / r['make_shards_s']:,.0f} scenes/s",
+                f"{r['make_over_floor']:.2f} x floor (target <= 1.5)",
+            ),
+            (
+                "(c) read all SDFs from shards",
+                f"{r['read_shards_s']:.3f} s",
+                f"{scenes / r['read_shards_s']:,.0f} scenes/s",
+                f"{r['read_speedup']:.1f} x faster than npz (target >= 20)",
+            ),
+            (
+                "    read all SDFs from scene.npz",
+                f"{r['read_npz_s']:.3f} s",
+                f"{scenes / r['read_npz_s']:,.0f} scenes/s",
+                "",
+            ),
+            (
+                "bytes per scene on disk (float16)",
+                f"{r['bytes_per_scene']:,.0f}",
+                f"seed {r['seed_bytes_per_scene']:,}",
+                f"{r['bytes_ratio']:.3f} x seed (target <= 0.55)",
+            ),
             ("    scene.npz input bytes per scene", f"{r['input_bytes_per_scene']:,.0f}", "", ""),
         ]
         click.echo(f"  {kind} scene.npz inputs:")

@@ -10,6 +10,7 @@ time (validation excluded) at which its val MSE first reaches the target is repo
 study runs the real trainer once per window, same seed, steps and settings, and reports each final
 val MSE against the full shuffle's (`all`).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,27 @@ from train.loop import fit, train_step
 CONFIGS = [(128, 1), (8, 16)]
 
 
-def throughput(shards: Path, kind: str, mode: str, s: int, g: int, device: torch.device, steps: int, warmup: int,
-               base_channels: int | None, fc_dims: tuple[int, ...] | None, amp: str, channels_last: bool,
-               compile_model: bool, window: int | None) -> float:
+def throughput(
+    shards: Path,
+    kind: str,
+    mode: str,
+    s: int,
+    g: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    base_channels: int | None,
+    fc_dims: tuple[int, ...] | None,
+    amp: str,
+    channels_last: bool,
+    compile_model: bool,
+    window: int | None,
+) -> float:
     """Training samples/s over `steps` steps after `warmup` steps."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with open_loader(shards, mode, "train", s, g, seed=0, device=device, shuffle_window=window,
-                     progress=False) as loader:
+    with open_loader(
+        shards, mode, "train", s, g, seed=0, device=device, shuffle_window=window, progress=False
+    ) as loader:
         stats = loader.reader.manifest["score_stats"]
         torch.manual_seed(0)
         model = build_model(kind, loader.grid, base_channels, fc_dims).to(device)
@@ -45,8 +60,10 @@ def throughput(shards: Path, kind: str, mode: str, s: int, g: int, device: torch
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         if len(loader) < warmup + steps:
-            raise click.UsageError(f"{kind}/{mode} S={s} G={g}: an epoch has {len(loader)} batches, fewer than "
-                                   f"the {warmup + steps} needed; use a larger dataset or fewer --steps")
+            raise click.UsageError(
+                f"{kind}/{mode} S={s} G={g}: an epoch has {len(loader)} batches, fewer than "
+                f"the {warmup + steps} needed; use a larger dataset or fewer --steps"
+            )
         batches = iter(loader)
         samples = 0
         for i in range(warmup + steps):
@@ -60,37 +77,92 @@ def throughput(shards: Path, kind: str, mode: str, s: int, g: int, device: torch
         return samples / (time.perf_counter() - start)
 
 
-def time_to_quality(shards: Path, device: str, budget_s: float, val_every: int, base_channels: int | None,
-                    fc_dims: tuple[int, ...] | None, lr: float, window: str) -> dict:
+def time_to_quality(
+    shards: Path,
+    device: str,
+    budget_s: float,
+    val_every: int,
+    base_channels: int | None,
+    fc_dims: tuple[int, ...] | None,
+    lr: float,
+    window: str,
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        common = dict(shards=str(shards), device=device, base_channels=base_channels, fc_dims=fc_dims, lr=lr,
-                      max_time=budget_s, early_stopping=0, ckpt_every=10 ** 9, progress=False, shuffle_window=window)
-        g1 = fit(FitConfig(out=f"{tmp}/g1", scenes_per_batch=128, grasps_per_scene=1, val_every=10 ** 9, **common))
+        common = dict(
+            shards=str(shards),
+            device=device,
+            base_channels=base_channels,
+            fc_dims=fc_dims,
+            lr=lr,
+            max_time=budget_s,
+            early_stopping=0,
+            ckpt_every=10**9,
+            progress=False,
+            shuffle_window=window,
+        )
+        g1 = fit(FitConfig(out=f"{tmp}/g1", scenes_per_batch=128, grasps_per_scene=1, val_every=10**9, **common))
         target = g1["val_mse"]
         fit(FitConfig(out=f"{tmp}/g16", scenes_per_batch=8, grasps_per_scene=16, val_every=val_every, **common))
         rows = [json.loads(x) for x in Path(f"{tmp}/g16/metrics.jsonl").read_text().splitlines()]
         reached = [r for r in rows if "val_mse" in r and r["val_mse"] <= target]
-        return {"target_val_mse": target, "budget_s": budget_s, "g1_s": g1["train_time_s"], "g1_steps": g1["steps"],
-                "g16_s": reached[0]["time_s"] if reached else None,
-                "g16_steps": reached[0]["step"] if reached else None,
-                "g16_final_val_mse": [r for r in rows if "val_mse" in r][-1]["val_mse"]}
+        return {
+            "target_val_mse": target,
+            "budget_s": budget_s,
+            "g1_s": g1["train_time_s"],
+            "g1_steps": g1["steps"],
+            "g16_s": reached[0]["time_s"] if reached else None,
+            "g16_steps": reached[0]["step"] if reached else None,
+            "g16_final_val_mse": [r for r in rows if "val_mse" in r][-1]["val_mse"],
+        }
 
 
-def run_window_study(shards: Path, device: str, windows: list[str], seeds: list[int], steps: int, s: int, g: int,
-                     base_channels: int | None, fc_dims: tuple[int, ...] | None, lr: float) -> list[dict]:
+def run_window_study(
+    shards: Path,
+    device: str,
+    windows: list[str],
+    seeds: list[int],
+    steps: int,
+    s: int,
+    g: int,
+    base_channels: int | None,
+    fc_dims: tuple[int, ...] | None,
+    lr: float,
+) -> list[dict]:
     """Final val MSE after `steps` steps for each shuffle window and seed (the same settings otherwise);
     each run is compared with the full shuffle (`all`) of its own seed."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_window_") as tmp:
         for seed in seeds:
             for window in windows:
-                summary = fit(FitConfig(shards=str(shards), out=f"{tmp}/s{seed}w{window}", device=device, seed=seed,
-                                        base_channels=base_channels, fc_dims=fc_dims, lr=lr, max_steps=steps,
-                                        scenes_per_batch=s, grasps_per_scene=g, shuffle_window=window,
-                                        val_every=10 ** 9, early_stopping=0, ckpt_every=10 ** 9, progress=False))
-                rows.append({"seed": seed, "shuffle_window": window, "steps": summary["steps"],
-                             "val_mse": summary["val_mse"], "val_spearman": summary.get("val_spearman"),
-                             "train_time_s": summary["train_time_s"]})
+                summary = fit(
+                    FitConfig(
+                        shards=str(shards),
+                        out=f"{tmp}/s{seed}w{window}",
+                        device=device,
+                        seed=seed,
+                        base_channels=base_channels,
+                        fc_dims=fc_dims,
+                        lr=lr,
+                        max_steps=steps,
+                        scenes_per_batch=s,
+                        grasps_per_scene=g,
+                        shuffle_window=window,
+                        val_every=10**9,
+                        early_stopping=0,
+                        ckpt_every=10**9,
+                        progress=False,
+                    )
+                )
+                rows.append(
+                    {
+                        "seed": seed,
+                        "shuffle_window": window,
+                        "steps": summary["steps"],
+                        "val_mse": summary["val_mse"],
+                        "val_spearman": summary.get("val_spearman"),
+                        "train_time_s": summary["train_time_s"],
+                    }
+                )
     for row in rows:
         full = next((r["val_mse"] for r in rows if r["seed"] == row["seed"] and r["shuffle_window"] == "all"), None)
         row["val_mse_vs_all"] = row["val_mse"] / full if full else None
@@ -115,16 +187,42 @@ def run_window_study(shards: Path, device: str, windows: list[str], seeds: list[
 @click.option("--lr", default=1e-3, show_default=True, help="Time-to-quality learning rate (both runs).")
 @click.option("--skip-quality", is_flag=True, help="Only the throughput rows.")
 @click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True, help="Shards per window, or 'all'.")
-@click.option("--window-study", default=None,
-              help="Instead of everything else: val MSE after --study-steps for these windows, e.g. 1,2,4,all.")
+@click.option(
+    "--window-study",
+    default=None,
+    help="Instead of everything else: val MSE after --study-steps for these windows, e.g. 1,2,4,all.",
+)
 @click.option("--study-steps", default=600, show_default=True, help="Window study: training steps per window.")
-@click.option("--study-seeds", default="0", show_default=True, help="Window study: seeds (comma-separated), one run "
-              "per window and seed, to see the run-to-run spread.")
+@click.option(
+    "--study-seeds",
+    default="0",
+    show_default=True,
+    help="Window study: seeds (comma-separated), one run per window and seed, to see the run-to-run spread.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
-def main(shards: Path, device: str, models: str, loaders: str, steps: int, large_steps: int, warmup: int,
-         base_channels: int | None, fc_dims: str | None, amp: str, channels_last: bool, compile_model: bool,
-         budget_s: float, val_every: int, lr: float, skip_quality: bool, shuffle_window: str, window_study: str | None,
-         study_steps: int, study_seeds: str, json_path: Path | None) -> None:
+def main(
+    shards: Path,
+    device: str,
+    models: str,
+    loaders: str,
+    steps: int,
+    large_steps: int,
+    warmup: int,
+    base_channels: int | None,
+    fc_dims: str | None,
+    amp: str,
+    channels_last: bool,
+    compile_model: bool,
+    budget_s: float,
+    val_every: int,
+    lr: float,
+    skip_quality: bool,
+    shuffle_window: str,
+    window_study: str | None,
+    study_steps: int,
+    study_seeds: str,
+    json_path: Path | None,
+) -> None:
     """Training samples/s (each model x loader x (S,G)) and time for G=16 to reach G=1's val MSE."""
     logging.basicConfig(level=logging.WARNING)
     dev = resolve_device(device)
@@ -144,43 +242,79 @@ def main(shards: Path, device: str, models: str, loaders: str, steps: int, large
         click.echo(f"  {'seed':>4} {'window':>8} {'val MSE':>9} {'x all':>7} {'Spearman':>9} {'train s':>8}")
         for r in rows:
             vs = f"{r['val_mse_vs_all']:.3f}" if r["val_mse_vs_all"] else "-"
-            click.echo(f"  {r['seed']:>4} {r['shuffle_window']:>8} {r['val_mse']:>9.4f} {vs:>7} "
-                       f"{r['val_spearman'] or 0:>9.4f} {r['train_time_s']:>8.1f}")
+            click.echo(
+                f"  {r['seed']:>4} {r['shuffle_window']:>8} {r['val_mse']:>9.4f} {vs:>7} "
+                f"{r['val_spearman'] or 0:>9.4f} {r['train_time_s']:>8.1f}"
+            )
         for window in windows:
             ratios = [r["val_mse_vs_all"] for r in rows if r["shuffle_window"] == window and r["val_mse_vs_all"]]
             if ratios and window != "all":
-                click.echo(f"  window {window}: val MSE / all's, mean over {len(ratios)} seed(s): "
-                           f"{sum(ratios) / len(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+                click.echo(
+                    f"  window {window}: val MSE / all's, mean over {len(ratios)} seed(s): "
+                    f"{sum(ratios) / len(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
+                )
         if json_path:
             json_path.write_text(json.dumps({"window_study": rows}, indent=2) + "\n")
         return
     rows = []
-    click.echo(f"bench_train: {shards}, device {dev}, amp {amp}, channels_last {channels_last}, compile {compile_model}")
+    click.echo(
+        f"bench_train: {shards}, device {dev}, amp {amp}, channels_last {channels_last}, compile {compile_model}"
+    )
     click.echo(f"  {'model':<6} {'loader':<6} {'S':>4} {'G':>3} {'samples/s':>10}")
     for kind in models.split(","):
         for mode in loaders.split(","):
             for s, g in CONFIGS:
-                rate = throughput(shards, kind, mode, s, g, dev, large_steps if kind == "large" else steps, warmup,
-                                  base_channels, dims, amp, channels_last, compile_model, window)
-                rows.append({"model": kind, "loader": mode, "device": str(dev), "scenes_per_batch": s,
-                             "grasps_per_scene": g, "samples_per_s": rate, "amp": amp,
-                             "channels_last": channels_last, "compile": compile_model,
-                             "shuffle_window": shuffle_window})
+                rate = throughput(
+                    shards,
+                    kind,
+                    mode,
+                    s,
+                    g,
+                    dev,
+                    large_steps if kind == "large" else steps,
+                    warmup,
+                    base_channels,
+                    dims,
+                    amp,
+                    channels_last,
+                    compile_model,
+                    window,
+                )
+                rows.append(
+                    {
+                        "model": kind,
+                        "loader": mode,
+                        "device": str(dev),
+                        "scenes_per_batch": s,
+                        "grasps_per_scene": g,
+                        "samples_per_s": rate,
+                        "amp": amp,
+                        "channels_last": channels_last,
+                        "compile": compile_model,
+                        "shuffle_window": shuffle_window,
+                    }
+                )
                 click.echo(f"  {kind:<6} {mode:<6} {s:>4} {g:>3} {rate:>10,.0f}")
     for kind in models.split(","):
         for mode in loaders.split(","):
-            pick = {(r["scenes_per_batch"]): r["samples_per_s"] for r in rows if r["model"] == kind and r["loader"] == mode}
+            pick = {
+                (r["scenes_per_batch"]): r["samples_per_s"] for r in rows if r["model"] == kind and r["loader"] == mode
+            }
             click.echo(f"  {kind} / {mode}: G=16 trains {pick[8] / pick[128]:.1f} x the samples/s of G=1 (target >= 8)")
     result = {"throughput": rows}
     if not skip_quality:
         ttq = time_to_quality(shards, device, budget_s, val_every, base_channels, dims, lr, shuffle_window)
         result["time_to_quality"] = ttq
         if ttq["g16_s"] is None:
-            click.echo(f"  time to quality: G=16 did not reach G=1's val MSE {ttq['target_val_mse']:.3f} "
-                       f"within {budget_s:.0f} s (its final: {ttq['g16_final_val_mse']:.3f})")
+            click.echo(
+                f"  time to quality: G=16 did not reach G=1's val MSE {ttq['target_val_mse']:.3f} "
+                f"within {budget_s:.0f} s (its final: {ttq['g16_final_val_mse']:.3f})"
+            )
         else:
-            click.echo(f"  time to quality: G=1 reached val MSE {ttq['target_val_mse']:.3f} in {ttq['g1_s']:.0f} s; "
-                       f"G=16 reached it in {ttq['g16_s']:.0f} s = {ttq['g16_s'] / ttq['g1_s']:.2f} x (target <= 0.33)")
+            click.echo(
+                f"  time to quality: G=1 reached val MSE {ttq['target_val_mse']:.3f} in {ttq['g1_s']:.0f} s; "
+                f"G=16 reached it in {ttq['g16_s']:.0f} s = {ttq['g16_s'] / ttq['g1_s']:.2f} x (target <= 0.33)"
+            )
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -8,6 +8,7 @@ Every step has an estimated cost; a step that would not fit in what is left of -
 saying so, and a running step is stopped when the budget runs out. OUTDIR gets each step's log and JSON,
 summary.json (every figure, the card, the versions) and summary.md (the same as tables).
 """
+
 from __future__ import annotations
 
 import configparser
@@ -56,16 +57,27 @@ class Sizes:
     model_args: tuple[str, ...] = ()
 
 
-FULL = Sizes(scenes=2000, grid=48, grasps=480, loader_batches=200, steps=50, large_steps=20, warmup=5,
-             compare_steps=300)
-QUICK = Sizes(scenes=40, grid=16, grasps=64, loader_batches=3, steps=2, large_steps=1, warmup=1, compare_steps=4,
-              model_args=("--base-channels", "2", "--fc-dims", "8"))
+FULL = Sizes(
+    scenes=2000, grid=48, grasps=480, loader_batches=200, steps=50, large_steps=20, warmup=5, compare_steps=300
+)
+QUICK = Sizes(
+    scenes=40,
+    grid=16,
+    grasps=64,
+    loader_batches=3,
+    steps=2,
+    large_steps=1,
+    warmup=1,
+    compare_steps=4,
+    model_args=("--base-channels", "2", "--fc-dims", "8"),
+)
 
 
 def _ours(name: str) -> bool:
     """Whether a top-level name in OUTDIR is one the check writes (summary, logs, data, runs, step JSONs)."""
-    return name in ("summary.md", "summary.json", "cuda_tests.xml", "logs", "data", "compare") or \
-        (name.startswith("bench_") and name.endswith(".json"))
+    return name in ("summary.md", "summary.json", "cuda_tests.xml", "logs", "data", "compare") or (
+        name.startswith("bench_") and name.endswith(".json")
+    )
 
 
 @dataclass
@@ -112,19 +124,26 @@ except Exception as err:
     out["dali"] = {"error": f"{type(err).__name__}: {err}"}
 print(json.dumps(out))
 """
-    res = subprocess.run([sys.executable, "-c", code, ",".join(required_modules())], capture_output=True, text=True,
-                         cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-c", code, ",".join(required_modules())], capture_output=True, text=True, cwd=REPO
+    )
     if res.returncode != 0:
-        raise click.ClickException(f"probing the environment with {sys.executable} failed: "
-                                   f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise click.ClickException(
+            f"probing the environment with {sys.executable} failed: "
+            f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
     env = json.loads(res.stdout)
     env["device"], env["cpu_count"], env["host"] = device, os.cpu_count(), platform.node()
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         env["nvidia_smi"] = smi.stdout.strip().splitlines() if smi.returncode == 0 else [smi.stderr.strip()]
-    git = shutil.which("git") and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                                 capture_output=True, text=True)
+    git = shutil.which("git") and subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     env["commit"] = git.stdout.strip() if git and git.returncode == 0 else None  # the device's copy has no .git
     return env
 
@@ -147,50 +166,186 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
     # so the CPU run trains in plain fp32.
     amp, fast = ("bf16", ["--channels-last"]) if cuda else ("off", [])
     fast_text = f"amp {amp}" + (", channels-last" if fast else "")
+
     def bench_loaders(modes: str) -> list[str]:
-        return [py, "tools/bench_loaders.py", "--shards", shards, *seed, "--device", device, "--loaders", modes,
-                "--batches", str(sizes.loader_batches), "--json", str(out / "bench_loaders.json")]
+        return [
+            py,
+            "tools/bench_loaders.py",
+            "--shards",
+            shards,
+            *seed,
+            "--device",
+            device,
+            "--loaders",
+            modes,
+            "--batches",
+            str(sizes.loader_batches),
+            "--json",
+            str(out / "bench_loaders.json"),
+        ]
+
     cache_rows = bench_loaders("cache")
     loaders_cmd = bench_loaders(loaders)
     loaders_what = f"loaders, whole iterations ({loaders}{'' if quick else ', the seed'}), fresh process per row"
-    train = [py, "tools/bench_train.py", "--shards", shards, "--device", device, "--steps", str(sizes.steps),
-             "--large-steps", str(sizes.large_steps), "--warmup", str(sizes.warmup), "--amp", amp, *fast,
-             "--skip-quality", *sizes.model_args]
+    train = [
+        py,
+        "tools/bench_train.py",
+        "--shards",
+        shards,
+        "--device",
+        device,
+        "--steps",
+        str(sizes.steps),
+        "--large-steps",
+        str(sizes.large_steps),
+        "--warmup",
+        str(sizes.warmup),
+        "--amp",
+        amp,
+        *fast,
+        "--skip-quality",
+        *sizes.model_args,
+    ]
 
     def train_both(loaders: str) -> list[str]:
         return [*train, "--models", "small,large", "--loaders", loaders, "--json", str(out / "bench_train.json")]
 
     return [
-        Step("make_scenes", f"{n} synthetic scenes at {sizes.grid}^3, {sizes.grasps} grasps, {workers} workers",
-             [py, "tools/make_scenes.py", "--scenes", str(n), "--out", scenes, "--grid", str(sizes.grid),
-              "--grasps-per-scene", str(sizes.grasps), "--workers", str(workers), "--overwrite"],
-             start + n * volume / (40 * workers)),
-        Step("make_shards", "build the shards", [py, "tools/make_shards.py", scenes, "--out", shards, "--grid",
-             str(sizes.grid), "--max-grasps", str(sizes.grasps), "--workers", str(workers), "--quiet"],
-             start + n * volume / (300 * min(workers, 8)), needs=("make_scenes",)),
-        Step("verify_shards", "verify every record", [py, "tools/verify_shards.py", shards],
-             start + n * volume / 1500, needs=("make_shards",)),
-        Step("cuda_tests", "tests/test_cuda.py (marked cuda)",
-             [py, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py",
-              "--junit-xml", str(out / "cuda_tests.xml")], 150.0 if cuda else 15.0),
-        Step("bench_loaders", loaders_what, loaders_cmd, loader_rows * (start + 2) + n * volume / 300,
-             needs=("verify_shards",), json="bench_loaders.json", fallback=cache_rows if dali else None),
-        Step("bench_train", f"training samples/s, both models, G=1 and G=16, {fast_text}", train_both(loaders),
-             start + train_rows * (3 + (sizes.steps + sizes.large_steps) * step_s), needs=("verify_shards",),
-             json="bench_train.json", fallback=train_both("cache") if dali else None),
-        Step("compare", f"train/run.py compare, {sizes.compare_steps} steps, {fast_text}",
-             [py, "train/run.py", "compare", "--shards", shards, "--out", str(out / "compare"), "--device", device,
-              "--max-steps", str(sizes.compare_steps), "--amp", amp, *fast, "--lr", "1e-3",
-              "--quiet", "--overwrite", *sizes.model_args],
-             2 * (start + 5 + sizes.compare_steps * step_s), needs=("verify_shards",), needs_dali=True,
-             json="compare/compare.json"),
+        Step(
+            "make_scenes",
+            f"{n} synthetic scenes at {sizes.grid}^3, {sizes.grasps} grasps, {workers} workers",
+            [
+                py,
+                "tools/make_scenes.py",
+                "--scenes",
+                str(n),
+                "--out",
+                scenes,
+                "--grid",
+                str(sizes.grid),
+                "--grasps-per-scene",
+                str(sizes.grasps),
+                "--workers",
+                str(workers),
+                "--overwrite",
+            ],
+            start + n * volume / (40 * workers),
+        ),
+        Step(
+            "make_shards",
+            "build the shards",
+            [
+                py,
+                "tools/make_shards.py",
+                scenes,
+                "--out",
+                shards,
+                "--grid",
+                str(sizes.grid),
+                "--max-grasps",
+                str(sizes.grasps),
+                "--workers",
+                str(workers),
+                "--quiet",
+            ],
+            start + n * volume / (300 * min(workers, 8)),
+            needs=("make_scenes",),
+        ),
+        Step(
+            "verify_shards",
+            "verify every record",
+            [py, "tools/verify_shards.py", shards],
+            start + n * volume / 1500,
+            needs=("make_shards",),
+        ),
+        Step(
+            "cuda_tests",
+            "tests/test_cuda.py (marked cuda)",
+            [
+                py,
+                "-m",
+                "pytest",
+                "-m",
+                "cuda",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_cuda.py",
+                "--junit-xml",
+                str(out / "cuda_tests.xml"),
+            ],
+            150.0 if cuda else 15.0,
+        ),
+        Step(
+            "bench_loaders",
+            loaders_what,
+            loaders_cmd,
+            loader_rows * (start + 2) + n * volume / 300,
+            needs=("verify_shards",),
+            json="bench_loaders.json",
+            fallback=cache_rows if dali else None,
+        ),
+        Step(
+            "bench_train",
+            f"training samples/s, both models, G=1 and G=16, {fast_text}",
+            train_both(loaders),
+            start + train_rows * (3 + (sizes.steps + sizes.large_steps) * step_s),
+            needs=("verify_shards",),
+            json="bench_train.json",
+            fallback=train_both("cache") if dali else None,
+        ),
+        Step(
+            "compare",
+            f"train/run.py compare, {sizes.compare_steps} steps, {fast_text}",
+            [
+                py,
+                "train/run.py",
+                "compare",
+                "--shards",
+                shards,
+                "--out",
+                str(out / "compare"),
+                "--device",
+                device,
+                "--max-steps",
+                str(sizes.compare_steps),
+                "--amp",
+                amp,
+                *fast,
+                "--lr",
+                "1e-3",
+                "--quiet",
+                "--overwrite",
+                *sizes.model_args,
+            ],
+            2 * (start + 5 + sizes.compare_steps * step_s),
+            needs=("verify_shards",),
+            needs_dali=True,
+            json="compare/compare.json",
+        ),
         # One step per model, the large (the targets' model) first: bench_train writes its JSON at the end,
         # so a step stopped by the budget keeps nothing, and compiling every row costs tens of seconds.
-        *(Step(f"bench_train_compile_{kind}", f"as bench_train for the {kind} model, with torch.compile (cache)",
-               [*train, "--models", kind, "--loaders", "cache", "--compile",
-                "--json", str(out / f"bench_train_compile_{kind}.json")],
-               start + 2 * (50.0 if cuda else 150.0), needs=("verify_shards",),
-               json=f"bench_train_compile_{kind}.json") for kind in ("large", "small")),
+        *(
+            Step(
+                f"bench_train_compile_{kind}",
+                f"as bench_train for the {kind} model, with torch.compile (cache)",
+                [
+                    *train,
+                    "--models",
+                    kind,
+                    "--loaders",
+                    "cache",
+                    "--compile",
+                    "--json",
+                    str(out / f"bench_train_compile_{kind}.json"),
+                ],
+                start + 2 * (50.0 if cuda else 150.0),
+                needs=("verify_shards",),
+                json=f"bench_train_compile_{kind}.json",
+            )
+            for kind in ("large", "small")
+        ),
     ]
 
 
@@ -228,8 +383,9 @@ def read_tests(xml_path: Path) -> list[dict]:
             node = case.find(tag)
             if node is not None:
                 outcome, reason = ("skipped" if tag == "skipped" else "failed"), (node.get("message") or "")[:200]
-        rows.append({"test": case.get("name"), "outcome": outcome, "reason": reason,
-                     "time_s": float(case.get("time", 0))})
+        rows.append(
+            {"test": case.get("name"), "outcome": outcome, "reason": reason, "time_s": float(case.get("time", 0))}
+        )
     return rows
 
 
@@ -244,32 +400,62 @@ def targets(figures: dict, train_scenes: int | None, judge: bool) -> list[dict]:
     out = []
 
     def add(name: str, goal: str, value: float | None, text: str, met: Callable[[float], bool]) -> None:
-        out.append({"target": name, "goal": goal, "measured": text if value is not None else "not measured",
-                    "value": value, "met": None if value is None or not judge else bool(met(value))})
+        out.append(
+            {
+                "target": name,
+                "goal": goal,
+                "measured": text if value is not None else "not measured",
+                "value": value,
+                "met": None if value is None or not judge else bool(met(value)),
+            }
+        )
 
     cache = _pick(loaders, loader="cache", scenes_per_batch=8, grasps_per_scene=16)
     rate = cache["samples_per_s"] if cache else None
-    add("cache S=8 G=16 batches delivered", ">= 1,000,000 samples/s", rate, f"{rate:,.0f} samples/s" if rate else "",
-        lambda v: v >= 1e6)
+    add(
+        "cache S=8 G=16 batches delivered",
+        ">= 1,000,000 samples/s",
+        rate,
+        f"{rate:,.0f} samples/s" if rate else "",
+        lambda v: v >= 1e6,
+    )
     g16 = _pick(train, model="large", loader="cache", grasps_per_scene=16)
     g1 = _pick(train, model="large", loader="cache", grasps_per_scene=1)
     v16 = g16["samples_per_s"] if g16 else None
     amp = f" (amp {g16['amp']})" if g16 else ""
-    add("GQEstimatorLarge bf16 G=16 training", ">= 100,000 samples/s", v16, f"{v16:,.0f} samples/s{amp}" if v16 else "",
-        lambda v: v >= 1e5)
+    add(
+        "GQEstimatorLarge bf16 G=16 training",
+        ">= 100,000 samples/s",
+        v16,
+        f"{v16:,.0f} samples/s{amp}" if v16 else "",
+        lambda v: v >= 1e5,
+    )
     ratio = v16 / g1["samples_per_s"] if g16 and g1 else None
-    add("GQEstimatorLarge bf16 G=16 / G=1", ">= 10 x", ratio, f"{ratio:.1f} x{amp}" if ratio else "",
-        lambda v: v >= 10)
+    add("GQEstimatorLarge bf16 G=16 / G=1", ">= 10 x", ratio, f"{ratio:.1f} x{amp}" if ratio else "", lambda v: v >= 10)
     startup = cache["first_batch_s"] * SEED_SCENES / train_scenes if cache and train_scenes else None
-    add(f"cache start-up for the seed's {SEED_SCENES:,} scenes", "<= 5 s", startup,
+    add(
+        f"cache start-up for the seed's {SEED_SCENES:,} scenes",
+        "<= 5 s",
+        startup,
         f"{startup:.2f} s (first batch {cache['first_batch_s']:.2f} s for {train_scenes:,} train scenes, scaled "
-        "linearly)" if startup else "", lambda v: v <= 5)
+        "linearly)"
+        if startup
+        else "",
+        lambda v: v <= 5,
+    )
     for s, g in ((8, 16), (128, 1)):
-        c, d = _pick(loaders, loader="cache", scenes_per_batch=s, grasps_per_scene=g), \
-            _pick(loaders, loader="dali", scenes_per_batch=s, grasps_per_scene=g)
+        c, d = (
+            _pick(loaders, loader="cache", scenes_per_batch=s, grasps_per_scene=g),
+            _pick(loaders, loader="dali", scenes_per_batch=s, grasps_per_scene=g),
+        )
         slow = c["samples_per_s"] / d["samples_per_s"] if c and d else None
-        add(f"dali steady state S={s} G={g}", "within 1.5 x of cache", slow,
-            f"cache / dali = {slow:.2f} x" if slow else "", lambda v: v <= 1.5)
+        add(
+            f"dali steady state S={s} G={g}",
+            "within 1.5 x of cache",
+            slow,
+            f"cache / dali = {slow:.2f} x" if slow else "",
+            lambda v: v <= 1.5,
+        )
     return out
 
 
@@ -281,58 +467,101 @@ def render_markdown(summary: dict) -> str:
     """summary.md: what ran where, each step, then every figure as tables."""
     env, fig = summary["environment"], summary["figures"]
     dali = env.get("dali", {})
-    dali_text = (f"DALI {dali['version']} ({dali['cuda_devices']} CUDA devices)" if "version" in dali
-                 else f"no DALI ({dali.get('error', '?')})")
+    dali_text = (
+        f"DALI {dali['version']} ({dali['cuda_devices']} CUDA devices)"
+        if "version" in dali
+        else f"no DALI ({dali.get('error', '?')})"
+    )
     card = env.get("card") or "no GPU (CPU run)"
-    lines = [f"# GPU check: {card}", "",
-             f"device {env['device']}, torch {env['versions'].get('torch')} (CUDA {env.get('torch_cuda')}), "
-             f"{dali_text}, Python {env['python']}, {env['cpu_count']} CPU cores"
-             + (f", nvidia-smi: {'; '.join(env['nvidia_smi'])}" if env.get("nvidia_smi") else "")
-             + (f", commit {env['commit']}" if env.get("commit") else ""),
-             f"DALI wheels: {summary['dali_install']}", "",
-             f"{summary['sizes']['scenes']:,} scenes at {summary['sizes']['grid']}^3 with {summary['sizes']['grasps']} "
-             f"grasps; budget {summary['budget_s']:.0f} s, used {summary['elapsed_s']:.0f} s.", "",
-             "## Steps", "", "| step | what | status | estimate | time | note |",
-             "| --- | --- | --- | ---: | ---: | --- |"]
+    lines = [
+        f"# GPU check: {card}",
+        "",
+        f"device {env['device']}, torch {env['versions'].get('torch')} (CUDA {env.get('torch_cuda')}), "
+        f"{dali_text}, Python {env['python']}, {env['cpu_count']} CPU cores"
+        + (f", nvidia-smi: {'; '.join(env['nvidia_smi'])}" if env.get("nvidia_smi") else "")
+        + (f", commit {env['commit']}" if env.get("commit") else ""),
+        f"DALI wheels: {summary['dali_install']}",
+        "",
+        f"{summary['sizes']['scenes']:,} scenes at {summary['sizes']['grid']}^3 with {summary['sizes']['grasps']} "
+        f"grasps; budget {summary['budget_s']:.0f} s, used {summary['elapsed_s']:.0f} s.",
+        "",
+        "## Steps",
+        "",
+        "| step | what | status | estimate | time | note |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
     for s in summary["steps"]:
-        lines.append(f"| {s['name']} | {s['what']} | {s['status']} | {s['estimate_s']:.0f} s | "
-                     f"{_fmt(s.get('elapsed_s'), '.1f')} s | {s['reason'].replace('|', '/')} |")
+        lines.append(
+            f"| {s['name']} | {s['what']} | {s['status']} | {s['estimate_s']:.0f} s | "
+            f"{_fmt(s.get('elapsed_s'), '.1f')} s | {s['reason'].replace('|', '/')} |"
+        )
     if fig.get("cuda_tests"):
         lines += ["", "## CUDA tests", "", "| test | outcome | time | reason |", "| --- | --- | ---: | --- |"]
-        lines += [f"| {t['test']} | {t['outcome']} | {t['time_s']:.1f} s | {t['reason'].replace('|', '/')} |"
-                  for t in fig["cuda_tests"]]
+        lines += [
+            f"| {t['test']} | {t['outcome']} | {t['time_s']:.1f} s | {t['reason'].replace('|', '/')} |"
+            for t in fig["cuda_tests"]
+        ]
     if fig.get("bench_loaders"):
-        lines += ["", "## Loaders (tools/bench_loaders.py: whole iterations, each row a fresh process)", "",
-                  "| loader | S | G | first batch | batches/s | samples/s | resident |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['loader']} | {r['scenes_per_batch']} | {r['grasps_per_scene']} | {r['first_batch_s']:.3f} s | "
-                  f"{r['batches_per_s']:,.1f} | {r['samples_per_s']:,.0f} | {r['resident_bytes'] / 1e6:,.0f} MB |"
-                  for r in fig["bench_loaders"]]
-    rows = [r for key in ("bench_train", "bench_train_compile_large", "bench_train_compile_small")
-            for r in (fig.get(key) or {}).get("throughput", [])]
+        lines += [
+            "",
+            "## Loaders (tools/bench_loaders.py: whole iterations, each row a fresh process)",
+            "",
+            "| loader | S | G | first batch | batches/s | samples/s | resident |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['loader']} | {r['scenes_per_batch']} | {r['grasps_per_scene']} | {r['first_batch_s']:.3f} s | "
+            f"{r['batches_per_s']:,.1f} | {r['samples_per_s']:,.0f} | {r['resident_bytes'] / 1e6:,.0f} MB |"
+            for r in fig["bench_loaders"]
+        ]
+    rows = [
+        r
+        for key in ("bench_train", "bench_train_compile_large", "bench_train_compile_small")
+        for r in (fig.get(key) or {}).get("throughput", [])
+    ]
     if rows:
-        lines += ["", "## Training (tools/bench_train.py: whole steps)", "",
-                  "| model | loader | amp | compile | S | G | samples/s | G=16 / G=1 |",
-                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "## Training (tools/bench_train.py: whole steps)",
+            "",
+            "| model | loader | amp | compile | S | G | samples/s | G=16 / G=1 |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for r in rows:
             g1 = _pick(rows, model=r["model"], loader=r["loader"], compile=r["compile"], grasps_per_scene=1)
             ratio = f"{r['samples_per_s'] / g1['samples_per_s']:.1f} x" if r["grasps_per_scene"] == 16 and g1 else ""
-            lines.append(f"| {r['model']} | {r['loader']} | {r['amp']} | {'yes' if r['compile'] else 'no'} | "
-                         f"{r['scenes_per_batch']} | "
-                         f"{r['grasps_per_scene']} | {r['samples_per_s']:,.0f} | {ratio} |")
+            lines.append(
+                f"| {r['model']} | {r['loader']} | {r['amp']} | {'yes' if r['compile'] else 'no'} | "
+                f"{r['scenes_per_batch']} | "
+                f"{r['grasps_per_scene']} | {r['samples_per_s']:,.0f} | {ratio} |"
+            )
     if fig.get("compare"):
         c = fig["compare"]
-        lines += ["", "## compare (train/run.py compare)", "",
-                  "| loader | steps | first batch | samples/s | data wait | peak memory | val MSE |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {name} | {r['steps']} | {r['first_batch_s']:.2f} s | {_fmt(r['samples_per_s'])} | "
-                  f"{r['data_wait']:.1%} | {r['peak_memory_bytes'] / 1e9:.2f} GB | {r['val_mse']:.4f} |"
-                  for name, r in c["runs"].items()]
+        lines += [
+            "",
+            "## compare (train/run.py compare)",
+            "",
+            "| loader | steps | first batch | samples/s | data wait | peak memory | val MSE |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {name} | {r['steps']} | {r['first_batch_s']:.2f} s | {_fmt(r['samples_per_s'])} | "
+            f"{r['data_wait']:.1%} | {r['peak_memory_bytes'] / 1e9:.2f} GB | {r['val_mse']:.4f} |"
+            for name, r in c["runs"].items()
+        ]
         lines.append(f"\nloss curves identical: {c['loss_curves_identical']}")
-    lines += ["", "## Targets (set for one H100; judged on CUDA runs only)", "", "| target | goal | measured | met |",
-              "| --- | --- | --- | --- |"]
-    lines += [f"| {t['target']} | {t['goal']} | {t['measured']} | "
-              f"{'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |" for t in summary["targets"]]
+    lines += [
+        "",
+        "## Targets (set for one H100; judged on CUDA runs only)",
+        "",
+        "| target | goal | measured | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {t['target']} | {t['goal']} | {t['measured']} | "
+        f"{'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |"
+        for t in summary["targets"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -340,48 +569,74 @@ def render_markdown(summary: dict) -> str:
 @click.argument("outdir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes (40 scenes at 16^3, tiny models): the CI run of the check.")
-@click.option("--budget-s", type=float, default=540.0, show_default=True,
-              help="Wall-clock budget for the whole check, from the start of tools/gpu_check.sh.")
+@click.option(
+    "--budget-s",
+    type=float,
+    default=540.0,
+    show_default=True,
+    help="Wall-clock budget for the whole check, from the start of tools/gpu_check.sh.",
+)
 @click.option("--scenes", type=int, default=None, help="Scenes to generate [default: 2000, or 40 with --quick].")
 @click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="Processes for data making.")
-@click.option("--keep-data", is_flag=True,
-              help="Keep OUTDIR/data (scenes and shards) and the compare runs' checkpoints afterwards.")
+@click.option(
+    "--keep-data",
+    is_flag=True,
+    help="Keep OUTDIR/data (scenes and shards) and the compare runs' checkpoints afterwards.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTDIR.")
 @click.option("--dali-install", default="not attempted (run through tools/gpu_check.sh)", hidden=True)
 @click.option("--t0", type=float, default=None, hidden=True, help="Start time (epoch s) of tools/gpu_check.sh.")
-def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | None, workers: int, keep_data: bool,
-         overwrite: bool, dali_install: str, t0: float | None) -> None:
+def main(
+    outdir: Path,
+    device: str,
+    quick: bool,
+    budget_s: float,
+    scenes: int | None,
+    workers: int,
+    keep_data: bool,
+    overwrite: bool,
+    dali_install: str,
+    t0: float | None,
+) -> None:
     """Test and measure every CUDA path into OUTDIR (summary.md, summary.json, each step's JSON and log)."""
     t0 = t0 or time.time()
     outdir = outdir.resolve()  # the steps run from the repository root
     if budget_s <= 0 or (scenes is not None and scenes < 10) or workers < 1:
-        raise click.UsageError(f"--budget-s {budget_s} --scenes {scenes} --workers {workers}: need a budget > 0, "
-                               "at least 10 scenes and 1 worker")
+        raise click.UsageError(
+            f"--budget-s {budget_s} --scenes {scenes} --workers {workers}: need a budget > 0, "
+            "at least 10 scenes and 1 worker"
+        )
     if outdir.exists() and any(outdir.iterdir()):
         if not overwrite:
             raise click.UsageError(f"{outdir} exists and is not empty; pass --overwrite or choose another OUTDIR")
         # Remove only what an earlier check wrote: a folder holding anything else is not ours to empty.
         foreign = sorted(p.name for p in outdir.iterdir() if not _ours(p.name))
         if foreign:
-            raise click.UsageError(f"{outdir} holds {foreign[0]!r}, which the GPU check did not write; "
-                                   "choose another OUTDIR")
+            raise click.UsageError(
+                f"{outdir} holds {foreign[0]!r}, which the GPU check did not write; choose another OUTDIR"
+            )
         for p in outdir.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     env = probe_environment(device)
     if env["missing"]:
-        raise click.ClickException(f"{sys.executable} lacks {', '.join(env['missing'])}; install or stage them "
-                                   "(see the README's GPU section)")
+        raise click.ClickException(
+            f"{sys.executable} lacks {', '.join(env['missing'])}; install or stage them (see the README's GPU section)"
+        )
     if device == "cuda" and not env["cuda_available"]:
-        raise click.ClickException(f"--device cuda: torch {env['versions']['torch']} at {sys.executable} sees no "
-                                   "CUDA device; run with --device cpu, or on a machine with a GPU")
+        raise click.ClickException(
+            f"--device cuda: torch {env['versions']['torch']} at {sys.executable} sees no "
+            "CUDA device; run with --device cpu, or on a machine with a GPU"
+        )
     sizes = QUICK if quick else FULL
     if scenes:
         sizes = replace(sizes, scenes=scenes)
     dali = "version" in env["dali"] and (device == "cpu" or env["dali"]["cuda_devices"] > 0)
     (outdir / "logs").mkdir(parents=True, exist_ok=True)
     steps = plan_steps(outdir, device, sizes, quick, workers, dali)
-    click.echo(f"gpu_check: {env.get('card', 'CPU')} ({device}), {sizes.scenes} scenes, budget {budget_s:.0f} s, "
-               f"DALI {'yes' if dali else 'no: ' + env['dali'].get('error', 'no CUDA devices')}; logs in {outdir}/logs")
+    click.echo(
+        f"gpu_check: {env.get('card', 'CPU')} ({device}), {sizes.scenes} scenes, budget {budget_s:.0f} s, "
+        f"DALI {'yes' if dali else 'no: ' + env['dali'].get('error', 'no CUDA devices')}; logs in {outdir}/logs"
+    )
     done: dict[str, str] = {}
     for step in steps:
         elapsed = time.time() - t0
@@ -392,34 +647,58 @@ def main(outdir: Path, device: str, quick: bool, budget_s: float, scenes: int | 
         elif step.needs_dali and not dali:
             step.result = {"status": "skipped", "reason": "DALI is not importable here (or has no CUDA device)"}
         elif step.estimate_s > left:
-            step.result = {"status": "skipped", "reason": f"would need ~{step.estimate_s:.0f} s, {max(left, 0):.0f} s "
-                                                          "of the budget left"}
+            step.result = {
+                "status": "skipped",
+                "reason": f"would need ~{step.estimate_s:.0f} s, {max(left, 0):.0f} s of the budget left",
+            }
         else:
             step.result = run_step(step.cmd, outdir, step.name, left)
             left = budget_s - (time.time() - t0)
             if step.result["status"] == "failed" and step.fallback and left >= 1:
                 first = step.result
                 step.result = run_step(step.fallback, outdir, f"{step.name}_cache", left)
-                step.result["reason"] = (f"with dali: {first['reason']}; then cache rows alone: "
-                                         f"{step.result['status']} {step.result['reason']}".rstrip())
+                step.result["reason"] = (
+                    f"with dali: {first['reason']}; then cache rows alone: "
+                    f"{step.result['status']} {step.result['reason']}".rstrip()
+                )
                 step.result["status"] = "partial" if step.result["status"] == "passed" else step.result["status"]
                 step.result["elapsed_s"] = round(first["elapsed_s"] + step.result["elapsed_s"], 2)
         done[step.name] = step.result["status"]
-        click.echo(f"[{time.time() - t0:5.0f} s / {budget_s:.0f} s] {step.name}: {step.result['status']}"
-                   + (f" in {step.result['elapsed_s']:.1f} s" if "elapsed_s" in step.result else "")
-                   + (f" ({step.result['reason']})" if step.result["reason"] else ""))
+        click.echo(
+            f"[{time.time() - t0:5.0f} s / {budget_s:.0f} s] {step.name}: {step.result['status']}"
+            + (f" in {step.result['elapsed_s']:.1f} s" if "elapsed_s" in step.result else "")
+            + (f" ({step.result['reason']})" if step.result["reason"] else "")
+        )
 
-    figures = {s.name: json.loads((outdir / s.json).read_text()) for s in steps
-               if s.json and s.result["status"] in ("passed", "partial")}
+    figures = {
+        s.name: json.loads((outdir / s.json).read_text())
+        for s in steps
+        if s.json and s.result["status"] in ("passed", "partial")
+    }
     figures["cuda_tests"] = read_tests(outdir / "cuda_tests.xml")
     train_scenes = None
     if done.get("verify_shards") == "passed":
         train_scenes = len(ShardReader(outdir / "data" / "shards").split_scenes("train"))
-    summary = {"environment": env, "dali_install": dali_install, "sizes": sizes.__dict__, "budget_s": budget_s,
-               "elapsed_s": round(time.time() - t0, 1), "train_scenes": train_scenes,
-               "steps": [{"name": s.name, "what": s.what, "command": " ".join(s.cmd),
-                          "estimate_s": round(s.estimate_s, 1), **s.result} for s in steps],
-               "figures": figures, "targets": targets(figures, train_scenes, device == "cuda")}
+    summary = {
+        "environment": env,
+        "dali_install": dali_install,
+        "sizes": sizes.__dict__,
+        "budget_s": budget_s,
+        "elapsed_s": round(time.time() - t0, 1),
+        "train_scenes": train_scenes,
+        "steps": [
+            {
+                "name": s.name,
+                "what": s.what,
+                "command": " ".join(s.cmd),
+                "estimate_s": round(s.estimate_s, 1),
+                **s.result,
+            }
+            for s in steps
+        ],
+        "figures": figures,
+        "targets": targets(figures, train_scenes, device == "cuda"),
+    }
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (outdir / "summary.md").write_text(render_markdown(summary))
     if not keep_data:  # the dataset and the compare runs' checkpoints: large, and no figure is in them

@@ -6,6 +6,7 @@
 RAW/<scene>/mesh.obj (+ recording.npz) -> PROCESSED/<scene>/scene.npz with the seed's scale, translation,
 grid (mesh2sdf) and grasp transform; PROCESSED/mesh_max_extent.txt records the dataset's scale.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,31 +21,65 @@ from meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_sum
 @click.argument("raw", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Processed directory to write.")
 @click.option("--grid", default=48, show_default=True, help="SDF grid size per axis (a multiple of 16).")
-@click.option("--mesh-max-extent", type=float, default=None,
-              help="Length that maps to the cube's width 2 [default: the largest extent of RAW's meshes].")
-@click.option("--label", type=click.Choice(LABELS), default="recording", show_default=True,
-              help="recording: every scene needs recording.npz; synth: scenes without one get grasps "
-                   "sampled and scored by our hand model.")
+@click.option(
+    "--mesh-max-extent",
+    type=float,
+    default=None,
+    help="Length that maps to the cube's width 2 [default: the largest extent of RAW's meshes].",
+)
+@click.option(
+    "--label",
+    type=click.Choice(LABELS),
+    default="recording",
+    show_default=True,
+    help="recording: every scene needs recording.npz; synth: scenes without one get grasps "
+    "sampled and scored by our hand model.",
+)
 @click.option("--grasps-per-scene", default=480, show_default=True, help="Synthetic grasps per scene (--label synth).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic labels.")
-@click.option("--open-meshes", type=click.Choice(OPEN_MESH_MODES), default="refuse", show_default=True,
-              help="Meshes that are not closed: refuse them, sign them by libigl's generalised winding number, "
-                   "or repair them with mesh2sdf's fix=True.")
+@click.option(
+    "--open-meshes",
+    type=click.Choice(OPEN_MESH_MODES),
+    default="refuse",
+    show_default=True,
+    help="Meshes that are not closed: refuse them, sign them by libigl's generalised winding number, "
+    "or repair them with mesh2sdf's fix=True.",
+)
 @click.option("--workers", type=int, default=None, help="Processes [default: all CPUs].")
-@click.option("--skip-bad", is_flag=True,
-              help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping.")
+@click.option(
+    "--skip-bad", is_flag=True, help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an earlier import in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(raw: Path, out: Path, grid: int, mesh_max_extent: float | None, label: str, grasps_per_scene: int,
-         seed: int, open_meshes: str, workers: int | None, skip_bad: bool, overwrite: bool, quiet: bool) -> None:
+def main(
+    raw: Path,
+    out: Path,
+    grid: int,
+    mesh_max_extent: float | None,
+    label: str,
+    grasps_per_scene: int,
+    seed: int,
+    open_meshes: str,
+    workers: int | None,
+    skip_bad: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Convert RAW/<scene>/{mesh.obj, recording.npz} into --out/<scene>/scene.npz.
 
     Stops at the first bad scene (exit 2, nothing written) unless --skip-bad.
     """
     if workers is not None and workers < 1:
         raise click.BadParameter(f"{workers}: must be at least 1", param_hint="--workers")
-    opts = ImportOptions(grid=grid, mesh_max_extent=mesh_max_extent, label=label, grasps_per_scene=grasps_per_scene,
-                         seed=seed, open_meshes=open_meshes, skip_bad=skip_bad)
+    opts = ImportOptions(
+        grid=grid,
+        mesh_max_extent=mesh_max_extent,
+        label=label,
+        grasps_per_scene=grasps_per_scene,
+        seed=seed,
+        open_meshes=open_meshes,
+        skip_bad=skip_bad,
+    )
     try:
         summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)
     except (MeshError, ValueError) as err:

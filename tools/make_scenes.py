@@ -15,24 +15,50 @@ from synth import format_summary, write_scenes
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--scenes", type=int, required=True, help="Number of scenes (objects) to write.")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Output directory; gets one <scene>/scene.npz per scene.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output directory; gets one <scene>/scene.npz per scene.",
+)
 @click.option("--grasps-per-scene", type=int, default=480, show_default=True)
-@click.option("--grid", type=int, default=48, show_default=True,
-              help="SDF grid size per axis (a multiple of 16).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Dataset seed; scene i is the same for a given seed whatever --workers is.")
+@click.option("--grid", type=int, default=48, show_default=True, help="SDF grid size per axis (a multiple of 16).")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Dataset seed; scene i is the same for a given seed whatever --workers is.",
+)
 @click.option("--workers", type=int, default=None, help="Processes to use [default: all CPUs].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--uncompressed", is_flag=True,
-              help="Write np.savez files instead of the seed's zlib-compressed np.savez_compressed ones.")
-def main(scenes: int, out: Path, grasps_per_scene: int, grid: int, seed: int,
-         workers: int | None, overwrite: bool, uncompressed: bool) -> None:
+@click.option(
+    "--uncompressed",
+    is_flag=True,
+    help="Write np.savez files instead of the seed's zlib-compressed np.savez_compressed ones.",
+)
+def main(
+    scenes: int,
+    out: Path,
+    grasps_per_scene: int,
+    grid: int,
+    seed: int,
+    workers: int | None,
+    overwrite: bool,
+    uncompressed: bool,
+) -> None:
     """Write SCENES synthetic scenes (SDF grid, grasps, scores) to OUT."""
     try:
-        summary = write_scenes(out, scenes, grasps_per_scene=grasps_per_scene, grid=grid,
-                               seed=seed, workers=workers, overwrite=overwrite,
-                               compress=not uncompressed)
+        summary = write_scenes(
+            out,
+            scenes,
+            grasps_per_scene=grasps_per_scene,
+            grid=grid,
+            seed=seed,
+            workers=workers,
+            overwrite=overwrite,
+            compress=not uncompressed,
+        )
     except ValueError as exc:  # bad arguments or output directory: nothing was written
         click.echo(f"make_scenes: error: {exc} (see --help)", err=True)
         sys.exit(2)

@@ -6,6 +6,7 @@ run's counters, and the identity (fingerprint) of the dataset it was trained on.
 temporary file of its own and renamed, so a kill or a full disk never leaves half a file. Loading for
 evaluation also accepts the seed's plain state_dicts (predictions in raw score units).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,10 @@ def load_checkpoint(path: str | Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
     if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
-        raise CheckpointError(f"{path}: unreadable checkpoint: not a PyTorch checkpoint file (it begins {head!r}, "
-                              f"torch.save files are zip archives); give a .pt/.pth file written by torch.save")
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint: not a PyTorch checkpoint file (it begins {head!r}, "
+            f"torch.save files are zip archives); give a .pt/.pth file written by torch.save"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
@@ -56,12 +59,15 @@ def is_trainer_checkpoint(payload: dict) -> bool:
 def check_resumable(path: Path, payload: dict) -> None:
     """CheckpointError unless `payload` is a full checkpoint of this trainer (what `fit --resume` needs)."""
     if not is_trainer_checkpoint(payload):
-        raise CheckpointError(f"{path}: not a checkpoint of this trainer; start a new run (--init-from it, "
-                              f"or --overwrite)")
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this trainer; start a new run (--init-from it, or --overwrite)"
+        )
     if any(key not in payload for key in RESUME_KEYS):
-        raise CheckpointError(f"{path}: not a resumable checkpoint (weights only, like best.pt: no optimizer, "
-                              f"scheduler or loader state); put the run's own last.pt back, or start a new run "
-                              f"from these weights with --init-from {path} and another --out")
+        raise CheckpointError(
+            f"{path}: not a resumable checkpoint (weights only, like best.pt: no optimizer, "
+            f"scheduler or loader state); put the run's own last.pt back, or start a new run "
+            f"from these weights with --init-from {path} and another --out"
+        )
 
 
 def dataset_warning(source: str | Path, trained: dict | None, fingerprint: str) -> str | None:
@@ -73,8 +79,10 @@ def dataset_warning(source: str | Path, trained: dict | None, fingerprint: str) 
         return None
     old = trained.get("fingerprint")
     was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
-    return (f"warning: {source} was trained on {was}, not on --shards' dataset {fingerprint[:16]} "
-            f"(another dataset, or this one rebuilt since)")
+    return (
+        f"warning: {source} was trained on {was}, not on --shards' dataset {fingerprint[:16]} "
+        f"(another dataset, or this one rebuilt since)"
+    )
 
 
 def load_model(path: str | Path) -> tuple[GQEstimatorBase, dict | None]:

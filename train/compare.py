@@ -4,6 +4,7 @@ Each fit runs in its own process (so peak memory is its own) for the same number
 compare.json and compare.png hold time to first batch, steady-state samples/s, data-wait
 fraction, peak memory and both loss curves. With identical batches the curves coincide.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def _fit_in_child(options: dict) -> None:
     import sys
 
     from .loop import fit
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         fit(FitConfig.from_dict(options))
@@ -38,8 +40,9 @@ def compare(base: FitConfig, out: Path) -> dict:
         raise ConfigError(f"--out {out}: is a file, not a directory; choose a directory for the runs")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.exists() else []
     if foreign:
-        raise ConfigError(f"--out {out}: holds {foreign[0]!r}, which compare did not write; choose a new or empty "
-                          "directory")
+        raise ConfigError(
+            f"--out {out}: holds {foreign[0]!r}, which compare did not write; choose a new or empty directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     runs, table = {}, {}
     for loader in LOADERS:
@@ -51,28 +54,53 @@ def compare(base: FitConfig, out: Path) -> dict:
             raise RuntimeError(f"the {loader} run exited with code {child.exitcode}; see its message above")
         summary = json.loads((out / loader / "summary.json").read_text())
         runs[loader] = [r for r in RunDir(out / loader, writer=False).rows() if "train_mse" in r]
-        table[loader] = {k: summary[k] for k in ("first_batch_s", "samples_per_s", "data_wait", "peak_memory_bytes",
-                                                  "peak_memory_kind", "steps", "val_mse", "device")}
+        table[loader] = {
+            k: summary[k]
+            for k in (
+                "first_batch_s",
+                "samples_per_s",
+                "data_wait",
+                "peak_memory_bytes",
+                "peak_memory_kind",
+                "steps",
+                "val_mse",
+                "device",
+            )
+        }
     a, b = ([r["loss"] for r in runs[name]] for name in LOADERS)
     max_diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
     identical = len(a) == len(b) and max_diff == 0.0
-    result = {"runs": table, "loss_curves_identical": identical, "max_loss_difference": max_diff,
-              "settings": {k: v for k, v in base.to_dict().items() if k not in ("out", "loader")}}
+    result = {
+        "runs": table,
+        "loss_curves_identical": identical,
+        "max_loss_difference": max_diff,
+        "settings": {k: v for k, v in base.to_dict().items() if k not in ("out", "loader")},
+    }
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_compare(runs, table, out / "compare.png",
-                 f"S={base.scenes_per_batch} G={base.grasps_per_scene}, {table['cache']['steps']} steps, "
-                 f"{table['cache']['device']}: loss curves {'identical' if identical else 'DIFFER'}")
+    plot_compare(
+        runs,
+        table,
+        out / "compare.png",
+        f"S={base.scenes_per_batch} G={base.grasps_per_scene}, {table['cache']['steps']} steps, "
+        f"{table['cache']['device']}: loss curves {'identical' if identical else 'DIFFER'}",
+    )
     return result
 
 
 def format_table(result: dict) -> str:
     rows = result["runs"]
-    lines = [f"{'loader':<8} {'first batch':>12} {'samples/s':>11} {'data wait':>10} {'peak memory':>13} {'val MSE':>9}"]
+    lines = [
+        f"{'loader':<8} {'first batch':>12} {'samples/s':>11} {'data wait':>10} {'peak memory':>13} {'val MSE':>9}"
+    ]
     for name, r in rows.items():
-        lines.append(f"{name:<8} {r['first_batch_s']:>10.2f} s {r['samples_per_s']:>11,.0f} {r['data_wait']:>9.1%} "
-                     f"{r['peak_memory_bytes'] / 1e9:>10.2f} GB {r['val_mse']:>9.4f}")
-    verdict = ("loss curves identical step for step (both loaders gave the same batches)"
-               if result["loss_curves_identical"] else
-               f"loss curves DIFFER (max difference {result['max_loss_difference']:.3g}): the loaders did not give "
-               "identical batches")
+        lines.append(
+            f"{name:<8} {r['first_batch_s']:>10.2f} s {r['samples_per_s']:>11,.0f} {r['data_wait']:>9.1%} "
+            f"{r['peak_memory_bytes'] / 1e9:>10.2f} GB {r['val_mse']:>9.4f}"
+        )
+    verdict = (
+        "loss curves identical step for step (both loaders gave the same batches)"
+        if result["loss_curves_identical"]
+        else f"loss curves DIFFER (max difference {result['max_loss_difference']:.3g}): the loaders did not give "
+        "identical batches"
+    )
     return "\n".join(lines + [verdict])

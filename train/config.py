@@ -1,4 +1,5 @@
 """Every option of a training run, in one place; written to RUN_DIR/config.json."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,7 @@ from pipeline import DEFAULT_WINDOW, parse_window
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
-RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads",
-             "progress"}
+RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads", "progress"}
 # Compared by identity, not spelling: the dataset by its fingerprint, the run folder by being the one resumed.
 IDENTITIES = {"shards", "out"}
 
@@ -61,8 +61,11 @@ class FitConfig:
     def check(self) -> None:
         for flag, value in {"--lr": self.lr, "--weight-decay": self.weight_decay, "--max-time": self.max_time}.items():
             if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-                raise ConfigError(f"{flag} {value}: must be a finite number (leave --max-time out for no limit)"
-                                  if flag == "--max-time" else f"{flag} {value}: must be a finite number")
+                raise ConfigError(
+                    f"{flag} {value}: must be a finite number (leave --max-time out for no limit)"
+                    if flag == "--max-time"
+                    else f"{flag} {value}: must be a finite number"
+                )
         if self.loader not in ("cache", "dali"):
             raise ConfigError(f"--loader {self.loader}: choose cache or dali")
         if self.model not in (None, "small", "large"):
@@ -71,10 +74,18 @@ class FitConfig:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
-        positive = {"--scenes-per-batch": self.scenes_per_batch, "--grasps-per-scene": self.grasps_per_scene,
-                    "--epochs": self.epochs, "--log-every": self.log_every, "--ckpt-every": self.ckpt_every,
-                    "--val-scenes-per-batch": self.val_scenes_per_batch, "--max-steps": self.max_steps,
-                    "--val-every": self.val_every, "--base-channels": self.base_channels, "--threads": self.threads}
+        positive = {
+            "--scenes-per-batch": self.scenes_per_batch,
+            "--grasps-per-scene": self.grasps_per_scene,
+            "--epochs": self.epochs,
+            "--log-every": self.log_every,
+            "--ckpt-every": self.ckpt_every,
+            "--val-scenes-per-batch": self.val_scenes_per_batch,
+            "--max-steps": self.max_steps,
+            "--val-every": self.val_every,
+            "--base-channels": self.base_channels,
+            "--threads": self.threads,
+        }
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be at least 1")
@@ -102,14 +113,14 @@ class FitConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FitConfig":
+    def from_dict(cls, d: dict) -> FitConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if d.get("fc_dims") is not None:
             d["fc_dims"] = tuple(d["fc_dims"])
         return cls(**d)
 
-    def differences(self, other: "FitConfig") -> list[str]:
+    def differences(self, other: FitConfig) -> list[str]:
         """Options (other than RESUMABLE ones and IDENTITIES) whose values differ, as 'name: a != b'."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in RESUMABLE | IDENTITIES and a[k] != b[k]]

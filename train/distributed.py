@@ -2,6 +2,7 @@
 
 NCCL on GPUs, gloo on CPU. Multi-node is torchrun's rendezvous, not code of ours.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device_type: str) -> "Distributed":
+    def from_env(cls, device_type: str) -> Distributed:
         """Read torchrun's variables and join the process group when there is more than one rank."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:

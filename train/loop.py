@@ -4,6 +4,7 @@ Scores are standardised with the manifest's train statistics for the loss (Adam'
 suits the output layer); every reported metric is in score units. Batches come from
 `pipeline.open_loader`, so both loader modes drive the exact same loop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,16 +51,28 @@ def predict(model: torch.nn.Module, batch: Batch, amp: str, channels_last: bool,
         return model(sdf, batch.grasps, batch.scene_of_grasp).float()
 
 
-def train_step(net: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               mean: float, std: float, amp: str, channels_last: bool, zero_sdf: bool, step: int) -> float:
+def train_step(
+    net: torch.nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    mean: float,
+    std: float,
+    amp: str,
+    channels_last: bool,
+    zero_sdf: bool,
+    step: int,
+) -> float:
     """One optimisation step on standardised scores; returns the loss. `step` names it in errors."""
     pred = predict(net, batch, amp, channels_last, zero_sdf)
     loss = F.mse_loss(pred, (batch.scores - mean) / std)
     value = loss.item()  # the step's one device sync: checked here, logged by the caller
     if not math.isfinite(value):
         _check_inputs(batch, step)
-        raise TrainError(f"non-finite loss ({value}) at step {step}, batch of scenes "
-                         f"{batch.scene_ids.tolist()}; lower --lr, or try --amp off")
+        raise TrainError(
+            f"non-finite loss ({value}) at step {step}, batch of scenes "
+            f"{batch.scene_ids.tolist()}; lower --lr, or try --amp off"
+        )
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -74,8 +87,10 @@ def _check_inputs(batch: Batch, step: int) -> None:
     bad = {"SDF": batch.scene_ids[bad_sdf], "grasps or scores": batch.scene_ids[batch.scene_of_grasp[grasp_rows]]}
     found = [f"{what} of scenes {sorted(set(ids.tolist()))}" for what, ids in bad.items() if len(ids)]
     if found:
-        raise TrainError(f"non-finite loss at step {step}: non-finite input data ({'; '.join(found)} hold NaN or "
-                         f"inf); the dataset is damaged: check it with tools/verify_shards.py and rebuild it")
+        raise TrainError(
+            f"non-finite loss at step {step}: non-finite input data ({'; '.join(found)} hold NaN or "
+            f"inf); the dataset is damaged: check it with tools/verify_shards.py and rebuild it"
+        )
 
 
 def dataset_identity(manifest: dict) -> str:
@@ -83,8 +98,16 @@ def dataset_identity(manifest: dict) -> str:
     return manifest.get("fingerprint") or fingerprint(manifest)  # datasets made before fingerprints: computed
 
 
-def evaluate(model: torch.nn.Module, loader: Loader, mean: float, std: float, amp: str = "off",
-             channels_last: bool = False, zero_sdf: bool = False, prefix: str = "val_") -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Loader,
+    mean: float,
+    std: float,
+    amp: str = "off",
+    channels_last: bool = False,
+    zero_sdf: bool = False,
+    prefix: str = "val_",
+) -> dict[str, float]:
     """Metrics in score units over every grasp of the loader's split (whole scenes per group)."""
     was_training = model.training
     model.eval()
@@ -106,8 +129,9 @@ def _refold_output(model: GQEstimatorBase, scale: float, shift: float) -> None:
         last.bias.mul_(scale).add_(shift)
 
 
-def _build_model(cfg: FitConfig, grid: int, mean: float, std: float,
-                 init: tuple[GQEstimatorBase, dict | None] | None = None) -> GQEstimatorBase:
+def _build_model(
+    cfg: FitConfig, grid: int, mean: float, std: float, init: tuple[GQEstimatorBase, dict | None] | None = None
+) -> GQEstimatorBase:
     """A fresh model, or `init` = load_model(--init-from) (ours or the seed's), predicting standardised scores."""
     if not cfg.init_from:
         return build_model(cfg.model or "small", input_size=grid, base_channels=cfg.base_channels, fc_dims=cfg.fc_dims)
@@ -131,7 +155,7 @@ class _StopFlag:
         self.signal: int | None = None
         self._old = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -196,9 +220,11 @@ def _fit(cfg: FitConfig) -> dict:
         old = resumed.get("dataset", {}).get("fingerprint")
         if old != identity:
             was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
-            raise ConfigError(f"--resume: {last} was trained on {was}, but --shards {cfg.shards} is dataset "
-                              f"{identity[:16]} (rebuilt, or another one); resume on the run's own dataset, or "
-                              f"start a new run from these weights: --init-from {last} --out NEW_DIR")
+            raise ConfigError(
+                f"--resume: {last} was trained on {was}, but --shards {cfg.shards} is dataset "
+                f"{identity[:16]} (rebuilt, or another one); resume on the run's own dataset, or "
+                f"start a new run from these weights: --init-from {last} --out NEW_DIR"
+            )
     init = load_model(cfg.init_from) if cfg.init_from else None  # a bad file fails before any data is loaded
     if init is not None and dist.is_main and (warning := dataset_warning(cfg.init_from, init[1], identity)):
         log.warning(warning)
@@ -206,25 +232,50 @@ def _fit(cfg: FitConfig) -> dict:
 
     progress = cfg.progress and dist.is_main
     opening = time.perf_counter()
-    train_loader = open_loader(cfg.shards, cfg.loader, "train", cfg.scenes_per_batch, cfg.grasps_per_scene,
-                               cfg.seed, device, dist.rank, dist.world_size, drop_last=dist.enabled,
-                               shuffle_window=cfg.window, progress=progress)
+    train_loader = open_loader(
+        cfg.shards,
+        cfg.loader,
+        "train",
+        cfg.scenes_per_batch,
+        cfg.grasps_per_scene,
+        cfg.seed,
+        device,
+        dist.rank,
+        dist.world_size,
+        drop_last=dist.enabled,
+        shuffle_window=cfg.window,
+        progress=progress,
+    )
     open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
     max_grasps = train_loader.max_grasps
-    val_loader = open_loader(cfg.shards, cfg.loader, "val", cfg.val_scenes_per_batch, max_grasps, 0, device,
-                             dist.rank, dist.world_size, shuffle_window=cfg.window, progress=progress)
+    val_loader = open_loader(
+        cfg.shards,
+        cfg.loader,
+        "val",
+        cfg.val_scenes_per_batch,
+        max_grasps,
+        0,
+        device,
+        dist.rank,
+        dist.world_size,
+        shuffle_window=cfg.window,
+        progress=progress,
+    )
     stats = train_loader.reader.manifest["score_stats"]
     mean, std = float(stats["mean"]), float(stats["std"])
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise DatasetError(f"{Path(cfg.shards) / 'manifest.json'}: train score statistics mean {mean}, std {std}: "
-                           "the scores cannot be standardised (std must be finite and > 0); run "
-                           "tools/verify_shards.py on the dataset")
+        raise DatasetError(
+            f"{Path(cfg.shards) / 'manifest.json'}: train score statistics mean {mean}, std {std}: "
+            "the scores cannot be standardised (std must be finite and > 0); run "
+            "tools/verify_shards.py on the dataset"
+        )
     model = _build_model(cfg, train_loader.grid, mean, std, init).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.plateau_factor,
-                                                           patience=cfg.plateau_patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     state = {"step": 0, "best_val_mse": math.inf, "best_step": 0, "bad_validations": 0, "train_time": 0.0}
     window = {"loss": 0.0, "steps": 0, "samples": 0, "wait": 0.0, "time": 0.0}
@@ -240,9 +291,18 @@ def _fit(cfg: FitConfig) -> dict:
         state = dict(resumed["state"])
         window = state.pop("window")  # the half-filled log window, so rows after resume match a whole run
         run.truncate_metrics(state["step"])
-    run.write_config(cfg, {"device": str(device), "world_size": dist.world_size, "model": model.config,
-                           "parameters": sum(p.numel() for p in model.parameters()),
-                           "score_mean": mean, "score_std": std, "steps_per_epoch": len(train_loader)})
+    run.write_config(
+        cfg,
+        {
+            "device": str(device),
+            "world_size": dist.world_size,
+            "model": model.config,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "score_mean": mean,
+            "score_std": std,
+            "steps_per_epoch": len(train_loader),
+        },
+    )
     net: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if dist.enabled:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -250,21 +310,34 @@ def _fit(cfg: FitConfig) -> dict:
     def checkpoint(path: Path, full: bool = True) -> None:
         if not dist.is_main:
             return
-        payload = {"model": model.state_dict(), "model_config": {**model.config, "fc_dims": list(model.fc_dims)},
-                   "score_stats": {"mean": mean, "std": std}, "dataset": {"fingerprint": identity},
-                   "state": {**state, "window": dict(window)},
-                   "config": cfg.to_dict()}
+        payload = {
+            "model": model.state_dict(),
+            "model_config": {**model.config, "fc_dims": list(model.fc_dims)},
+            "score_stats": {"mean": mean, "std": std},
+            "dataset": {"fingerprint": identity},
+            "state": {**state, "window": dict(window)},
+            "config": cfg.to_dict(),
+        }
         if full:
-            payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                           scaler=scaler.state_dict(), loader=train_loader.state_dict(),
-                           rng={"torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+            payload.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                loader=train_loader.state_dict(),
+                rng={
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
+            )
         save_checkpoint(path, payload)
 
     def validate() -> dict:
-        result = {"step": state["step"], "epoch": round(state["step"] / len(train_loader), 4),
-                  "time_s": round(state["train_time"], 3),
-                  **evaluate(model, val_loader, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf)}
+        result = {
+            "step": state["step"],
+            "epoch": round(state["step"] / len(train_loader), 4),
+            "time_s": round(state["train_time"], 3),
+            **evaluate(model, val_loader, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf),
+        }
         run.log(result)
         if result["val_mse"] < state["best_val_mse"]:
             state.update(best_val_mse=result["val_mse"], best_step=state["step"], bad_validations=0)
@@ -293,8 +366,9 @@ def _fit(cfg: FitConfig) -> dict:
             first = first_batch_s is None
             if first:  # opening the loader (cache load, DALI build) plus waiting for the first batch
                 first_batch_s = open_s + wait
-            loss = train_step(net, batch, optimizer, scaler, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf,
-                              state["step"] + 1)
+            loss = train_step(
+                net, batch, optimizer, scaler, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf, state["step"] + 1
+            )
             state["step"] += 1
             if train_loader.position == len(train_loader):  # never checkpoint a finished epoch's position
                 train_loader.set_epoch(train_loader.epoch + 1)
@@ -315,11 +389,16 @@ def _fit(cfg: FitConfig) -> dict:
             if cfg.max_time and state["train_time"] >= cfg.max_time:
                 stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
             if step % cfg.log_every == 0 or step == total:
-                row = {"step": step, "epoch": round(step / len(train_loader), 4), "time_s": round(state["train_time"], 3),
-                       "loss": window["loss"] / window["steps"],
-                       "train_mse": window["loss"] / window["steps"] * std * std,
-                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["time"],
-                       "data_wait": window["wait"] / window["time"]}
+                row = {
+                    "step": step,
+                    "epoch": round(step / len(train_loader), 4),
+                    "time_s": round(state["train_time"], 3),
+                    "loss": window["loss"] / window["steps"],
+                    "train_mse": window["loss"] / window["steps"] * std * std,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": window["samples"] / window["time"],
+                    "data_wait": window["wait"] / window["time"],
+                }
                 run.log(row)
                 bar.set_postfix_str(f"loss {row['loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
                 window = dict.fromkeys(window, 0)
@@ -350,18 +429,29 @@ def _fit(cfg: FitConfig) -> dict:
         totals = {"samples": sums[0].item(), "wait": sums[1].item() / dist.world_size, "time": slowest.item()}
     peak, peak_kind = _peak_memory(device)
     summary = {
-        "steps": state["step"], "epochs": round(state["step"] / len(train_loader), 4), "stopped": stopped,
+        "steps": state["step"],
+        "epochs": round(state["step"] / len(train_loader), 4),
+        "stopped": stopped,
         "train_time_s": state["train_time"],
         "samples_per_s": totals["samples"] / totals["time"] if totals["time"] else None,
         "data_wait": totals["wait"] / totals["time"] if totals["time"] else None,
-        "first_batch_s": first_batch_s, "steps_this_process": state["step"] - steps_at_start,
+        "first_batch_s": first_batch_s,
+        "steps_this_process": state["step"] - steps_at_start,
         **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")},
-        "best_val_mse": state["best_val_mse"], "best_step": state["best_step"],
-        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "wall_s": time.perf_counter() - start,
-        "device": str(device), "loader": cfg.loader, "world_size": dist.world_size,
-        "model": model.config["kind"], "parameters": sum(p.numel() for p in model.parameters()),
-        "scenes_per_batch": cfg.scenes_per_batch, "grasps_per_scene": cfg.grasps_per_scene,
-        "shuffle_window": cfg.shuffle_window, "resident_bytes": train_loader.resident_bytes,
+        "best_val_mse": state["best_val_mse"],
+        "best_step": state["best_step"],
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "wall_s": time.perf_counter() - start,
+        "device": str(device),
+        "loader": cfg.loader,
+        "world_size": dist.world_size,
+        "model": model.config["kind"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "scenes_per_batch": cfg.scenes_per_batch,
+        "grasps_per_scene": cfg.grasps_per_scene,
+        "shuffle_window": cfg.shuffle_window,
+        "resident_bytes": train_loader.resident_bytes,
     }
     run.write_summary(summary)
     if dist.is_main:

@@ -8,6 +8,7 @@ grasps among the model's k best, k = min(k, the object's grasps)) for k in TOP_K
 `Metrics.add` must be a whole object (validation reads whole scenes). Sums are kept on the device and
 all-reduced across ranks before dividing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,7 @@ def _ranks_within(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -
     return ranks
 
 
-def spearman_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor,
-                       num_groups: int) -> torch.Tensor:
+def spearman_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Spearman correlation of pred vs target within each group; NaN where undefined (< 2 grasps, constant)."""
     rp = _ranks_within(pred.double(), groups, num_groups)
     rt = _ranks_within(target.double(), groups, num_groups)
@@ -48,8 +48,7 @@ def _group_sum(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     return torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, groups, x)
 
 
-def kendall_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor,
-                      num_groups: int) -> torch.Tensor:
+def kendall_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Kendall's tau-b of pred vs target within each group; NaN where undefined (< 2 grasps, constant)."""
     p, t = pred.double(), target.double()
     order = torch.argsort(groups, stable=True)
@@ -63,7 +62,7 @@ def kendall_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Te
     dense_t[groups[order], position] = t[order]
     tau = torch.full((num_groups,), float("nan"), dtype=torch.float64, device=p.device)
     for a in range(0, num_groups, KENDALL_BLOCK):
-        bp, bt = dense_p[a:a + KENDALL_BLOCK], dense_t[a:a + KENDALL_BLOCK]
+        bp, bt = dense_p[a : a + KENDALL_BLOCK], dense_t[a : a + KENDALL_BLOCK]
         dp = torch.nan_to_num(torch.sign(bp[:, :, None] - bp[:, None, :]))  # padding pairs -> 0
         dt = torch.nan_to_num(torch.sign(bt[:, :, None] - bt[:, None, :]))
         valid = ~torch.isnan(bp)
@@ -74,13 +73,15 @@ def kendall_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Te
         untied_t = (pairs & (dt != 0)).sum((1, 2)).double() / 2  # n0 - n2
         score = (dp * dt).sum((1, 2)) / 2  # concordant - discordant pairs
         denom = (untied_p * untied_t).sqrt()
-        tau[a:a + KENDALL_BLOCK] = torch.where((n0 > 0) & (denom > 0), score / denom.clamp_min(1e-300),
-                                               torch.full_like(score, float("nan")))
+        tau[a : a + KENDALL_BLOCK] = torch.where(
+            (n0 > 0) & (denom > 0), score / denom.clamp_min(1e-300), torch.full_like(score, float("nan"))
+        )
     return tau
 
 
-def ranking_per_group(pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor,
-                      num_groups: int) -> dict[str, torch.Tensor]:
+def ranking_per_group(
+    pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, num_groups: int
+) -> dict[str, torch.Tensor]:
     """Per group (object): `top1_regret`, `top{k}_overlap` for k in TOP_K, `kendall_tau`, `grasps`.
 
     Lower scores are better: a model's best grasp is its lowest prediction (ties: the first).
@@ -118,11 +119,21 @@ class Metrics:
         present = ranking["grasps"] > 0
         tau = ranking["kendall_tau"]
         tau_defined = ~torch.isnan(tau)
-        self.sums += torch.stack([torch.tensor(float(len(t)), dtype=torch.float64, device=t.device),
-                                  (err * err).sum(), err.abs().sum(), t.sum(), (t * t).sum(),
-                                  rho[defined].sum(), defined.sum().double(), present.sum().double(),
-                                  *(ranking[k][present].sum() for k in self.RANKING),
-                                  tau[tau_defined].sum(), tau_defined.sum().double()])
+        self.sums += torch.stack(
+            [
+                torch.tensor(float(len(t)), dtype=torch.float64, device=t.device),
+                (err * err).sum(),
+                err.abs().sum(),
+                t.sum(),
+                (t * t).sum(),
+                rho[defined].sum(),
+                defined.sum().double(),
+                present.sum().double(),
+                *(ranking[k][present].sum() for k in self.RANKING),
+                tau[tau_defined].sum(),
+                tau_defined.sum().double(),
+            ]
+        )
 
     def result(self, baseline: float, prefix: str = "val_") -> dict[str, float]:
         """The metrics, summed over every rank when torch.distributed is initialised.
@@ -139,8 +150,13 @@ class Metrics:
         sst = yy - y * y / n if n else 0.0
         ranking = {f"{prefix}{k}": values[k] / objects if objects else float("nan") for k in self.RANKING}
         ranking[f"{prefix}kendall_tau"] = values["kendall_tau"] / tau_objects if tau_objects else float("nan")
-        return {f"{prefix}mse": se / n if n else float("nan"), f"{prefix}mae": ae / n if n else float("nan"),
-                f"{prefix}r2": 1 - se / sst if sst > 0 else float("nan"),
-                f"{prefix}spearman": rho / scenes if scenes else float("nan"),
-                f"{prefix}mse_mean_baseline": (yy - 2 * baseline * y + n * baseline ** 2) / n if n else float("nan"),
-                f"{prefix}grasps": int(n), f"{prefix}scenes": int(scenes), **ranking}
+        return {
+            f"{prefix}mse": se / n if n else float("nan"),
+            f"{prefix}mae": ae / n if n else float("nan"),
+            f"{prefix}r2": 1 - se / sst if sst > 0 else float("nan"),
+            f"{prefix}spearman": rho / scenes if scenes else float("nan"),
+            f"{prefix}mse_mean_baseline": (yy - 2 * baseline * y + n * baseline**2) / n if n else float("nan"),
+            f"{prefix}grasps": int(n),
+            f"{prefix}scenes": int(scenes),
+            **ranking,
+        }

@@ -1,4 +1,5 @@
 """Figures a person would rather look at than read: loss curves, and the loader comparison."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,10 +53,15 @@ def plot_compare(runs: dict[str, list[dict]], table: dict[str, dict], path: Path
     left.legend(title="loader")
     left.set_title("loss curves (identical batches coincide)", fontsize=10)
     names = list(table)
-    bars = right.bar(names, [table[n]["samples_per_s"] for n in names], color=["#4c72b0", "#dd8452"][:len(names)])
+    bars = right.bar(names, [table[n]["samples_per_s"] for n in names], color=["#4c72b0", "#dd8452"][: len(names)])
     for bar, n in zip(bars, names):
-        right.annotate(f"wait {table[n]['data_wait']:.0%}\nfirst {table[n]['first_batch_s']:.2f}s",
-                       (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        right.annotate(
+            f"wait {table[n]['data_wait']:.0%}\nfirst {table[n]['first_batch_s']:.2f}s",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     right.set_ylabel("steady-state samples/s")
     right.set_title("throughput", fontsize=10)
     right.margins(y=0.25)

@@ -5,6 +5,7 @@
 per grasp: `scene` (name), `grasp` (its index in the scene), `prediction`, and `score` when the labels
 are known; `write_parquet` saves them and `best_grasps` picks each object's K best (lowest) predictions.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,22 +36,26 @@ class PredictError(ValueError):
 class Predictions:
     """One row per grasp; `score` is NaN where the true score is unknown."""
 
-    scene: np.ndarray       # object names (str)
-    grasp: np.ndarray       # int32 index of the grasp in its scene
+    scene: np.ndarray  # object names (str)
+    grasp: np.ndarray  # int32 index of the grasp in its scene
     prediction: np.ndarray  # float32 predicted score (lower is better)
-    score: np.ndarray       # float32 true score, NaN when unknown
+    score: np.ndarray  # float32 true score, NaN when unknown
 
     @staticmethod
-    def concat(parts: list["Predictions"]) -> "Predictions":
-        return Predictions(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                             ("scene", "grasp", "prediction", "score")))
+    def concat(parts: list[Predictions]) -> Predictions:
+        return Predictions(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("scene", "grasp", "prediction", "score"))
+        )
 
     @staticmethod
-    def of_scene(name: str, prediction: np.ndarray, score: np.ndarray | None) -> "Predictions":
+    def of_scene(name: str, prediction: np.ndarray, score: np.ndarray | None) -> Predictions:
         n = len(prediction)
-        return Predictions(np.full(n, name, dtype=object), np.arange(n, dtype=np.int32),
-                           prediction.astype(np.float32),
-                           np.full(n, np.nan, np.float32) if score is None else score.astype(np.float32))
+        return Predictions(
+            np.full(n, name, dtype=object),
+            np.arange(n, dtype=np.int32),
+            prediction.astype(np.float32),
+            np.full(n, np.nan, np.float32) if score is None else score.astype(np.float32),
+        )
 
 
 class Estimator:
@@ -62,7 +67,7 @@ class Estimator:
         self.mean, self.std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "Estimator":
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Estimator:
         """From one of our checkpoints (best.pt, last.pt) or a seed state_dict."""
         model, stats = load_model(checkpoint)
         return cls(model, stats, device)
@@ -75,8 +80,9 @@ class Estimator:
         """PredictError naming `where` unless sdf is (D,D,D) for this model and grasps are (N,19)."""
         d = self.grid
         if sdf.shape != (d, d, d):
-            raise PredictError(f"{where}: SDF of shape {sdf.shape}, the model reads ({d}, {d}, {d}); "
-                               "use data made at the model's grid")
+            raise PredictError(
+                f"{where}: SDF of shape {sdf.shape}, the model reads ({d}, {d}, {d}); use data made at the model's grid"
+            )
         if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM or len(grasps) == 0:
             raise PredictError(f"{where}: grasps of shape {grasps.shape}, expected (N, {GRASP_DIM}) with N >= 1")
         if not (np.isfinite(sdf).all() and np.isfinite(grasps).all()):
@@ -93,8 +99,9 @@ class Estimator:
         x = torch.from_numpy(np.ascontiguousarray(sdf, dtype=np.float32)).to(self.device)
         features = self.model.encode_sdf(x[None, None])
         g = torch.from_numpy(np.ascontiguousarray(grasps, dtype=np.float32)).to(self.device)
-        out = [self.model.score_features(features.expand(len(chunk), -1), chunk)
-               for chunk in torch.split(g, GRASP_CHUNK)]
+        out = [
+            self.model.score_features(features.expand(len(chunk), -1), chunk) for chunk in torch.split(g, GRASP_CHUNK)
+        ]
         return (torch.cat(out).float() * self.std + self.mean).cpu().numpy()
 
 
@@ -138,8 +145,9 @@ def _grasp_indices(batch_grasps: np.ndarray, stored: np.ndarray, where: str) -> 
 
 
 @torch.no_grad()
-def predict_shards(estimator: Estimator, shards_dir: str | Path, split: str, scenes_per_batch: int = 8,
-                   loader: str = "cache") -> Predictions:
+def predict_shards(
+    estimator: Estimator, shards_dir: str | Path, split: str, scenes_per_batch: int = 8, loader: str = "cache"
+) -> Predictions:
     """Every scene of one split of a shard dataset, whole scenes per batch (the epoch plan shuffles each
     scene's grasps, so rows are matched back to their stored order)."""
     manifest = read_manifest(shards_dir)
@@ -147,11 +155,20 @@ def predict_shards(estimator: Estimator, shards_dir: str | Path, split: str, sce
         raise PredictError(f"--shards {shards_dir}: grid {manifest['grid'][0]}, the model reads {estimator.grid}")
     reader = ShardReader(shards_dir)
     parts = []
-    with open_loader(shards_dir, loader, split, scenes_per_batch, manifest["max_grasps"], seed=0,
-                     device=estimator.device, progress=False) as data:
+    with open_loader(
+        shards_dir,
+        loader,
+        split,
+        scenes_per_batch,
+        manifest["max_grasps"],
+        seed=0,
+        device=estimator.device,
+        progress=False,
+    ) as data:
         for batch in data:
-            pred = estimator.model(batch.sdf, batch.grasps, batch.scene_of_grasp).float() * estimator.std \
-                + estimator.mean
+            pred = (
+                estimator.model(batch.sdf, batch.grasps, batch.scene_of_grasp).float() * estimator.std + estimator.mean
+            )
             pred, grasps = pred.cpu().numpy(), batch.grasps.cpu().numpy()
             owner = batch.scene_of_grasp.cpu().numpy()
             for s, scene in enumerate(batch.scene_ids.tolist()):
@@ -166,12 +183,18 @@ def predict_shards(estimator: Estimator, shards_dir: str | Path, split: str, sce
     return Predictions.concat([parts[i] for i in order])
 
 
-def predict_mesh(estimator: Estimator, mesh_path: str | Path, grasps_path: str | Path,
-                 mesh_max_extent: float | None = None, open_meshes: str = "refuse") -> Predictions:
+def predict_mesh(
+    estimator: Estimator,
+    mesh_path: str | Path,
+    grasps_path: str | Path,
+    mesh_max_extent: float | None = None,
+    open_meshes: str = "refuse",
+) -> Predictions:
     """One mesh (any trimesh format) and grasps (N,19) .npy in the mesh's frame, prepared as the seed's
     importer does: translation = bounds centre, scale = 2 / mesh_max_extent (default: this mesh's own
     largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale)."""
     from meshes import MeshError, is_closed, load_mesh, mesh_sdf
+
     try:
         mesh = load_mesh(mesh_path)
         grasps = np.load(grasps_path, allow_pickle=False)
@@ -196,8 +219,11 @@ def predict_mesh(estimator: Estimator, mesh_path: str | Path, grasps_path: str |
 def write_parquet(predictions: Predictions, path: str | Path) -> None:
     """Columns scene, grasp, prediction, and score when any is known; written to a temporary file and renamed."""
     path = Path(path)
-    columns = {"scene": pa.array(predictions.scene.astype(str)), "grasp": pa.array(predictions.grasp),
-               "prediction": pa.array(predictions.prediction)}
+    columns = {
+        "scene": pa.array(predictions.scene.astype(str)),
+        "grasp": pa.array(predictions.grasp),
+        "prediction": pa.array(predictions.prediction),
+    }
     if not np.isnan(predictions.score).all():
         columns["score"] = pa.array(predictions.score, mask=np.isnan(predictions.score))
     tmp = path.with_name(f".{path.name}.tmp")
@@ -213,8 +239,15 @@ def best_grasps(predictions: Predictions, k: int) -> list[tuple[str, int, int, f
         name = str(predictions.scene[i])
         rank = seen.get(name, 0)
         if rank < k:
-            rows.append((name, rank + 1, int(predictions.grasp[i]), float(predictions.prediction[i]),
-                         float(predictions.score[i])))
+            rows.append(
+                (
+                    name,
+                    rank + 1,
+                    int(predictions.grasp[i]),
+                    float(predictions.prediction[i]),
+                    float(predictions.score[i]),
+                )
+            )
         seen[name] = rank + 1
     return rows
 
@@ -226,6 +259,10 @@ def ranking_metrics(predictions: Predictions) -> dict[str, float] | None:
         return None
     _, groups = np.unique(predictions.scene[known].astype(str), return_inverse=True)
     metrics = Metrics(torch.device("cpu"))
-    metrics.add(torch.from_numpy(predictions.prediction[known]), torch.from_numpy(predictions.score[known]),
-                torch.from_numpy(groups.astype(np.int64)), int(groups.max()) + 1)
+    metrics.add(
+        torch.from_numpy(predictions.prediction[known]),
+        torch.from_numpy(predictions.score[known]),
+        torch.from_numpy(groups.astype(np.int64)),
+        int(groups.max()) + 1,
+    )
     return metrics.result(baseline=float("nan"), prefix="")

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Train grasp-quality estimators on a shard dataset: fit, compare the two loaders, eval.
 
-    python train/run.py fit --shards DIR --out RUN_DIR [options]
-    python train/run.py compare --shards DIR --out DIR [fit options]
-    python train/run.py eval CKPT --shards DIR --split val|test
-    python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh OBJ --grasps G.npy) --out F.parquet
+python train/run.py fit --shards DIR --out RUN_DIR [options]
+python train/run.py compare --shards DIR --out DIR [fit options]
+python train/run.py eval CKPT --shards DIR --split val|test
+python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh OBJ --grasps G.npy) --out F.parquet
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,6 +33,7 @@ USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError, Predict
 
 def _errors(fn):
     """Known failures end with one line on stderr and a non-zero exit, not a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -42,6 +44,7 @@ def _errors(fn):
         except (TrainError, WriteError) as err:
             click.echo(f"run.py {fn.__name__}: error: {err}", err=True)
             sys.exit(1)
+
     return wrapper
 
 
@@ -49,35 +52,64 @@ def fit_options(fn):
     """The options of `fit`, shared by `compare`."""
     options = [
         click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard dataset directory."),
-        click.option("--model", type=click.Choice(["small", "large"]), default=None,
-                     help="GQEstimator (small) or GQEstimatorLarge (large) [default: small, or --init-from's]."),
+        click.option(
+            "--model",
+            type=click.Choice(["small", "large"]),
+            default=None,
+            help="GQEstimator (small) or GQEstimatorLarge (large) [default: small, or --init-from's].",
+        ),
         click.option("--base-channels", type=int, default=None, help="Conv channels c (c, 2c, 4c, 8c)."),
         click.option("--fc-dims", default=None, help="Head sizes, comma-separated, e.g. 256,128,64."),
         click.option("--scenes-per-batch", "-S", default=8, show_default=True, help="SDFs per batch."),
-        click.option("--grasps-per-scene", "-G", default=16, show_default=True,
-                     help="Grasps per SDF per batch (1 = the seed's independent grasps)."),
-        click.option("--shuffle-window", default=str(DEFAULT_WINDOW), show_default=True,
-                     help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'."),
+        click.option(
+            "--grasps-per-scene",
+            "-G",
+            default=16,
+            show_default=True,
+            help="Grasps per SDF per batch (1 = the seed's independent grasps).",
+        ),
+        click.option(
+            "--shuffle-window",
+            default=str(DEFAULT_WINDOW),
+            show_default=True,
+            help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'.",
+        ),
         click.option("--epochs", default=100, show_default=True),
         click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs)."),
-        click.option("--max-time", type=float, default=None,
-                     help="Stop after this many seconds of training (validation not counted)."),
+        click.option(
+            "--max-time",
+            type=float,
+            default=None,
+            help="Stop after this many seconds of training (validation not counted).",
+        ),
         click.option("--lr", default=1e-4, show_default=True),
         click.option("--weight-decay", default=1e-4, show_default=True),
-        click.option("--early-stopping", default=15, show_default=True,
-                     help="Stop after this many validations without improvement (0: never)."),
+        click.option(
+            "--early-stopping",
+            default=15,
+            show_default=True,
+            help="Stop after this many validations without improvement (0: never).",
+        ),
         click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True),
         click.option("--channels-last", is_flag=True, help="channels_last_3d memory format."),
         click.option("--compile", is_flag=True, help="torch.compile the model."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--seed", default=0, show_default=True),
-        click.option("--init-from", type=click.Path(path_type=Path), default=None,
-                     help="Start from a checkpoint: ours (best.pt/last.pt) or the seed's state_dict files."),
+        click.option(
+            "--init-from",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Start from a checkpoint: ours (best.pt/last.pt) or the seed's state_dict files.",
+        ),
         click.option("--val-every", type=int, default=None, help="Steps between validations [default: one epoch]."),
         click.option("--val-scenes-per-batch", default=8, show_default=True),
         click.option("--log-every", default=10, show_default=True, help="Steps between metrics rows."),
-        click.option("--ckpt-every", default=500, show_default=True,
-                     help="Steps between last.pt saves (also saved at every validation and at the end)."),
+        click.option(
+            "--ckpt-every",
+            default=500,
+            show_default=True,
+            help="Steps between last.pt saves (also saved at every validation and at the end).",
+        ),
         click.option("--zero-sdf", is_flag=True, help="Control run: feed zeros instead of the SDFs."),
         click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's]."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
@@ -115,11 +147,16 @@ def fit_cmd(**kwargs) -> None:
     summary = fit(_config(kwargs, out=str(out)))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for the job
-    val = " ".join(f"{k[4:]} {summary[k]:.4f}" for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
-                   if isinstance(summary.get(k), float))
-    click.echo(f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
-               f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
-               f"outputs in {out} (curves.png)")
+    val = " ".join(
+        f"{k[4:]} {summary[k]:.4f}"
+        for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
+        if isinstance(summary.get(k), float)
+    )
+    click.echo(
+        f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
+        f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
+        f"outputs in {out} (curves.png)"
+    )
 
 
 @cli.command("compare")
@@ -150,6 +187,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
     from pipeline import open_loader
     from shards import read_manifest
     from train.checkpoint import dataset_warning, load_model
+
     dev = resolve_device(device)
     model, stats = load_model(checkpoint)
     manifest = read_manifest(shards)
@@ -169,29 +207,60 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
 
 @cli.command("predict")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--scenes", type=click.Path(path_type=Path),
-              help="Processed directory: <scene>/scene.npz (scores optional).")
+@click.option(
+    "--scenes", type=click.Path(path_type=Path), help="Processed directory: <scene>/scene.npz (scores optional)."
+)
 @click.option("--shards", type=click.Path(path_type=Path), help="Shard dataset (with --split).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--mesh", type=click.Path(path_type=Path),
-              help="One mesh file (with --grasps), prepared as import_meshes does.")
-@click.option("--grasps", type=click.Path(path_type=Path),
-              help="(N,19) .npy of grasps in the mesh's frame (with --mesh).")
-@click.option("--mesh-max-extent", type=float, default=None,
-              help="With --mesh: the training data's mesh_max_extent.txt value [default: the mesh's own extent].")
-@click.option("--open-meshes", type=click.Choice(["refuse", "winding", "repair"]), default="refuse", show_default=True,
-              help="With --mesh: how to sign a mesh that is not closed.")
+@click.option(
+    "--mesh", type=click.Path(path_type=Path), help="One mesh file (with --grasps), prepared as import_meshes does."
+)
+@click.option(
+    "--grasps", type=click.Path(path_type=Path), help="(N,19) .npy of grasps in the mesh's frame (with --mesh)."
+)
+@click.option(
+    "--mesh-max-extent",
+    type=float,
+    default=None,
+    help="With --mesh: the training data's mesh_max_extent.txt value [default: the mesh's own extent].",
+)
+@click.option(
+    "--open-meshes",
+    type=click.Choice(["refuse", "winding", "repair"]),
+    default="refuse",
+    show_default=True,
+    help="With --mesh: how to sign a mesh that is not closed.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Parquet file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only a Parquet file).")
 @click.option("--top-k", default=5, show_default=True, help="Best grasps per object to print.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_errors
-def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, split: str, mesh: Path | None,
-                grasps: Path | None, mesh_max_extent: float | None, open_meshes: str, out: Path, overwrite: bool,
-                top_k: int, device: str) -> None:
+def predict_cmd(
+    checkpoint: Path,
+    scenes: Path | None,
+    shards: Path | None,
+    split: str,
+    mesh: Path | None,
+    grasps: Path | None,
+    mesh_max_extent: float | None,
+    open_meshes: str,
+    out: Path,
+    overwrite: bool,
+    top_k: int,
+    device: str,
+) -> None:
     """Per-grasp predictions of CHECKPOINT to --out (scene, grasp, prediction, score); prints each object's best."""
-    from train.predict import Estimator, best_grasps, predict_mesh, predict_scenes, predict_shards, ranking_metrics
-    from train.predict import write_parquet
+    from train.predict import (
+        Estimator,
+        best_grasps,
+        predict_mesh,
+        predict_scenes,
+        predict_shards,
+        ranking_metrics,
+        write_parquet,
+    )
+
     sources = [name for name, value in (("--scenes", scenes), ("--shards", shards), ("--mesh", mesh)) if value]
     if len(sources) != 1:
         raise PredictError(f"give exactly one of --scenes, --shards, --mesh (got {', '.join(sources) or 'none'})")
@@ -203,8 +272,10 @@ def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, spli
         with open(out, "rb") as f:
             parquet = f.read(4) == b"PAR1"
         if not (overwrite and parquet):
-            raise PredictError(f"--out {out}: exists{'' if parquet else ' and is not a Parquet file'}; "
-                               f"{'pass --overwrite to replace it or ' if parquet else ''}choose another file")
+            raise PredictError(
+                f"--out {out}: exists{'' if parquet else ' and is not a Parquet file'}; "
+                f"{'pass --overwrite to replace it or ' if parquet else ''}choose another file"
+            )
     estimator = Estimator.load(checkpoint, device)
     if scenes:
         predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())
@@ -218,8 +289,16 @@ def predict_cmd(checkpoint: Path, scenes: Path | None, shards: Path | None, spli
         click.echo(f"{name:<24} {rank:>4} {grasp:>6} {pred:>11.4f} {score:>9.4f}")
     metrics = ranking_metrics(predictions)
     if metrics:
-        keys = ("spearman", "kendall_tau", "top1_regret", "top1_overlap", "top5_overlap", "top10_overlap",
-                "top50_overlap", "r2")
+        keys = (
+            "spearman",
+            "kendall_tau",
+            "top1_regret",
+            "top1_overlap",
+            "top5_overlap",
+            "top10_overlap",
+            "top50_overlap",
+            "r2",
+        )
         values = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
         click.echo(f"per object: {values}  ({metrics['scenes']} objects)")
     click.echo(f"wrote {len(predictions.grasp):,} predictions of {len(set(predictions.scene))} objects to {out}")

@@ -1,4 +1,5 @@
 """RUN_DIR: config.json, metrics.jsonl (+ TensorBoard events when installed), summary.json, plots."""
+
 from __future__ import annotations
 
 import errno
@@ -54,8 +55,10 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         if cause is None:
             raise
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise WriteError(f"{path}: could not be written ({cause.strerror or cause}); {kept}. Free disk space "
-                         f"(or choose another --out), then rerun; --resume continues from last.pt") from None
+        raise WriteError(
+            f"{path}: could not be written ({cause.strerror or cause}); {kept}. Free disk space "
+            f"(or choose another --out), then rerun; --resume continues from last.pt"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -97,8 +100,9 @@ def run_lock(path: Path) -> Iterator[None]:
             os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise ConfigError(f"--out {path}: in use by another run ({_holder(lock)}); wait for it to end "
-                              f"or choose another --out") from None
+            raise ConfigError(
+                f"--out {path}: in use by another run ({_holder(lock)}); wait for it to end or choose another --out"
+            ) from None
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break  # else the previous holder removed the file between our open and flock: take the new one
@@ -111,8 +115,9 @@ def run_lock(path: Path) -> Iterator[None]:
         try:
             os.write(fd, holder.encode() + b"\n")
         except OSError as err:
-            raise WriteError(f"{lock}: could not be written ({err.strerror}); free disk space or choose another "
-                             f"--out") from None
+            raise WriteError(
+                f"{lock}: could not be written ({err.strerror}); free disk space or choose another --out"
+            ) from None
         for name in OUTPUTS:  # no other run can be writing these: they were left by a killed one
             for stale in path.glob(f".{name}*.tmp"):
                 stale.unlink()
@@ -136,9 +141,16 @@ def versions() -> dict:
             return version(dist)
         except PackageNotFoundError:
             return None
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "nvidia-dali": v("nvidia-dali-cuda120"), "gq-pipeline": v("gq-pipeline"),
-            "cuda": torch.version.cuda, "platform": platform.platform()}
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "nvidia-dali": v("nvidia-dali-cuda120"),
+        "gq-pipeline": v("gq-pipeline"),
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+    }
 
 
 class RunDir:
@@ -197,8 +209,10 @@ class RunDir:
                 if number == len(lines) and not data.endswith(b"\n"):  # a torn write never reached its newline
                     log.warning("%s: dropped a torn last line (a write cut short by a kill): %r", path, line[:60])
                     continue
-                raise ConfigError(f"{path}: line {number} is not a metrics row ({line[:60]!r}); the file is "
-                                  f"damaged: repair or delete that line, then --resume again")
+                raise ConfigError(
+                    f"{path}: line {number} is not a metrics row ({line[:60]!r}); the file is "
+                    f"damaged: repair or delete that line, then --resume again"
+                )
             if row["step"] <= step:
                 kept.append(line + b"\n")
         text = b"".join(kept)
@@ -212,11 +226,14 @@ class RunDir:
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as err:  # what is left is at worst a torn last line, which --resume drops
-            raise WriteError(f"{path}: could not be written ({err.strerror}); free disk space (or choose "
-                             f"another --out), then rerun with --resume") from None
+            raise WriteError(
+                f"{path}: could not be written ({err.strerror}); free disk space (or choose "
+                f"another --out), then rerun with --resume"
+            ) from None
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.path / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 self._tb = False
