@@ -17,6 +17,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -116,57 +117,77 @@ def time_to_quality(
         }
 
 
-def run_window_study(
-    shards: Path,
-    device: str,
-    windows: list[str],
-    seeds: list[int],
-    steps: int,
-    s: int,
-    g: int,
-    base_channels: int | None,
-    fc_dims: tuple[int, ...] | None,
-    lr: float,
+def _write_json(path: Path | None, result: dict) -> None:
+    if path:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# The defaults study (README, "Choosing fit's defaults"): FitConfig overrides, each run on the same data and steps.
+RECIPES = {
+    "seed README": dict(lr=1e-4, weight_decay=1e-4, base_channels=16, lr_schedule="plateau"),
+    "train_gq.py": dict(lr=1e-3, weight_decay=1e-5, base_channels=8, lr_schedule="linear"),
+    "train_gq.py c16": dict(lr=1e-3, weight_decay=1e-5, base_channels=16, lr_schedule="linear"),
+    "lr 1e-3 plateau": dict(lr=1e-3, weight_decay=1e-5, base_channels=8, lr_schedule="plateau"),
+}
+ZERO_SDF = " + zero SDF"  # a control run: the recipe fed zeros instead of SDFs (what the grasps alone can learn)
+
+
+def run_study(
+    shards: Path, device: str, recipes: dict[str, dict], seeds: list[int], steps: int, **common
 ) -> list[dict]:
-    """Final val MSE after `steps` steps for each shuffle window and seed (the same settings otherwise);
-    each run is compared with the full shuffle (`all`) of its own seed."""
+    """Final val metrics after `steps` steps of the real trainer for each recipe (FitConfig overrides) and seed,
+    every other option the same (`common`, then fit's defaults)."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_window_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_study_") as tmp:
         for seed in seeds:
-            for window in windows:
-                summary = fit(
-                    FitConfig(
-                        shards=str(shards),
-                        out=f"{tmp}/s{seed}w{window}",
-                        device=device,
-                        seed=seed,
-                        base_channels=base_channels,
-                        fc_dims=fc_dims,
-                        lr=lr,
-                        max_steps=steps,
-                        scenes_per_batch=s,
-                        grasps_per_scene=g,
-                        shuffle_window=window,
-                        val_every=10**9,
-                        early_stopping=0,
-                        ckpt_every=10**9,
-                        progress=False,
-                    )
-                )
+            for i, (name, overrides) in enumerate(recipes.items()):
+                options = {**common, **overrides}
+                cfg = FitConfig(
+                    shards=str(shards), out=f"{tmp}/s{seed}r{i}", device=device, seed=seed, max_steps=steps,
+                    progress=False, **options,
+                )  # fmt: skip
+                summary = fit(cfg)
+                shown = {k: v for k, v in overrides.items() if k != "zero_sdf"}
                 rows.append(
-                    {
-                        "seed": seed,
-                        "shuffle_window": window,
-                        "steps": summary["steps"],
-                        "val_mse": summary["val_mse"],
-                        "val_spearman": summary.get("val_spearman"),
-                        "train_time_s": summary["train_time_s"],
-                    }
-                )
-    for row in rows:
-        full = next((r["val_mse"] for r in rows if r["seed"] == row["seed"] and r["shuffle_window"] == "all"), None)
-        row["val_mse_vs_all"] = row["val_mse"] / full if full else None
+                    {"recipe": name, "seed": seed, **shown, "steps": summary["steps"], "val_mse": summary["val_mse"],
+                     "val_r2": summary.get("val_r2"), "val_spearman": summary.get("val_spearman"),
+                     "train_time_s": summary["train_time_s"]}
+                )  # fmt: skip
     return rows
+
+
+def relative_mse(rows: list[dict], key: str, reference: Callable[[str], str]) -> None:
+    """rows[i][key] = its val MSE / that of recipe `reference(recipe)` with the same seed (None when not run)."""
+    for row in rows:
+        ref = next(
+            (r["val_mse"] for r in rows if r["seed"] == row["seed"] and r["recipe"] == reference(row["recipe"])), None
+        )
+        row[key] = row["val_mse"] / ref if ref else None
+
+
+def print_study(title: str, rows: list[dict], ratio_key: str, ratio_name: str) -> None:
+    """The study's rows, then each recipe's mean over seeds."""
+    click.echo(title)
+    click.echo(f"  {'recipe':<28} {'seed':>4} {'val MSE':>9} {'R2':>7} {'Spearman':>9} {ratio_name:>8} {'train s':>8}")
+    for r in rows:
+        ratio = f"{r[ratio_key]:.3f}" if r[ratio_key] else "-"
+        click.echo(
+            f"  {r['recipe']:<28} {r['seed']:>4} {r['val_mse']:>9.4f} {r['val_r2'] or 0:>7.3f} "
+            f"{r['val_spearman'] or 0:>9.4f} {ratio:>8} {r['train_time_s']:>8.1f}"
+        )
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == name]
+        ratios = [r[ratio_key] for r in mine if r[ratio_key] and r[ratio_key] != 1.0]
+        mean = {k: sum(r[k] or 0 for r in mine) / len(mine) for k in ("val_mse", "val_r2", "val_spearman")}
+        spread = (
+            f"; {ratio_name} {sum(ratios) / len(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
+            if ratios
+            else ""
+        )
+        click.echo(
+            f"  {name}: mean over {len(mine)} seed(s): val MSE {mean['val_mse']:.4f}, R2 {mean['val_r2']:.3f}, "
+            f"Spearman {mean['val_spearman']:.3f}{spread}"
+        )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,12 +213,18 @@ def run_window_study(
     default=None,
     help="Instead of everything else: val MSE after --study-steps for these windows, e.g. 1,2,4,all.",
 )
-@click.option("--study-steps", default=600, show_default=True, help="Window study: training steps per window.")
+@click.option(
+    "--defaults-study",
+    default=None,
+    help=f"Instead of everything else: val metrics after --study-steps for these recipes ({', '.join(RECIPES)}).",
+)
+@click.option("--study-controls", default=None, help="Defaults study: recipes to also run with zero SDFs (control).")
+@click.option("--study-steps", default=600, show_default=True, help="Studies: training steps per run.")
 @click.option(
     "--study-seeds",
     default="0",
     show_default=True,
-    help="Window study: seeds (comma-separated), one run per window and seed, to see the run-to-run spread.",
+    help="Studies: seeds (comma-separated), one run per recipe and seed, to see the run-to-run spread.",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
 def main(
@@ -219,6 +246,8 @@ def main(
     skip_quality: bool,
     shuffle_window: str,
     window_study: str | None,
+    defaults_study: str | None,
+    study_controls: str | None,
     study_steps: int,
     study_seeds: str,
     json_path: Path | None,
@@ -235,26 +264,34 @@ def main(
             parse_window(w)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--shuffle-window / --window-study") from None
+    seeds = [int(x) for x in study_seeds.split(",")]
     if window_study:
-        windows, seeds = window_study.split(","), [int(x) for x in study_seeds.split(",")]
-        rows = run_window_study(shards, device, windows, seeds, study_steps, 8, 16, base_channels, dims, lr)
-        click.echo(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}")
-        click.echo(f"  {'seed':>4} {'window':>8} {'val MSE':>9} {'x all':>7} {'Spearman':>9} {'train s':>8}")
-        for r in rows:
-            vs = f"{r['val_mse_vs_all']:.3f}" if r["val_mse_vs_all"] else "-"
-            click.echo(
-                f"  {r['seed']:>4} {r['shuffle_window']:>8} {r['val_mse']:>9.4f} {vs:>7} "
-                f"{r['val_spearman'] or 0:>9.4f} {r['train_time_s']:>8.1f}"
-            )
-        for window in windows:
-            ratios = [r["val_mse_vs_all"] for r in rows if r["shuffle_window"] == window and r["val_mse_vs_all"]]
-            if ratios and window != "all":
-                click.echo(
-                    f"  window {window}: val MSE / all's, mean over {len(ratios)} seed(s): "
-                    f"{sum(ratios) / len(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
-                )
-        if json_path:
-            json_path.write_text(json.dumps({"window_study": rows}, indent=2) + "\n")
+        # Validation only at the end (val_every huge): the windows differ in shuffling, nothing else.
+        recipes = {w: {"shuffle_window": w} for w in window_study.split(",")}
+        rows = run_study(shards, device, recipes, seeds, study_steps, base_channels=base_channels, fc_dims=dims, lr=lr,
+                         val_every=10**9, early_stopping=0, ckpt_every=10**9)  # fmt: skip
+        relative_mse(rows, "val_mse_vs_all", lambda recipe: "all")
+        print_study(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}",
+                    rows, "val_mse_vs_all", "x all")  # fmt: skip
+        _write_json(json_path, {"window_study": rows})
+        return
+    if defaults_study:
+        # As a new user runs fit: its defaults for everything the recipe does not set (validation every epoch,
+        # so the plateau schedule sees its signal); controls fed zeros show what the grasps alone explain.
+        names = defaults_study.split(",")
+        unknown = [n for n in names if n not in RECIPES]
+        if unknown:
+            raise click.BadParameter(f"{unknown}: choose from {', '.join(RECIPES)}", param_hint="--defaults-study")
+        recipes = {n: RECIPES[n] for n in names}
+        for n in study_controls.split(",") if study_controls else []:
+            if n not in recipes:
+                raise click.BadParameter(f"{n}: not one of --defaults-study's recipes", param_hint="--study-controls")
+            recipes[n + ZERO_SDF] = {**RECIPES[n], "zero_sdf": True}
+        rows = run_study(shards, device, recipes, seeds, study_steps, early_stopping=0)
+        relative_mse(rows, "val_mse_vs_control", lambda recipe: recipe.removesuffix(ZERO_SDF) + ZERO_SDF)
+        print_study(f"bench_train defaults study: {shards}, device {dev}, {study_steps} steps per run, fit's defaults "
+                    "otherwise", rows, "val_mse_vs_control", "x zero")  # fmt: skip
+        _write_json(json_path, {"defaults_study": rows})
         return
     rows = []
     click.echo(
@@ -316,7 +353,7 @@ def main(
                 f"G=16 reached it in {ttq['g16_s']:.0f} s = {ttq['g16_s'] / ttq['g1_s']:.2f} x (target <= 0.33)"
             )
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(json_path, result)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pipeline import DEFAULT_WINDOW, parse_window
 
 AMP_MODES = ("off", "bf16", "fp16")
+LR_SCHEDULES = ("plateau", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
 RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads", "progress"}
@@ -35,6 +36,8 @@ class FitConfig:
     max_time: float | None = None  # seconds of training (validation excluded)
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau on val MSE; linear: lr x 1 -> lr_end_factor over the run
+    lr_end_factor: float = 0.05
     plateau_factor: float = 0.5
     plateau_patience: int = 5
     early_stopping: int = 15
@@ -97,6 +100,10 @@ class FitConfig:
             raise ConfigError(f"--max-time {self.max_time}: must be > 0 seconds")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"--lr {self.lr} --weight-decay {self.weight_decay}: need lr > 0 and weight decay >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule {self.lr_schedule}: choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0 < self.lr_end_factor <= 1:
+            raise ConfigError(f"--lr-end-factor {self.lr_end_factor}: must be in (0, 1]")
         if self.early_stopping < 0 or self.plateau_patience < 0 or not 0 < self.plateau_factor < 1:
             raise ConfigError("--early-stopping and --plateau-patience must be >= 0, --plateau-factor in (0, 1)")
         if self.fc_dims is not None and (not self.fc_dims or min(self.fc_dims) < 1):

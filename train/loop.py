@@ -273,9 +273,13 @@ def _fit(cfg: FitConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
-    )
+    total = cfg.max_steps or cfg.epochs * len(train_loader)
+    if cfg.lr_schedule == "linear":  # the seed's train_gq.py: stepped every training step, over the planned steps
+        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, cfg.lr_end_factor, total_iters=total)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     state = {"step": 0, "best_val_mse": math.inf, "best_step": 0, "bad_validations": 0, "train_time": 0.0}
     window = {"loss": 0.0, "steps": 0, "samples": 0, "wait": 0.0, "time": 0.0}
@@ -344,10 +348,10 @@ def _fit(cfg: FitConfig) -> dict:
             checkpoint(run.path / "best.pt", full=False)
         else:
             state["bad_validations"] += 1
-        scheduler.step(result["val_mse"])
+        if cfg.lr_schedule == "plateau":
+            scheduler.step(result["val_mse"])
         return result
 
-    total = cfg.max_steps or cfg.epochs * len(train_loader)
     val_every = cfg.val_every or len(train_loader)
     steps_at_start = state["step"]
     totals = {"samples": 0, "wait": 0.0, "time": 0.0}
@@ -370,6 +374,8 @@ def _fit(cfg: FitConfig) -> dict:
                 net, batch, optimizer, scaler, mean, std, cfg.amp, cfg.channels_last, cfg.zero_sdf, state["step"] + 1
             )
             state["step"] += 1
+            if cfg.lr_schedule == "linear":
+                scheduler.step()
             if train_loader.position == len(train_loader):  # never checkpoint a finished epoch's position
                 train_loader.set_epoch(train_loader.epoch + 1)
                 batches = iter(train_loader)

@@ -85,6 +85,19 @@ def fit_options(fn):
         click.option("--lr", default=1e-4, show_default=True),
         click.option("--weight-decay", default=1e-4, show_default=True),
         click.option(
+            "--lr-schedule",
+            type=click.Choice(["plateau", "linear"]),
+            default="plateau",
+            show_default=True,
+            help="plateau: lr x --plateau-factor after --plateau-patience validations without improvement; "
+            "linear: lr x 1 -> --lr-end-factor over the planned steps (the seed's train_gq.py).",
+        ),
+        click.option(
+            "--lr-end-factor", default=0.05, show_default=True, help="linear schedule: the last step's lr factor."
+        ),
+        click.option("--plateau-factor", default=0.5, show_default=True),
+        click.option("--plateau-patience", default=5, show_default=True),
+        click.option(
             "--early-stopping",
             default=15,
             show_default=True,
