@@ -185,7 +185,7 @@ class Loader:
 
 def _check_dataset(root: Path) -> None:
     """Fail before any work when the directory is not a usable dataset (quick verify)."""
-    problems, _ = verify(root, quick=True)
+    problems = verify(root, quick=True).problems
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise DatasetError(

@@ -1,37 +1,60 @@
 """The shard format: SDF grids and grasp labels in fixed-size, memory-mappable NPY shards.
 
-Written by `build_shards` (through `ShardWriter`), read by `ShardReader`, described by
-`manifest.json` and indexed by `scenes.parquet`. NumPy and pyarrow only: no torch, no DALI.
+Written by `build_shards` (through `writer.py`), read by `ShardReader`, described by
+`manifest.json` (typed as `Manifest`) and indexed by `scenes.parquet`. NumPy and pyarrow only: no torch, no DALI.
 """
 
 __version__ = "0.1.0"
 
 from .build import BuildError, BuildOptions, build_shards  # noqa: E402
-from .format import FORMAT_NAME, FORMAT_VERSION, GRASP_DIM, LABEL_DIM, SCORE_COLUMN  # noqa: E402
+from .files import swap_in_dir, write_atomically  # noqa: E402
+from .format import (  # noqa: E402
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GRASP_DIM,
+    LABEL_DIM,
+    SCORE_COLUMN,
+    SPLITS,
+    FileEntry,
+    Layout,
+    Manifest,
+    Provenance,
+    ScoreStats,
+    SplitInfo,
+)
 from .manifest import DatasetError, fingerprint, read_manifest  # noqa: E402
-from .reader import SPLITS, ShardReader  # noqa: E402
+from .reader import ShardReader  # noqa: E402
 from .source import SceneError, SourceError  # noqa: E402
 from .splits import SplitError  # noqa: E402
-from .verify import verify  # noqa: E402
-from .writer import Layout  # noqa: E402
+from .table import format_table  # noqa: E402
+from .verify import VerifyResult, verify  # noqa: E402
 
 __all__ = [
     "BuildError",
     "BuildOptions",
     "build_shards",
+    "swap_in_dir",
+    "write_atomically",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GRASP_DIM",
     "LABEL_DIM",
     "SCORE_COLUMN",
+    "SPLITS",
+    "FileEntry",
+    "Layout",
+    "Manifest",
+    "Provenance",
+    "ScoreStats",
+    "SplitInfo",
     "DatasetError",
     "fingerprint",
     "read_manifest",
-    "SPLITS",
     "ShardReader",
     "SceneError",
     "SourceError",
     "SplitError",
+    "format_table",
+    "VerifyResult",
     "verify",
-    "Layout",
 ]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .crc import CRCAppender
+from .files import write_atomically
 from .format import (
     BUILD_DIR,
     FORMAT_NAME,
@@ -40,6 +41,13 @@ from .format import (
     MANIFEST,
     SDF_DTYPES,
     SKIPPED,
+    SPLITS,
+    FileEntry,
+    Layout,
+    Manifest,
+    Provenance,
+    ScoreStats,
+    SplitInfo,
     file_crc32,
     grid_points,
 )
@@ -47,11 +55,10 @@ from .index import write_index
 from .manifest import write_manifest
 from .outdir import JOURNAL, BuildError, Lock, check_ours, remove_ours, replace, staging_dir
 from .placement import Placement, place_scenes
-from .reader import SPLITS
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
 from .splits import assign_splits
 from .stats import ScoreSums, score_stats
-from .writer import Layout, commit_shard, create_shard, write_record
+from .writer import commit_shard, create_shard, write_record
 
 MAX_RECORD_BYTES = 1 << 28  # 256 MiB: a 256^3 float32 grid is 64 MiB; the seed's 480 grasps take 38 kB
 MAX_SHARD_BYTES = 1 << 36  # 64 GiB per shard file
@@ -364,15 +371,17 @@ def _write_all(
     shard = _Shard(len(done), header_crcs)
     first = len(done) * r
     record_bytes = layout.sdf_record_bytes + layout.labels_record_bytes
+    # Progress in bytes of scene records written (MB/s, decimal like the README's figures).
     bar = tqdm(
-        total=len(names),
-        initial=first,
-        unit="scene",
+        total=len(names) * record_bytes,
+        initial=int((scene_at[:first] >= 0).sum()) * record_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
         disable=(not progress) or None,
         desc="make_shards",
         dynamic_ncols=True,
     )
-    started = time.perf_counter()
     with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
         tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
         results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
@@ -406,10 +415,7 @@ def _write_all(
                 write_record(out, layout, position, None, empty_labels)
                 shard.add_crcs(appenders, empty_crcs)
             if scene >= 0:
-                bar.update(1)
-                if position % 64 == 0:
-                    rate = (position - first + 1) * record_bytes / 1e6 / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix_str(f"{rate:.0f} MB/s")
+                bar.update(record_bytes)
             if position % r == r - 1:
                 entry = {
                     "shard": shard.number,
@@ -441,9 +447,7 @@ def _finish(
     write_index(out / INDEX, rows)
     files.append({"name": INDEX, "bytes": (out / INDEX).stat().st_size, "crc32": file_crc32(out / INDEX)})
     if opts.skip_bad:
-        tmp = out / f".{SKIPPED}.tmp"
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
-        os.replace(tmp, out / SKIPPED)
+        write_atomically(out / SKIPPED, "".join(json.dumps(s) + "\n" for s in skipped))
 
     per_split = {
         s: {"scenes": 0, "grasps": 0, "first_shard": placement.shards[s][0], "num_shards": placement.shards[s][1]}
@@ -458,36 +462,36 @@ def _finish(
             f"SOURCE {source}: all {train['count']} train scores are equal ({train['min']}), so their "
             "std is 0 and scores cannot be standardised; check the labels"
         )
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "grid": [layout.grid] * 3,
-        "grid_origin": grid_points(layout.grid)[0],
-        "grid_spacing": grid_points(layout.grid)[1],
-        "sdf_dtype": layout.dtype,
-        "label_dtype": "float32",
-        "grasp_dim": GRASP_DIM,
-        "label_dim": LABEL_DIM,
-        "max_grasps": layout.max_grasps,
-        "records_per_shard": layout.records_per_shard,
-        "header_bytes": HEADER_BYTES,
-        "num_shards": len(entries),
-        "num_scenes": len(rows),
-        "num_records": len(entries) * layout.records_per_shard,
-        "source_scenes": considered,
-        "splits": per_split,
-        "score_stats": train,
-        "sdf_max_conversion_error": max(s.conversion_error for s in stats),
-        "skipped": len(skipped),
-        "checksums": {
+    manifest = Manifest(
+        format=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        grid=(layout.grid,) * 3,
+        grid_origin=grid_points(layout.grid)[0],
+        grid_spacing=grid_points(layout.grid)[1],
+        sdf_dtype=layout.dtype,
+        label_dtype="float32",
+        grasp_dim=GRASP_DIM,
+        label_dim=LABEL_DIM,
+        max_grasps=layout.max_grasps,
+        records_per_shard=layout.records_per_shard,
+        header_bytes=HEADER_BYTES,
+        num_shards=len(entries),
+        num_scenes=len(rows),
+        num_records=len(entries) * layout.records_per_shard,
+        source_scenes=considered,
+        splits={s: SplitInfo(**counts) for s, counts in per_split.items()},
+        score_stats=ScoreStats(**train),
+        sdf_max_conversion_error=max(s.conversion_error for s in stats),
+        skipped=len(skipped),
+        checksums={
             "files": "crc32 of the whole file",
             "records": "xxh3_64 of the record's SDF bytes, then its labels bytes",
             "device_records": "sum of the record's little-endian 32-bit words times splitmix64 keys, "
             "mod 2^64 (shards/checksum.py)",
         },
-        "files": files,
-        "made_by": {"tool": "make_shards", "version": __version__, "source": str(source), "args": asdict(opts)},
-    }
+        files=tuple(FileEntry(**f) for f in files),
+        made_by=Provenance(tool="make_shards", version=__version__, source=str(source), args=asdict(opts)),
+    )
     write_manifest(out, manifest)
     (out / BUILD_DIR / JOURNAL).unlink()
     (out / BUILD_DIR).rmdir()
@@ -499,10 +503,10 @@ def _finish(
         "skipped": len(skipped),
         "splits": per_split,
         "shards": len(entries),
-        "records": manifest["num_records"],
+        "records": manifest.num_records,
         "bytes_on_disk": _allocated_bytes(paths),
         "bytes_apparent": sum(p.stat().st_size for p in paths),
         "score_stats": train,
         "sdf_dtype": layout.dtype,
-        "sdf_max_conversion_error": manifest["sdf_max_conversion_error"],
+        "sdf_max_conversion_error": manifest.sdf_max_conversion_error,
     }

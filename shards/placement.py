@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reader import SPLITS
+from .format import SPLITS
 
 
 def shuffle_key(name: str, shuffle_seed: int) -> bytes:

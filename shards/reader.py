@@ -7,12 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import GRASP_DIM, HEADER_BYTES, INDEX, SCORE_COLUMN, labels_name, sdf_name
+from .format import GRASP_DIM, HEADER_BYTES, INDEX, SCORE_COLUMN, SPLITS, DatasetError, Layout, labels_name, sdf_name
 from .index import read_index
-from .manifest import DatasetError, read_manifest
-from .writer import Layout
-
-SPLITS = ("train", "val", "test")
+from .manifest import Manifest, read_manifest
 
 
 class ShardReader:
@@ -24,19 +21,13 @@ class ShardReader:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        m = self.manifest
-        self.layout = Layout(
-            grid=m["grid"][0],
-            dtype=m["sdf_dtype"],
-            max_grasps=m["max_grasps"],
-            records_per_shard=m["records_per_shard"],
-        )
+        self.manifest: Manifest = read_manifest(self.root)
+        self.layout = Layout.from_manifest(self.manifest)
         if not (self.root / INDEX).exists():
             raise DatasetError(f"{self.root / INDEX}: missing index; rebuild the dataset")
         self.index = read_index(self.root / INDEX)
         # Scene ids are sorted source positions; with skipped scenes they have gaps.
-        self._row = np.full(int(m["source_scenes"]), -1, dtype=np.int64)
+        self._row = np.full(self.manifest.source_scenes, -1, dtype=np.int64)
         self._row[self.index["scene"]] = np.arange(len(self.index["scene"]))
         self._maps: dict[str, np.ndarray] = {}
 
@@ -46,7 +37,7 @@ class ShardReader:
 
     @property
     def num_shards(self) -> int:
-        return int(self.manifest["num_shards"])
+        return self.manifest.num_shards
 
     def sdf_path(self, shard: int) -> Path:
         return self.root / sdf_name(shard)
@@ -132,5 +123,5 @@ class ShardReader:
 
     def split_shards(self, split: str) -> np.ndarray:
         """The shard numbers that hold a split (consecutive: splits never share a shard)."""
-        entry = self.manifest["splits"][split]
-        return np.arange(entry["first_shard"], entry["first_shard"] + entry["num_shards"], dtype=np.int64)
+        entry = self.manifest.splits[split]
+        return np.arange(entry.first_shard, entry.first_shard + entry.num_shards, dtype=np.int64)

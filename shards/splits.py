@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .reader import SPLITS
+from .format import SPLITS
 
 
 class SplitError(ValueError):

@@ -1,18 +1,17 @@
 """Verification: manifest, files and index agree; headers are right; every record's bytes match.
 
-`python -m shards.verify DIR [--quick]` (also `tools/verify_shards.py`): exit 0 with a one-line
-summary, or exit 1 with one line per problem naming the file, shard, slot and scene. The full check
-also recomputes the train score statistics from the stored labels and compares them with the manifest's.
+`verify(DIR)` returns a `VerifyResult`: one line per problem naming the file, shard, slot and scene,
+or none and a one-line summary (`tools/verify_shards.py` prints them). The full check also
+recomputes the train score statistics from the stored labels and compares them with the manifest's.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 from tqdm import tqdm
 
@@ -23,6 +22,9 @@ from .format import (
     LABEL_DIM,
     LABEL_DTYPE,
     SCORE_COLUMN,
+    SPLITS,
+    Layout,
+    Manifest,
     file_crc32,
     labels_name,
     read_npy_header,
@@ -30,9 +32,22 @@ from .format import (
 )
 from .index import read_index
 from .manifest import DatasetError, fingerprint, read_manifest
-from .reader import SPLITS
 from .stats import ScoreSums, score_stats
-from .writer import Layout
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What `verify` found: one line per problem (none when the dataset is sound), and a summary line."""
+
+    root: Path
+    problems: list[str]
+    summary: str = ""  # "OK <root>: ..." once the checks ran to the end ("" when a problem stopped them early)
+    quick: bool = False  # records were not read
+    shards: int = 0  # shards whose records were read and checked
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> list[str]:
@@ -54,14 +69,14 @@ def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> list[s
     return problems
 
 
-def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
+def _check_index(manifest: Manifest, index: dict, layout: Layout) -> list[str]:
     """The index agrees with the manifest: one row per record in storage order, each split in its own shards."""
-    n, r, problems = manifest["num_scenes"], layout.records_per_shard, []
+    n, r, problems = manifest.num_scenes, layout.records_per_shard, []
     scene = index["scene"]
     if len(scene) != n:
         return [f"{INDEX}: {len(scene)} rows, manifest says {n} scenes"]
-    if len(np.unique(scene)) != n or (scene < 0).any() or (scene >= manifest["source_scenes"]).any():
-        problems.append(f"{INDEX}: scene ids must be unique and in 0..{manifest['source_scenes'] - 1}")
+    if len(np.unique(scene)) != n or (scene < 0).any() or (scene >= manifest.source_scenes).any():
+        problems.append(f"{INDEX}: scene ids must be unique and in 0..{manifest.source_scenes - 1}")
     if len(np.unique(index["name"])) != n:
         problems.append(f"{INDEX}: scene names must be unique")
     position = index["shard"].astype(np.int64) * r + index["slot"]
@@ -70,10 +85,10 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
         or (index["slot"] < 0).any()
         or (index["slot"] >= r).any()
         or (position < 0).any()
-        or (position >= manifest["num_records"]).any()
+        or (position >= manifest.num_records).any()
     ):
         problems.append(
-            f"{INDEX}: (shard, slot) must be unique records of the {manifest['num_shards']} shards, in storage order"
+            f"{INDEX}: (shard, slot) must be unique records of the {manifest.num_shards} shards, in storage order"
         )
     for row in np.flatnonzero((index["num_grasps"] < 1) | (index["num_grasps"] > layout.max_grasps)):
         problems.append(
@@ -81,12 +96,12 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
             f"{index['num_grasps'][row]}, outside 1..{layout.max_grasps}"
         )
     for split in SPLITS:
-        entry = manifest["splits"][split]
+        entry = manifest.splits[split]
         mask = index["split"] == split
         got = {"scenes": int(mask.sum()), "grasps": int(index["num_grasps"][mask].sum())}
-        if got != {k: entry[k] for k in got}:
-            problems.append(f"{INDEX}: split {split} has {got}, manifest says {entry}")
-        first, count = entry["first_shard"], entry["num_shards"]
+        if got != {k: getattr(entry, k) for k in got}:
+            problems.append(f"{INDEX}: split {split} has {got}, manifest says {entry.to_dict()}")
+        first, count = entry.first_shard, entry.num_shards
         outside = mask & ((index["shard"] < first) | (index["shard"] >= first + count))
         for row in np.flatnonzero(outside)[:1]:
             problems.append(
@@ -96,18 +111,18 @@ def _check_index(manifest: dict, index: dict, layout: Layout) -> list[str]:
     return problems
 
 
-def _check_stats(manifest: dict, recomputed: dict | None = None) -> list[str]:
+def _check_stats(manifest: Manifest, recomputed: dict | None = None) -> list[str]:
     """The manifest's train score statistics: a spread (std > 0), and equal to those `recomputed` from the labels."""
-    stats, problems = manifest["score_stats"], []
-    if stats.get("count") and (stats.get("std") == 0 or stats.get("min") == stats.get("max")):
+    stats, problems = manifest.score_stats, []
+    if stats.count and (stats.std == 0 or stats.min == stats.max):
         problems.append(
-            f"manifest.json: score_stats std is {stats.get('std')}: all train scores are equal "
-            f"(min {stats.get('min')}, max {stats.get('max')}); scores cannot be standardised, rebuild "
+            f"manifest.json: score_stats std is {stats.std}: all train scores are equal "
+            f"(min {stats.min}, max {stats.max}); scores cannot be standardised, rebuild "
             "with varied labels"
         )
     if recomputed is not None:
         for key, want in recomputed.items():
-            got = stats.get(key)
+            got = getattr(stats, key)
             same = (
                 got == want
                 if not isinstance(want, float) or not isinstance(got, (int, float))
@@ -165,23 +180,26 @@ def _check_records(
     return problems
 
 
-def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tuple[list[str], str]:
-    """(problems, summary). `quick` checks sizes, headers and the index, not the bytes."""
+def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> VerifyResult:
+    """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes."""
     root = Path(root)
     try:
-        manifest = read_manifest(root)
+        m = read_manifest(root)
     except DatasetError as err:
-        return [str(err)], ""
-    m = manifest
-    if m.get("fingerprint") != fingerprint(m):
-        return [
-            f"{root / 'manifest.json'}: its fingerprint does not match its contents: edited after the build; "
-            "rebuild the dataset"
-        ], ""
-    layout = Layout(m["grid"][0], m["sdf_dtype"], m["max_grasps"], m["records_per_shard"])
-    listed = {f["name"]: f for f in m["files"]}
+        return VerifyResult(root, [str(err)], quick=quick)
+    if m.fingerprint != fingerprint(m):
+        return VerifyResult(
+            root,
+            [
+                f"{root / 'manifest.json'}: its fingerprint does not match its contents: edited after the build; "
+                "rebuild the dataset"
+            ],
+            quick=quick,
+        )
+    layout = Layout.from_manifest(m)
+    listed = {f.name: f for f in m.files}
     problems = []
-    for k in range(m["num_shards"]):
+    for k in range(m.num_shards):
         for name in (sdf_name(k), labels_name(k)):
             if name not in listed:
                 problems.append(f"{name}: shard {k}: not listed in the manifest")
@@ -189,60 +207,46 @@ def verify(root: str | Path, quick: bool = False, progress: bool = False) -> tup
         path = root / name
         if not path.exists():
             problems.append(f"{name}: listed in the manifest but missing")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-    for k in range(m["num_shards"]):
+        elif path.stat().st_size != entry.bytes:
+            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
+    for k in range(m.num_shards):
         if (root / sdf_name(k)).exists():
             problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))
         if (root / labels_name(k)).exists():
             problems += _check_header(root / labels_name(k), layout.labels_shape(), LABEL_DTYPE)
     # The index is small: its checksum is checked even by --quick, so an index from another
     # dataset (or with scenes moved between splits) never reaches a loader.
-    if INDEX in listed and (root / INDEX).exists() and file_crc32(root / INDEX) != listed[INDEX]["crc32"]:
-        return problems + [
+    if INDEX in listed and (root / INDEX).exists() and file_crc32(root / INDEX) != listed[INDEX].crc32:
+        problems.append(
             f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; rebuild the dataset"
-        ], ""
+        )
+        return VerifyResult(root, problems, quick=quick)
     try:
         index = read_index(root / INDEX)
     except (OSError, ValueError) as err:
-        return problems + [f"{INDEX}: unreadable index ({err})"], ""
+        return VerifyResult(root, problems + [f"{INDEX}: unreadable index ({err})"], quick=quick)
     problems += _check_index(m, index, layout)
     problems += _check_stats(m)
+    read = 0
     if problems or quick:
         checked = "sizes, headers and index match (records not read: --quick)"
     else:
-        rows_by_shard: dict[int, dict[int, int]] = {k: {} for k in range(m["num_shards"])}
+        rows_by_shard: dict[int, dict[int, int]] = {k: {} for k in range(m.num_shards)}
         for row, (shard, slot) in enumerate(zip(index["shard"], index["slot"])):
             rows_by_shard[int(shard)][int(slot)] = row
-        crcs = {name: entry["crc32"] for name, entry in listed.items()}
+        crcs = {name: entry.crc32 for name, entry in listed.items()}
         parts = []
-        for k in tqdm(range(m["num_shards"]), unit="shard", desc="verify", disable=(not progress) or None):
+        for k in tqdm(range(m.num_shards), unit="shard", desc="verify", disable=(not progress) or None):
             parts.append(ScoreSums())
             problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs, parts[-1])
+        read = m.num_shards
         if not problems:
             problems += _check_stats(m, score_stats(parts))
         checked = "every file and record checksum matches"
-    splits = " / ".join(f"{s} {m['splits'][s]['scenes']}" for s in SPLITS)
-    size = sum(entry["bytes"] for entry in m["files"]) / 1e6
+    splits = " / ".join(f"{s} {m.splits[s].scenes}" for s in SPLITS)
+    size = sum(entry.bytes for entry in m.files) / 1e6
     summary = (
-        f"OK {root}: {m['num_scenes']} scenes ({splits}), {m['num_shards']} shards of "
-        f"{m['records_per_shard']}, {size:.1f} MB; {checked}"
+        f"OK {root}: {m.num_scenes} scenes ({splits}), {m.num_shards} shards of "
+        f"{m.records_per_shard}, {size:.1f} MB; {checked}"
     )
-    return problems, summary
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--quick", is_flag=True, help="Check sizes, headers and the index only; skip reading the records.")
-def cli(directory: Path, quick: bool) -> None:
-    """Verify the dataset in DIRECTORY: exit 0 with a summary, or 1 with one line per problem."""
-    problems, summary = verify(directory, quick=quick, progress=sys.stderr.isatty())
-    if problems:
-        for line in problems:
-            click.echo(line)
-        sys.exit(1)
-    click.echo(summary)
-
-
-if __name__ == "__main__":
-    cli()
+    return VerifyResult(root, problems, summary, quick=quick, shards=read)

@@ -10,59 +10,14 @@ never written; its labels are written as empty records).
 from __future__ import annotations
 
 import os
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .format import HEADER_BYTES, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN, labels_name, npy_header, sdf_name
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shapes and dtypes shared by every shard of a dataset."""
-
-    grid: int
-    dtype: str
-    max_grasps: int
-    records_per_shard: int
-
-    @property
-    def sdf_record_bytes(self) -> int:
-        return self.grid**3 * np.dtype(self.dtype).itemsize
-
-    @property
-    def labels_record_bytes(self) -> int:
-        return self.max_grasps * LABEL_DIM * LABEL_DTYPE.itemsize
-
-    @property
-    def record_words(self) -> int:
-        """32-bit words of one record (SDF then labels), the length of its device checksum's keys."""
-        return (self.sdf_record_bytes + self.labels_record_bytes) // 4
-
-    def sdf_shape(self) -> tuple[int, ...]:
-        return (self.records_per_shard,) + (self.grid,) * 3
-
-    def labels_shape(self) -> tuple[int, ...]:
-        return (self.records_per_shard, self.max_grasps, LABEL_DIM)
-
-    def headers(self) -> tuple[bytes, bytes]:
-        """The NPY headers of a shard's SDF file and labels file."""
-        return npy_header(self.sdf_shape(), np.dtype(self.dtype)), npy_header(self.labels_shape(), LABEL_DTYPE)
-
-    def empty_labels(self) -> bytes:
-        """Labels of an empty record: zero grasps, NaN scores."""
-        labels = np.zeros((self.max_grasps, LABEL_DIM), dtype=LABEL_DTYPE)
-        labels[:, SCORE_COLUMN] = np.nan
-        return labels.tobytes()
-
-    def empty_checksums(self) -> tuple[int, int]:
-        """CRC-32s of an empty record's SDF (zeros) and labels."""
-        return zlib.crc32(bytes(self.sdf_record_bytes)), zlib.crc32(self.empty_labels())
+from .format import HEADER_BYTES, Layout, labels_name, sdf_name
 
 
 def temporary(path: Path) -> Path:
+    """A shard file's name while it is filled: fixed (not `files.temporary_file`'s unique name), because
+    worker processes open it by name and `--resume` finds it; the build's lock keeps it to one writer."""
     return path.with_name(f".{path.name}.tmp")
 
 

@@ -118,8 +118,8 @@ def test_failed_rebuild_leaves_the_old_dataset(where: str, small_source: Path, t
     bad.write_bytes(good)
     assert make(small_source, out, "--records-per-shard", 2, "--overwrite").exit_code == 0
     reader = ShardReader(out)
-    assert reader.num_scenes == 11 and reader.manifest["records_per_shard"] == 2
-    assert verify(out)[0] == [] and leftovers(out) == []
+    assert reader.num_scenes == 11 and reader.manifest.records_per_shard == 2
+    assert verify(out).problems == [] and leftovers(out) == []
 
 
 def test_overwrite_where_the_file_system_cannot_exchange(
@@ -129,7 +129,7 @@ def test_overwrite_where_the_file_system_cannot_exchange(
     assert make(small_source, out, "--limit", 4).exit_code == 0
     monkeypatch.setattr("shards.outdir._exchange", lambda a, b: False)  # as on a file system without RENAME_EXCHANGE
     assert make(small_source, out, "--overwrite").exit_code == 0
-    assert ShardReader(out).num_scenes == 11 and verify(out)[0] == []
+    assert ShardReader(out).num_scenes == 11 and verify(out).problems == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "src"]
 
 
@@ -187,7 +187,7 @@ def test_killed_rebuild_keeps_old_dataset_and_resumes_byte_identical(tmp_path: P
     old = tree_bytes(out)
     data = (src / "scene_025" / "scene.npz").read_bytes()
     _kill(_stalled_build(src, out, "--overwrite"), src, data)
-    assert tree_bytes(out) == old and verify(out)[0] == []  # SIGKILL mid-rebuild: the old dataset is whole
+    assert tree_bytes(out) == old and verify(out).problems == []  # SIGKILL mid-rebuild: the old dataset is whole
     assert list(staging_dir(out).glob(".*.tmp"))
     refused = one_line(make(src, out, "--records-per-shard", 4))
     assert "--resume" in refused
@@ -270,7 +270,7 @@ def test_values_finite_in_float64_but_not_as_stored_are_bad(case: str, small_sou
     assert not (tmp_path / "ds").exists()
     assert make(small_source, tmp_path / "ds", "--skip-bad", *dtype).exit_code == 0
     skipped = [json.loads(x) for x in (tmp_path / "ds" / "skipped.jsonl").read_text().splitlines()]
-    assert [s["name"] for s in skipped] == ["scene_004"] and verify(tmp_path / "ds")[0] == []
+    assert [s["name"] for s in skipped] == ["scene_004"] and verify(tmp_path / "ds").problems == []
 
 
 def _edit_manifest(out: Path, refingerprint: bool, **stats) -> None:
@@ -288,7 +288,7 @@ def test_verify_recomputes_score_statistics(case: str, small_source: Path, tmp_p
     assert make(small_source, out).exit_code == 0
     edit = {"mean": 1000.0} if case.startswith("mean") else {"std": 0.0}
     _edit_manifest(out, refingerprint=not case.endswith("stale"), **edit)
-    problems, _ = verify(out)
+    problems = verify(out).problems
     assert len(problems) == 1, problems
     expected = {
         "mean_1000": "score_stats mean is 1000.0, but the train labels give",
@@ -297,7 +297,7 @@ def test_verify_recomputes_score_statistics(case: str, small_source: Path, tmp_p
     }[case]
     assert expected in problems[0]
     if case == "std_0":
-        assert expected in verify(out, quick=True)[0][0]
+        assert expected in verify(out, quick=True).problems[0]
 
 
 def test_equal_train_scores_are_refused_at_build(tmp_path: Path) -> None:
@@ -354,7 +354,7 @@ def _full_disk_rebuild(src: Path, out: Path) -> None:
     before = tree_bytes(out)
     line = one_line(make(src, out, "--max-grasps", 24, "--records-per-shard", 2, "--overwrite"))
     assert "No space left on device" in line and "--out was left as it was" in line
-    assert tree_bytes(out) == before and verify(out)[0] == [] and leftovers(out) == []
+    assert tree_bytes(out) == before and verify(out).problems == [] and leftovers(out) == []
 
 
 def test_full_disk_on_a_real_tmpfs(small_source: Path, small_disk: Path) -> None:

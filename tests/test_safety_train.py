@@ -80,7 +80,7 @@ def one_line(result: Result, code: int) -> str:
 
 
 def fingerprint(shards: Path) -> str:
-    return read_manifest(shards)["fingerprint"]
+    return read_manifest(shards).fingerprint
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -381,7 +381,7 @@ def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(
     [
         ("text-checkpoint", "{ckpt}: unreadable checkpoint: not a PyTorch checkpoint file"),
         ("other-grid", "{ckpt}: model input size 32 != the dataset's grid 16"),
-        ("manifest-without-grid", "{shards}/manifest.json: no valid max_grasps and grid"),
+        ("manifest-without-grid", "{shards}/manifest.json: no valid grid (missing)"),
         ("not-a-dataset", "{shards}/manifest.json: missing"),
     ],
 )

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
+from conftest import make_source, random_scene, run_tool, tree_bytes, write_scene
 
-from shards import ShardReader, verify
+from shards import Manifest, ShardReader, verify
 from shards.format import HEADER_BYTES, read_npy_header
 
 GRID = 16
@@ -32,8 +31,8 @@ def test_round_trip_float32_exact(small_source: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "scenes" in result.stdout and "max conversion error 0" in result.stdout
     reader = ShardReader(out)
-    per_split = reader.manifest["splits"]
-    assert reader.num_scenes == 11 and reader.num_shards == sum(-(-c["scenes"] // 4) for c in per_split.values())
+    per_split = reader.manifest.splits
+    assert reader.num_scenes == 11 and reader.num_shards == sum(-(-c.scenes // 4) for c in per_split.values())
     for scene, name in zip(reader.index["scene"], reader.index["name"]):
         src = source_arrays(small_source, name)
         assert name == f"scene_{scene:03d}"  # sorted by name: the scene id is the sorted position
@@ -44,8 +43,8 @@ def test_round_trip_float32_exact(small_source: Path, tmp_path: Path) -> None:
         assert reader.column("global_scale", [scene])[0] == src["global_scale"]
     # a whole shard is one array; the padded tail of each split's last shard is empty
     train = per_split["train"]
-    last = reader.labels_shard(train["first_shard"] + train["num_shards"] - 1)
-    used = train["scenes"] - 4 * (train["num_shards"] - 1)
+    last = reader.labels_shard(train.first_shard + train.num_shards - 1)
+    used = train.scenes - 4 * (train.num_shards - 1)
     assert last.shape == (4, 480, 20) and np.isnan(last[used:, :, 19]).all()
 
 
@@ -60,20 +59,20 @@ def test_round_trip_float16_within_rounding(small_source: Path, tmp_path: Path) 
         assert stored.dtype == np.float16
         assert np.array_equal(stored, sdf.astype(np.float16))
         worst = max(worst, float(np.abs(stored.astype(np.float32) - sdf).max()))
-    assert reader.manifest["sdf_max_conversion_error"] == pytest.approx(worst)
+    assert reader.manifest.sdf_max_conversion_error == pytest.approx(worst)
     assert 0 < worst < 1e-3
 
 
 def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "ds"
     assert build(small_source, out, "--records-per-shard", 4).returncode == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "gq-shards" and manifest["version"] == 2
-    assert manifest["num_records"] == 4 * manifest["num_shards"] and manifest["num_scenes"] == 11
-    assert manifest["grid_origin"] == -1.0 and manifest["grid_spacing"] == 2 / GRID
-    assert len(manifest["fingerprint"]) == 64
-    for split, counts in manifest["splits"].items():
-        assert counts["scenes"] == sum(1 for s in ShardReader(out).index["split"] if s == split)
+    manifest = Manifest.from_json(out / "manifest.json")
+    assert manifest.format == "gq-shards" and manifest.version == 2
+    assert manifest.num_records == 4 * manifest.num_shards and manifest.num_scenes == 11
+    assert manifest.grid_origin == -1.0 and manifest.grid_spacing == 2 / GRID
+    assert len(manifest.fingerprint) == 64
+    for split, counts in manifest.splits.items():
+        assert counts.scenes == sum(1 for s in ShardReader(out).index["split"] if s == split)
     for name in ("sdf-00000.npy", "labels-00002.npy"):
         version, shape, fortran, dtype, offset = read_npy_header(out / name)
         assert version == (1, 0) and not fortran and offset == HEADER_BYTES
@@ -81,7 +80,7 @@ def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
     arr = np.load(out / "sdf-00001.npy", mmap_mode="r")
     assert arr.shape == (4, GRID, GRID, GRID) and arr.dtype == np.float16 and arr.offset == HEADER_BYTES
     assert arr[0].nbytes % 4096 == 0
-    shards = range(manifest["num_shards"])
+    shards = range(manifest.num_shards)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"sdf-{k:05d}.npy" for k in shards]
         + [f"labels-{k:05d}.npy" for k in shards]
@@ -101,9 +100,9 @@ def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
         index, manifest = reader.index, reader.manifest
         first = 0
         for split in ("train", "val", "test"):
-            entry = manifest["splits"][split]
-            assert entry["first_shard"] == first and entry["num_shards"] == -(-entry["scenes"] // 4)
-            first += entry["num_shards"]
+            entry = manifest.splits[split]
+            assert entry.first_shard == first and entry.num_shards == -(-entry.scenes // 4)
+            first += entry.num_shards
             rows = np.flatnonzero(index["split"] == split)
             # no shard holds two splits: the split's rows are exactly its shards' records
             assert set(index["shard"][rows]) == set(reader.split_shards(split))
@@ -111,9 +110,9 @@ def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
             names = list(index["name"][rows])
             assert names == sorted(names, key=lambda n: shuffle_key(n, seed))
             positions = index["shard"][rows] * 4 + index["slot"][rows]
-            assert list(positions) == list(range(entry["first_shard"] * 4, entry["first_shard"] * 4 + len(rows)))
+            assert list(positions) == list(range(entry.first_shard * 4, entry.first_shard * 4 + len(rows)))
             orders[name, split] = names
-        assert first == manifest["num_shards"]
+        assert first == manifest.num_shards
         # the index maps every scene to its record
         for scene, name in zip(index["scene"], index["name"]):
             shard, slot = reader.locate(scene)
@@ -234,7 +233,7 @@ def test_skip_bad_reports_and_never_substitutes(small_source: Path, tmp_path: Pa
     assert [s["name"] for s in skipped] == ["scene_003", "scene_007"]
     assert "corrupt npz" in skipped[0]["reason"] and "'sdf' has shape (8, 8, 8)" in skipped[1]["reason"]
     reader = ShardReader(out)
-    assert reader.manifest["skipped"] == 2 and reader.num_scenes == 9
+    assert reader.manifest.skipped == 2 and reader.num_scenes == 9
     assert "scene_003" not in reader.index["name"] and "scene_007" not in reader.index["name"]
     # ids stay the sorted source positions: the skipped scenes leave empty records, nothing moves up
     assert sorted(reader.index["scene"]) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
@@ -245,11 +244,11 @@ def test_skip_bad_reports_and_never_substitutes(small_source: Path, tmp_path: Pa
         reader.sdf(3)
     used = set(zip(reader.index["shard"].tolist(), reader.index["slot"].tolist()))
     empty = [(k, s) for k in range(reader.num_shards) for s in range(4) if (k, s) not in used]
-    assert len(empty) == reader.manifest["num_records"] - 9
+    assert len(empty) == reader.manifest.num_records - 9
     for k, s in empty:
         assert np.isnan(reader.labels_shard(k)[s, :, 19]).all() and not reader.sdf_shard(k)[s].any()
-    problems, summary = verify(out)
-    assert problems == [] and summary.startswith("OK")
+    result = verify(out)
+    assert result.problems == [] and result.summary.startswith("OK")
 
 
 def test_splits_file(small_source: Path, tmp_path: Path) -> None:
@@ -291,7 +290,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, t
     path.write_bytes(bytes(data))
     quick = run_tool("verify_shards.py", out, "--quick")
     assert quick.returncode == 0  # sizes and headers still agree
-    bad = subprocess.run([sys.executable, "-m", "shards.verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    bad = run_tool("verify_shards.py", out)
     assert bad.returncode == 1
     from shards.index import read_index
 

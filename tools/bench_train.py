@@ -52,7 +52,7 @@ def throughput(
     with open_loader(
         shards, mode, "train", s, g, seed=0, device=device, shuffle_window=window, progress=False
     ) as loader:
-        stats = loader.reader.manifest["score_stats"]
+        stats = loader.reader.manifest.score_stats
         torch.manual_seed(0)
         model = build_model(kind, loader.grid, base_channels, fc_dims).to(device)
         if channels_last:
@@ -72,7 +72,7 @@ def throughput(
                 sync()
                 start = time.perf_counter()
             batch = next(batches)
-            train_step(net, batch, optimizer, scaler, stats["mean"], stats["std"], amp, channels_last, False, i + 1)
+            train_step(net, batch, optimizer, scaler, stats.mean, stats.std, amp, channels_last, False, i + 1)
             samples += batch.num_grasps if i >= warmup else 0
         sync()
         return samples / (time.perf_counter() - start)

@@ -95,7 +95,7 @@ def _check_inputs(batch: Batch, step: int) -> None:
 
 def dataset_identity(manifest: dict) -> str:
     """The dataset's fingerprint (from its manifest): the same whatever path spells the directory."""
-    return manifest.get("fingerprint") or fingerprint(manifest)  # datasets made before fingerprints: computed
+    return manifest.fingerprint or fingerprint(manifest)  # datasets made before fingerprints: computed
 
 
 def evaluate(
@@ -261,8 +261,8 @@ def _fit(cfg: FitConfig) -> dict:
         shuffle_window=cfg.window,
         progress=progress,
     )
-    stats = train_loader.reader.manifest["score_stats"]
-    mean, std = float(stats["mean"]), float(stats["std"])
+    stats = train_loader.reader.manifest.score_stats
+    mean, std = float(stats.mean), float(stats.std)
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise DatasetError(
             f"{Path(cfg.shards) / 'manifest.json'}: train score statistics mean {mean}, std {std}: "

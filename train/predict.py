@@ -8,7 +8,6 @@ are known; `write_parquet` saves them and `best_grasps` picks each object's K be
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from models import GRASP_DIM, GQEstimatorBase
 from pipeline import open_loader, resolve_device
-from shards import ShardReader, read_manifest
+from shards import ShardReader, read_manifest, write_atomically
 
 from .checkpoint import load_model
 from .metrics import Metrics
@@ -151,8 +150,8 @@ def predict_shards(
     """Every scene of one split of a shard dataset, whole scenes per batch (the epoch plan shuffles each
     scene's grasps, so rows are matched back to their stored order)."""
     manifest = read_manifest(shards_dir)
-    if manifest["grid"][0] != estimator.grid:
-        raise PredictError(f"--shards {shards_dir}: grid {manifest['grid'][0]}, the model reads {estimator.grid}")
+    if manifest.grid[0] != estimator.grid:
+        raise PredictError(f"--shards {shards_dir}: grid {manifest.grid[0]}, the model reads {estimator.grid}")
     reader = ShardReader(shards_dir)
     parts = []
     with open_loader(
@@ -160,7 +159,7 @@ def predict_shards(
         loader,
         split,
         scenes_per_batch,
-        manifest["max_grasps"],
+        manifest.max_grasps,
         seed=0,
         device=estimator.device,
         progress=False,
@@ -226,9 +225,7 @@ def write_parquet(predictions: Predictions, path: str | Path) -> None:
     }
     if not np.isnan(predictions.score).all():
         columns["score"] = pa.array(predictions.score, mask=np.isnan(predictions.score))
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: pq.write_table(pa.table(columns), f))
 
 
 def best_grasps(predictions: Predictions, k: int) -> list[tuple[str, int, int, float, float]]:

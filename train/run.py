@@ -205,7 +205,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
     model, stats = load_model(checkpoint)
     manifest = read_manifest(shards)
     try:
-        max_grasps, grid = int(manifest["max_grasps"]), int(manifest["grid"][0])
+        max_grasps, grid = manifest.max_grasps, manifest.grid[0]
     except (KeyError, IndexError, TypeError, ValueError):
         raise DatasetError(f"{shards}/manifest.json: no valid max_grasps and grid; rebuild the dataset") from None
     if model.input_size != grid:
