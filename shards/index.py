@@ -8,12 +8,13 @@ seed's per-scene extras translation (3 floats) and global_scale, null where the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .files import write_atomically
 
 SCHEMA = pa.schema(
     [
@@ -35,10 +36,10 @@ COLUMNS = tuple(SCHEMA.names)
 def write_index(path: Path, rows: list[dict]) -> None:
     """Write the index atomically (temporary name, then rename); rows are in scene order."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
     # No statistics timestamps exist in parquet; pin the writer options that shape the bytes.
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
-    os.replace(tmp, path)
+    write_atomically(
+        path, lambda f: pq.write_table(table, f, compression="zstd", use_dictionary=True, write_statistics=True)
+    )
 
 
 def read_index(path: Path) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ Only a directory that is provably ours is ever removed or resumed: a finished da
 that parses and names our format) or an unfinished build (`.build/journal.jsonl` whose first line
 names our format), and then only the files the format names; any other file stops the build. The
 new build is made in `.<name>.building` beside `--out` and replaces it by one atomic exchange when
-complete, so a failed rebuild leaves the old dataset as it was. `.<name>.lock` beside `--out`
+complete (`files.swap_in_dir`), so a failed rebuild leaves the old dataset as it was. `.<name>.lock` beside `--out`
 serialises builds: `flock` on it, with its identity re-checked after locking (a holder unlinks it
 on release, so a waiter may have opened a file that is no longer there).
 """
@@ -12,8 +12,6 @@ on release, so a waiter may have opened a file that is no longer there).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import json
 import os
@@ -24,13 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+from .files import exchange as _exchange
+from .files import swap_in_dir
 from .format import BUILD_DIR, FORMAT_NAME, MANIFEST
 
 JOURNAL = "journal.jsonl"
 _NAMES = r"(?:sdf|labels)-\d{5}\.npy|manifest\.json|scenes\.parquet|skipped\.jsonl"
-_DATASET_FILE = re.compile(rf"(?:{_NAMES})|\.(?:{_NAMES})\.tmp")  # the format's files and their temporaries
-_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15)
-_AT_FDCWD = -100
+# The format's files and their temporaries: `.<name>.tmp` (shards being filled) and
+# `.<name>.<random>.tmp` (files.write_atomically).
+_DATASET_FILE = re.compile(rf"(?:{_NAMES})|\.(?:{_NAMES})(?:\.\w+)?\.tmp")
 
 
 class BuildError(ValueError):
@@ -122,41 +122,10 @@ def check_ours(path: Path, what: str) -> str:
     return k
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):  # this file system cannot exchange
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def replace(out: Path, staging: Path) -> None:
-    """Put the complete build in `staging` at `out`; an old dataset there is swapped out, then removed."""
-    k = check_ours(out, "--out")
-    if k == "absent":
-        os.rename(staging, out)
-    elif k == "empty":
-        out.rmdir()
-        os.rename(staging, out)
-    elif _exchange(staging, out):
-        remove_ours(staging)  # now the old dataset
-    else:  # two renames: a crash between them leaves the old dataset complete at `.<name>.old`
-        old = out.parent / f".{out.name}.old"
-        remove_ours(old)
-        os.rename(out, old)
-        try:
-            os.rename(staging, out)
-        except OSError:
-            os.rename(old, out)
-            raise
-        remove_ours(old)
+    """Put the complete build in `staging` at `out`; an old dataset there is swapped out, then its files removed."""
+    check_ours(out, "--out")
+    swap_in_dir(staging, out, remove_old=remove_ours, exchange=_exchange)
 
 
 _HELD: set[int] = set()

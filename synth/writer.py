@@ -17,9 +17,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
+
+from shards.files import swap_in_dir, write_atomically
 
 from .scenes import check_grid, check_int, make_scene
 
@@ -37,17 +40,19 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -
 
     `compress` gives np.savez_compressed's format (what the seed's preprocessing writes), else
     np.savez's. Both stamp the current time into each zip entry, so two runs would differ in
-    bytes; here every entry gets a fixed timestamp. Written to `<path>.partial` and renamed.
+    bytes; here every entry gets a fixed timestamp. Written atomically (`shards.write_atomically`).
     """
-    partial = path.with_name(path.name + ".partial")
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with zipfile.ZipFile(partial, "w", method) as archive:
-        for key, value in arrays.items():
-            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = method  # a ZipInfo does not take the archive's method
-            with archive.open(entry, "w", force_zip64=True) as stream:
-                np.lib.format.write_array(stream, np.asanyarray(value), allow_pickle=False)
-    os.replace(partial, path)
+
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", method) as archive:
+            for key, value in arrays.items():
+                entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = method  # a ZipInfo does not take the archive's method
+                with archive.open(entry, "w", force_zip64=True) as stream:
+                    np.lib.format.write_array(stream, np.asanyarray(value), allow_pickle=False)
+
+    write_atomically(path, write)
 
 
 def _write_scene(task: tuple[Path, int, int, int, int, bool]) -> tuple[int, np.ndarray]:
@@ -104,15 +109,9 @@ def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
 
 
 def swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished directory `tmp` in place as `out`; an existing `out` (empty, or being overwritten,
-    checked by the caller) is moved aside first and deleted only once `tmp` is in place."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    """Put the finished directory `tmp` in place as `out`; an existing `out` (empty, or holding only scene
+    directories: checked by the caller) is swapped out and deleted only once `tmp` is in place."""
+    swap_in_dir(tmp, out, remove_old=shutil.rmtree)
 
 
 def _remove_empty(dirs: list[Path]) -> None:

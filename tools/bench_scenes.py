@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from shards import write_atomically
 from synth import write_scenes
 
 SEED_SCENES = 15_547
@@ -69,7 +70,7 @@ def main(scenes: int, workers: int, grid: int, grasps_per_scene: int, seed: int,
         f"{result['seed_sized_minutes']:.1f} min at this rate"
     )
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(json_path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from shards import ShardReader
+from shards import ShardReader, write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_SCENES = 15_547  # the seed dataset's scene count, for the start-up target
@@ -699,8 +699,8 @@ def main(
         "figures": figures,
         "targets": targets(figures, train_scenes, device == "cuda"),
     }
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (outdir / "summary.md").write_text(render_markdown(summary))
+    write_atomically(outdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomically(outdir / "summary.md", render_markdown(summary))
     if not keep_data:  # the dataset and the compare runs' checkpoints: large, and no figure is in them
         shutil.rmtree(outdir / "data", ignore_errors=True)
         for checkpoint in (outdir / "compare").glob("*/*.pt"):

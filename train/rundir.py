@@ -12,7 +12,6 @@ import shlex
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,13 +21,13 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from shards import write_atomically as shards_write_atomically
+
 from .config import ConfigError, FitConfig
 
 OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "tensorboard")
 LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unlocked: the next run takes it)
 log = logging.getLogger("train")
-_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then put back
-os.umask(_UMASK)
 
 
 class WriteError(RuntimeError):
@@ -36,19 +35,13 @@ class WriteError(RuntimeError):
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through a temporary file no other process can share (mkstemp, same folder),
-    fsync'd and renamed over it: readers see the old file or the whole new one. On failure the
-    temporary is removed, `path` is left as it was, and WriteError names the file."""
+    """Write `path` atomically (`shards.write_atomically`: a unique temporary beside it, fsync'd, renamed
+    over it): readers see the old file or the whole new one. On failure the temporary is removed,
+    `path` is left as it was, and WriteError names the file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the run from a shared group
-        with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: torch.save passes on the OSError itself
-            write(f)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        shards_write_atomically(path, write)
     except (OSError, RuntimeError) as err:  # torch.save's RuntimeError ("unexpected pos") follows an OSError
-        Path(tmp).unlink(missing_ok=True)
         cause = err
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__context__
@@ -59,9 +52,6 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
             f"{path}: could not be written ({cause.strerror or cause}); {kept}. Free disk space "
             f"(or choose another --out), then rerun; --resume continues from last.pt"
         ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _holder(lock: Path) -> str:
