@@ -24,7 +24,7 @@ import numpy as np
 from meshes import ImportOptions, import_meshes
 from meshes.pybullet import write_raw
 from pipeline import open_loader
-from shards import BuildOptions, ShardReader, build_shards
+from shards import BuildOptions, ShardReader, build_shards, format_table, write_atomically
 from synth import write_scenes
 from train.checkpoint import load_model
 from train.config import FitConfig
@@ -154,18 +154,24 @@ def main(
     )
     for s in SOURCES:
         click.echo(f"  trained on {s}: {wall[s]['steps']} steps in {wall[s]['train_time_s']:.0f} s")
-    click.echo(
-        f"  {'train -> test':<22} {'R2':>7} {'Spearman':>9} {'Kendall':>8} {'top-1 regret':>13} "
-        f"{'random pick':>12} {'top-5 overlap':>14} {'MSE':>8} {'mean MSE':>9}"
-    )
-    for name, r in table.items():
-        click.echo(
-            f"  {name:<22} {r['r2']:>7.3f} {r['spearman']:>9.3f} {r['kendall_tau']:>8.3f} "
-            f"{r['top1_regret']:>13.3f} {r['random_pick_regret']:>12.3f} {r['top5_overlap']:>14.3f} "
-            f"{r['mse']:>8.2f} {r['mse_mean_baseline']:>9.2f}"
-        )
+    columns = [
+        ("train -> test", "<22"),
+        ("R2", ">7.3f"),
+        ("Spearman", ">9.3f"),
+        ("Kendall", ">8.3f"),
+        ("top-1 regret", ">13.3f"),
+        ("random pick", ">12.3f"),
+        ("top-5 overlap", ">14.3f"),
+        ("MSE", ">8.2f"),
+        ("mean MSE", ">9.2f"),
+    ]
+    keys = ("r2", "spearman", "kendall_tau", "top1_regret", "random_pick_regret", "top5_overlap", "mse")
+    rows = [(name, *(r[k] for k in keys + ("mse_mean_baseline",))) for name, r in table.items()]
+    for line in format_table(columns, rows):
+        click.echo(line)
     if json_path:
-        json_path.write_text(
+        write_atomically(
+            json_path,
             json.dumps(
                 {
                     "scenes": counts,
@@ -178,7 +184,7 @@ def main(
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
 
 

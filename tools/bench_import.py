@@ -26,6 +26,7 @@ import numpy as np
 
 from meshes import ImportOptions, MeshError, import_meshes, is_closed, load_mesh, mesh_sdf
 from meshes.pybullet import write_raw
+from shards import format_table, write_atomically
 
 METHODS = {"mesh2sdf": (True, "refuse"), "winding": (False, "winding"), "repair": (False, "repair")}
 
@@ -114,23 +115,34 @@ def main(objects: int, grid: int, hole: float, workers: int, seed: int, json_pat
     }
     click.echo(f"bench_import: {n} closed pybullet random_urdfs meshes, grid {grid}^3")
     click.echo(f"  holed meshes: a hole of {hole:.0%} of the extent, compared with mesh2sdf on the intact mesh")
-    click.echo(
-        f"  {'method':<10} {'s/scene':>8} {'scenes/s/core':>14} {'holed: right sign':>18} {'inside found':>13} "
-        f"{'mean |err|':>11}"
-    )
-    for m in METHODS:
-        h = result["holed"][m]
-        click.echo(
-            f"  {m:<10} {result['sdf_s_per_scene'][m]:>8.3f} {result['sdf_scenes_per_s_per_core'][m]:>14.2f} "
-            f"{h['sign']:>18.4f} {h['inside']:>13.4f} {h['error']:>11.4f}"
+    columns = [
+        ("method", "<10"),
+        ("s/scene", ">8.3f"),
+        ("scenes/s/core", ">14.2f"),
+        ("holed: right sign", ">18.4f"),
+        ("inside found", ">13.4f"),
+        ("mean |err|", ">11.4f"),
+    ]
+    table = [
+        (
+            m,
+            result["sdf_s_per_scene"][m],
+            result["sdf_scenes_per_s_per_core"][m],
+            result["holed"][m]["sign"],
+            result["holed"][m]["inside"],
+            result["holed"][m]["error"],
         )
+        for m in METHODS
+    ]
+    for line in format_table(columns, table):
+        click.echo(line)
     for k, r in end_to_end.items():
         click.echo(
             f"  import_meshes --label synth, {k} worker(s): {r['scenes_per_s']:.2f} scenes/s "
             f"({r['per_core']:.2f} per core), {r['imported']} imported, refused {r['refused'] or 'none'}"
         )
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(json_path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_loader, parse_window, resolve_device
-from shards import ShardReader
+from shards import ShardReader, format_table, write_atomically
 
 CONFIGS = [(128, 1), (8, 16)]  # (scenes per batch, grasps per scene): 128 grasps per batch each
 SEED_BATCH = 128
@@ -391,10 +391,20 @@ def main(
         f"bench_loaders: {shards_dir} split {split}, device {dev}, shuffle window {shuffle_window}, "
         f"{batches} steady-state batches per row, each row in a fresh process, best of {repeat}"
     )
-    click.echo(
-        f"  {'loader':<12} {'rank':>5} {'S':>4} {'G':>3} {'first batch':>12} {'batches/s':>10} {'samples/s':>10} "
-        f"{'resident':>10}  {'samples/s x seed-memory':>23} {'x seed-npz':>10} {'first batch x seed-memory':>25}"
-    )
+    columns = [
+        ("loader", "<12"),
+        ("rank", ">5"),
+        ("S", ">4"),
+        ("G", ">3"),
+        ("first batch", ">12"),
+        ("batches/s", ">10.1f"),
+        ("samples/s", ">10,.0f"),
+        ("resident", ">10"),
+        ("samples/s x seed-memory", ">24"),
+        ("x seed-npz", ">10"),
+        ("first batch x seed-memory", ">25"),
+    ]
+    table = []
     for row in rows:
         ratio = {
             k: (f"{row['samples_per_s'] / base[k]['samples_per_s']:.1f}" if k in base else "-")
@@ -402,16 +412,27 @@ def main(
         }
         first = f"{base['seed-memory']['first_batch_s'] / row['first_batch_s']:.1f}" if "seed-memory" in base else "-"
         rank = f"{row['rank']}/{row['world_size']}" if row.get("world_size", 1) > 1 else "-"
-        click.echo(
-            f"  {row['loader']:<12} {rank:>5} {row['scenes_per_batch']:>4} {row['grasps_per_scene']:>3} "
-            f"{row['first_batch_s']:>10.3f} s {row['batches_per_s']:>10.1f} {row['samples_per_s']:>10,.0f} "
-            f"{row['resident_bytes'] / 1e6:>8.1f}MB  {ratio['seed-memory']:>23} {ratio['seed-npz']:>10} "
-            f"{first:>25}"
+        table.append(
+            (
+                row["loader"],
+                rank,
+                row["scenes_per_batch"],
+                row["grasps_per_scene"],
+                f"{row['first_batch_s']:.3f} s",
+                row["batches_per_s"],
+                row["samples_per_s"],
+                f"{row['resident_bytes'] / 1e6:.1f}MB",
+                ratio["seed-memory"],
+                ratio["seed-npz"],
+                first,
+            )
         )
+    for line in format_table(columns, table):
+        click.echo(line)
     for line in _summary(rows):
         click.echo(f"  {line}")
     if json_path:
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomically(json_path, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shards import BuildOptions, ShardReader, build_shards
+from shards import BuildOptions, ShardReader, build_shards, format_table, write_atomically
 from synth import write_scenes
 
 
@@ -163,10 +163,10 @@ def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_pa
             ("    scene.npz input bytes per scene", f"{r['input_bytes_per_scene']:,.0f}", "", ""),
         ]
         click.echo(f"  {kind} scene.npz inputs:")
-        for name, a, b, c in rows:
-            click.echo(f"  {name:<40} {a:>10}  {b:>18}  {c}")
+        for line in format_table([("", "<40"), ("", ">10"), ("", ">19"), ("", "<")], rows, indent="    ", header=False):
+            click.echo(line)
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(json_path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

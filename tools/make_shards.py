@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from shards import BuildError, BuildOptions, SceneError, SourceError, SplitError, build_shards
+from shards import BuildError, BuildOptions, SceneError, SourceError, SplitError, build_shards, format_table
 
 
 def _summary(s: dict, wall_s: float) -> str:
     st = s["score_stats"]
     lines = [f"dataset   {s['out']}"]
-    for split, c in s["splits"].items():
-        lines.append(f"  {split:<6}  {c['scenes']:>8,} scenes  {c['grasps']:>11,} grasps")
+    rows = [(split, f"{c['scenes']:,} scenes", f"{c['grasps']:,} grasps") for split, c in s["splits"].items()]
+    lines += format_table([("", "<6"), ("", ">15"), ("", ">18")], rows, sep="  ", header=False)
     lines.append(
         f"shards    {s['shards']} x {s['records'] // s['shards']} records ({s['records'] - s['scenes']} padding)"
     )
