@@ -163,7 +163,7 @@ def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_pa
             ("    scene.npz input bytes per scene", f"{r['input_bytes_per_scene']:,.0f}", "", ""),
         ]
         click.echo(f"  {kind} scene.npz inputs:")
-        for line in format_table([("", "<40"), ("", ">10"), ("", ">19"), ("", "<")], rows, indent="    ", header=False):
+        for line in format_table([("", "<40"), ("", ">10"), ("", ">18"), ("", "<")], rows, sep="  ", header=False):
             click.echo(line)
     if json_path:
         write_atomically(json_path, json.dumps(result, indent=2) + "\n")
