@@ -1,6 +1,6 @@
 """Grasp-quality estimators (the seed's layouts) and seed checkpoint loading; torch only."""
 
-from .checkpoints import CheckpointError, from_seed_checkpoint, infer_config, strip_compile_prefix
+from .checkpoints import CheckpointError, from_seed_checkpoint, infer_config, load_torch_file, strip_compile_prefix
 from .estimators import (
     GRASP_DIM,
     MODEL_KINDS,
@@ -20,5 +20,6 @@ __all__ = [
     "build_model",
     "from_seed_checkpoint",
     "infer_config",
+    "load_torch_file",
     "strip_compile_prefix",
 ]

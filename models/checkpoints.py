@@ -80,12 +80,20 @@ def infer_config(state_dict: StateDict, source: str = "state_dict") -> dict[str,
     }
 
 
-def _load_file(path: Path) -> StateDict:
-    """torch.load a weights-only state_dict, turning every failure into a CheckpointError."""
+def load_torch_file(path: str | Path) -> Any:
+    """The one torch.load of the project (weights-only, on the CPU); every failure is a one-line CheckpointError."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found (or not a file); check the path")
+        raise CheckpointError(f"{path}: no such checkpoint file (not found, or not a file); check the path")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint: not a PyTorch checkpoint file (it begins {head!r}, torch.save files "
+            f"are zip archives), so it cannot be read; give a .pt/.pth file written by torch.save"
+        )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     # torch.load signals bad bytes with many types (UnpicklingError, RuntimeError, EOFError, ...).
     except Exception as exc:
         # First sentence only: torch's full text is long and may advise weights_only=False.
@@ -93,31 +101,35 @@ def _load_file(path: Path) -> StateDict:
         if first := str(exc).strip().split("\n")[0].split(". ")[0][:160]:
             reason += f": {first}"
         raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({reason}); it is "
-            f"corrupt, truncated or not a state_dict file: re-save it with "
-            f"torch.save(model.state_dict(), path)"
-        ) from exc
+            f"{path}: unreadable checkpoint: it cannot be read as a weights-only torch checkpoint ({reason}); it is "
+            f"corrupt, truncated or not a checkpoint file: use another checkpoint"
+        ) from None
+
+
+def _check_state_dict(loaded: Any, source: str) -> StateDict:
+    """`loaded` if it is a state_dict of tensors, else a CheckpointError naming `source`."""
     if not isinstance(loaded, Mapping) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
     ):
         raise CheckpointError(
-            f"{path}: holds a {type(loaded).__name__}, not a state_dict of tensors; "
+            f"{source}: holds a {type(loaded).__name__}, not a state_dict of tensors; "
             f"re-save it with torch.save(model.state_dict(), path)"
         )
     return loaded
 
 
-def from_seed_checkpoint(checkpoint: str | Path | StateDict) -> GQEstimatorBase:
+def from_seed_checkpoint(checkpoint: str | Path | StateDict, *, source: str | None = None) -> GQEstimatorBase:
     """A GQEstimator or GQEstimatorLarge, sized from and loaded (strictly) with a seed state_dict.
 
-    `checkpoint` is a path to a `.pth` file or an already-loaded state_dict; torch.compile'd
-    dicts (`_orig_mod.` keys) are accepted. The model is on the CPU in train mode, like a new one.
+    `checkpoint` is a path to a `.pth` file or an already-loaded state_dict (`source` names it in
+    errors); torch.compile'd dicts (`_orig_mod.` keys) are accepted. The model is on the CPU in
+    train mode, like a new one.
     """
     if isinstance(checkpoint, Mapping):
-        source, state_dict = "state_dict", checkpoint
+        source, loaded = source or "state_dict", checkpoint
     else:
-        source, state_dict = str(checkpoint), _load_file(Path(checkpoint))
-    state_dict = strip_compile_prefix(state_dict)
+        source, loaded = str(checkpoint), load_torch_file(checkpoint)
+    state_dict = strip_compile_prefix(_check_state_dict(loaded, source))
     config = infer_config(state_dict, source)
     model = MODEL_KINDS[config.pop("kind")](**config)
     try:

@@ -18,8 +18,8 @@ from conftest import REPO
 from pipeline import Batch, open_loader
 from shards import BuildOptions, build_shards
 from synth import write_scenes
+from train import fit
 from train.config import FitConfig
-from train.loop import fit
 
 pytestmark = [
     pytest.mark.cuda,

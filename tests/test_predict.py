@@ -83,8 +83,8 @@ def test_scores_function_is_the_models_output(trained):
             est.model.forward_with_sdf(
                 torch.from_numpy(np.repeat(sdf[None, None], len(grasps), 0)), torch.from_numpy(grasps)
             ).numpy()
-            * est.std
-            + est.mean
+            * est.units.std
+            + est.units.mean
         )
     np.testing.assert_allclose(ours, direct, rtol=1e-5, atol=1e-5)
     assert np.array_equal(np.argsort(ours, kind="stable"), np.argsort(direct, kind="stable"))

@@ -28,8 +28,8 @@ from models import build_model
 from pipeline import Batch
 from shards import BuildOptions, build_shards, read_manifest
 from synth import write_scenes
+from train import Forward, Standardiser, TrainError, train_step
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.loop import TrainError, train_step
 from train.run import cli
 from train.rundir import LOCK
 
@@ -309,8 +309,9 @@ def test_a_non_finite_loss_from_non_finite_data_names_the_data(field: str, where
     optimizer = torch.optim.Adam(model.parameters())
     with pytest.raises(TrainError) as err:
         train_step(
-            model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), 0.0, 1.0, "off", False, False, step=3
-        )
+            model, batch, forward=Forward(), optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+            scores=Standardiser(0.0, 1.0), step=3,
+        )  # fmt: skip
     assert f"non-finite loss at step 3: non-finite input data ({where} hold NaN or inf)" in str(err.value)
     assert "verify_shards" in str(err.value) and "--lr" not in str(err.value)
 

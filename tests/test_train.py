@@ -19,7 +19,8 @@ from shards import BuildOptions, build_shards
 from synth import write_scenes
 from train.checkpoint import load_checkpoint, load_model
 from train.config import FitConfig
-from train.loop import _build_model
+from train.recipe import build_fit_model
+from train.scores import Standardiser
 
 GRID, GRASPS = 32, 96
 SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quiet"]
@@ -224,7 +225,8 @@ def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
     path = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
     seed = from_seed_checkpoint(path).eval()
     mean, std = 4.9, 6.7
-    model = _build_model(FitConfig(shards="-", out="-", init_from=str(path)), 48, mean, std).eval()
+    cfg = FitConfig(shards="-", out="-", init_from=str(path))
+    model = build_fit_model(cfg, grid=48, scores=Standardiser(mean, std)).eval()
     gen = torch.Generator().manual_seed(0)
     sdf = torch.rand(2, 1, 48, 48, 48, generator=gen) * 2 - 1
     grasps = torch.rand(5, 19, generator=gen)
@@ -234,7 +236,8 @@ def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
         ours = model(sdf, grasps, which) * std + mean
     assert torch.allclose(raw, ours, atol=1e-4)
     with pytest.raises(ValueError, match="does not match: kind large"):
-        _build_model(FitConfig(shards="-", out="-", init_from=str(path), model="large"), 48, mean, std)
+        cfg = FitConfig(shards="-", out="-", init_from=str(path), model="large")
+        build_fit_model(cfg, grid=48, scores=Standardiser(mean, std))
 
 
 @pytest.mark.parametrize(

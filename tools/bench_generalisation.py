@@ -23,12 +23,10 @@ import numpy as np
 
 from meshes import ImportOptions, import_meshes
 from meshes.pybullet import write_raw
-from pipeline import open_loader
 from shards import BuildOptions, ShardReader, build_shards, format_table, write_atomically
 from synth import write_scenes
-from train.checkpoint import load_model
+from train import evaluate_checkpoint, fit
 from train.config import FitConfig
-from train.loop import evaluate, fit
 
 SOURCES = ("primitives", "real")
 KEYS = ("r2", "spearman", "kendall_tau", "top1_regret", "top5_overlap", "mse", "mse_mean_baseline")
@@ -42,10 +40,7 @@ def _random_pick_regret(shards: Path, split: str) -> float:
 
 
 def _evaluate(checkpoint: Path, shards: Path, split: str) -> dict[str, float]:
-    model, stats = load_model(checkpoint)
-    max_grasps = ShardReader(shards).layout.max_grasps
-    with open_loader(shards, "cache", split, 8, max_grasps, device="cpu", progress=False) as data:
-        metrics = evaluate(model, data, stats["mean"], stats["std"], prefix="")
+    metrics = evaluate_checkpoint(checkpoint, shards=shards, split=split, device="cpu", prefix="")
     return {k: metrics[k] for k in KEYS}
 
 

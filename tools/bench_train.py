@@ -18,53 +18,30 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import torch
 
-from models import build_model
-from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, open_loader, parse_window, resolve_device
-from train.config import FitConfig, parse_fc_dims
-from train.loop import fit, train_step
+from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, parse_window, resolve_device
+from train import FitConfig, FitRecipe, fit
+from train.config import parse_fc_dims
 
 CONFIGS = [(128, 1), (8, 16)]
 
 
-def throughput(
-    shards: Path,
-    kind: str,
-    mode: str,
-    s: int,
-    g: int,
-    device: torch.device,
-    steps: int,
-    warmup: int,
-    base_channels: int | None,
-    fc_dims: tuple[int, ...] | None,
-    amp: str,
-    channels_last: bool,
-    compile_model: bool,
-    window: int | None,
-) -> float:
-    """Training samples/s over `steps` steps after `warmup` steps."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with open_loader(
-        shards, mode, "train", s, g, seed=0, device=device, shuffle_window=window, progress=False
-    ) as loader:
-        stats = loader.reader.manifest.score_stats
-        torch.manual_seed(0)
-        model = build_model(kind, loader.grid, base_channels, fc_dims).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
-        net = torch.compile(model) if compile_model else model
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+def throughput(cfg: FitConfig, *, steps: int, warmup: int) -> float:
+    """Training samples/s of the trainer's own setup and train_step, over `steps` steps after `warmup` steps."""
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp, FitRecipe(replace(cfg, out=tmp)) as recipe:
+        recipe.setup()
+        loader, device = recipe.train_loader, recipe.device
         if len(loader) < warmup + steps:
             raise click.UsageError(
-                f"{kind}/{mode} S={s} G={g}: an epoch has {len(loader)} batches, fewer than "
-                f"the {warmup + steps} needed; use a larger dataset or fewer --steps"
+                f"{cfg.model}/{cfg.loader} S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}: an epoch has "
+                f"{len(loader)} batches, fewer than the {warmup + steps} needed; use a larger dataset or fewer --steps"
             )
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         batches = iter(loader)
         samples = 0
         for i in range(warmup + steps):
@@ -72,7 +49,7 @@ def throughput(
                 sync()
                 start = time.perf_counter()
             batch = next(batches)
-            train_step(net, batch, optimizer, scaler, stats.mean, stats.std, amp, channels_last, False, i + 1)
+            recipe.train_step(batch)
             samples += batch.num_grasps if i >= warmup else 0
         sync()
         return samples / (time.perf_counter() - start)
@@ -165,10 +142,10 @@ def relative_mse(rows: list[dict], key: str, reference: Callable[[str], str]) ->
         row[key] = row["val_mse"] / ref if ref else None
 
 
-def print_study(title: str, rows: list[dict], ratio_key: str, ratio_name: str) -> None:
-    """The study's rows, then each recipe's mean over seeds."""
+def print_study(title: str, rows: list[dict], *, ratio_key: str, column: str, versus: str, label: str = "") -> None:
+    """The study's rows, then each recipe's means over seeds (its val MSE / `versus`'s first, when it has one)."""
     click.echo(title)
-    click.echo(f"  {'recipe':<28} {'seed':>4} {'val MSE':>9} {'R2':>7} {'Spearman':>9} {ratio_name:>8} {'train s':>8}")
+    click.echo(f"  {'recipe':<28} {'seed':>4} {'val MSE':>9} {'R2':>7} {'Spearman':>9} {column:>8} {'train s':>8}")
     for r in rows:
         ratio = f"{r[ratio_key]:.3f}" if r[ratio_key] else "-"
         click.echo(
@@ -179,14 +156,15 @@ def print_study(title: str, rows: list[dict], ratio_key: str, ratio_name: str) -
         mine = [r for r in rows if r["recipe"] == name]
         ratios = [r[ratio_key] for r in mine if r[ratio_key] and r[ratio_key] != 1.0]
         mean = {k: sum(r[k] or 0 for r in mine) / len(mine) for k in ("val_mse", "val_r2", "val_spearman")}
-        spread = (
-            f"; {ratio_name} {sum(ratios) / len(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
+        ratio = (
+            f"val MSE / {versus}, mean over {len(ratios)} seed(s): {sum(ratios) / len(ratios):.3f} "
+            f"(range {min(ratios):.3f}-{max(ratios):.3f}); "
             if ratios
             else ""
         )
         click.echo(
-            f"  {name}: mean over {len(mine)} seed(s): val MSE {mean['val_mse']:.4f}, R2 {mean['val_r2']:.3f}, "
-            f"Spearman {mean['val_spearman']:.3f}{spread}"
+            f"  {label}{name}: {ratio}mean over {len(mine)} seed(s): val MSE {mean['val_mse']:.4f}, "
+            f"R2 {mean['val_r2']:.3f}, Spearman {mean['val_spearman']:.3f}"
         )
 
 
@@ -259,7 +237,7 @@ def main(
         keep_freed_host_memory()
     dims = parse_fc_dims(fc_dims)
     try:
-        window = parse_window(shuffle_window)
+        parse_window(shuffle_window)
         for w in window_study.split(",") if window_study else []:
             parse_window(w)
     except ValueError as err:
@@ -272,7 +250,7 @@ def main(
                          val_every=10**9, early_stopping=0, ckpt_every=10**9)  # fmt: skip
         relative_mse(rows, "val_mse_vs_all", lambda recipe: "all")
         print_study(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}",
-                    rows, "val_mse_vs_all", "x all")  # fmt: skip
+                    rows, ratio_key="val_mse_vs_all", column="x all", versus="all's", label="window ")  # fmt: skip
         _write_json(json_path, {"window_study": rows})
         return
     if defaults_study:
@@ -290,7 +268,8 @@ def main(
         rows = run_study(shards, device, recipes, seeds, study_steps, early_stopping=0)
         relative_mse(rows, "val_mse_vs_control", lambda recipe: recipe.removesuffix(ZERO_SDF) + ZERO_SDF)
         print_study(f"bench_train defaults study: {shards}, device {dev}, {study_steps} steps per run, fit's defaults "
-                    "otherwise", rows, "val_mse_vs_control", "x zero")  # fmt: skip
+                    "otherwise", rows, ratio_key="val_mse_vs_control", column="x zero",
+                    versus="its zero-SDF control's")  # fmt: skip
         _write_json(json_path, {"defaults_study": rows})
         return
     rows = []
@@ -301,22 +280,12 @@ def main(
     for kind in models.split(","):
         for mode in loaders.split(","):
             for s, g in CONFIGS:
-                rate = throughput(
-                    shards,
-                    kind,
-                    mode,
-                    s,
-                    g,
-                    dev,
-                    large_steps if kind == "large" else steps,
-                    warmup,
-                    base_channels,
-                    dims,
-                    amp,
-                    channels_last,
-                    compile_model,
-                    window,
-                )
+                cfg = FitConfig(
+                    shards=str(shards), out="-", device=str(dev), loader=mode, model=kind, scenes_per_batch=s,
+                    grasps_per_scene=g, base_channels=base_channels, fc_dims=dims, amp=amp,
+                    channels_last=channels_last, compile=compile_model, shuffle_window=shuffle_window, progress=False,
+                )  # fmt: skip
+                rate = throughput(cfg, steps=large_steps if kind == "large" else steps, warmup=warmup)
                 rows.append(
                     {
                         "model": kind,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, GQEstimatorBase, build_model, from_seed_checkpoint
+from models import CheckpointError, GQEstimatorBase, build_model, from_seed_checkpoint, load_torch_file
 
 from .rundir import write_atomically
 
@@ -31,22 +31,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of this trainer; CheckpointError names the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
-        raise CheckpointError(
-            f"{path}: unreadable checkpoint: not a PyTorch checkpoint file (it begins {head!r}, "
-            f"torch.save files are zip archives); give a .pt/.pth file written by torch.save"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint ({first}); use another checkpoint") from None
+    """A checkpoint file's payload: ours (a dict with `format`) or the seed's state_dict; CheckpointError otherwise."""
+    payload = load_torch_file(path)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(payload).__name__})")
     return payload
@@ -93,7 +79,7 @@ def load_model(path: str | Path) -> tuple[GQEstimatorBase, dict | None]:
     """
     payload = load_checkpoint(path)
     if not is_trainer_checkpoint(payload):
-        return from_seed_checkpoint(path), None
+        return from_seed_checkpoint(payload, source=str(path)), None
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')}, this trainer reads {VERSION}")
     model = build_model(**payload["model_config"])

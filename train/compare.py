@@ -8,30 +8,56 @@ fraction, peak memory and both loss curves. With identical batches the curves co
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
+from collections.abc import Callable
 from dataclasses import replace
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, FitConfig
 from .plots import plot_compare
 from .rundir import RunDir
+from .step import TrainError
 
 LOADERS = ("cache", "dali")
 OUTPUTS = (*LOADERS, "compare.json", "compare.png")  # all that compare writes into --out
 
 
-def _fit_in_child(options: dict) -> None:
-    import logging
-    import sys
-
-    from .loop import fit
-
+def _child(send: Connection, fn: Callable, args: tuple) -> None:
+    """In the child: run fn(*args) and send back ("ok", result) or ("error", one-line message)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        fit(FitConfig.from_dict(options))
+        send.send(("ok", fn(*args)))
     except (ValueError, RuntimeError) as err:  # the CLI's own error types all derive from these
-        print(f"compare: {options['loader']} run failed: {err}", file=sys.stderr)
-        sys.exit(2)
+        send.send(("error", str(err)))
+
+
+def in_child(fn: Callable, *args: Any) -> Any:
+    """fn(*args) in a fresh (spawned) process, so its peak memory and CUDA context are its own; its result
+    (picklable) comes back through a pipe. A failure in the child is a RuntimeError here with its message."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, fn, args))
+    child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:  # the child died without a word (killed, out of memory)
+        status, value = "error", None
+    child.join()
+    if status != "ok":
+        raise RuntimeError(value or f"the child process exited with code {child.exitcode}")
+    return value
+
+
+def _fit_and_rows(options: dict) -> tuple[dict, list[dict]]:
+    """One loader's run: its summary and its training rows (for the loss curves)."""
+    from .recipe import fit
+
+    summary = fit(FitConfig.from_dict(options))
+    return summary, [r for r in RunDir(Path(options["out"]), writer=False).rows() if "train_mse" in r]
 
 
 def compare(base: FitConfig, out: Path) -> dict:
@@ -47,13 +73,10 @@ def compare(base: FitConfig, out: Path) -> dict:
     runs, table = {}, {}
     for loader in LOADERS:
         cfg = replace(base, loader=loader, out=str(out / loader))
-        child = multiprocessing.get_context("spawn").Process(target=_fit_in_child, args=(cfg.to_dict(),))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"the {loader} run exited with code {child.exitcode}; see its message above")
-        summary = json.loads((out / loader / "summary.json").read_text())
-        runs[loader] = [r for r in RunDir(out / loader, writer=False).rows() if "train_mse" in r]
+        try:
+            summary, runs[loader] = in_child(_fit_and_rows, cfg.to_dict())
+        except RuntimeError as err:
+            raise TrainError(f"the {loader} run failed: {err}") from None
         table[loader] = {
             k: summary[k]
             for k in (

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from pipeline import DEFAULT_WINDOW, parse_window
+from models import MODEL_KINDS
+from pipeline import DEFAULT_WINDOW, MODES, parse_window
+from shards.options import flag, option
 
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("plateau", "linear")
@@ -16,82 +18,92 @@ RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_ever
 IDENTITIES = {"shards", "out"}
 
 
+# Options that count things: each must be at least 1 (None, where allowed, means "not set").
+POSITIVE = ("scenes_per_batch", "grasps_per_scene", "epochs", "log_every", "ckpt_every", "val_scenes_per_batch",
+            "max_steps", "val_every", "base_channels", "threads")  # fmt: skip
+
+
 class ConfigError(ValueError):
     """An option value that cannot work; `str()` names the flag and the reason."""
 
 
 @dataclass
 class FitConfig:
-    shards: str
-    out: str
-    loader: str = "cache"
-    model: str | None = None  # small, large; None: small, or the kind of --init-from
-    base_channels: int | None = None
-    fc_dims: tuple[int, ...] | None = None
-    scenes_per_batch: int = 8
-    grasps_per_scene: int = 16
-    shuffle_window: int | str = DEFAULT_WINDOW  # shards per shuffle window, or "all"
-    epochs: int = 100
-    max_steps: int | None = None
-    max_time: float | None = None  # seconds of training (validation excluded)
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau on val MSE; linear: lr x 1 -> lr_end_factor over the run
-    lr_end_factor: float = 0.05
-    plateau_factor: float = 0.5
-    plateau_patience: int = 5
-    early_stopping: int = 15
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    init_from: str | None = None
-    val_every: int | None = None
-    val_scenes_per_batch: int = 8
-    log_every: int = 10
-    ckpt_every: int = 500
-    zero_sdf: bool = False
-    threads: int | None = None
-    progress: bool = True
+    """A run's options; each field with help text is a `fit` / `compare` option (train/run.py derives them)."""
+
+    shards: str = option(help="Shard dataset directory.")
+    out: str = option(help="Run directory.")
+    loader: str = option("cache", choices=MODES, help="Full cache in memory, or DALI streaming of whole shards.")
+    model: str | None = option(
+        None, choices=tuple(MODEL_KINDS),
+        help="GQEstimator (small) or GQEstimatorLarge (large) [default: small, or --init-from's].",
+    )  # fmt: skip
+    base_channels: int | None = option(
+        None, help="Conv channels c (c, 2c, 4c, 8c) [default: the model's own (small 16, large 32), or --init-from's]."
+    )
+    fc_dims: tuple[int, ...] | None = option(None, help="Head sizes, comma-separated, e.g. 256,128,64.")
+    scenes_per_batch: int = option(8, short="-S", help="SDFs per batch.")
+    grasps_per_scene: int = option(16, short="-G", help="Grasps per SDF per batch (1 = the seed's independent grasps).")
+    shuffle_window: int | str = option(
+        DEFAULT_WINDOW, help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'."
+    )
+    epochs: int = option(100, help="Passes over the train split.")
+    max_steps: int | None = option(None, help="Stop after this many steps (overrides --epochs).")
+    max_time: float | None = option(None, help="Stop after this many seconds of training (validation not counted).")
+    lr: float = option(1e-4, help="Adam learning rate.")
+    weight_decay: float = option(1e-4, help="Adam weight decay.")
+    lr_schedule: str = option(
+        "plateau", choices=LR_SCHEDULES,
+        help="plateau: lr x --plateau-factor after --plateau-patience validations without improvement; "
+        "linear: lr x 1 -> --lr-end-factor over the planned steps (the seed's train_gq.py).",
+    )  # fmt: skip
+    lr_end_factor: float = option(0.05, help="Linear schedule: the last step's lr, as a fraction of --lr.")
+    plateau_factor: float = option(0.5, help="Plateau schedule: lr multiplier when val MSE stops improving.")
+    plateau_patience: int = option(5, help="Plateau schedule: validations without improvement before lowering lr.")
+    early_stopping: int = option(15, help="Stop after this many validations without improvement (0: never).")
+    amp: str = option("off", choices=AMP_MODES, help="Mixed precision of the forward pass.")
+    channels_last: bool = option(False, help="channels_last_3d memory format.")
+    compile: bool = option(False, help="torch.compile the model.")
+    device: str = option("auto", choices=DEVICES, help="auto: CUDA when present, else CPU.")
+    seed: int = option(0, help="Seed of the model's initialisation and the epoch plan.")
+    resume: bool = option(False, help="Continue the run in --out from its last.pt.")
+    overwrite: bool = option(False, help="Replace the run in --out.")
+    init_from: str | None = option(
+        None, help="Start from a checkpoint: ours (best.pt/last.pt) or the seed's state_dict files."
+    )
+    val_every: int | None = option(None, help="Steps between validations [default: one epoch].")
+    val_scenes_per_batch: int = option(8, help="SDFs per validation batch (each with all its grasps).")
+    log_every: int = option(10, help="Steps between metrics rows.")
+    ckpt_every: int = option(500, help="Steps between last.pt saves (also saved at every validation and at the end).")
+    zero_sdf: bool = option(False, help="Control run: feed zeros instead of the SDFs.")
+    threads: int | None = option(None, help="torch CPU threads [default: torch's].")
+    progress: bool = option(True, flag="--progress/--quiet", help="Progress bars (--quiet: none).")
 
     def __post_init__(self) -> None:
+        # The command line gives text: "4" is the number 4, "256,128" the head sizes (256, 128).
         if isinstance(self.shuffle_window, str) and self.shuffle_window.isdigit():
-            self.shuffle_window = int(self.shuffle_window)  # "4" from the command line is the number 4
+            self.shuffle_window = int(self.shuffle_window)
+        if isinstance(self.fc_dims, str):
+            self.fc_dims = parse_fc_dims(self.fc_dims)
+        for name in ("shards", "out", "init_from"):  # paths are recorded as text in config.json
+            if getattr(self, name) is not None:
+                setattr(self, name, str(getattr(self, name)))
 
     def check(self) -> None:
-        for flag, value in {"--lr": self.lr, "--weight-decay": self.weight_decay, "--max-time": self.max_time}.items():
+        """ConfigError naming the flag of the first option value that cannot work."""
+        for name in ("lr", "weight_decay", "max_time"):
+            value = getattr(self, name)
             if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-                raise ConfigError(
-                    f"{flag} {value}: must be a finite number (leave --max-time out for no limit)"
-                    if flag == "--max-time"
-                    else f"{flag} {value}: must be a finite number"
-                )
-        if self.loader not in ("cache", "dali"):
-            raise ConfigError(f"--loader {self.loader}: choose cache or dali")
-        if self.model not in (None, "small", "large"):
-            raise ConfigError(f"--model {self.model}: choose small or large")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
-        positive = {
-            "--scenes-per-batch": self.scenes_per_batch,
-            "--grasps-per-scene": self.grasps_per_scene,
-            "--epochs": self.epochs,
-            "--log-every": self.log_every,
-            "--ckpt-every": self.ckpt_every,
-            "--val-scenes-per-batch": self.val_scenes_per_batch,
-            "--max-steps": self.max_steps,
-            "--val-every": self.val_every,
-            "--base-channels": self.base_channels,
-            "--threads": self.threads,
-        }
-        for flag, value in positive.items():
+                hint = " (leave --max-time out for no limit)" if name == "max_time" else ""
+                raise ConfigError(f"{_flag(name)} {value}: must be a finite number{hint}")
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{_flag(f.name)} {value}: choose one of {', '.join(choices)}")
+        for name in POSITIVE:
+            value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"{flag} {value}: must be at least 1")
+                raise ConfigError(f"{_flag(name)} {value}: must be at least 1")
         try:
             parse_window(self.shuffle_window)
         except ValueError as err:
@@ -100,8 +112,6 @@ class FitConfig:
             raise ConfigError(f"--max-time {self.max_time}: must be > 0 seconds")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"--lr {self.lr} --weight-decay {self.weight_decay}: need lr > 0 and weight decay >= 0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"--lr-schedule {self.lr_schedule}: choose one of {', '.join(LR_SCHEDULES)}")
         if not 0 < self.lr_end_factor <= 1:
             raise ConfigError(f"--lr-end-factor {self.lr_end_factor}: must be in (0, 1]")
         if self.early_stopping < 0 or self.plateau_patience < 0 or not 0 < self.plateau_factor < 1:
@@ -141,3 +151,7 @@ def parse_fc_dims(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise ConfigError(f"--fc-dims {text}: comma-separated integers, e.g. 256,128,64") from None
+
+
+def _flag(name: str) -> str:
+    return flag(FitConfig, name)

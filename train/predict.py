@@ -23,6 +23,7 @@ from shards import ShardReader, read_manifest, write_atomically
 
 from .checkpoint import load_model
 from .metrics import Metrics
+from .scores import Standardiser
 
 GRASP_CHUNK = 8192  # grasps per forward pass of one SDF
 
@@ -63,7 +64,7 @@ class Estimator:
     def __init__(self, model: GQEstimatorBase, stats: dict | None, device: str | torch.device = "cpu"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.mean, self.std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
+        self.units = Standardiser() if stats is None else Standardiser(stats["mean"], stats["std"])
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Estimator:
@@ -101,7 +102,7 @@ class Estimator:
         out = [
             self.model.score_features(features.expand(len(chunk), -1), chunk) for chunk in torch.split(g, GRASP_CHUNK)
         ]
-        return (torch.cat(out).float() * self.std + self.mean).cpu().numpy()
+        return self.units.decode(torch.cat(out).float()).cpu().numpy()
 
 
 def predict_scenes(estimator: Estimator, scenes_dir: str | Path, progress: bool = False) -> Predictions:
@@ -165,9 +166,7 @@ def predict_shards(
         progress=False,
     ) as data:
         for batch in data:
-            pred = (
-                estimator.model(batch.sdf, batch.grasps, batch.scene_of_grasp).float() * estimator.std + estimator.mean
-            )
+            pred = estimator.units.decode(estimator.model(batch.sdf, batch.grasps, batch.scene_of_grasp).float())
             pred, grasps = pred.cpu().numpy(), batch.grasps.cpu().numpy()
             owner = batch.scene_of_grasp.cpu().numpy()
             for s, scene in enumerate(batch.scene_ids.tolist()):

@@ -19,12 +19,13 @@ from pathlib import Path
 import click
 
 from models import CheckpointError
-from pipeline import DEFAULT_WINDOW, LoaderError, resolve_device
-from shards import DatasetError
+from pipeline import MODES, LoaderError
+from shards import SPLITS, DatasetError
+from shards.options import click_options
+from train import TrainError, evaluate_checkpoint, fit
 from train.compare import compare as run_compare
 from train.compare import format_table
-from train.config import ConfigError, FitConfig, parse_fc_dims
-from train.loop import TrainError, dataset_identity, evaluate, fit
+from train.config import DEVICES, ConfigError, FitConfig
 from train.predict import PredictError
 from train.rundir import WriteError
 
@@ -48,116 +49,19 @@ def _errors(fn):
     return wrapper
 
 
-def fit_options(fn):
-    """The options of `fit`, shared by `compare`."""
-    options = [
-        click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard dataset directory."),
-        click.option(
-            "--model",
-            type=click.Choice(["small", "large"]),
-            default=None,
-            help="GQEstimator (small) or GQEstimatorLarge (large) [default: small, or --init-from's].",
-        ),
-        click.option("--base-channels", type=int, default=None, help="Conv channels c (c, 2c, 4c, 8c)."),
-        click.option("--fc-dims", default=None, help="Head sizes, comma-separated, e.g. 256,128,64."),
-        click.option("--scenes-per-batch", "-S", default=8, show_default=True, help="SDFs per batch."),
-        click.option(
-            "--grasps-per-scene",
-            "-G",
-            default=16,
-            show_default=True,
-            help="Grasps per SDF per batch (1 = the seed's independent grasps).",
-        ),
-        click.option(
-            "--shuffle-window",
-            default=str(DEFAULT_WINDOW),
-            show_default=True,
-            help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'.",
-        ),
-        click.option("--epochs", default=100, show_default=True),
-        click.option("--max-steps", type=int, default=None, help="Stop after this many steps (overrides --epochs)."),
-        click.option(
-            "--max-time",
-            type=float,
-            default=None,
-            help="Stop after this many seconds of training (validation not counted).",
-        ),
-        click.option("--lr", default=1e-4, show_default=True),
-        click.option("--weight-decay", default=1e-4, show_default=True),
-        click.option(
-            "--lr-schedule",
-            type=click.Choice(["plateau", "linear"]),
-            default="plateau",
-            show_default=True,
-            help="plateau: lr x --plateau-factor after --plateau-patience validations without improvement; "
-            "linear: lr x 1 -> --lr-end-factor over the planned steps (the seed's train_gq.py).",
-        ),
-        click.option(
-            "--lr-end-factor", default=0.05, show_default=True, help="linear schedule: the last step's lr factor."
-        ),
-        click.option("--plateau-factor", default=0.5, show_default=True),
-        click.option("--plateau-patience", default=5, show_default=True),
-        click.option(
-            "--early-stopping",
-            default=15,
-            show_default=True,
-            help="Stop after this many validations without improvement (0: never).",
-        ),
-        click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True),
-        click.option("--channels-last", is_flag=True, help="channels_last_3d memory format."),
-        click.option("--compile", is_flag=True, help="torch.compile the model."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--seed", default=0, show_default=True),
-        click.option(
-            "--init-from",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Start from a checkpoint: ours (best.pt/last.pt) or the seed's state_dict files.",
-        ),
-        click.option("--val-every", type=int, default=None, help="Steps between validations [default: one epoch]."),
-        click.option("--val-scenes-per-batch", default=8, show_default=True),
-        click.option("--log-every", default=10, show_default=True, help="Steps between metrics rows."),
-        click.option(
-            "--ckpt-every",
-            default=500,
-            show_default=True,
-            help="Steps between last.pt saves (also saved at every validation and at the end).",
-        ),
-        click.option("--zero-sdf", is_flag=True, help="Control run: feed zeros instead of the SDFs."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's]."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _config(kwargs: dict, **fixed) -> FitConfig:
-    kwargs = dict(kwargs)
-    quiet = kwargs.pop("quiet")
-    kwargs["fc_dims"] = parse_fc_dims(kwargs["fc_dims"])
-    for key in ("shards", "init_from"):
-        kwargs[key] = str(kwargs[key]) if kwargs[key] is not None else None
-    return FitConfig(progress=not quiet, **fixed, **kwargs)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Train and evaluate grasp-quality estimators on shard datasets."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+# Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
 @cli.command("fit")
-@fit_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--loader", type=click.Choice(["cache", "dali"]), default="cache", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
+@click_options(FitConfig)
 @_errors
-def fit_cmd(**kwargs) -> None:
+def fit_cmd(**options) -> None:
     """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png."""
-    out = kwargs.pop("out")
-    summary = fit(_config(kwargs, out=str(out)))
+    summary = fit(FitConfig(**options))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for the job
     val = " ".join(
@@ -168,21 +72,22 @@ def fit_cmd(**kwargs) -> None:
     click.echo(
         f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
         f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
-        f"outputs in {out} (curves.png)"
+        f"outputs in {options['out']} (curves.png)"
     )
 
 
 @cli.command("compare")
-@fit_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for both runs.")
-@click.option("--overwrite", is_flag=True, help="Replace earlier runs in --out.")
+@click_options(
+    FitConfig,
+    exclude=("loader", "resume"),  # it runs each loader, each from scratch
+    defaults={"max_steps": 100},  # a fixed budget: the comparison is about the loaders, not convergence
+    help={"out": "Directory for both runs.", "overwrite": "Replace earlier runs in --out."},
+)
 @_errors
-def compare_cmd(**kwargs) -> None:
+def compare_cmd(**options) -> None:
     """Run fit with each loader (cache, dali) on identical settings; writes compare.json and compare.png."""
-    out = kwargs.pop("out")
-    if kwargs["max_steps"] is None:
-        kwargs["max_steps"] = 100  # a fixed budget: the comparison is about the loaders, not convergence
-    result = run_compare(_config(kwargs, out=str(out)), out)
+    out = Path(options["out"])
+    result = run_compare(FitConfig(**options), out)
     click.echo(format_table(result))
     click.echo(f"plot: {out / 'compare.png'}  table: {out / 'compare.json'}")
 
@@ -190,32 +95,15 @@ def compare_cmd(**kwargs) -> None:
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--shards", required=True, type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
-@click.option("--loader", type=click.Choice(["cache", "dali"]), default="cache", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--split", type=click.Choice(SPLITS[1:]), default="val", show_default=True)
+@click.option("--loader", type=click.Choice(MODES), default="cache", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--scenes-per-batch", default=8, show_default=True)
 @_errors
-def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: str, scenes_per_batch: int) -> None:
+def eval_cmd(checkpoint: Path, **options) -> None:
     """Metrics of CHECKPOINT (ours, or a seed state_dict) on a split, as JSON on stdout."""
-    from pipeline import open_loader
-    from shards import read_manifest
-    from train.checkpoint import dataset_warning, load_model
-
-    dev = resolve_device(device)
-    model, stats = load_model(checkpoint)
-    manifest = read_manifest(shards)
-    try:
-        max_grasps, grid = manifest.max_grasps, manifest.grid[0]
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise DatasetError(f"{shards}/manifest.json: no valid max_grasps and grid; rebuild the dataset") from None
-    if model.input_size != grid:
-        raise ConfigError(f"{checkpoint}: model input size {model.input_size} != the dataset's grid {grid}")
-    if warning := dataset_warning(checkpoint, stats, dataset_identity(manifest)):
-        click.echo(warning, err=True)
-    mean, std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
-    with open_loader(shards, loader, split, scenes_per_batch, max_grasps, device=dev, progress=False) as data:
-        metrics = evaluate(model.to(dev), data, mean, std, prefix=f"{split}_")
-    click.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, **metrics}, indent=2))
+    metrics = evaluate_checkpoint(checkpoint, **options, warn=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps({"checkpoint": str(checkpoint), "split": options["split"], **metrics}, indent=2))
 
 
 @cli.command("predict")
@@ -224,7 +112,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
     "--scenes", type=click.Path(path_type=Path), help="Processed directory: <scene>/scene.npz (scores optional)."
 )
 @click.option("--shards", type=click.Path(path_type=Path), help="Shard dataset (with --split).")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option(
     "--mesh", type=click.Path(path_type=Path), help="One mesh file (with --grasps), prepared as import_meshes does."
 )
@@ -247,7 +135,7 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Parquet file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only a Parquet file).")
 @click.option("--top-k", default=5, show_default=True, help="Best grasps per object to print.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @_errors
 def predict_cmd(
     checkpoint: Path,

@@ -1,0 +1,89 @@
+"""Command-line options derived from dataclass fields: the help text lives next to the field.
+
+A field made with `option(...)` is an option of every command built with `click_options(cls)`;
+its flag is `--field-name` unless given, its type and default come from the field, its choices
+from the same constant the config checks against. So a config class is the one source of truth
+for its options, and `flag(cls, name)` spells an option the same way in error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+_SIMPLE = (int, float, str)
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    short: str | None = None,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    """A dataclass field that is also a command-line option (`flag` "--on/--off" for a boolean pair)."""
+    meta = {"help": help, "flag": flag, "short": short, "choices": tuple(choices) if choices else None}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag(cls: type, name: str) -> str:
+    """How the command line spells field `name` of `cls`, e.g. "--plateau-factor" ("--quiet" for a pair's off)."""
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    spelled = meta.get("flag") or "--" + name.replace("_", "-")
+    return spelled.split("/")[-1] if "/" in spelled else spelled
+
+
+def _click_type(hint: Any, choices: tuple[str, ...] | None) -> Any:
+    """int, float or str (or X | None of them) as themselves; anything else (tuples, unions) as text the
+    config's __post_init__ parses."""
+    if choices:
+        return click.Choice(choices)
+    if isinstance(hint, types.UnionType | typing._UnionGenericAlias):  # X | None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else str
+    return hint if hint in _SIMPLE else str
+
+
+def click_options(
+    cls: type,
+    *,
+    exclude: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+    help: dict[str, str] | None = None,
+) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per `option(...)` field of `cls` (in field order), less `exclude`.
+
+    `defaults` and `help` override a field's default and help text for this command only.
+    """
+    defaults, help = defaults or {}, help or {}
+    hints = typing.get_type_hints(cls)
+    decorators = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or f.name in exclude:
+            continue
+        meta = f.metadata
+        default = defaults.get(f.name, f.default)
+        decls = [meta["flag"] or "--" + f.name.replace("_", "-")] + ([meta["short"]] if meta["short"] else [])
+        kwargs: dict[str, Any] = {"help": help.get(f.name, meta["help"])}
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs.update(default=default, show_default=default not in (None, False))
+        if hints[f.name] is bool:
+            kwargs["is_flag"] = True
+        else:
+            kwargs["type"] = _click_type(hints[f.name], meta["choices"])
+        decorators.append(click.option(*decls, f.name, **kwargs))
+
+    def apply(fn: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply

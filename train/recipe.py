@@ -1,0 +1,477 @@
+"""The training recipe: `fit(cfg)` = setup, then train_step / validate / save_checkpoint in a loop, then cleanup.
+
+Shaped like torchtune's single-device recipes: `setup` builds the device, run folder, data, model,
+optimizer and schedule (or restores them from last.pt) and registers every resource on one
+ExitStack, so `cleanup` (also on an error, when `fit` is called as a library) closes the loaders,
+TensorBoard, the process group and the run folder's lock. Where the run stands is `Progress`, which
+last.pt holds. Scores are standardised with the train split's statistics for the loss; every
+reported metric is in score units. Both loader modes drive the exact same loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import shlex
+import signal
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models import GQEstimatorBase, build_model
+from pipeline import Batch, keep_freed_host_memory, open_loader, resolve_device
+from shards import DatasetError, Manifest, fingerprint, read_manifest
+
+from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
+from .config import ConfigError, FitConfig
+from .distributed import Distributed
+from .plots import plot_curves
+from .rundir import RunDir, run_lock
+from .scores import Standardiser
+from .step import Forward, evaluate, train_step
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last metrics row (checkpointed, so rows after a resume match a whole run)."""
+
+    loss: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    wait: float = 0.0
+    time: float = 0.0
+
+    def add(self, *, loss: float, samples: int, wait: float, elapsed: float) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.samples += samples
+        self.wait += wait
+        self.time += elapsed
+
+
+@dataclass
+class Progress:
+    """Where a run stands; last.pt holds it (as "state"), so a resumed run goes on counting."""
+
+    step: int = 0
+    best_val_mse: float = math.inf
+    best_step: int = 0
+    bad_validations: int = 0
+    train_time: float = 0.0  # seconds of training steps, validation excluded
+    window: LogWindow = field(default_factory=LogWindow)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Progress:
+        known = {f.name for f in fields(cls)} - {"window"}
+        return cls(**{k: v for k, v in state.items() if k in known}, window=LogWindow(**state["window"]))
+
+
+@dataclass
+class Throughput:
+    """This process's steady-state totals (the first step, which carries start-up, is left out)."""
+
+    samples: int = 0
+    wait: float = 0.0
+    time: float = 0.0
+
+
+def dataset_identity(manifest: Manifest) -> str:
+    """The dataset's fingerprint (from its manifest): the same whatever path spells the directory."""
+    return manifest.fingerprint or fingerprint(manifest)  # datasets made before fingerprints: computed
+
+
+def build_fit_model(
+    cfg: FitConfig, *, grid: int, scores: Standardiser, init: tuple[GQEstimatorBase, dict | None] | None = None
+) -> GQEstimatorBase:
+    """A fresh model, or `init` = load_model(--init-from) (ours or the seed's), predicting standardised scores."""
+    if not cfg.init_from:
+        return build_model(cfg.model or "small", input_size=grid, base_channels=cfg.base_channels, fc_dims=cfg.fc_dims)
+    model, trained = init or load_model(cfg.init_from)
+    have = {**model.config, "fc_dims": tuple(model.config["fc_dims"])}
+    wanted = {"kind": cfg.model, "base_channels": cfg.base_channels, "fc_dims": cfg.fc_dims, "input_size": grid}
+    clash = [f"{k} {v} (checkpoint: {have[k]})" for k, v in wanted.items() if v is not None and v != have[k]]
+    if clash:
+        raise ConfigError(f"--init-from {cfg.init_from}: the checkpoint's model does not match: {', '.join(clash)}")
+    # Seed checkpoints predict raw scores; ours predict scores standardised with their own dataset's
+    # statistics. Either way, fold the change of units into the last layer: same function, new units.
+    scores.refold(model, Standardiser() if trained is None else Standardiser(trained["mean"], trained["std"]))
+    return model
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def requested(self, dist: Distributed, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (all ranks agree, so they stop at the same step)."""
+        flag = self.signal is not None
+        if dist.enabled:
+            t = torch.tensor([float(flag)], device=device)
+            torch.distributed.all_reduce(t)
+            flag = bool(t.item())
+        return flag
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "host peak RSS"
+
+
+class FitRecipe:
+    """One training run of `cfg`. Use as a context manager: `with FitRecipe(cfg) as r: r.setup(); r.train()`."""
+
+    def __init__(self, cfg: FitConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self._stack = ExitStack()
+        self.progress = Progress()
+        self.first_batch_s: float | None = None
+
+    def __enter__(self) -> FitRecipe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Device and ranks, the run folder (locked), data, model, optimizer, schedule; restored on --resume."""
+        cfg, stack = self.cfg, self._stack
+        self.start = time.perf_counter()
+        if int(os.environ.get("RANK", "0")) == 0:  # the rank that writes holds RUN_DIR for the whole run
+            stack.enter_context(run_lock(Path(cfg.out)))
+        requested = resolve_device(cfg.device)
+        self.dist = dist = Distributed.from_env(requested.type)
+        stack.callback(dist.shutdown)
+        self.device = device = dist.device(requested)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if device.type == "cpu":
+            keep_freed_host_memory()
+        self.run = RunDir(Path(cfg.out), writer=dist.is_main)
+        if dist.is_main:
+            self.run.prepare(cfg)
+        dist.barrier()  # the other ranks start once rank 0 has checked (and maybe cleared) RUN_DIR
+        stack.callback(self.run.close)
+        self.identity = dataset_identity(read_manifest(Path(cfg.shards)))
+        resumed = self._resumable_checkpoint() if cfg.resume else None
+        init = load_model(cfg.init_from) if cfg.init_from else None  # a bad file fails before any data is loaded
+        if init is not None and dist.is_main and (warning := dataset_warning(cfg.init_from, init[1], self.identity)):
+            log.warning(warning)
+        torch.manual_seed(cfg.seed)
+
+        self._setup_data()
+        self.model = build_fit_model(cfg, grid=self.train_loader.grid, scores=self.scores, init=init).to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self.forward = Forward.build(device.type, amp=cfg.amp, channels_last=cfg.channels_last, zero_sdf=cfg.zero_sdf)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.total_steps = cfg.max_steps or cfg.epochs * len(self.train_loader)
+        self.scheduler = self._scheduler()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        if resumed is not None:
+            self._restore(resumed)
+        self.run.write_config(
+            cfg,
+            {
+                "device": str(device),
+                "world_size": dist.world_size,
+                "model": self.model.config,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "score_mean": self.scores.mean,
+                "score_std": self.scores.std,
+                "steps_per_epoch": len(self.train_loader),
+            },
+        )
+        net: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        if dist.enabled:
+            net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = net
+
+    def _resumable_checkpoint(self) -> dict:
+        """last.pt, checked to continue this very run: same options (but RESUMABLE ones), same dataset."""
+        last = self.run.path / "last.pt"
+        resumed = load_checkpoint(last)
+        check_resumable(last, resumed)
+        diff = self.cfg.differences(FitConfig.from_dict(resumed["config"]))
+        if diff:
+            raise ConfigError(f"--resume: options differ from the run in {self.run.path}: {'; '.join(diff)}")
+        old = resumed.get("dataset", {}).get("fingerprint")
+        if old != self.identity:
+            was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
+            raise ConfigError(
+                f"--resume: {last} was trained on {was}, but --shards {self.cfg.shards} is dataset "
+                f"{self.identity[:16]} (rebuilt, or another one); resume on the run's own dataset, or "
+                f"start a new run from these weights: --init-from {last} --out NEW_DIR"
+            )
+        return resumed
+
+    def _setup_data(self) -> None:
+        """The train and val loaders of this rank, and the train split's score units."""
+        cfg, dist = self.cfg, self.dist
+        progress = cfg.progress and dist.is_main
+        opening = time.perf_counter()
+        self.train_loader = self._stack.enter_context(
+            open_loader(cfg.shards, cfg.loader, "train", cfg.scenes_per_batch, cfg.grasps_per_scene, cfg.seed,
+                        self.device, dist.rank, dist.world_size, drop_last=dist.enabled, shuffle_window=cfg.window,
+                        progress=progress)
+        )  # fmt: skip
+        self.open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
+        self.val_loader = self._stack.enter_context(
+            open_loader(cfg.shards, cfg.loader, "val", cfg.val_scenes_per_batch, self.train_loader.max_grasps, 0,
+                        self.device, dist.rank, dist.world_size, shuffle_window=cfg.window, progress=progress)
+        )  # fmt: skip
+        try:
+            self.scores = Standardiser.from_stats(
+                self.train_loader.reader.manifest.score_stats, str(Path(cfg.shards) / "manifest.json")
+            )
+        except ValueError as err:
+            raise DatasetError(f"{err}; run tools/verify_shards.py on the dataset") from None
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+        cfg = self.cfg
+        if cfg.lr_schedule == "linear":  # the seed's train_gq.py: stepped every training step, over the planned steps
+            return torch.optim.lr_scheduler.LinearLR(
+                self.optimizer, 1.0, cfg.lr_end_factor, total_iters=self.total_steps
+            )
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+
+    def _restore(self, resumed: dict) -> None:
+        self.model.load_state_dict(resumed["model"])
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        self.scheduler.load_state_dict(resumed["scheduler"])
+        self.scaler.load_state_dict(resumed["scaler"])
+        self.train_loader.load_state_dict(resumed["loader"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
+        self.progress = Progress.from_dict(resumed["state"])
+        self.run.truncate_metrics(self.progress.step)
+
+    # -- one step, one validation, one checkpoint ---------------------------------------------------
+    def train_step(self, batch: Batch) -> float:
+        """One optimisation step (and the linear schedule's step); returns the loss."""
+        loss = train_step(
+            self.net, batch, forward=self.forward, optimizer=self.optimizer, scaler=self.scaler, scores=self.scores,
+            step=self.progress.step + 1,
+        )  # fmt: skip
+        self.progress.step += 1
+        if self.cfg.lr_schedule == "linear":
+            self.scheduler.step()
+        return loss
+
+    def validate(self) -> dict:
+        """Val metrics now: logged, best.pt kept when they improve, the plateau schedule told."""
+        p = self.progress
+        result = {
+            "step": p.step,
+            "epoch": round(p.step / len(self.train_loader), 4),
+            "time_s": round(p.train_time, 3),
+            **evaluate(self.model, self.val_loader, scores=self.scores, forward=self.forward),
+        }
+        self.run.log(result)
+        if result["val_mse"] < p.best_val_mse:
+            p.best_val_mse, p.best_step, p.bad_validations = result["val_mse"], p.step, 0
+            self.save_checkpoint(self.run.path / "best.pt", full=False)
+        else:
+            p.bad_validations += 1
+        if self.cfg.lr_schedule == "plateau":
+            self.scheduler.step(result["val_mse"])
+        return result
+
+    def save_checkpoint(self, path: Path, *, full: bool = True) -> None:
+        """Weights, score units and dataset identity; `full` adds all that --resume needs. Main rank only."""
+        if not self.dist.is_main:
+            return
+        payload = {
+            "model": self.model.state_dict(),
+            "model_config": {**self.model.config, "fc_dims": list(self.model.fc_dims)},
+            "score_stats": self.scores.to_dict(),
+            "dataset": {"fingerprint": self.identity},
+            "state": self.progress.to_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        if full:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            payload.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                loader=self.train_loader.state_dict(),
+                rng={"torch": torch.get_rng_state(), "cuda": cuda},
+            )
+        save_checkpoint(path, payload)
+
+    def _log_row(self) -> dict:
+        """The metrics row of the steps since the last one (training loss in standardised and score units)."""
+        w, p = self.progress.window, self.progress
+        row = {
+            "step": p.step,
+            "epoch": round(p.step / len(self.train_loader), 4),
+            "time_s": round(p.train_time, 3),
+            "loss": w.loss / w.steps,
+            "train_mse": w.loss / w.steps * self.scores.std**2,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": w.samples / w.time,
+            "data_wait": w.wait / w.time,
+        }
+        self.run.log(row)
+        p.window = LogWindow()
+        return row
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train until --epochs / --max-steps / --max-time / early stopping / a signal; returns the summary."""
+        cfg, p = self.cfg, self.progress
+        total = self.total_steps
+        val_every = cfg.val_every or len(self.train_loader)
+        steps_at_start = p.step
+        totals = Throughput()
+        stopped, last_val = "max_steps" if cfg.max_steps else "epochs", None
+        progress = cfg.progress and self.dist.is_main
+        bar = self._stack.enter_context(
+            tqdm(total=total, initial=p.step, unit="step", disable=(not progress) or None, dynamic_ncols=True)
+        )
+        stop = self._stack.enter_context(_StopFlag())
+        batches = iter(self.train_loader)
+        while p.step < total:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:  # end of epoch: the plan's next epoch
+                self.train_loader.set_epoch(self.train_loader.epoch + 1)
+                batches = iter(self.train_loader)
+                continue
+            wait = time.perf_counter() - t0
+            first = self.first_batch_s is None
+            if first:  # opening the loader (cache load, DALI build) plus waiting for the first batch
+                self.first_batch_s = self.open_s + wait
+            loss = self.train_step(batch)
+            if self.train_loader.position == len(self.train_loader):  # never checkpoint a finished epoch's position
+                self.train_loader.set_epoch(self.train_loader.epoch + 1)
+                batches = iter(self.train_loader)
+            elapsed = time.perf_counter() - t0
+            p.train_time += elapsed
+            if not first:  # the first step carries start-up (first-call kernels, compile): kept out of the rates
+                totals.samples += batch.num_grasps
+                totals.wait += wait
+                totals.time += elapsed
+            p.window.add(loss=loss, samples=batch.num_grasps, wait=wait, elapsed=elapsed)
+            bar.update(1)
+            step = p.step
+            if cfg.max_time and p.train_time >= cfg.max_time:
+                stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
+            if step % cfg.log_every == 0 or step == total:
+                row = self._log_row()
+                bar.set_postfix_str(f"loss {row['loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
+            if step % val_every == 0 or step == total:
+                last_val = self.validate()
+                if cfg.early_stopping and p.bad_validations >= cfg.early_stopping:
+                    stopped = "early_stopping"
+            if step % cfg.ckpt_every == 0 or last_val and last_val["step"] == step:
+                self.save_checkpoint(self.run.path / "last.pt")
+            if stopped in ("early_stopping", "max_time"):
+                break
+            if stop.requested(self.dist, self.device):
+                stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
+                self.save_checkpoint(self.run.path / "last.pt")
+                break
+        bar.close()
+        if stopped.startswith("signal"):
+            resume = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]] + ([] if cfg.resume else ["--resume"]))
+            log.warning("stopped by %s at step %d; last.pt saved. Resume with: %s", stopped[7:], p.step, resume)
+        elif last_val is None or last_val["step"] != p.step:
+            last_val = self.validate()
+            self.save_checkpoint(self.run.path / "last.pt")
+        return self._finish(stopped, last_val, self._job_throughput(totals), p.step - steps_at_start)
+
+    def _job_throughput(self, totals: Throughput) -> Throughput:
+        """Throughput of the whole job: all ranks' samples over the slowest rank's time."""
+        if not self.dist.enabled:
+            return totals
+        sums = torch.tensor([totals.samples, totals.wait], dtype=torch.float64, device=self.device)
+        slowest = torch.tensor([totals.time], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        return Throughput(sums[0].item(), sums[1].item() / self.dist.world_size, slowest.item())
+
+    def _finish(self, stopped: str, last_val: dict | None, totals: Throughput, steps_here: int) -> dict:
+        """summary.json (returned) and curves.png."""
+        cfg, p, model = self.cfg, self.progress, self.model
+        peak, peak_kind = _peak_memory(self.device)
+        summary = {
+            "steps": p.step,
+            "epochs": round(p.step / len(self.train_loader), 4),
+            "stopped": stopped,
+            "train_time_s": p.train_time,
+            "samples_per_s": totals.samples / totals.time if totals.time else None,
+            "data_wait": totals.wait / totals.time if totals.time else None,
+            "first_batch_s": self.first_batch_s,
+            "steps_this_process": steps_here,
+            **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")},
+            "best_val_mse": p.best_val_mse,
+            "best_step": p.best_step,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "wall_s": time.perf_counter() - self.start,
+            "device": str(self.device),
+            "loader": cfg.loader,
+            "world_size": self.dist.world_size,
+            "model": model.config["kind"],
+            "parameters": sum(x.numel() for x in model.parameters()),
+            "scenes_per_batch": cfg.scenes_per_batch,
+            "grasps_per_scene": cfg.grasps_per_scene,
+            "shuffle_window": cfg.shuffle_window,
+            "resident_bytes": self.train_loader.resident_bytes,
+        }
+        self.run.write_summary(summary)
+        if self.dist.is_main:
+            title = (
+                f"{model.config['kind']} model, {cfg.loader} loader, S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}"
+            )
+            plot_curves(self.run.rows(), self.run.path / "curves.png", title)
+        return summary
+
+    # -- cleanup -------------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Close what setup and train opened (loaders, TensorBoard, process group, RUN_DIR's lock), newest first."""
+        self._stack.close()
+
+
+def fit(cfg: FitConfig) -> dict:
+    """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json)."""
+    with FitRecipe(cfg) as recipe:
+        recipe.setup()
+        return recipe.train()
