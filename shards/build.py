@@ -53,6 +53,7 @@ from .format import (
 )
 from .index import write_index
 from .manifest import write_manifest
+from .options import option
 from .outdir import JOURNAL, BuildError, Lock, check_ours, remove_ours, replace, staging_dir
 from .placement import Placement, place_scenes
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
@@ -66,18 +67,20 @@ MAX_SHARD_BYTES = 1 << 36  # 64 GiB per shard file
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """Everything that shapes the bytes of a dataset (recorded in the manifest)."""
+    """Everything that shapes the bytes of a dataset (recorded in the manifest); each field is a make_shards option."""
 
-    grid: int = 48
-    dtype: str = "float16"
-    records_per_shard: int = 256
-    max_grasps: int = 480
-    splits: str | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    limit: int | None = None
-    skip_bad: bool = False
-    shuffle_seed: int = 0
+    grid: int = option(48, help="SDF grid size D (every scene must be D^3).")
+    dtype: str = option("float16", choices=SDF_DTYPES, help="Stored SDF dtype.")
+    records_per_shard: int = option(256, help="Records R in every shard file.")
+    max_grasps: int = option(480, help="Grasp slots per record.")
+    splits: str | None = option(
+        None, help="The seed's splits.json; every scene must be in it. Default: split by a hash of the name."
+    )
+    val_fraction: float = option(0.1, help="Hash split: share of scenes in val.")
+    test_fraction: float = option(0.1, help="Hash split: share of scenes in test.")
+    limit: int | None = option(None, help="Use only the first N scenes by name.")
+    skip_bad: bool = option(False, help="Skip bad scenes (listed in DIR/skipped.jsonl) instead of stopping.")
+    shuffle_seed: int = option(0, help="Seed of the stored order of each split's scenes (a hash of seed and name).")
 
     def check(self) -> None:
         if self.dtype not in SDF_DTYPES:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from shards import BuildError, BuildOptions, SceneError, SourceError, SplitError, build_shards, format_table
+from shards.options import click_options
 
 
 def _summary(s: dict, wall_s: float) -> str:
@@ -37,27 +38,8 @@ def _summary(s: dict, wall_s: float) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Dataset directory to write.")
-@click.option("--grid", default=48, show_default=True, help="SDF grid size D (every scene must be D^3).")
-@click.option("--records-per-shard", default=256, show_default=True, help="Records R in every shard file.")
-@click.option(
-    "--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored SDF dtype."
-)
-@click.option("--max-grasps", default=480, show_default=True, help="Grasp slots per record.")
-@click.option(
-    "--splits",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The seed's splits.json; every scene must be in it. Default: split by a hash of the name.",
-)
-@click.option("--val-fraction", default=0.1, show_default=True, help="Hash split: share of scenes in val.")
-@click.option("--test-fraction", default=0.1, show_default=True, help="Hash split: share of scenes in test.")
-@click.option(
-    "--shuffle-seed",
-    default=0,
-    show_default=True,
-    help="Seed of the stored order of each split's scenes (a hash of seed and name).",
-)
+@click_options(BuildOptions)  # what shapes the bytes: every field of BuildOptions, help text beside it
 @click.option("--workers", type=int, default=None, help="Decoding processes [default: all cores].")
-@click.option("--limit", type=int, default=None, help="Use only the first N scenes by name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping complete shards that verify.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in --out.")
 @click.option(
@@ -65,26 +47,16 @@ def _summary(s: dict, wall_s: float) -> str:
     is_flag=True,
     help="Build even though --splits names scenes that are not in SOURCE (a partial copy).",
 )
-@click.option("--skip-bad", is_flag=True, help="Skip bad scenes (listed in DIR/skipped.jsonl) instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(
     source: Path,
     out: Path,
-    grid: int,
-    records_per_shard: int,
-    dtype: str,
-    max_grasps: int,
-    splits: Path | None,
-    val_fraction: float,
-    test_fraction: float,
-    shuffle_seed: int,
     workers: int | None,
-    limit: int | None,
     resume: bool,
     overwrite: bool,
     allow_missing_scenes: bool,
-    skip_bad: bool,
     quiet: bool,
+    **options,
 ) -> None:
     """Write SOURCE/<name>/scene.npz scenes into fixed-size shards in --out (format 2).
 
@@ -95,18 +67,9 @@ def main(
     """
     if workers is not None and workers < 1:
         raise click.BadParameter(f"{workers}: must be at least 1", param_hint="--workers")
-    opts = BuildOptions(
-        grid=grid,
-        dtype=dtype,
-        records_per_shard=records_per_shard,
-        max_grasps=max_grasps,
-        splits=str(splits.resolve()) if splits else None,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        limit=limit,
-        skip_bad=skip_bad,
-        shuffle_seed=shuffle_seed,
-    )
+    if options["splits"]:  # recorded in the manifest: an absolute path says which file it was
+        options["splits"] = str(Path(options["splits"]).resolve())
+    opts = BuildOptions(**options)
     try:
         summary = build_shards(
             source,
