@@ -25,6 +25,7 @@ import click
 import torch
 
 from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, parse_window, resolve_device
+from shards import format_table
 from train import FitConfig, FitRecipe, fit
 from train.config import parse_fc_dims
 
@@ -145,13 +146,11 @@ def relative_mse(rows: list[dict], key: str, reference: Callable[[str], str]) ->
 def print_study(title: str, rows: list[dict], *, ratio_key: str, column: str, versus: str, label: str = "") -> None:
     """The study's rows, then each recipe's means over seeds (its val MSE / `versus`'s first, when it has one)."""
     click.echo(title)
-    click.echo(f"  {'recipe':<28} {'seed':>4} {'val MSE':>9} {'R2':>7} {'Spearman':>9} {column:>8} {'train s':>8}")
-    for r in rows:
-        ratio = f"{r[ratio_key]:.3f}" if r[ratio_key] else "-"
-        click.echo(
-            f"  {r['recipe']:<28} {r['seed']:>4} {r['val_mse']:>9.4f} {r['val_r2'] or 0:>7.3f} "
-            f"{r['val_spearman'] or 0:>9.4f} {ratio:>8} {r['train_time_s']:>8.1f}"
-        )
+    columns = [("recipe", "<28"), ("seed", ">4"), ("val MSE", ">9.4f"), ("R2", ">7.3f"), ("Spearman", ">9.4f"),
+               (column, ">8.3f"), ("train s", ">8.1f")]  # fmt: skip
+    keys = ("recipe", "seed", "val_mse", "val_r2", "val_spearman", ratio_key, "train_time_s")
+    for line in format_table(columns, [["-" if r[k] is None else r[k] for k in keys] for r in rows]):
+        click.echo(line)
     for name in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == name]
         ratios = [r[ratio_key] for r in mine if r[ratio_key] and r[ratio_key] != 1.0]
@@ -276,7 +275,6 @@ def main(
     click.echo(
         f"bench_train: {shards}, device {dev}, amp {amp}, channels_last {channels_last}, compile {compile_model}"
     )
-    click.echo(f"  {'model':<6} {'loader':<6} {'S':>4} {'G':>3} {'samples/s':>10}")
     for kind in models.split(","):
         for mode in loaders.split(","):
             for s, g in CONFIGS:
@@ -300,7 +298,10 @@ def main(
                         "shuffle_window": shuffle_window,
                     }
                 )
-                click.echo(f"  {kind:<6} {mode:<6} {s:>4} {g:>3} {rate:>10,.0f}")
+    columns = [("model", "<6"), ("loader", "<6"), ("S", ">4"), ("G", ">3"), ("samples/s", ">10,.0f")]
+    keys = ("model", "loader", "scenes_per_batch", "grasps_per_scene", "samples_per_s")
+    for line in format_table(columns, [[r[k] for k in keys] for r in rows]):
+        click.echo(line)
     for kind in models.split(","):
         for mode in loaders.split(","):
             pick = {

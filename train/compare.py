@@ -16,6 +16,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from shards import format_table
+
 from .config import ConfigError, FitConfig
 from .plots import plot_compare
 from .rundir import RunDir
@@ -110,16 +112,15 @@ def compare(base: FitConfig, out: Path) -> dict:
     return result
 
 
-def format_table(result: dict) -> str:
-    rows = result["runs"]
-    lines = [
-        f"{'loader':<8} {'first batch':>12} {'samples/s':>11} {'data wait':>10} {'peak memory':>13} {'val MSE':>9}"
+def report(result: dict) -> str:
+    """compare's table (one row per loader) and its verdict on the loss curves."""
+    columns = [("loader", "<8"), ("first batch s", ">13.2f"), ("samples/s", ">11,.0f"), ("data wait", ">10.1%"),
+               ("peak memory GB", ">14.2f"), ("val MSE", ">9.4f")]  # fmt: skip
+    rows = [
+        [name, r["first_batch_s"], r["samples_per_s"], r["data_wait"], r["peak_memory_bytes"] / 1e9, r["val_mse"]]
+        for name, r in result["runs"].items()
     ]
-    for name, r in rows.items():
-        lines.append(
-            f"{name:<8} {r['first_batch_s']:>10.2f} s {r['samples_per_s']:>11,.0f} {r['data_wait']:>9.1%} "
-            f"{r['peak_memory_bytes'] / 1e9:>10.2f} GB {r['val_mse']:>9.4f}"
-        )
+    lines = format_table(columns, rows, indent="")
     verdict = (
         "loss curves identical step for step (both loaders gave the same batches)"
         if result["loss_curves_identical"]

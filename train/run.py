@@ -20,11 +20,11 @@ import click
 
 from models import CheckpointError
 from pipeline import MODES, LoaderError
-from shards import SPLITS, DatasetError
+from shards import SPLITS, DatasetError, format_table
 from shards.options import click_options
 from train import TrainError, evaluate_checkpoint, fit
 from train.compare import compare as run_compare
-from train.compare import format_table
+from train.compare import report
 from train.config import DEVICES, ConfigError, FitConfig
 from train.predict import PredictError
 from train.rundir import WriteError
@@ -88,7 +88,7 @@ def compare_cmd(**options) -> None:
     """Run fit with each loader (cache, dali) on identical settings; writes compare.json and compare.png."""
     out = Path(options["out"])
     result = run_compare(FitConfig(**options), out)
-    click.echo(format_table(result))
+    click.echo(report(result))
     click.echo(f"plot: {out / 'compare.png'}  table: {out / 'compare.json'}")
 
 
@@ -185,9 +185,9 @@ def predict_cmd(
     else:
         predictions = predict_mesh(estimator, mesh, grasps, mesh_max_extent, open_meshes)
     write_parquet(predictions, out)
-    click.echo(f"{'scene':<24} {'rank':>4} {'grasp':>6} {'prediction':>11} {'score':>9}")
-    for name, rank, grasp, pred, score in best_grasps(predictions, top_k):
-        click.echo(f"{name:<24} {rank:>4} {grasp:>6} {pred:>11.4f} {score:>9.4f}")
+    columns = [("scene", "<24"), ("rank", ">4"), ("grasp", ">6"), ("prediction", ">11.4f"), ("score", ">9.4f")]
+    for line in format_table(columns, best_grasps(predictions, top_k), indent=""):
+        click.echo(line)
     metrics = ranking_metrics(predictions)
     if metrics:
         keys = (
