@@ -173,7 +173,7 @@ def measure(
     keep_freed_host_memory()  # the same process setting for every row, seed baselines included
     dev = resolve_device(device)
     extra = {}
-    if loader in ("cache", "dali"):
+    if loader in MODES:
         r = _time(
             lambda: open_loader(
                 shards_dir,
@@ -311,7 +311,7 @@ def _summary(rows: list[dict]) -> list[str]:
 )
 @click.option(
     "--loaders",
-    default="cache,dali",
+    default=",".join(MODES),
     show_default=True,
     help="Our loaders to time (comma-separated); 'cache' alone where DALI is not installed.",
 )

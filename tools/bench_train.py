@@ -24,10 +24,11 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline import DEFAULT_WINDOW, keep_freed_host_memory, parse_window, resolve_device
+from models import MODEL_KINDS
+from pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, parse_window, resolve_device
 from shards import format_table
 from train import FitConfig, FitRecipe, fit
-from train.config import parse_fc_dims
+from train.config import AMP_MODES, DEVICES, parse_fc_dims
 
 CONFIGS = [(128, 1), (8, 16)]
 
@@ -169,15 +170,15 @@ def print_study(title: str, rows: list[dict], *, ratio_key: str, column: str, ve
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--shards", required=True, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--models", default="small,large", show_default=True, help="Comma-separated: small, large.")
-@click.option("--loaders", default="cache,dali", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--models", default=",".join(MODEL_KINDS), show_default=True, help="Comma-separated model kinds.")
+@click.option("--loaders", default=",".join(MODES), show_default=True, help="Comma-separated loader modes.")
 @click.option("--steps", default=10, show_default=True, help="Timed steps per small-model row.")
 @click.option("--large-steps", default=2, show_default=True, help="Timed steps per large-model row.")
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--base-channels", type=int, default=None, help="Applies to every model [default: each model's own].")
 @click.option("--fc-dims", default=None)
-@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
+@click.option("--amp", type=click.Choice(AMP_MODES), default="off", show_default=True)
 @click.option("--channels-last", is_flag=True)
 @click.option("--compile", "compile_model", is_flag=True)
 @click.option("--budget-s", default=300.0, show_default=True, help="Time-to-quality: G=1's training budget (s).")

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from pipeline import MODES
 from shards import format_table
 
 from .config import ConfigError, FitConfig
@@ -23,7 +24,7 @@ from .plots import plot_compare
 from .rundir import RunDir
 from .step import TrainError
 
-LOADERS = ("cache", "dali")
+LOADERS = MODES
 OUTPUTS = (*LOADERS, "compare.json", "compare.png")  # all that compare writes into --out
 
 
