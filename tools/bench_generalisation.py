@@ -44,7 +44,9 @@ def _random_pick_regret(shards: Path, split: str) -> float:
 def _evaluate(checkpoint: Path, shards: Path, split: str) -> dict[str, float]:
     model, stats = load_model(checkpoint)
     max_grasps = ShardReader(shards).layout.max_grasps
-    with open_loader(shards, "cache", split, 8, max_grasps, device="cpu", progress=False) as data:
+    with open_loader(
+        shards, mode="cache", split=split, scenes_per_batch=8, grasps_per_scene=max_grasps, device="cpu", progress=False
+    ) as data:
         metrics = evaluate(model, data, stats["mean"], stats["std"], prefix="")
     return {k: metrics[k] for k in KEYS}
 

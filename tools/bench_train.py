@@ -50,9 +50,17 @@ def throughput(
     """Training samples/s over `steps` steps after `warmup` steps."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with open_loader(
-        shards, mode, "train", s, g, seed=0, device=device, shuffle_window=window, progress=False
+        shards,
+        mode=mode,
+        split="train",
+        scenes_per_batch=s,
+        grasps_per_scene=g,
+        seed=0,
+        device=device,
+        shuffle_window=window,
+        progress=False,
     ) as loader:
-        stats = loader.reader.manifest["score_stats"]
+        stats = loader.score_stats
         torch.manual_seed(0)
         model = build_model(kind, loader.grid, base_channels, fc_dims).to(device)
         if channels_last:

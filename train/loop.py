@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import GQEstimatorBase, build_model
-from pipeline import Batch, Loader, keep_freed_host_memory, open_loader, resolve_device
+from pipeline import Batch, Loader, keep_freed_host_memory, open_dataset, open_loader, resolve_device
 from shards import DatasetError, fingerprint, read_manifest
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
@@ -232,16 +232,17 @@ def _fit(cfg: FitConfig) -> dict:
 
     progress = cfg.progress and dist.is_main
     opening = time.perf_counter()
+    dataset = open_dataset(cfg.shards)  # opened and quick-verified once, shared by both loaders
     train_loader = open_loader(
-        cfg.shards,
-        cfg.loader,
-        "train",
-        cfg.scenes_per_batch,
-        cfg.grasps_per_scene,
-        cfg.seed,
-        device,
-        dist.rank,
-        dist.world_size,
+        dataset,
+        mode=cfg.loader,
+        split="train",
+        scenes_per_batch=cfg.scenes_per_batch,
+        grasps_per_scene=cfg.grasps_per_scene,
+        seed=cfg.seed,
+        device=device,
+        rank=dist.rank,
+        world_size=dist.world_size,
         drop_last=dist.enabled,
         shuffle_window=cfg.window,
         progress=progress,
@@ -249,19 +250,19 @@ def _fit(cfg: FitConfig) -> dict:
     open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
     max_grasps = train_loader.max_grasps
     val_loader = open_loader(
-        cfg.shards,
-        cfg.loader,
-        "val",
-        cfg.val_scenes_per_batch,
-        max_grasps,
-        0,
-        device,
-        dist.rank,
-        dist.world_size,
+        dataset,
+        mode=cfg.loader,
+        split="val",
+        scenes_per_batch=cfg.val_scenes_per_batch,
+        grasps_per_scene=max_grasps,
+        seed=0,
+        device=device,
+        rank=dist.rank,
+        world_size=dist.world_size,
         shuffle_window=cfg.window,
         progress=progress,
     )
-    stats = train_loader.reader.manifest["score_stats"]
+    stats = train_loader.score_stats
     mean, std = float(stats["mean"]), float(stats["std"])
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise DatasetError(
@@ -362,8 +363,7 @@ def _fit(cfg: FitConfig) -> dict:
         while state["step"] < total:
             t0 = time.perf_counter()
             batch = next(batches, None)
-            if batch is None:  # end of epoch: the plan's next epoch
-                train_loader.set_epoch(train_loader.epoch + 1)
+            if batch is None:  # end of epoch: the loader has moved on to the plan's next epoch
                 batches = iter(train_loader)
                 continue
             wait = time.perf_counter() - t0
@@ -376,9 +376,6 @@ def _fit(cfg: FitConfig) -> dict:
             state["step"] += 1
             if cfg.lr_schedule == "linear":
                 scheduler.step()
-            if train_loader.position == len(train_loader):  # never checkpoint a finished epoch's position
-                train_loader.set_epoch(train_loader.epoch + 1)
-                batches = iter(train_loader)
             elapsed = time.perf_counter() - t0
             state["train_time"] += elapsed
             if not first:  # the first step carries start-up (first-call kernels, compile): kept out of the rates

@@ -213,7 +213,15 @@ def eval_cmd(checkpoint: Path, shards: Path, split: str, loader: str, device: st
     if warning := dataset_warning(checkpoint, stats, dataset_identity(manifest)):
         click.echo(warning, err=True)
     mean, std = (0.0, 1.0) if stats is None else (stats["mean"], stats["std"])
-    with open_loader(shards, loader, split, scenes_per_batch, max_grasps, device=dev, progress=False) as data:
+    with open_loader(
+        shards,
+        mode=loader,
+        split=split,
+        scenes_per_batch=scenes_per_batch,
+        grasps_per_scene=max_grasps,
+        device=dev,
+        progress=False,
+    ) as data:
         metrics = evaluate(model.to(dev), data, mean, std, prefix=f"{split}_")
     click.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, **metrics}, indent=2))
 
