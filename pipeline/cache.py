@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shards import LABEL_DIM, ShardReader
+from shards import LABEL_DIM
 
-from .loader import Loader, LoaderError
+from .base import Loader, LoaderError
+from .dataset import ShardDataset
 from .plan import EpochPlan, PlanSpec
 
 log = logging.getLogger("pipeline")
@@ -40,6 +41,7 @@ def free_memory(device: torch.device) -> int:
 def check_fits(
     needed: int,
     free: int,
+    *,
     what: str,
     device: torch.device,
     advice: str = "stream it with mode='dali' (--loader dali) instead",
@@ -56,16 +58,16 @@ class CacheLoader(Loader):
 
     def __init__(
         self,
-        reader: ShardReader,
+        dataset: ShardDataset,
+        *,
         split: str,
         spec: PlanSpec,
         device: torch.device,
-        *,
         memory_budget: int | None = None,
         progress: bool = True,
     ):
-        super().__init__(reader, split, spec, device)
-        lay = reader.layout
+        super().__init__(dataset, split=split, spec=spec, device=device)
+        lay = self.reader.layout
         # This rank's records, by shard then slot; cache row i holds record mine[i].
         mine = np.flatnonzero(np.isin(self.records.shard, self.shards))
         n = len(mine)
@@ -74,12 +76,12 @@ class CacheLoader(Loader):
         check_fits(
             needed,
             free,
-            f"cache: the {split} split's {len(self.shards)} shards of rank {spec.rank} ({n:,} scenes)",
-            device,
+            what=f"cache: the {split} split's {len(self.shards)} shards of rank {spec.rank} ({n:,} scenes)",
+            device=device,
         )
         self.sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=device)
         self.labels = torch.empty((n, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=device)
-        self._row = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)  # (shard, slot) -> row
+        self._row = np.full((self.reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)  # (shard, slot) -> row
         self._row[self.records.shard[mine], self.records.slot[mine]] = np.arange(n)
         self._mine = mine
         self.load_s = self.check_s = 0.0

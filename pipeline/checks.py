@@ -51,6 +51,7 @@ def _host_sums(sdf: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 def check_records(
     sdf: torch.Tensor,
     labels: torch.Tensor,
+    *,
     expected: np.ndarray,
     device_expected: np.ndarray,
     where: Callable[[int], str],

@@ -22,10 +22,11 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from shards import LABEL_DIM, ShardReader
+from shards import LABEL_DIM
 
+from .base import Loader, LoaderError
 from .cache import check_fits, free_memory
-from .loader import Loader, LoaderError
+from .dataset import ShardDataset
 from .plan import EpochPlan, PlanSpec, shard_order
 
 # Epochs of shard order one pipeline lists (it is rebuilt after them, or when iteration jumps).
@@ -37,21 +38,21 @@ class DaliLoader(Loader):
 
     def __init__(
         self,
-        reader: ShardReader,
+        dataset: ShardDataset,
+        *,
         split: str,
         spec: PlanSpec,
         device: torch.device,
-        *,
         prefetch: int | None = None,
         num_threads: int | None = None,
     ):
-        super().__init__(reader, split, spec, device)
+        super().__init__(dataset, split=split, spec=spec, device=device)
         window = min(spec.window or len(self.shards), len(self.shards))
         self.prefetch = max(1, window) if prefetch is None else prefetch
         if self.prefetch < 1:
             raise LoaderError(f"prefetch {self.prefetch}: must be at least 1 shard")
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
-        lay = reader.layout
+        lay = self.reader.layout
         self._shard_bytes = lay.records_per_shard * (lay.sdf_record_bytes + lay.labels_record_bytes)
         self._capacity = 0  # shards in the ring
         self._pipe = self._iter = None
@@ -59,7 +60,7 @@ class DaliLoader(Loader):
         self._next = None  # (epoch, position in its shard order) of the pipeline's next shard
         self._left = 0  # shards the pipeline has yet to deliver
         # Split record number of each (shard, slot), to check the records of an arriving shard.
-        self._record = np.full((reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)
+        self._record = np.full((self.reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)
         self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
 
     @property
@@ -81,8 +82,8 @@ class DaliLoader(Loader):
         check_fits(
             needed,
             free_memory(self.device),
-            f"dali: {capacity} resident + {self.prefetch} read-ahead shards",
-            self.device,
+            what=f"dali: {capacity} resident + {self.prefetch} read-ahead shards",
+            device=self.device,
             advice="use a smaller --shuffle-window",
         )
         rows = capacity * lay.records_per_shard

@@ -65,9 +65,10 @@ def _assert_same(a: list[Batch], b: list[Batch]) -> None:
 
 @pytest.mark.parametrize("s,g", [(3, 5), (8, 16), (32, 1)])
 def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None:
+    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_scene=g, seed=7, progress=False)
     with (
-        open_loader(shards, "cache", "train", s, g, seed=7, device="cpu", progress=False) as cpu,
-        open_loader(shards, "cache", "train", s, g, seed=7, device="cuda", progress=False) as gpu,
+        open_loader(shards, mode="cache", device="cpu", **kwargs) as cpu,
+        open_loader(shards, mode="cache", device="cuda", **kwargs) as gpu,
     ):
         assert gpu.device.type == "cuda"
         _assert_same(_epochs(cpu), _epochs(gpu))
@@ -80,9 +81,10 @@ def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None
 
     if backend.GetCUDADeviceCount() < 1:
         pytest.skip("this DALI build sees no CUDA device")
+    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_scene=g, seed=7, device="cuda", progress=False)
     with (
-        open_loader(shards, "cache", "train", s, g, seed=7, device="cuda", progress=False) as cache,
-        open_loader(shards, "dali", "train", s, g, seed=7, device="cuda", progress=False) as dali,
+        open_loader(shards, mode="cache", **kwargs) as cache,
+        open_loader(shards, mode="dali", **kwargs) as dali,
     ):
         _assert_same(_epochs(cache), _epochs(dali))
 

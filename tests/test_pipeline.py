@@ -6,15 +6,26 @@ import gc
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_source
+from conftest import REPO, make_source
 
-from pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_loader
+from pipeline import (
+    EpochIndex,
+    LoaderError,
+    PlanSpec,
+    SplitRecords,
+    make_plan,
+    num_batches,
+    open_dataset,
+    open_loader,
+)
 from shards import BuildOptions, DatasetError, ShardReader, build_shards
 
 GRID = 16
@@ -143,7 +154,10 @@ def _same(x, y) -> bool:
 def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int, window: int | None) -> None:
     _, shards = dataset
     kwargs = dict(scenes_per_batch=s, grasps_per_scene=g, seed=5, shuffle_window=window)
-    with open_loader(shards, "cache", progress=False, **kwargs) as cache, open_loader(shards, "dali", **kwargs) as dali:
+    with (
+        open_loader(shards, mode="cache", progress=False, **kwargs) as cache,
+        open_loader(shards, mode="dali", **kwargs) as dali,
+    ):
         assert len(cache) == len(dali)
         for epoch in (0, 1):
             cache.set_epoch(epoch)
@@ -159,7 +173,7 @@ def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int, window: 
 def test_batches_match_the_source_scene_files(dataset, mode: str) -> None:
     src, shards = dataset
     reader = ShardReader(shards)
-    with open_loader(shards, mode, scenes_per_batch=3, grasps_per_scene=4, seed=1, progress=False) as loader:
+    with open_loader(shards, mode=mode, scenes_per_batch=3, grasps_per_scene=4, seed=1, progress=False) as loader:
         for batch in loader:
             assert batch.sdf.dtype == torch.float32 and batch.sdf.shape[1:] == (1, GRID, GRID, GRID)
             assert batch.grasps.shape == (batch.num_grasps, 19) and batch.scores.shape == (batch.num_grasps,)
@@ -177,7 +191,7 @@ def test_batches_match_the_source_scene_files(dataset, mode: str) -> None:
 def test_resume_mid_epoch_continues_with_the_same_batches(dataset, mode: str) -> None:
     _, shards = dataset
     kwargs = dict(scenes_per_batch=2, grasps_per_scene=3, seed=9, progress=False)
-    with open_loader(shards, mode, **kwargs) as loader:
+    with open_loader(shards, mode=mode, **kwargs) as loader:
         loader.set_epoch(4)
         full = _epoch(loader)
         loader.set_epoch(4)
@@ -186,10 +200,55 @@ def test_resume_mid_epoch_continues_with_the_same_batches(dataset, mode: str) ->
             next(it)
         state = loader.state_dict()
     assert state == {"seed": 9, "epoch": 4, "position": 3}
-    with open_loader(shards, mode, **kwargs) as again:
+    with open_loader(shards, mode=mode, **kwargs) as again:
         again.load_state_dict(json.loads(json.dumps(state)))
         rest = _epoch(again)
     assert len(rest) == len(full) - 3 and all(_same(x, y) for x, y in zip(rest, full[3:]))
+
+
+@pytest.mark.parametrize("mode", ["cache", "dali"])
+def test_the_loader_rolls_on_to_the_next_epoch(dataset, mode: str) -> None:
+    _, shards = dataset
+    kwargs = dict(scenes_per_batch=2, grasps_per_scene=3, seed=9, shuffle_window=2, progress=False)
+    with open_loader(shards, mode=mode, **kwargs) as reference:
+        expected = []
+        for epoch in (2, 3):
+            reference.set_epoch(epoch)
+            expected.append(_epoch(reference))
+    with open_loader(shards, mode=mode, **kwargs) as loader:
+        loader.set_epoch(2)
+        states = [loader.state_dict() for _ in loader]  # the state while each batch is in the caller's hands
+        assert states[-2] == {"seed": 9, "epoch": 2, "position": len(loader) - 1}
+        assert states[-1] == {"seed": 9, "epoch": 3, "position": 0}  # a checkpoint here resumes at epoch 3's start
+        pipe = getattr(loader, "_pipe", None)
+        rolled = _epoch(loader)
+        assert getattr(loader, "_pipe", None) is pipe  # DALI's pipeline lists the next epochs: not rebuilt
+        assert loader.state_dict()["epoch"] == 4
+    assert len(rolled) == len(expected[1]) and all(_same(x, y) for x, y in zip(rolled, expected[1]))
+
+
+def test_loaders_share_one_opened_dataset(dataset) -> None:
+    _, shards = dataset
+    data = open_dataset(shards)
+    assert data.fingerprint == json.loads((shards / "manifest.json").read_text())["fingerprint"]
+    kwargs = dict(scenes_per_batch=2, grasps_per_scene=3, progress=False)
+    with (
+        open_loader(data, split="train", **kwargs) as train,
+        open_loader(data, split="val", **kwargs) as val,
+        open_loader(shards, split="train", **kwargs) as own,
+    ):
+        assert train.reader is val.reader is data.reader and own.reader is not data.reader
+        assert train.score_stats == val.score_stats == ShardReader(shards).manifest.score_stats
+        assert all(_same(x, y) for x, y in zip(train, own))
+        assert isinstance(train._epoch_index(train.plan()), EpochIndex)
+    with pytest.raises(TypeError):
+        open_loader(shards, "cache")  # everything after the dataset is keyword-only
+
+
+def test_import_pipeline_does_not_import_dali() -> None:
+    code = "import sys, pipeline; print(any(m.startswith('nvidia.dali') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_ranks_split_the_epoch(dataset) -> None:
@@ -197,7 +256,14 @@ def test_ranks_split_the_epoch(dataset) -> None:
     seen = []
     for rank in range(3):
         with open_loader(
-            shards, "cache", scenes_per_batch=2, grasps_per_scene=5, seed=2, rank=rank, world_size=3, progress=False
+            shards,
+            mode="cache",
+            scenes_per_batch=2,
+            grasps_per_scene=5,
+            seed=2,
+            rank=rank,
+            world_size=3,
+            progress=False,
         ) as loader:
             for b in loader:
                 seen += list(zip(b.scene_ids[b.scene_of_grasp].tolist(), b.grasps[:, 0].tolist()))
@@ -208,13 +274,13 @@ def test_ranks_split_the_epoch(dataset) -> None:
 def test_memory_check_names_both_numbers_and_suggests_dali(dataset) -> None:
     _, shards = dataset
     with pytest.raises(LoaderError) as err:
-        open_loader(shards, "cache", memory_budget=10_000, progress=False)
+        open_loader(shards, mode="cache", memory_budget=10_000, progress=False)
     message = str(err.value)
     assert re.search(r"needs 0\.\d{3} GB on cpu, but only 0\.000 GB are free", message), message
     assert "mode='dali'" in message
     n = len(ShardReader(shards).split_scenes("train"))
     needed = n * (GRID**3 * 2 + 24 * 20 * 4)  # the records, not the shards' padding
-    with open_loader(shards, "cache", memory_budget=needed, progress=False) as loader:
+    with open_loader(shards, mode="cache", memory_budget=needed, progress=False) as loader:
         assert loader.resident_bytes == needed
 
 
@@ -238,7 +304,7 @@ def test_dali_teardown_leaves_no_threads_or_processes(dataset) -> None:
     _, shards = dataset
     gc.collect()
     threads, children = _threads(), _children()
-    loader = open_loader(shards, "dali", scenes_per_batch=2, grasps_per_scene=4, num_threads=3)
+    loader = open_loader(shards, mode="dali", scenes_per_batch=2, grasps_per_scene=4, num_threads=3)
     it = iter(loader)
     next(it)
     assert _threads() > threads  # DALI's workers are running
@@ -268,7 +334,7 @@ def test_bad_directories_fail_before_any_work(dataset, tmp_path: Path) -> None:
     manifest["version"] = 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match="format version 1, .* rebuild the dataset with tools/make_shards.py"):
-        open_loader(copy, "dali")
+        open_loader(copy, mode="dali")
 
 
 @pytest.mark.parametrize(
@@ -300,8 +366,8 @@ def test_cuda_request_without_cuda_is_refused(dataset) -> None:
 def test_cuda_batches_equal_cpu_batches(dataset, mode: str) -> None:
     _, shards = dataset
     with (
-        open_loader(shards, "cache", scenes_per_batch=3, grasps_per_scene=5, progress=False) as cpu,
-        open_loader(shards, mode, scenes_per_batch=3, grasps_per_scene=5, device="cuda", progress=False) as gpu,
+        open_loader(shards, mode="cache", scenes_per_batch=3, grasps_per_scene=5, progress=False) as cpu,
+        open_loader(shards, mode=mode, scenes_per_batch=3, grasps_per_scene=5, device="cuda", progress=False) as gpu,
     ):
         for x, y in zip(cpu, gpu):
             assert y.sdf.is_cuda and _same(x, type(x)(**{k: v.cpu() for k, v in vars(y).items()}))
@@ -337,9 +403,9 @@ def test_a_flipped_byte_is_refused_before_any_batch_uses_it(dataset, tmp_path: P
     _flip(path, HEADER_BYTES + slot * record + record // 2)
     expected = rf"shard {shard} slot {slot} scene {scene} \({name}\): record checksum"
     with pytest.raises(DatasetError, match=expected):  # the cache checks every record as it loads
-        open_loader(copy, "cache", scenes_per_batch=2, grasps_per_scene=4, progress=False)
+        open_loader(copy, mode="cache", scenes_per_batch=2, grasps_per_scene=4, progress=False)
     for window in (1, None):
-        with open_loader(copy, "dali", scenes_per_batch=2, grasps_per_scene=4, shuffle_window=window) as loader:
+        with open_loader(copy, mode="dali", scenes_per_batch=2, grasps_per_scene=4, shuffle_window=window) as loader:
             served = []
             with pytest.raises(DatasetError, match=expected):
                 for batch in loader:
@@ -356,7 +422,7 @@ def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) 
     b.write_bytes(data_a)
     for mode in ("cache", "dali"):
         match = "record checksum .* the data on disk is corrupt or not this dataset's"
-        with pytest.raises(DatasetError, match=match), open_loader(swapped, mode, progress=False) as loader:
+        with pytest.raises(DatasetError, match=match), open_loader(swapped, mode=mode, progress=False) as loader:
             next(iter(loader))
     # an index from another build of the same scenes (another shuffle seed: other records) is refused up front
     other = tmp_path / "other"
@@ -392,11 +458,11 @@ def test_each_rank_caches_only_its_own_shards(dataset) -> None:
     _, shards = dataset
     reader = ShardReader(shards)
     kwargs = dict(scenes_per_batch=2, grasps_per_scene=5, seed=2, progress=False)
-    with open_loader(shards, "cache", **kwargs) as whole:
+    with open_loader(shards, mode="cache", **kwargs) as whole:
         single = whole.resident_bytes
     seen, resident = [], []
     for rank in range(2):
-        with open_loader(shards, "cache", rank=rank, world_size=2, **kwargs) as loader:
+        with open_loader(shards, mode="cache", rank=rank, world_size=2, **kwargs) as loader:
             mine = set(loader.shards.tolist())
             assert set(reader.column("shard", loader.scene_ids[np.isin(loader.records.shard, loader.shards)])) == mine
             resident.append(loader.resident_bytes)

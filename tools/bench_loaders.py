@@ -177,10 +177,10 @@ def measure(
         r = _time(
             lambda: open_loader(
                 shards_dir,
-                loader,
-                split,
-                s,
-                g,
+                mode=loader,
+                split=split,
+                scenes_per_batch=s,
+                grasps_per_scene=g,
                 seed=0,
                 device=dev,
                 rank=rank,

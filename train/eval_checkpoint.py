@@ -45,5 +45,8 @@ def evaluate_checkpoint(
     if warning := dataset_warning(checkpoint, trained, dataset_identity(manifest)):
         warn(warning)
     scores = Standardiser() if trained is None else Standardiser(trained["mean"], trained["std"])
-    with open_loader(shards, loader, split, scenes_per_batch, max_grasps, device=dev, progress=False) as data:
+    with open_loader(
+        shards, mode=loader, split=split, scenes_per_batch=scenes_per_batch, grasps_per_scene=max_grasps, device=dev,
+        progress=False,
+    ) as data:  # fmt: skip
         return evaluate(model.to(dev), data, scores=scores, prefix=f"{split}_" if prefix is None else prefix)

@@ -157,10 +157,10 @@ def predict_shards(
     parts = []
     with open_loader(
         shards_dir,
-        loader,
-        split,
-        scenes_per_batch,
-        manifest.max_grasps,
+        mode=loader,
+        split=split,
+        scenes_per_batch=scenes_per_batch,
+        grasps_per_scene=manifest.max_grasps,
         seed=0,
         device=estimator.device,
         progress=False,

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import GQEstimatorBase, build_model
-from pipeline import Batch, keep_freed_host_memory, open_loader, resolve_device
+from pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
 from shards import DatasetError, Manifest, fingerprint, read_manifest
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
@@ -242,20 +242,20 @@ class FitRecipe:
         cfg, dist = self.cfg, self.dist
         progress = cfg.progress and dist.is_main
         opening = time.perf_counter()
+        dataset = open_dataset(cfg.shards)  # opened and quick-verified once, shared by both loaders
+        common = dict(mode=cfg.loader, device=self.device, rank=dist.rank, world_size=dist.world_size,
+                      shuffle_window=cfg.window, progress=progress)  # fmt: skip
         self.train_loader = self._stack.enter_context(
-            open_loader(cfg.shards, cfg.loader, "train", cfg.scenes_per_batch, cfg.grasps_per_scene, cfg.seed,
-                        self.device, dist.rank, dist.world_size, drop_last=dist.enabled, shuffle_window=cfg.window,
-                        progress=progress)
+            open_loader(dataset, split="train", scenes_per_batch=cfg.scenes_per_batch,
+                        grasps_per_scene=cfg.grasps_per_scene, seed=cfg.seed, drop_last=dist.enabled, **common)
         )  # fmt: skip
         self.open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
         self.val_loader = self._stack.enter_context(
-            open_loader(cfg.shards, cfg.loader, "val", cfg.val_scenes_per_batch, self.train_loader.max_grasps, 0,
-                        self.device, dist.rank, dist.world_size, shuffle_window=cfg.window, progress=progress)
+            open_loader(dataset, split="val", scenes_per_batch=cfg.val_scenes_per_batch,
+                        grasps_per_scene=self.train_loader.max_grasps, seed=0, **common)
         )  # fmt: skip
         try:
-            self.scores = Standardiser.from_stats(
-                self.train_loader.reader.manifest.score_stats, str(Path(cfg.shards) / "manifest.json")
-            )
+            self.scores = Standardiser.from_stats(self.train_loader.score_stats, str(dataset.root / "manifest.json"))
         except ValueError as err:
             raise DatasetError(f"{err}; run tools/verify_shards.py on the dataset") from None
 
@@ -370,8 +370,7 @@ class FitRecipe:
         while p.step < total:
             t0 = time.perf_counter()
             batch = next(batches, None)
-            if batch is None:  # end of epoch: the plan's next epoch
-                self.train_loader.set_epoch(self.train_loader.epoch + 1)
+            if batch is None:  # end of epoch: the loader has moved on to the plan's next epoch
                 batches = iter(self.train_loader)
                 continue
             wait = time.perf_counter() - t0
@@ -379,9 +378,6 @@ class FitRecipe:
             if first:  # opening the loader (cache load, DALI build) plus waiting for the first batch
                 self.first_batch_s = self.open_s + wait
             loss = self.train_step(batch)
-            if self.train_loader.position == len(self.train_loader):  # never checkpoint a finished epoch's position
-                self.train_loader.set_epoch(self.train_loader.epoch + 1)
-                batches = iter(self.train_loader)
             elapsed = time.perf_counter() - t0
             p.train_time += elapsed
             if not first:  # the first step carries start-up (first-call kernels, compile): kept out of the rates

@@ -1,0 +1,182 @@
+"""What both loader modes share: the epoch plan, the resumable position, the batch cut and the record check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN
+
+from .batch import Batch
+from .checks import check_records
+from .dataset import ShardDataset
+from .plan import EpochPlan, PlanSpec, make_plan, num_batches
+
+
+class LoaderError(ValueError):
+    """Settings that cannot work with this dataset; `str()` gives the reason."""
+
+
+@dataclass(frozen=True)
+class EpochIndex:
+    """An epoch plan's index arrays on the device, built once per epoch; each batch slices them."""
+
+    group_scene: torch.Tensor  # int64 [groups]: global scene id of each group, in batch order
+    rows: torch.Tensor  # int64 [groups]: the resident row holding each group's record
+    label_index: torch.Tensor  # int64 [grasps]: each grasp's row of the resident labels viewed as [rows * G, 20]
+    scene_of_grasp: torch.Tensor  # int64 [grasps]: each grasp's group position within its batch
+
+
+class Loader:
+    """Batches of one split for one rank, in the order of the epoch plan.
+
+    Iterating yields the current epoch's batches from `position` on. When it yields an epoch's last
+    batch the loader has already moved on to (epoch + 1, position 0), so the next `iter()` yields the
+    next epoch and a checkpoint taken after the last batch resumes at the next epoch's start;
+    `set_epoch` picks an epoch instead. `state_dict()` / `load_state_dict()` carry (seed, epoch,
+    position), so a run resumes mid-epoch. Subclasses hold records resident in two tensors, `sdf`
+    [rows, D, D, D] and `labels` [rows, G, 20], and say which row holds each group's record (`_rows`);
+    every batch is cut from them by the same index operations (`_batch`), so both loaders give
+    bit-identical batches.
+    """
+
+    mode = ""
+
+    def __init__(self, dataset: ShardDataset, *, split: str, spec: PlanSpec, device: torch.device):
+        self.dataset, self.reader = dataset, dataset.reader
+        self.split, self.spec, self.device = split, spec, device
+        self.records, self._row_of_record = dataset.split(split)  # and each record's index row
+        self.scene_ids = self.records.scene
+        self.shards = self.records.rank_shards(spec.rank, spec.world_size)  # this rank's, ascending
+        self.epoch, self.position = 0, 0
+        self._len = num_batches(self.records, spec)
+        self.sdf: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    @property
+    def grid(self) -> int:
+        return self.reader.layout.grid
+
+    @property
+    def max_grasps(self) -> int:
+        return self.reader.layout.max_grasps
+
+    @property
+    def score_stats(self) -> dict:
+        """The train split's score statistics (count, mean, std, min, max): what scores are standardised with."""
+        return self.dataset.score_stats
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of data this loader holds in memory (host or device)."""
+        return 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve `epoch` from its start (evaluation asks for epoch 0 every time)."""
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.spec.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.spec.seed:
+            raise LoaderError(f"loader state has seed {state['seed']}, this loader was opened with {self.spec.seed}")
+        if not 0 <= state["position"] <= len(self):
+            raise LoaderError(f"loader state position {state['position']} is outside 0..{len(self)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def plan(self) -> EpochPlan:
+        return make_plan(self.records, self.spec, self.epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.position >= len(self):
+            self.position = 0  # a state saved at an epoch's end (position == len) serves that epoch again
+        plan = self.plan()
+        for batch in self._iterate(plan, self.position):
+            self.position += 1
+            if self.position == len(plan):
+                # Moved on before the last batch is handed out: whatever the caller does with it
+                # (checkpoint, stop), the state already names the next epoch's start.
+                self.epoch, self.position = plan.epoch + 1, 0
+            yield batch
+
+    def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        if start >= len(plan):
+            return
+        self._begin_epoch(plan, start)
+        idx = self._epoch_index(plan)
+        for b in range(start, len(plan)):
+            self._make_resident(plan, b)
+            yield self._batch(plan, b, idx)
+
+    def _epoch_index(self, plan: EpochPlan) -> EpochIndex:
+        """The plan's per-group and per-grasp index arrays on the device, built once per epoch."""
+
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+        group_of_grasp = plan.group_of_grasp()
+        rows = self._rows(plan)
+        return EpochIndex(
+            group_scene=dev(plan.group_scene),
+            rows=dev(rows),
+            label_index=dev(rows[group_of_grasp] * self.max_grasps + plan.slots),
+            scene_of_grasp=dev(group_of_grasp % self.spec.scenes_per_batch),
+        )
+
+    def _batch(self, plan: EpochPlan, b: int, idx: EpochIndex) -> Batch:
+        """Batch b: its SDFs and labels gathered from the resident records (two index_selects)."""
+        g0, g1 = plan.groups(b)
+        a, z = plan.grasp_range(b)
+        lab = self.labels.view(-1, LABEL_DIM).index_select(0, idx.label_index[a:z])
+        sdf = self.sdf.index_select(0, idx.rows[g0:g1])
+        return Batch(
+            sdf=sdf.unsqueeze(1).float(),
+            grasps=lab[:, :GRASP_DIM].contiguous(),
+            scores=lab[:, SCORE_COLUMN].contiguous(),
+            scene_of_grasp=idx.scene_of_grasp[a:z],
+            scene_ids=idx.group_scene[g0:g1],
+        )
+
+    def _check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
+        """Check resident records (split record numbers `records`, one per row) against the index."""
+        rows = self._row_of_record[records]
+        index = self.reader.index
+
+        def where(i: int) -> str:
+            r = rows[i]
+            shard = int(index["shard"][r])
+            return (
+                f"{self.reader.sdf_path(shard)}: shard {shard} slot {index['slot'][r]} scene "
+                f"{index['scene'][r]} ({index['name'][r]})"
+            )
+
+        check_records(
+            sdf, labels, expected=index["checksum"][rows], device_expected=index["device_checksum"][rows], where=where
+        )
+
+    def _rows(self, plan: EpochPlan) -> np.ndarray:
+        """The resident row of each group's record."""
+        raise NotImplementedError
+
+    def _begin_epoch(self, plan: EpochPlan, start: int) -> None:
+        """Prepare to serve batches `start`.. of `plan` (the cache holds everything already)."""
+
+    def _make_resident(self, plan: EpochPlan, b: int) -> None:
+        """Make sure every record batch `b` uses is resident and checked."""
+
+    def close(self) -> None:
+        """Release what the loader holds; it cannot be iterated afterwards."""
+        self.sdf = self.labels = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

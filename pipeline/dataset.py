@@ -1,0 +1,71 @@
+"""A shard dataset opened once: the quick verify, the reader and each split's records, shared by its loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shards import DatasetError, Manifest, ScoreStats, ShardReader, verify
+
+from .plan import SplitRecords
+
+
+def split_records(reader: ShardReader, split: str) -> tuple[SplitRecords, np.ndarray]:
+    """A split's records in storage order, and their rows in the index."""
+    rows = np.flatnonzero(reader.index["split"] == split)
+    return SplitRecords(
+        *(reader.index[k][rows].astype(np.int64) for k in ("scene", "shard", "slot", "num_grasps"))
+    ), rows
+
+
+class ShardDataset:
+    """A dataset directory that passed the quick verify, opened read-only; make one with `open_dataset`.
+
+    The train and val loaders of a run share one, so the manifest and index are read (and each split's
+    records found) once, not once per loader.
+    """
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+        self._splits: dict[str, tuple[SplitRecords, np.ndarray]] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.reader.root
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.reader.manifest
+
+    @property
+    def score_stats(self) -> ScoreStats:
+        """The train split's score statistics (count, mean, std, min, max), from the manifest."""
+        return self.reader.manifest.score_stats
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The manifest's dataset fingerprint (the quick verify checked it against the contents)."""
+        return self.reader.manifest.fingerprint
+
+    def split(self, name: str) -> tuple[SplitRecords, np.ndarray]:
+        """`split_records` of one split, computed on first use."""
+        if name not in self._splits:
+            self._splits[name] = split_records(self.reader, name)
+        return self._splits[name]
+
+    def __repr__(self) -> str:
+        return f"ShardDataset({str(self.root)!r})"
+
+
+def open_dataset(path: str | Path) -> ShardDataset:
+    """Open a dataset directory, failing before any work when it is not usable (the quick verify)."""
+    root = Path(path)
+    problems = verify(root, quick=True).problems
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DatasetError(
+            f"{root}: not a usable dataset: {problems[0]}{more}; "
+            "run tools/verify_shards.py on it, or rebuild it with tools/make_shards.py"
+        )
+    return ShardDataset(ShardReader(root))

@@ -1,0 +1,93 @@
+"""The loader modes by name, and `open_loader`, which checks the settings and opens one."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import Loader, LoaderError
+from .dataset import ShardDataset, open_dataset
+from .device import resolve_device
+from .plan import DEFAULT_WINDOW, PlanSpec, num_batches
+
+
+@dataclass(frozen=True)
+class LoaderMode:
+    """Where a mode's loader class lives and which of `open_loader`'s mode options it takes.
+
+    The module is imported when the mode is first opened, so `import pipeline` never imports DALI.
+    """
+
+    module: str  # relative to this package
+    cls: str
+    options: tuple[str, ...]
+
+    def loader_class(self) -> type[Loader]:
+        return getattr(importlib.import_module(self.module, __package__), self.cls)
+
+
+LOADER_MODES: dict[str, LoaderMode] = {
+    "cache": LoaderMode(".cache", "CacheLoader", ("memory_budget", "progress")),
+    "dali": LoaderMode(".dali_loader", "DaliLoader", ("prefetch", "num_threads")),
+}
+MODES = tuple(LOADER_MODES)
+
+
+def open_loader(
+    dataset: str | Path | ShardDataset,
+    *,
+    mode: str = "cache",
+    split: str = "train",
+    scenes_per_batch: int = 8,
+    grasps_per_scene: int = 16,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    shuffle_window: int | None = DEFAULT_WINDOW,
+    memory_budget: int | None = None,
+    prefetch: int | None = None,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> Loader:
+    """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
+
+    `dataset` is a directory, or a `ShardDataset` from `open_dataset` that several loaders share
+    (the train and val loaders of a run). mode "cache" reads this rank's shards of the split once
+    into one device tensor (pass `memory_budget` to cap it); mode "dali" streams them, whole shards
+    at a time, a window ahead (`prefetch` shards; default one window). `shuffle_window` is in shards
+    (None: all of the rank's shards). Both yield bit-identical batches for the same settings.
+    """
+    if mode not in LOADER_MODES:
+        raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    spec = PlanSpec(scenes_per_batch, grasps_per_scene, seed, rank, world_size, drop_last, shuffle_window)
+    try:
+        spec.check()
+    except ValueError as err:
+        raise LoaderError(str(err)) from None
+    data = dataset if isinstance(dataset, ShardDataset) else open_dataset(dataset)
+    root, max_grasps = data.root, data.reader.layout.max_grasps
+    if grasps_per_scene > max_grasps:
+        raise LoaderError(
+            f"grasps_per_scene {grasps_per_scene}: more than the {max_grasps} grasp slots per scene of {root}"
+        )
+    records, _ = data.split(split)
+    if len(records.scene) == 0:
+        raise LoaderError(f"split {split!r} of {root} has no scenes")
+    # A rank may get no batch (a small split, many ranks, no drop_last); the split as a whole must.
+    if num_batches(records, spec, all_ranks=True) == 0:
+        raise LoaderError(
+            f"split {split!r} of {root} ({len(records.shards())} shards) gives no batches with "
+            f"scenes_per_batch {scenes_per_batch}, grasps_per_scene {grasps_per_scene}, world_size "
+            f"{world_size}, drop_last {drop_last}"
+        )
+    dev = resolve_device(device)
+    options = {"memory_budget": memory_budget, "progress": progress, "prefetch": prefetch, "num_threads": num_threads}
+    chosen = LOADER_MODES[mode]
+    return chosen.loader_class()(
+        data, split=split, spec=spec, device=dev, **{name: options[name] for name in chosen.options}
+    )
