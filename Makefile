@@ -34,7 +34,7 @@ demo: install
 	$(PY) tools/make_scenes.py --scenes $(DEMO_SCENES) --out $(DEMO)/scenes --overwrite
 	$(PY) tools/make_shards.py $(DEMO)/scenes --out $(DEMO)/shards --overwrite
 	$(PY) tools/verify_shards.py $(DEMO)/shards
-	$(PY) train/run.py compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) --lr 1e-3 --log-every 5 --overwrite
+	$(PY) train/run.py compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) --log-every 5 --overwrite
 
 # Real objects: pybullet's random_urdfs meshes imported with the seed's conventions and labels from
 # our hand model, shards, a short training run (DEMO_REAL_TIME seconds), eval and predict on the test split.
@@ -42,7 +42,7 @@ demo-real: install
 	$(PY) tools/pybullet_objects.py --out $(DEMO_REAL)/raw --limit $(DEMO_REAL_OBJECTS)
 	$(PY) tools/import_meshes.py $(DEMO_REAL)/raw --out $(DEMO_REAL)/scenes --label synth --skip-bad --overwrite
 	$(PY) tools/make_shards.py $(DEMO_REAL)/scenes --out $(DEMO_REAL)/shards --overwrite
-	$(PY) train/run.py fit --shards $(DEMO_REAL)/shards --out $(DEMO_REAL)/run --max-time $(DEMO_REAL_TIME) -S 8 -G 64 --base-channels 8 --lr 1e-3 --val-every 200 --early-stopping 0 --overwrite --quiet
+	$(PY) train/run.py fit --shards $(DEMO_REAL)/shards --out $(DEMO_REAL)/run --max-time $(DEMO_REAL_TIME) -S 8 -G 64 --val-every 200 --early-stopping 0 --overwrite --quiet
 	$(PY) train/run.py eval $(DEMO_REAL)/run/best.pt --shards $(DEMO_REAL)/shards --split test
 	$(PY) train/run.py predict $(DEMO_REAL)/run/best.pt --shards $(DEMO_REAL)/shards --split test --out $(DEMO_REAL)/predictions.parquet --top-k 3
 

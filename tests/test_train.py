@@ -274,7 +274,7 @@ def test_corrupt_checkpoints_and_reused_run_dirs_are_refused(shards: Path, tmp_p
         "--max-steps",
         4,
         "--lr",
-        "1e-3",
+        "1e-2",  # not fit's default: an option that differs from the run's
         "--resume",
         *SMALL,
         check=False,

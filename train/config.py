@@ -18,6 +18,11 @@ RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_ever
 IDENTITIES = {"shards", "out"}
 
 
+# fit's defaults are the seed's train_gq.py recipe (lr 1e-3, weight decay 1e-5, linear decay to 0.05, c=8 for
+# the small model), chosen by measurement: `bench_train --defaults-study` (README, "Choosing fit's defaults").
+# The seed README's values (lr 1e-4, weight decay 1e-4, plateau, c=16) learn far less in the same steps.
+BASE_CHANNELS = {"small": 8}  # a fresh model's width where it differs from the model class's own default
+
 # Options that count things: each must be at least 1 (None, where allowed, means "not set").
 POSITIVE = ("scenes_per_batch", "grasps_per_scene", "epochs", "log_every", "ckpt_every", "val_scenes_per_batch",
             "max_steps", "val_every", "base_channels", "threads")  # fmt: skip
@@ -39,7 +44,7 @@ class FitConfig:
         help="GQEstimator (small) or GQEstimatorLarge (large) [default: small, or --init-from's].",
     )  # fmt: skip
     base_channels: int | None = option(
-        None, help="Conv channels c (c, 2c, 4c, 8c) [default: the model's own (small 16, large 32), or --init-from's]."
+        None, help="Conv channels c (c, 2c, 4c, 8c) [default: 8 for small, 32 for large, or --init-from's]."
     )
     fc_dims: tuple[int, ...] | None = option(None, help="Head sizes, comma-separated, e.g. 256,128,64.")
     scenes_per_batch: int = option(8, short="-S", help="SDFs per batch.")
@@ -50,10 +55,10 @@ class FitConfig:
     epochs: int = option(100, help="Passes over the train split.")
     max_steps: int | None = option(None, help="Stop after this many steps (overrides --epochs).")
     max_time: float | None = option(None, help="Stop after this many seconds of training (validation not counted).")
-    lr: float = option(1e-4, help="Adam learning rate.")
-    weight_decay: float = option(1e-4, help="Adam weight decay.")
+    lr: float = option(1e-3, help="Adam learning rate (the seed's README: 1e-4).")
+    weight_decay: float = option(1e-5, help="Adam weight decay (the seed's README: 1e-4).")
     lr_schedule: str = option(
-        "plateau", choices=LR_SCHEDULES,
+        "linear", choices=LR_SCHEDULES,
         help="plateau: lr x --plateau-factor after --plateau-patience validations without improvement; "
         "linear: lr x 1 -> --lr-end-factor over the planned steps (the seed's train_gq.py).",
     )  # fmt: skip

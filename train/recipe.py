@@ -32,7 +32,7 @@ from pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, r
 from shards import DatasetError, Manifest, fingerprint, read_manifest
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
-from .config import ConfigError, FitConfig
+from .config import BASE_CHANNELS, ConfigError, FitConfig
 from .distributed import Distributed
 from .plots import plot_curves
 from .rundir import RunDir, run_lock
@@ -99,7 +99,9 @@ def build_fit_model(
 ) -> GQEstimatorBase:
     """A fresh model, or `init` = load_model(--init-from) (ours or the seed's), predicting standardised scores."""
     if not cfg.init_from:
-        return build_model(cfg.model or "small", input_size=grid, base_channels=cfg.base_channels, fc_dims=cfg.fc_dims)
+        kind = cfg.model or "small"
+        channels = cfg.base_channels or BASE_CHANNELS.get(kind)
+        return build_model(kind, input_size=grid, base_channels=channels, fc_dims=cfg.fc_dims)
     model, trained = init or load_model(cfg.init_from)
     have = {**model.config, "fc_dims": tuple(model.config["fc_dims"])}
     wanted = {"kind": cfg.model, "base_channels": cfg.base_channels, "fc_dims": cfg.fc_dims, "input_size": grid}
