@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN
+from shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
 
 from .batch import Batch
 from .checks import check_records
@@ -65,7 +65,7 @@ class Loader:
         return self.reader.layout.max_grasps
 
     @property
-    def score_stats(self) -> dict:
+    def score_stats(self) -> ScoreStats:
         """The train split's score statistics (count, mean, std, min, max): what scores are standardised with."""
         return self.dataset.score_stats
 
