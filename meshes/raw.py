@@ -139,7 +139,7 @@ def convert_scene(raw: Path, scene: dict, global_scale: float, opts: ImportOptio
             f"{2.0 / global_scale:.6g}; raise --mesh-max-extent",
         )
     try:
-        sdf = mesh_sdf(vertices, mesh.faces, opts.grid, scene["closed"], opts.open_meshes)
+        sdf = mesh_sdf(vertices, mesh.faces, opts.grid, closed=scene["closed"], open_meshes=opts.open_meshes)
     except ValueError as err:
         raise MeshError(folder / MESH_FILE, str(err)) from None
     if scene["recording"]:

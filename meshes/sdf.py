@@ -64,7 +64,7 @@ def voxel_points(grid: int) -> np.ndarray:
 
 
 def mesh_sdf(
-    vertices: np.ndarray, faces: np.ndarray, grid: int, closed: bool = True, open_meshes: str = "refuse"
+    vertices: np.ndarray, faces: np.ndarray, grid: int, *, closed: bool = True, open_meshes: str = "refuse"
 ) -> np.ndarray:
     """SDF (grid, grid, grid) float32 of a mesh already inside [-1, 1]^3, negative inside.
 

@@ -173,6 +173,7 @@ MODEL_KINDS: dict[str, type[GQEstimatorBase]] = {cls.layout.kind: cls for cls in
 
 def build_model(
     kind: str,
+    *,
     input_size: int = 48,
     base_channels: int | None = None,
     fc_dims: Sequence[int] | None = None,

@@ -75,13 +75,13 @@ def main(objects: int, grid: int, hole: float, workers: int, seed: int, json_pat
             vertices, faces = _normalised(mesh)
             for method, (closed, mode) in METHODS.items():  # (a) on the intact closed mesh
                 start = time.perf_counter()
-                sdf = mesh_sdf(vertices, faces, grid, closed, mode)
+                sdf = mesh_sdf(vertices, faces, grid, closed=closed, open_meshes=mode)
                 times[method] += time.perf_counter() - start
                 if method == "mesh2sdf":
                     truth = sdf
             holed = _holed(vertices, faces, rng, hole)
             for method, (_, mode) in METHODS.items():  # (b) the holed mesh, every method told it is open
-                sdf = mesh_sdf(vertices, holed, grid, method == "mesh2sdf", mode)
+                sdf = mesh_sdf(vertices, holed, grid, closed=method == "mesh2sdf", open_meshes=mode)
                 inside = truth < 0
                 accuracy[method]["sign"].append(np.mean((sdf < 0) == inside))
                 accuracy[method]["inside"].append(np.mean(sdf[inside] < 0) if inside.any() else 1.0)

@@ -26,7 +26,7 @@ import torch
 
 from models import MODEL_KINDS
 from pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, parse_window, resolve_device
-from shards import format_table
+from shards import format_table, write_atomically
 from train import FitConfig, FitRecipe, fit
 from train.config import AMP_MODES, DEVICES, parse_fc_dims
 
@@ -98,7 +98,7 @@ def time_to_quality(
 
 def _write_json(path: Path | None, result: dict) -> None:
     if path:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(path, json.dumps(result, indent=2) + "\n")
 
 
 # The defaults study (README, "Choosing fit's defaults"): FitConfig overrides, each run on the same data and steps.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import MODES
-from shards import format_table
+from shards import format_table, write_atomically
 
 from .config import ConfigError, FitConfig
 from .plots import plot_compare
@@ -102,12 +102,12 @@ def compare(base: FitConfig, out: Path) -> dict:
         "max_loss_difference": max_diff,
         "settings": {k: v for k, v in base.to_dict().items() if k not in ("out", "loader")},
     }
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(out / "compare.json", json.dumps(result, indent=2) + "\n")
     plot_compare(
         runs,
-        table,
-        out / "compare.png",
-        f"S={base.scenes_per_batch} G={base.grasps_per_scene}, {table['cache']['steps']} steps, "
+        table=table,
+        path=out / "compare.png",
+        title=f"S={base.scenes_per_batch} G={base.grasps_per_scene}, {table['cache']['steps']} steps, "
         f"{table['cache']['device']}: loss curves {'identical' if identical else 'DIFFER'}",
     )
     return result

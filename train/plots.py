@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
+from shards import write_atomically  # noqa: E402
+
 
 def _log_y(ax) -> None:
     """Log scale with plain numbers (12, 20, 40), not 1.2x10^1."""
@@ -37,11 +39,11 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
-def plot_compare(runs: dict[str, list[dict]], table: dict[str, dict], path: Path, title: str) -> None:
+def plot_compare(runs: dict[str, list[dict]], *, table: dict[str, dict], path: Path, title: str) -> None:
     """compare.png: both loaders' train loss curves overlaid, and their throughput side by side."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for (name, rows), style in zip(runs.items(), ("-", "--")):
@@ -67,5 +69,5 @@ def plot_compare(runs: dict[str, list[dict]], table: dict[str, dict], path: Path
     right.margins(y=0.25)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

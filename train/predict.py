@@ -146,7 +146,7 @@ def _grasp_indices(batch_grasps: np.ndarray, stored: np.ndarray, where: str) -> 
 
 @torch.no_grad()
 def predict_shards(
-    estimator: Estimator, shards_dir: str | Path, split: str, scenes_per_batch: int = 8, loader: str = "cache"
+    estimator: Estimator, shards_dir: str | Path, *, split: str, scenes_per_batch: int = 8, loader: str = "cache"
 ) -> Predictions:
     """Every scene of one split of a shard dataset, whole scenes per batch (the epoch plan shuffles each
     scene's grasps, so rows are matched back to their stored order)."""
@@ -184,6 +184,7 @@ def predict_shards(
 def predict_mesh(
     estimator: Estimator,
     mesh_path: str | Path,
+    *,
     grasps_path: str | Path,
     mesh_max_extent: float | None = None,
     open_meshes: str = "refuse",
@@ -205,7 +206,13 @@ def predict_mesh(
         raise PredictError(f"{mesh_path}: extent {mesh.extents.max():.6g} exceeds --mesh-max-extent {extent:.6g}")
     translation, scale = mesh.bounds.mean(axis=0), 2.0 / extent
     try:
-        sdf = mesh_sdf((mesh.vertices - translation) * scale, mesh.faces, estimator.grid, is_closed(mesh), open_meshes)
+        sdf = mesh_sdf(
+            (mesh.vertices - translation) * scale,
+            mesh.faces,
+            estimator.grid,
+            closed=is_closed(mesh),
+            open_meshes=open_meshes,
+        )
     except ValueError as err:
         raise PredictError(f"{mesh_path}: {err}") from None
     estimator.check(sdf, grasps, str(grasps_path))

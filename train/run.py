@@ -181,9 +181,11 @@ def predict_cmd(
     if scenes:
         predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())
     elif shards:
-        predictions = predict_shards(estimator, shards, split)
+        predictions = predict_shards(estimator, shards, split=split)
     else:
-        predictions = predict_mesh(estimator, mesh, grasps, mesh_max_extent, open_meshes)
+        predictions = predict_mesh(
+            estimator, mesh, grasps_path=grasps, mesh_max_extent=mesh_max_extent, open_meshes=open_meshes
+        )
     write_parquet(predictions, out)
     columns = [("scene", "<24"), ("rank", ">4"), ("grasp", ">6"), ("prediction", ">11.4f"), ("score", ">9.4f")]
     for line in format_table(columns, best_grasps(predictions, top_k), indent=""):
