@@ -32,7 +32,19 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 def test_bench_shards(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     result = run_tool(
-        "bench_shards.py", "--scenes", 8, "--grid", 16, "--grasps", 16, "--repeat", 1, "--json", out, check=True
+        "bench_shards.py",
+        "--scenes",
+        8,
+        "--grid",
+        16,
+        "--grasps",
+        16,
+        "--repeat",
+        1,
+        "--json",
+        out,
+        check=True,
+        subprocess=True,
     )
     figures = json.loads(out.read_text())
     assert figures["scenes"] == 8 and figures["workers"] >= 1
@@ -54,7 +66,19 @@ def test_bench_shards(tmp_path: Path) -> None:
 def test_bench_loaders(tiny, tmp_path: Path) -> None:
     scenes, shards = tiny
     out = tmp_path / "l.json"
-    run_tool("bench_loaders.py", "--shards", shards, "--seed-scenes", scenes, "--batches", 2, "--json", out, check=True)
+    run_tool(
+        "bench_loaders.py",
+        "--shards",
+        shards,
+        "--seed-scenes",
+        scenes,
+        "--batches",
+        2,
+        "--json",
+        out,
+        check=True,
+        subprocess=True,
+    )
     rows = json.loads(out.read_text())
     assert [r["loader"] for r in rows] == [
         "cache",
@@ -105,6 +129,7 @@ def test_bench_train(tiny, tmp_path: Path) -> None:
         "--json",
         out,
         check=True,
+        subprocess=True,
     )
     result = json.loads(out.read_text())
     assert len(result["throughput"]) == 8
@@ -134,6 +159,7 @@ def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
         "--json",
         out,
         check=True,
+        subprocess=True,
     )
     rows = json.loads(out.read_text())["window_study"]
     assert [(r["seed"], r["shuffle_window"]) for r in rows] == [(0, "1"), (0, "all"), (1, "1"), (1, "all")]
