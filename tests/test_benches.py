@@ -63,6 +63,7 @@ def test_bench_shards(tmp_path: Path) -> None:
     assert result.stdout.count("x floor") == 2 and "compressed scene.npz inputs" in result.stdout
 
 
+@pytest.mark.slow  # every row in a fresh spawned process: ~30 s
 def test_bench_loaders(tiny, tmp_path: Path) -> None:
     scenes, shards = tiny
     out = tmp_path / "l.json"
@@ -107,6 +108,7 @@ def test_bench_loaders(tiny, tmp_path: Path) -> None:
         assert row["samples_per_s"] > 0
 
 
+@pytest.mark.slow  # 8 throughput rows and two timed fits
 def test_bench_train(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "t.json"
@@ -139,6 +141,7 @@ def test_bench_train(tiny, tmp_path: Path) -> None:
     assert {"target_val_mse", "g1_s", "g16_s"} <= result["time_to_quality"].keys()
 
 
+@pytest.mark.slow  # four fits
 def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "w.json"

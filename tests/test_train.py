@@ -61,6 +61,7 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # two 600-step fits: ~1 min on 2 cores
 def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_path: Path) -> None:
     # ~30 s each on 2 cores; the labels depend on the object, so only the model that sees it learns
     common = [
@@ -108,6 +109,7 @@ def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_pa
     assert test["split"] == "test" and test["test_grasps"] > 0 and "test_spearman" in test
 
 
+@pytest.mark.slow  # two 24-step fits; tests/test_pipeline.py checks the batches
 def test_dali_and_cache_fits_give_the_same_losses(shards: Path, tmp_path: Path) -> None:
     common = ["fit", "--shards", shards, "--max-steps", 24, "-S", 3, "-G", 8, "--log-every", 2, *SMALL]
     run(*common, "--out", tmp_path / "cache", "--loader", "cache")
@@ -120,6 +122,7 @@ def _final_weights(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "last.pt")["model"]
 
 
+@pytest.mark.slow  # three fits in their own processes, ~15 s
 def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
     common = [
         "fit",
@@ -199,6 +202,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path
     assert stats is not None and model.config["base_channels"] == 4
 
 
+@pytest.mark.slow  # two fits, each in a spawned process
 def test_compare_runs_both_loaders_and_finds_identical_curves(shards: Path, tmp_path: Path) -> None:
     result = run(
         "compare",
@@ -319,6 +323,7 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
     assert "non-finite loss" in line and "at step" in line and "batch of scenes [" in line
 
 
+@pytest.mark.slow  # torchrun: two ranks' start-up and a gloo group
 def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(
