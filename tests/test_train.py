@@ -109,7 +109,6 @@ def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_pa
     assert test["split"] == "test" and test["test_grasps"] > 0 and "test_spearman" in test
 
 
-@pytest.mark.slow  # two 24-step fits; tests/test_pipeline.py checks the batches
 def test_dali_and_cache_fits_give_the_same_losses(shards: Path, tmp_path: Path) -> None:
     common = ["fit", "--shards", shards, "--max-steps", 24, "-S", 3, "-G", 8, "--log-every", 2, *SMALL]
     run(*common, "--out", tmp_path / "cache", "--loader", "cache")
