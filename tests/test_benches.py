@@ -32,7 +32,19 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 def test_bench_shards(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     result = run_tool(
-        "bench_shards.py", "--scenes", 8, "--grid", 16, "--grasps", 16, "--repeat", 1, "--json", out, check=True
+        "bench_shards.py",
+        "--scenes",
+        8,
+        "--grid",
+        16,
+        "--grasps",
+        16,
+        "--repeat",
+        1,
+        "--json",
+        out,
+        check=True,
+        subprocess=True,
     )
     figures = json.loads(out.read_text())
     assert figures["scenes"] == 8 and figures["workers"] >= 1
@@ -51,10 +63,23 @@ def test_bench_shards(tmp_path: Path) -> None:
     assert result.stdout.count("x floor") == 2 and "compressed scene.npz inputs" in result.stdout
 
 
+@pytest.mark.slow  # every row in a fresh spawned process: ~30 s
 def test_bench_loaders(tiny, tmp_path: Path) -> None:
     scenes, shards = tiny
     out = tmp_path / "l.json"
-    run_tool("bench_loaders.py", "--shards", shards, "--seed-scenes", scenes, "--batches", 2, "--json", out, check=True)
+    run_tool(
+        "bench_loaders.py",
+        "--shards",
+        shards,
+        "--seed-scenes",
+        scenes,
+        "--batches",
+        2,
+        "--json",
+        out,
+        check=True,
+        subprocess=True,
+    )
     rows = json.loads(out.read_text())
     assert [r["loader"] for r in rows] == [
         "cache",
@@ -83,6 +108,7 @@ def test_bench_loaders(tiny, tmp_path: Path) -> None:
         assert row["samples_per_s"] > 0
 
 
+@pytest.mark.slow  # 8 throughput rows and two timed fits
 def test_bench_train(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "t.json"
@@ -105,6 +131,7 @@ def test_bench_train(tiny, tmp_path: Path) -> None:
         "--json",
         out,
         check=True,
+        subprocess=True,
     )
     result = json.loads(out.read_text())
     assert len(result["throughput"]) == 8
@@ -114,6 +141,7 @@ def test_bench_train(tiny, tmp_path: Path) -> None:
     assert {"target_val_mse", "g1_s", "g16_s"} <= result["time_to_quality"].keys()
 
 
+@pytest.mark.slow  # four fits
 def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "w.json"
@@ -134,6 +162,7 @@ def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
         "--json",
         out,
         check=True,
+        subprocess=True,
     )
     rows = json.loads(out.read_text())["window_study"]
     assert [(r["seed"], r["shuffle_window"]) for r in rows] == [(0, "1"), (0, "all"), (1, "1"), (1, "all")]

@@ -72,6 +72,7 @@ def staged_pieces(root: Path, piece_bytes: int = 4096) -> Path:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the check; a GPU machine runs it with cuda")
+@pytest.mark.slow  # the whole check on CPU: over a minute
 def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path: Path) -> None:
     pieces = staged_pieces(tmp_path / "stage")
     site = tmp_path / "site"

@@ -8,7 +8,6 @@ source listing and splits checks, resume's source re-check, a full disk, absurd 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
+from conftest import REPO, load_tool, make_source, random_scene, run_tool, tree_bytes, write_scene
 
 from shards import ShardReader, fingerprint, verify
 from shards.outdir import lock_path, staging_dir
@@ -31,14 +30,7 @@ from shards.outdir import lock_path, staging_dir
 GRID = 16
 
 
-def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main if hasattr(module, "main") else module.cli
-
-
-MAKE = _cli("make_shards")
+MAKE = load_tool("make_shards.py").main
 
 
 def make(src: Path, out: Path, *args):

@@ -193,6 +193,7 @@ def _make_bad(raw: Path, case: str) -> None:
         ("zero", "N = 0"),
         ("norec", "missing recording.npz"),
     ],
+    ids=["empty", "garbage", "open", "nokeys", "shape", "zero", "norec"],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, message: str):
     raw = tmp_path / "raw"

@@ -99,6 +99,7 @@ def test_state_dict_keys_follow_the_seed_layout():
 @pytest.mark.parametrize(
     ("path", "base_channels", "fc_dims"),
     [(SEED_C4, 4, (32, 16)), (SEED_C8_COMPILED, 8, (256, 128, 64))],
+    ids=["c4", "c8-compiled"],
 )
 def test_seed_checkpoint_parity(path, base_channels, fc_dims, capsys):
     model = from_seed_checkpoint(path).eval()
@@ -254,6 +255,7 @@ def test_corrupt_checkpoint(tmp_path):
         lambda sd: {**sd, "gq_head.0.weight": torch.zeros(32, 900)},  # no grid size fits
         lambda sd: [1, 2, 3],  # not a state_dict at all
     ],
+    ids=["other-names", "head-3-outputs", "unexpected-key", "missing-key", "no-grid-fits", "not-a-state-dict"],
 )
 def test_wrong_layout_checkpoint(tmp_path, mutate):
     path = tmp_path / "wrong.pth"

@@ -262,6 +262,7 @@ def test_best_pt_copied_over_last_pt_is_not_resumable(data_a: Path, tmp_path: Pa
         ("torn-last-line", False),  # what kill -9 during a write leaves: dropped, logged
         ("corrupt-line-2", True),  # damage anywhere else: an error naming the line
     ],
+    ids=["torn-last-line", "corrupt-line-2"],
 )
 def test_resume_reads_metrics_jsonl_as_a_kill_leaves_it(
     data_a: Path, tmp_path: Path, caplog, damage: str, refused: bool
@@ -293,6 +294,7 @@ def test_resume_reads_metrics_jsonl_as_a_kill_leaves_it(
         ("grasps", "grasps or scores of scenes [31]"),
         ("scores", "grasps or scores of scenes [31]"),
     ],
+    ids=["sdf", "grasps", "scores"],
 )
 def test_a_non_finite_loss_from_non_finite_data_names_the_data(field: str, where: str) -> None:
     torch.manual_seed(0)
@@ -385,6 +387,7 @@ def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(
         ("manifest-without-grid", "{shards}/manifest.json: no valid grid (missing)"),
         ("not-a-dataset", "{shards}/manifest.json: missing"),
     ],
+    ids=["text-checkpoint", "other-grid", "manifest-without-grid", "not-a-dataset"],
 )
 def test_eval_refuses_what_does_not_fit_in_one_line(data_a: Path, tmp_path: Path, case: str, message: str) -> None:
     ckpt, shards = tmp_path / "model.pt", tmp_path / "shards"

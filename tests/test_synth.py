@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import load_tool
 
 import synth
 from synth import hand, primitives, score, writer
@@ -16,7 +15,6 @@ from synth.objects import MARGIN, normalise, random_object
 from synth.primitives import KINDS, Primitive, grid_axis, sample_grid, union_sdf
 from synth.rotations import matrix_to_quaternion, quaternion_to_matrix, random_rotations
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"sdf", "grasps", "scores", "translation", "global_scale"}
 
 # One example of each family, sized to fit the cube: (kind, params).
@@ -80,7 +78,10 @@ def _grid_points(grid: int) -> np.ndarray:
     return np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
 
 
-@pytest.mark.parametrize("kind,params", EXAMPLES)
+EXAMPLE_IDS = ["sphere", "box", "cylinder", "capsule", "torus", "cone", "cone-pointed"]
+
+
+@pytest.mark.parametrize("kind,params", EXAMPLES, ids=EXAMPLE_IDS)
 def test_primitive_grid_matches_analytic_distance(kind, params):
     prim = _placed(kind, params, seed=len(kind))
     grid = sample_grid([prim], 32)
@@ -90,7 +91,7 @@ def test_primitive_grid_matches_analytic_distance(kind, params):
     assert (grid < 0).any() and (grid > 0).any()
 
 
-@pytest.mark.parametrize("kind,params", EXAMPLES)
+@pytest.mark.parametrize("kind,params", EXAMPLES, ids=EXAMPLE_IDS)
 def test_primitive_gradient_has_unit_norm(kind, params):
     # An exact SDF has |grad| = 1 everywhere but on its medial axis, which random points miss.
     prim = _placed(kind, params, seed=7)
@@ -229,15 +230,8 @@ def test_moving_a_touching_grasp_away_or_into_the_object_raises_its_score(scenes
         assert base < 1 and away > base + 0.5 and into > base + 1  # 0.5: the draws change with the grid
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_scenes_cli", ROOT / "tools" / "make_scenes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _run_cli(*args):
-    return CliRunner().invoke(_load_cli(), [str(a) for a in args])
+    return CliRunner().invoke(load_tool("make_scenes.py").main, [str(a) for a in args])
 
 
 def test_cli_writes_seed_layout_identically_for_any_worker_count(tmp_path):
@@ -302,6 +296,7 @@ def test_grid_is_the_seeds_and_interpolation_is_exact_at_voxels():
         (["--scenes", 2, "--grasps-per-scene", -1], "grasps_per_scene"),
         (["--scenes", 2, "--workers", 0], "workers"),
     ],
+    ids=["scenes-0", "grid-40", "grasps-negative", "workers-0"],
 )
 def test_cli_rejects_bad_arguments(tmp_path, args, message):
     result = _run_cli(*args, "--out", tmp_path / "out")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, invoke
 
 from models import from_seed_checkpoint
 from shards import BuildOptions, build_shards
@@ -20,9 +21,11 @@ from synth import write_scenes
 from train.checkpoint import load_checkpoint, load_model
 from train.config import FitConfig
 from train.recipe import build_fit_model
+from train.run import cli
 from train.scores import Standardiser
 
 GRID, GRASPS = 32, 96
+_run_process = subprocess.run  # run's `subprocess` flag shadows the module there
 SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quiet"]
 
 
@@ -40,14 +43,14 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def run(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train" / "run.py"), *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        **kwargs,
-    )
+def run(*args, check: bool = True, subprocess: bool = False) -> subprocess.CompletedProcess:
+    """`train/run.py ARGS`: in this process through click's CliRunner (its INFO log lines on stderr, as the
+    script's logging.basicConfig prints them), or with subprocess=True as its own process."""
+    if subprocess:
+        cmd = [sys.executable, str(REPO / "train" / "run.py"), *map(str, args)]
+        result = _run_process(cmd, cwd=REPO, capture_output=True, text=True)
+    else:
+        result = invoke(cli, *args, name="run.py", log_level=logging.INFO)
     if check and result.returncode != 0:
         raise AssertionError(f"run.py {args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -58,6 +61,7 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # two 600-step fits: ~1 min on 2 cores
 def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_path: Path) -> None:
     # ~30 s each on 2 cores; the labels depend on the object, so only the model that sees it learns
     common = [
@@ -117,6 +121,7 @@ def _final_weights(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "last.pt")["model"]
 
 
+@pytest.mark.slow  # three fits in their own processes, ~15 s
 def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
     common = [
         "fit",
@@ -142,7 +147,8 @@ def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path)
         "1",
         "--quiet",
     ]
-    run(*common, "--out", tmp_path / "whole")
+    # every run its own process, as a user's would be: the resumed run starts from nothing but the files
+    run(*common, "--out", tmp_path / "whole", subprocess=True)
     cmd = [sys.executable, str(REPO / "train" / "run.py"), *map(str, common), "--out", str(tmp_path / "killed")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -155,7 +161,7 @@ def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path)
     proc.wait()
     step = load_checkpoint(tmp_path / "killed" / "last.pt")["state"]["step"]
     assert 4 <= step < 40, "the kill should land mid-run"
-    run(*common, "--out", tmp_path / "killed", "--resume")
+    run(*common, "--out", tmp_path / "killed", "--resume", subprocess=True)
     whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "killed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
@@ -195,6 +201,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path
     assert stats is not None and model.config["base_channels"] == 4
 
 
+@pytest.mark.slow  # two fits, each in a spawned process
 def test_compare_runs_both_loaders_and_finds_identical_curves(shards: Path, tmp_path: Path) -> None:
     result = run(
         "compare",
@@ -249,6 +256,14 @@ def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
         (["-G", "1000"], "more than the 96 grasp slots"),
         (["--init-from", "/nonexistent.pt"], "/nonexistent.pt: no such checkpoint file"),
         (["--resume"], "last.pt not found"),
+    ],
+    ids=[
+        "cuda-absent" if not torch.cuda.is_available() else "scenes-0-short",
+        "fc-dims",
+        "scenes-0",
+        "grasps-1000",
+        "init-from-missing",
+        "resume-nothing",
     ],
 )
 def test_bad_flags_give_one_line_errors(shards: Path, tmp_path: Path, args: list, message: str) -> None:
@@ -307,6 +322,7 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
     assert "non-finite loss" in line and "at step" in line and "batch of scenes [" in line
 
 
+@pytest.mark.slow  # torchrun: two ranks' start-up and a gloo group
 def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(
