@@ -364,49 +364,48 @@ class FitRecipe:
         totals = Throughput()
         stopped, last_val = "max_steps" if cfg.max_steps else "epochs", None
         progress = cfg.progress and self.dist.is_main
-        bar = self._stack.enter_context(
-            tqdm(total=total, initial=p.step, unit="step", disable=(not progress) or None, dynamic_ncols=True)
-        )
-        stop = self._stack.enter_context(_StopFlag())
-        batches = iter(self.train_loader)
-        while p.step < total:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:  # end of epoch: the loader has moved on to the plan's next epoch
-                batches = iter(self.train_loader)
-                continue
-            wait = time.perf_counter() - t0
-            first = self.first_batch_s is None
-            if first:  # opening the loader (cache load, DALI build) plus waiting for the first batch
-                self.first_batch_s = self.open_s + wait
-            loss = self.train_step(batch)
-            elapsed = time.perf_counter() - t0
-            p.train_time += elapsed
-            if not first:  # the first step carries start-up (first-call kernels, compile): kept out of the rates
-                totals.samples += batch.num_grasps
-                totals.wait += wait
-                totals.time += elapsed
-            p.window.add(loss=loss, samples=batch.num_grasps, wait=wait, elapsed=elapsed)
-            bar.update(1)
-            step = p.step
-            if cfg.max_time and p.train_time >= cfg.max_time:
-                stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
-            if step % cfg.log_every == 0 or step == total:
-                row = self._log_row()
-                bar.set_postfix_str(f"loss {row['loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
-            if step % val_every == 0 or step == total:
-                last_val = self.validate()
-                if cfg.early_stopping and p.bad_validations >= cfg.early_stopping:
-                    stopped = "early_stopping"
-            if step % cfg.ckpt_every == 0 or last_val and last_val["step"] == step:
-                self.save_checkpoint(self.run.path / "last.pt")
-            if stopped in ("early_stopping", "max_time"):
-                break
-            if stop.requested(self.dist, self.device):
-                stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
-                self.save_checkpoint(self.run.path / "last.pt")
-                break
-        bar.close()
+        with (
+            tqdm(total=total, initial=p.step, unit="step", disable=(not progress) or None, dynamic_ncols=True) as bar,
+            _StopFlag() as stop,
+        ):
+            batches = iter(self.train_loader)
+            while p.step < total:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:  # end of epoch: the loader has moved on to the plan's next epoch
+                    batches = iter(self.train_loader)
+                    continue
+                wait = time.perf_counter() - t0
+                first = self.first_batch_s is None
+                if first:  # opening the loader (cache load, DALI build) plus waiting for the first batch
+                    self.first_batch_s = self.open_s + wait
+                loss = self.train_step(batch)
+                elapsed = time.perf_counter() - t0
+                p.train_time += elapsed
+                if not first:  # the first step carries start-up (first-call kernels, compile): kept out of the rates
+                    totals.samples += batch.num_grasps
+                    totals.wait += wait
+                    totals.time += elapsed
+                p.window.add(loss=loss, samples=batch.num_grasps, wait=wait, elapsed=elapsed)
+                bar.update(1)
+                step = p.step
+                if cfg.max_time and p.train_time >= cfg.max_time:
+                    stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
+                if step % cfg.log_every == 0 or step == total:
+                    row = self._log_row()
+                    bar.set_postfix_str(f"loss {row['loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
+                if step % val_every == 0 or step == total:
+                    last_val = self.validate()
+                    if cfg.early_stopping and p.bad_validations >= cfg.early_stopping:
+                        stopped = "early_stopping"
+                if step % cfg.ckpt_every == 0 or last_val and last_val["step"] == step:
+                    self.save_checkpoint(self.run.path / "last.pt")
+                if stopped in ("early_stopping", "max_time"):
+                    break
+                if stop.requested(self.dist, self.device):
+                    stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
+                    self.save_checkpoint(self.run.path / "last.pt")
+                    break
         if stopped.startswith("signal"):
             resume = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]] + ([] if cfg.resume else ["--resume"]))
             log.warning("stopped by %s at step %d; last.pt saved. Resume with: %s", stopped[7:], p.step, resume)
