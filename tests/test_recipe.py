@@ -55,7 +55,8 @@ def test_progress_is_what_last_pt_holds_and_the_linear_schedule_ends_at_its_fact
     shards: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    cfg = FitConfig(shards=str(shards), out=str(out), max_steps=6, log_every=1, lr=1e-3, lr_end_factor=0.1, **TINY)
+    schedule = dict(lr=1e-3, lr_schedule="linear", lr_end_factor=0.1)
+    cfg = FitConfig(shards=str(shards), out=str(out), max_steps=6, log_every=1, **schedule, **TINY)
     summary = fit(cfg)
     progress = Progress.from_dict(load_checkpoint(out / "last.pt")["state"])
     assert progress.step == summary["steps"] == 6 and progress.best_step == 6
