@@ -4,14 +4,17 @@ A field made with `option(...)` is an option of every command built with `click_
 its flag is `--field-name` unless given, its type and default come from the field, its choices
 from the same constant the config checks against. So a config class is the one source of truth
 for its options, and `flag(cls, name)` spells an option the same way in error messages.
+`one_line_errors` ends a command on a known failure with one line on stderr and an exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -87,3 +90,25 @@ def click_options(
         return fn
 
     return apply
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, *errors: tuple, interrupted: str | None = None) -> Iterator[None]:
+    """Known failures end a command with one line on stderr and an exit code, not a traceback.
+
+    Each of `errors` is (exception type or types, exit code[, text after the message]), the first that
+    matches wins: `PROG: error: MESSAGE[TEXT]`. With `interrupted`, Ctrl-C ends it with
+    `PROG: interrupted; INTERRUPTED` and exit code 130. A `with` block, or a decorator for a whole function.
+    """
+    caught = tuple(t for e in errors for t in (e[0] if isinstance(e[0], tuple) else (e[0],)))
+    try:
+        yield
+    except caught as err:
+        _, code, *text = next(e for e in errors if isinstance(err, e[0]))
+        click.echo(f"{prog}: error: {err}{''.join(text)}", err=True)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        click.echo(f"{prog}: interrupted; {interrupted}", err=True)
+        sys.exit(130)

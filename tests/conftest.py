@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from shards import BuildOptions, build_shards
+from synth import write_scenes
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 _run_process = subprocess.run  # run_tool's `subprocess` flag shadows the module there
@@ -51,6 +54,30 @@ def make_source(root: Path, scenes: int, grid: int = 16, grasps: tuple[int, int]
     for i in range(scenes):
         write_scene(root, f"scene_{i:03d}", **random_scene(rng, grid, int(rng.integers(grasps[0], grasps[1] + 1))))
     return root
+
+
+def make_dataset(
+    root: Path, scenes: int, *, grid: int, grasps: int, seed: int, scene_workers: int = 1, **options
+) -> Path:
+    """Synthetic scenes in root/scenes built into root/shards (returned): `options` go to BuildOptions."""
+    write_scenes(
+        root / "scenes", scenes, grasps_per_scene=grasps, grid=grid, seed=seed, workers=scene_workers, progress=False
+    )
+    build = BuildOptions(grid=grid, max_grasps=grasps, **options)
+    build_shards(root / "scenes", root / "shards", build, workers=1, progress=False)
+    return root / "shards"
+
+
+def fit_command(shards: Path, out: Path, *flags) -> list[str]:
+    """`train/run.py fit --shards SHARDS --out OUT FLAGS...`: a fit process's arguments after the interpreter."""
+    return [str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out), *map(str, flags)]
+
+
+def fit_process(shards: Path, out: Path, *flags, ranks: int = 1, timeout: float) -> subprocess.CompletedProcess:
+    """fit_command run as its own process (ranks=1) or as `ranks` processes under torchrun, capturing text output."""
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    cmd = [sys.executable, *torchrun, *fit_command(shards, out, *flags)]
+    return _run_process(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 @functools.cache

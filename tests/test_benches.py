@@ -6,46 +6,27 @@ These check that the benchmarks work, not how fast anything is: figures come fro
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_tool
-
-from shards import BuildOptions, build_shards
-from synth import write_scenes
+from conftest import make_dataset, run_tool
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("bench")
-    write_scenes(root / "scenes", 60, grasps_per_scene=64, grid=16, seed=2, workers=1, progress=False)
-    build_shards(
-        root / "scenes",
-        root / "shards",
-        BuildOptions(grid=16, max_grasps=64, records_per_shard=8),
-        workers=1,
-        progress=False,
-    )
-    return root / "scenes", root / "shards"
+    return root / "scenes", make_dataset(root, 60, grid=16, grasps=64, seed=2, records_per_shard=8)
+
+
+def bench(script: str, out: Path, *args) -> subprocess.CompletedProcess:
+    """`python tools/<script> ARGS --json OUT` in its own process; it must succeed."""
+    return run_tool(script, *args, "--json", out, check=True, subprocess=True)
 
 
 def test_bench_shards(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    result = run_tool(
-        "bench_shards.py",
-        "--scenes",
-        8,
-        "--grid",
-        16,
-        "--grasps",
-        16,
-        "--repeat",
-        1,
-        "--json",
-        out,
-        check=True,
-        subprocess=True,
-    )
+    result = bench("bench_shards.py", out, "--scenes", 8, "--grid", 16, "--grasps", 16, "--repeat", 1)
     figures = json.loads(out.read_text())
     assert figures["scenes"] == 8 and figures["workers"] >= 1
     for kind in ("compressed", "uncompressed"):  # the seed's zlib-compressed files, and np.savez's
@@ -67,19 +48,7 @@ def test_bench_shards(tmp_path: Path) -> None:
 def test_bench_loaders(tiny, tmp_path: Path) -> None:
     scenes, shards = tiny
     out = tmp_path / "l.json"
-    run_tool(
-        "bench_loaders.py",
-        "--shards",
-        shards,
-        "--seed-scenes",
-        scenes,
-        "--batches",
-        2,
-        "--json",
-        out,
-        check=True,
-        subprocess=True,
-    )
+    bench("bench_loaders.py", out, "--shards", shards, "--seed-scenes", scenes, "--batches", 2)
     rows = json.loads(out.read_text())
     assert [r["loader"] for r in rows] == [
         "cache",
@@ -112,27 +81,8 @@ def test_bench_loaders(tiny, tmp_path: Path) -> None:
 def test_bench_train(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "t.json"
-    run_tool(
-        "bench_train.py",
-        "--shards",
-        shards,
-        "--steps",
-        1,
-        "--large-steps",
-        1,
-        "--base-channels",
-        2,
-        "--fc-dims",
-        8,
-        "--budget-s",
-        1,
-        "--val-every",
-        2,
-        "--json",
-        out,
-        check=True,
-        subprocess=True,
-    )
+    steps = ["--steps", 1, "--large-steps", 1, "--budget-s", 1, "--val-every", 2]
+    bench("bench_train.py", out, "--shards", shards, *steps, "--base-channels", 2, "--fc-dims", 8)
     result = json.loads(out.read_text())
     assert len(result["throughput"]) == 8
     assert {"model", "loader", "device", "scenes_per_batch", "grasps_per_scene", "samples_per_s"} <= result[
@@ -145,25 +95,8 @@ def test_bench_train(tiny, tmp_path: Path) -> None:
 def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
     _, shards = tiny
     out = tmp_path / "w.json"
-    result = run_tool(
-        "bench_train.py",
-        "--shards",
-        shards,
-        "--window-study",
-        "1,all",
-        "--study-steps",
-        2,
-        "--study-seeds",
-        "0,1",
-        "--base-channels",
-        2,
-        "--fc-dims",
-        8,
-        "--json",
-        out,
-        check=True,
-        subprocess=True,
-    )
+    study = ["--window-study", "1,all", "--study-steps", 2, "--study-seeds", "0,1"]
+    result = bench("bench_train.py", out, "--shards", shards, *study, "--base-channels", 2, "--fc-dims", 8)
     rows = json.loads(out.read_text())["window_study"]
     assert [(r["seed"], r["shuffle_window"]) for r in rows] == [(0, "1"), (0, "all"), (1, "1"), (1, "all")]
     assert all(r["steps"] == 2 and r["val_mse"] > 0 for r in rows)

@@ -7,17 +7,13 @@ check (tools/gpu_check.sh) runs them with `-m cuda` on a GPU machine.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import fit_process, make_dataset
 
 from pipeline import Batch, open_loader
-from shards import BuildOptions, build_shards
-from synth import write_scenes
 from train import fit
 from train.config import FitConfig
 
@@ -33,15 +29,8 @@ TINY = ["--base-channels", "4", "--fc-dims", "32,16", "--quiet"]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cuda")
-    write_scenes(root / "scenes", 80, grasps_per_scene=GRASPS, grid=GRID, seed=3, workers=2, progress=False)
-    build_shards(
-        root / "scenes",
-        root / "shards",
-        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16, val_fraction=0.2, test_fraction=0.1),
-        workers=1,
-        progress=False,
-    )
-    return root / "shards"
+    options = dict(records_per_shard=16, val_fraction=0.2, test_fraction=0.1)
+    return make_dataset(root, 80, grid=GRID, grasps=GRASPS, seed=3, scene_workers=2, **options)
 
 
 def _epochs(loader, epochs: int = 2) -> list[Batch]:
@@ -90,29 +79,8 @@ def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None
 
 
 def _fit_cli(shards: Path, out: Path, *flags: str, steps: int = 12) -> dict:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train" / "run.py"),
-            "fit",
-            "--shards",
-            str(shards),
-            "--out",
-            str(out),
-            "--device",
-            "cuda",
-            "--max-steps",
-            str(steps),
-            "--log-every",
-            "1",
-            "--lr",
-            "1e-3",
-            *flags,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = fit_process(
+        shards, out, "--device", "cuda", "--max-steps", steps, "--log-every", 1, "--lr", "1e-3", *flags, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -157,34 +125,8 @@ def test_compile_on_cuda_gives_the_eager_losses(shards: Path, tmp_path: Path) ->
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for a 2-process NCCL run")
 def test_torchrun_two_gpus_with_nccl(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(REPO / "train" / "run.py"),
-            "fit",
-            "--shards",
-            str(shards),
-            "--out",
-            str(out),
-            "--device",
-            "cuda",
-            "--max-steps",
-            "6",
-            "-S",
-            "2",
-            "-G",
-            "8",
-            *TINY,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    flags = ["--device", "cuda", "--max-steps", 6, "-S", 2, "-G", 8, *TINY]
+    result = fit_process(shards, out, *flags, ranks=2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["device"].startswith("cuda")

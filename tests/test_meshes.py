@@ -122,38 +122,9 @@ def test_synthetic_labels_same_bytes_for_any_worker_count(tmp_path: Path):
     ):
         mesh = _box(extents) if shape == "box" else trimesh.creation.icosphere(subdivisions=3, radius=extents)
         _raw_scene(raw, f"obj_{i}", mesh)
-    one = run_tool(
-        "import_meshes.py",
-        raw,
-        "--out",
-        tmp_path / "one",
-        "--grid",
-        GRID,
-        "--label",
-        "synth",
-        "--grasps-per-scene",
-        40,
-        "--workers",
-        1,
-        "--quiet",
-        check=True,
-    )
-    run_tool(
-        "import_meshes.py",
-        raw,
-        "--out",
-        tmp_path / "two",
-        "--grid",
-        GRID,
-        "--label",
-        "synth",
-        "--grasps-per-scene",
-        40,
-        "--workers",
-        2,
-        "--quiet",
-        check=True,
-    )
+    common = ["--grid", GRID, "--label", "synth", "--grasps-per-scene", 40, "--quiet"]
+    one = run_tool("import_meshes.py", raw, "--out", tmp_path / "one", "--workers", 1, *common, check=True)
+    run_tool("import_meshes.py", raw, "--out", tmp_path / "two", "--workers", 2, *common, check=True)
     assert "imported 4 of 4 scenes" in one.stdout
     assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
     with np.load(tmp_path / "one" / "obj_2" / "scene.npz") as z:

@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import REPO
+from conftest import REPO, fit_command, make_dataset
 
 from models import build_model
 from pipeline import Batch
-from shards import BuildOptions, build_shards, read_manifest
-from synth import write_scenes
+from shards import read_manifest
 from train import Forward, Standardiser, TrainError, train_step
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.run import cli
@@ -38,15 +37,8 @@ TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "
 
 
 def _dataset(root: Path, seed: int) -> Path:
-    write_scenes(root / "scenes", 40, grasps_per_scene=GRASPS, grid=GRID, seed=seed, workers=1, progress=False)
-    build_shards(
-        root / "scenes",
-        root / "shards",
-        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8, val_fraction=0.2, test_fraction=0.1),
-        workers=1,
-        progress=False,
-    )
-    return root / "shards"
+    options = dict(records_per_shard=8, val_fraction=0.2, test_fraction=0.1)
+    return make_dataset(root, 40, grid=GRID, grasps=GRASPS, seed=seed, **options)
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +84,8 @@ def temporaries(folder: Path) -> list[str]:
 
 def test_a_second_fit_into_a_busy_run_folder_is_refused_naming_the_holder(data_a: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(REPO / "train" / "run.py"),
-        "fit",
-        "--shards",
-        str(data_a),
-        "--out",
-        str(out),
-        "--max-steps",
-        "1000000",
-        "--ckpt-every",
-        "5",
-        "--log-every",
-        "2",
-        *TINY,
-    ]
+    flags = ["--max-steps", 1000000, "--ckpt-every", 5, "--log-every", 2, *TINY]
+    cmd = [sys.executable, *fit_command(data_a, out, *flags)]
     holder = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120

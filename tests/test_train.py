@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO, invoke
+from conftest import FIXTURES, REPO, fit_command, fit_process, invoke, make_dataset
 
 from models import from_seed_checkpoint
-from shards import BuildOptions, build_shards
-from synth import write_scenes
 from train.checkpoint import load_checkpoint, load_model
 from train.config import FitConfig
 from train.recipe import build_fit_model
@@ -32,15 +30,8 @@ SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quie
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    write_scenes(root / "scenes", 200, grasps_per_scene=GRASPS, grid=GRID, seed=1, workers=2, progress=False)
-    build_shards(
-        root / "scenes",
-        root / "shards",
-        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=16, val_fraction=0.2, test_fraction=0.1),
-        workers=1,
-        progress=False,
-    )
-    return root / "shards"
+    options = dict(records_per_shard=16, val_fraction=0.2, test_fraction=0.1)
+    return make_dataset(root, 200, grid=GRID, grasps=GRASPS, seed=1, scene_workers=2, **options)
 
 
 def run(*args, check: bool = True, subprocess: bool = False) -> subprocess.CompletedProcess:
@@ -56,6 +47,11 @@ def run(*args, check: bool = True, subprocess: bool = False) -> subprocess.Compl
     return result
 
 
+def run_fit(shards: Path, out: Path, *flags, **kwargs) -> subprocess.CompletedProcess:
+    """`train/run.py fit --shards SHARDS --out OUT FLAGS` through run (kwargs: check, subprocess)."""
+    return run("fit", "--shards", shards, "--out", out, *flags, **kwargs)
+
+
 def losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -64,32 +60,10 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow  # two 600-step fits: ~1 min on 2 cores
 def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_path: Path) -> None:
     # ~30 s each on 2 cores; the labels depend on the object, so only the model that sees it learns
-    common = [
-        "fit",
-        "--shards",
-        shards,
-        "--max-steps",
-        600,
-        "-S",
-        8,
-        "-G",
-        32,
-        "--lr",
-        "2e-3",
-        "--val-every",
-        200,
-        "--early-stopping",
-        0,
-        "--base-channels",
-        8,
-        "--fc-dims",
-        "64,32",
-        "--threads",
-        2,
-        "--quiet",
-    ]
-    run(*common, "--out", tmp_path / "real")
-    run(*common, "--out", tmp_path / "blind", "--zero-sdf")
+    common = ["--max-steps", 600, "-S", 8, "-G", 32, "--lr", "2e-3", "--val-every", 200, "--early-stopping", 0]
+    common += ["--base-channels", 8, "--fc-dims", "64,32", "--threads", 2, "--quiet"]
+    run_fit(shards, tmp_path / "real", *common)
+    run_fit(shards, tmp_path / "blind", *common, "--zero-sdf")
     real = json.loads((tmp_path / "real" / "summary.json").read_text())
     blind = json.loads((tmp_path / "blind" / "summary.json").read_text())
     baseline = real["val_mse_mean_baseline"]
@@ -110,9 +84,9 @@ def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_pa
 
 
 def test_dali_and_cache_fits_give_the_same_losses(shards: Path, tmp_path: Path) -> None:
-    common = ["fit", "--shards", shards, "--max-steps", 24, "-S", 3, "-G", 8, "--log-every", 2, *SMALL]
-    run(*common, "--out", tmp_path / "cache", "--loader", "cache")
-    run(*common, "--out", tmp_path / "dali", "--loader", "dali")
+    common = ["--max-steps", 24, "-S", 3, "-G", 8, "--log-every", 2, *SMALL]
+    run_fit(shards, tmp_path / "cache", *common, "--loader", "cache")
+    run_fit(shards, tmp_path / "dali", *common, "--loader", "dali")
     a, b = losses(tmp_path / "cache"), losses(tmp_path / "dali")
     assert len(a) == 12 and a == b
 
@@ -123,33 +97,11 @@ def _final_weights(run_dir: Path) -> dict:
 
 @pytest.mark.slow  # three fits in their own processes, ~15 s
 def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
-    common = [
-        "fit",
-        "--shards",
-        shards,
-        "--max-steps",
-        40,
-        "-S",
-        3,
-        "-G",
-        8,
-        "--ckpt-every",
-        4,
-        "--val-every",
-        15,
-        "--model",
-        "large",
-        "--base-channels",
-        "2",
-        "--fc-dims",
-        "16",
-        "--threads",
-        "1",
-        "--quiet",
-    ]
+    common = ["--max-steps", 40, "-S", 3, "-G", 8, "--ckpt-every", 4, "--val-every", 15, "--model", "large"]
+    common += ["--base-channels", "2", "--fc-dims", "16", "--threads", "1", "--quiet"]
     # every run its own process, as a user's would be: the resumed run starts from nothing but the files
-    run(*common, "--out", tmp_path / "whole", subprocess=True)
-    cmd = [sys.executable, str(REPO / "train" / "run.py"), *map(str, common), "--out", str(tmp_path / "killed")]
+    run_fit(shards, tmp_path / "whole", *common, subprocess=True)
+    cmd = [sys.executable, *fit_command(shards, tmp_path / "killed", *common)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -161,7 +113,7 @@ def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path)
     proc.wait()
     step = load_checkpoint(tmp_path / "killed" / "last.pt")["state"]["step"]
     assert 4 <= step < 40, "the kill should land mid-run"
-    run(*common, "--out", tmp_path / "killed", "--resume", subprocess=True)
+    run_fit(shards, tmp_path / "killed", *common, "--resume", subprocess=True)
     whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "killed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
@@ -169,24 +121,8 @@ def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path)
 
 def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(REPO / "train" / "run.py"),
-        "fit",
-        "--shards",
-        str(shards),
-        "--out",
-        str(out),
-        "--max-steps",
-        "100000",
-        "-S",
-        "2",
-        "-G",
-        "4",
-        "--ckpt-every",
-        "100000",
-        *SMALL,
-    ]
+    flags = ["--max-steps", 100000, "-S", 2, "-G", 4, "--ckpt-every", 100000, *SMALL]
+    cmd = [sys.executable, *fit_command(shards, out, *flags)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
@@ -203,22 +139,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_says_how_to_resume(shards: Path
 
 @pytest.mark.slow  # two fits, each in a spawned process
 def test_compare_runs_both_loaders_and_finds_identical_curves(shards: Path, tmp_path: Path) -> None:
-    result = run(
-        "compare",
-        "--shards",
-        shards,
-        "--out",
-        tmp_path / "cmp",
-        "--max-steps",
-        12,
-        "-S",
-        2,
-        "-G",
-        8,
-        "--log-every",
-        3,
-        *SMALL,
-    )
+    flags = ["--max-steps", 12, "-S", 2, "-G", 8, "--log-every", 3, *SMALL]
+    result = run("compare", "--shards", shards, "--out", tmp_path / "cmp", *flags)
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert report["loss_curves_identical"] and set(report["runs"]) == {"cache", "dali"}
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
@@ -267,7 +189,7 @@ def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
     ],
 )
 def test_bad_flags_give_one_line_errors(shards: Path, tmp_path: Path, args: list, message: str) -> None:
-    result = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *args, check=False)
+    result = run_fit(shards, tmp_path / "r", "--max-steps", 2, *args, check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -277,46 +199,18 @@ def test_corrupt_checkpoints_and_reused_run_dirs_are_refused(shards: Path, tmp_p
     bad.write_bytes(os.urandom(1000))
     result = run("eval", bad, "--shards", shards, check=False)
     assert result.returncode == 2 and f"{bad}: unreadable checkpoint" in result.stderr
-    run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *SMALL)
-    again = run("fit", "--shards", shards, "--out", tmp_path / "r", "--max-steps", 2, *SMALL, check=False)
+    run_fit(shards, tmp_path / "r", "--max-steps", 2, *SMALL)
+    again = run_fit(shards, tmp_path / "r", "--max-steps", 2, *SMALL, check=False)
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    other = run(
-        "fit",
-        "--shards",
-        shards,
-        "--out",
-        tmp_path / "r",
-        "--max-steps",
-        4,
-        "--lr",
-        "1e-2",  # not fit's default: an option that differs from the run's
-        "--resume",
-        *SMALL,
-        check=False,
-    )
+    lr = ["--lr", "1e-2"]  # not fit's default: an option that differs from the run's
+    other = run_fit(shards, tmp_path / "r", "--max-steps", 4, *lr, "--resume", *SMALL, check=False)
     assert other.returncode == 2 and "options differ" in other.stderr and "lr" in other.stderr
-    missing = run("fit", "--shards", tmp_path / "nope", "--out", tmp_path / "r2", check=False)
+    missing = run_fit(tmp_path / "nope", tmp_path / "r2", check=False)
     assert missing.returncode == 2 and "no such dataset directory" in missing.stderr
 
 
 def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path) -> None:
-    result = run(
-        "fit",
-        "--shards",
-        shards,
-        "--out",
-        tmp_path / "r",
-        "--max-steps",
-        200,
-        "--lr",
-        "1e30",
-        "-S",
-        2,
-        "-G",
-        4,
-        *SMALL,
-        check=False,
-    )
+    result = run_fit(shards, tmp_path / "r", "--max-steps", 200, "--lr", "1e30", "-S", 2, "-G", 4, *SMALL, check=False)
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite loss" in line and "at step" in line and "batch of scenes [" in line
@@ -325,32 +219,7 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
 @pytest.mark.slow  # torchrun: two ranks' start-up and a gloo group
 def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(REPO / "train" / "run.py"),
-            "fit",
-            "--shards",
-            str(shards),
-            "--out",
-            str(out),
-            "--max-steps",
-            "6",
-            "-S",
-            "2",
-            "-G",
-            "8",
-            *SMALL,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = fit_process(shards, out, "--max-steps", 6, "-S", 2, "-G", 8, *SMALL, ranks=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6

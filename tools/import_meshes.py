@@ -9,12 +9,12 @@ grid (mesh2sdf) and grasp transform; PROCESSED/mesh_max_extent.txt records the d
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
+from shards.options import one_line_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,14 +80,8 @@ def main(
         open_meshes=open_meshes,
         skip_bad=skip_bad,
     )
-    try:
+    with one_line_errors("import_meshes", ((MeshError, ValueError), 2), interrupted="nothing was written"):
         summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)
-    except (MeshError, ValueError) as err:
-        click.echo(f"import_meshes: error: {err}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("import_meshes: interrupted; nothing was written", err=True)
-        sys.exit(130)
     click.echo(format_summary(summary))
 
 

@@ -5,11 +5,11 @@ Example: python tools/make_scenes.py --scenes 200 --out demo/scenes --overwrite
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from shards.options import one_line_errors
 from synth import format_summary, write_scenes
 
 
@@ -48,7 +48,9 @@ def main(
     uncompressed: bool,
 ) -> None:
     """Write SCENES synthetic scenes (SDF grid, grasps, scores) to OUT."""
-    try:
+    # ValueError: bad arguments or output directory; nothing was written either way
+    errors = [(ValueError, 2, " (see --help)"), (OSError, 1, "; no output was written")]
+    with one_line_errors("make_scenes", *errors, interrupted="no output was written"):
         summary = write_scenes(
             out,
             scenes,
@@ -59,15 +61,6 @@ def main(
             overwrite=overwrite,
             compress=not uncompressed,
         )
-    except ValueError as exc:  # bad arguments or output directory: nothing was written
-        click.echo(f"make_scenes: error: {exc} (see --help)", err=True)
-        sys.exit(2)
-    except OSError as exc:
-        click.echo(f"make_scenes: error: {exc}; no output was written", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("make_scenes: interrupted; no output was written", err=True)
-        sys.exit(130)
     click.echo(format_summary(summary))
 
 

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from shards import BuildError, BuildOptions, SceneError, SourceError, SplitError, build_shards, format_table
-from shards.options import click_options
+from shards.options import click_options, one_line_errors
 
 
 def _summary(s: dict, wall_s: float) -> str:
@@ -70,7 +69,11 @@ def main(
     if options["splits"]:  # recorded in the manifest: an absolute path says which file it was
         options["splits"] = str(Path(options["splits"]).resolve())
     opts = BuildOptions(**options)
-    try:
+    errors = ((SceneError, BuildError, SplitError, SourceError), 2)
+    interrupted = (
+        f"--out is as it was and the complete new shards are kept beside it: rerun with --resume to finish {out}"
+    )
+    with one_line_errors("make_shards", errors, interrupted=interrupted):
         summary = build_shards(
             source,
             out,
@@ -81,16 +84,6 @@ def main(
             progress=not quiet,
             allow_missing_scenes=allow_missing_scenes,
         )
-    except (SceneError, BuildError, SplitError, SourceError) as err:
-        click.echo(f"make_shards: error: {err}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo(
-            f"make_shards: interrupted; --out is as it was and the complete new shards are kept "
-            f"beside it: rerun with --resume to finish {out}",
-            err=True,
-        )
-        sys.exit(130)
     click.echo(_summary(summary, summary["wall_s"]))
 
 

@@ -6,12 +6,12 @@ python tools/pybullet_objects.py --out data/raw_pybullet --limit 300
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from meshes.pybullet import write_raw
+from shards.options import one_line_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,11 +26,8 @@ from meshes.pybullet import write_raw
 @click.option("--limit", type=int, default=None, help="Only the first N objects by name.")
 def main(out: Path, which: str, limit: int | None) -> None:
     """Copy pybullet_data meshes into OUT/<name>/mesh.obj."""
-    try:
+    with one_line_errors("pybullet_objects", (ImportError, 2)):
         names = write_raw(out, which, limit)
-    except ImportError as err:
-        click.echo(f"pybullet_objects: error: {err}", err=True)
-        sys.exit(2)
     click.echo(f"wrote {len(names)} objects to {out}")
 
 

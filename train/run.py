@@ -9,7 +9,6 @@ python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import click
 from models import CheckpointError
 from pipeline import MODES, LoaderError
 from shards import SPLITS, DatasetError, format_table
-from shards.options import click_options
+from shards.options import click_options, one_line_errors
 from train import TrainError, evaluate_checkpoint, fit
 from train.compare import compare as run_compare
 from train.compare import report
@@ -34,19 +33,7 @@ USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError, Predict
 
 def _errors(fn):
     """Known failures end with one line on stderr and a non-zero exit, not a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USAGE_ERRORS as err:
-            click.echo(f"run.py {fn.__name__}: error: {err}", err=True)
-            sys.exit(2)
-        except (TrainError, WriteError) as err:
-            click.echo(f"run.py {fn.__name__}: error: {err}", err=True)
-            sys.exit(1)
-
-    return wrapper
+    return one_line_errors(f"run.py {fn.__name__}", (USAGE_ERRORS, 2), ((TrainError, WriteError), 1))(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
