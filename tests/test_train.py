@@ -61,6 +61,7 @@ def losses(run_dir: Path) -> list[float]:
 def test_fit_learns_the_geometry_and_a_blind_model_does_not(shards: Path, tmp_path: Path) -> None:
     # ~30 s each on 2 cores; the labels depend on the object, so only the model that sees it learns
     common = ["--max-steps", 600, "-S", 8, "-G", 32, "--lr", "2e-3", "--val-every", 200, "--early-stopping", 0]
+    common += ["--weight-decay", "1e-4", "--lr-schedule", "plateau"]  # the recipe this check was set for
     common += ["--base-channels", 8, "--fc-dims", "64,32", "--threads", 2, "--quiet"]
     run_fit(shards, tmp_path / "real", *common)
     run_fit(shards, tmp_path / "blind", *common, "--zero-sdf")
@@ -219,7 +220,12 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
 @pytest.mark.slow  # torchrun: two ranks' start-up and a gloo group
 def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = fit_process(shards, out, "--max-steps", 6, "-S", 2, "-G", 8, *SMALL, ranks=2, timeout=300)
+    args = ("--max-steps", 6, "-S", 2, "-G", 8, *SMALL, "--overwrite")
+    result = fit_process(shards, out, *args, ranks=2, timeout=300)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # On a loaded 2-core machine a CPU rank sometimes aborts in torch's C++ teardown (seen about 1 run in
+        # 20 under load, never reproduced alone). One rerun tells that apart from a failure of ours.
+        result = fit_process(shards, out, *args, ranks=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
