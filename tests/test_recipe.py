@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_dataset
 
-from shards import BuildOptions, build_shards
 from shards.options import flag
-from synth import write_scenes
 from train import FitConfig, FitRecipe, Progress, Standardiser, TrainError, fit
 from train.checkpoint import load_checkpoint
 from train.config import ConfigError
@@ -26,16 +25,8 @@ TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("recipe")
-    write_scenes(root / "scenes", 40, grasps_per_scene=GRASPS, grid=GRID, seed=3, workers=1, progress=False)
-    build_shards(
-        root / "scenes",
-        root / "shards",
-        BuildOptions(grid=GRID, max_grasps=GRASPS, records_per_shard=8, val_fraction=0.2, test_fraction=0.1),
-        workers=1,
-        progress=False,
-    )
-    return root / "shards"
+    options = dict(records_per_shard=8, val_fraction=0.2, test_fraction=0.1)
+    return make_dataset(tmp_path_factory.mktemp("recipe"), 40, grid=GRID, grasps=GRASPS, seed=3, **options)
 
 
 def test_a_failing_run_called_as_a_library_closes_what_it_opened(shards: Path, tmp_path: Path) -> None:
