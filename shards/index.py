@@ -42,9 +42,10 @@ def write_index(path: Path, rows: list[dict]) -> None:
     )
 
 
-def read_index(path: Path) -> dict[str, np.ndarray]:
-    """The index as NumPy columns (translation as (n,3) float32 with NaN rows where null)."""
-    table = pq.read_table(path)
+def read_index(path: Path, *, data: bytes | None = None) -> dict[str, np.ndarray]:
+    """The index as NumPy columns (translation as (n,3) float32 with NaN rows where null); `data`: the
+    file's bytes when the caller has read them already (verify checks their CRC first)."""
+    table = pq.read_table(path if data is None else pa.BufferReader(data))
     if tuple(table.schema.names) != COLUMNS:
         raise ValueError(f"{path}: columns {table.schema.names}, expected {list(COLUMNS)}")
     cols = {

@@ -25,7 +25,6 @@ from .format import (
     SPLITS,
     Layout,
     Manifest,
-    file_crc32,
     labels_name,
     read_npy_header,
     sdf_name,
@@ -216,13 +215,14 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
             problems += _check_header(root / labels_name(k), layout.labels_shape(), LABEL_DTYPE)
     # The index is small: its checksum is checked even by --quick, so an index from another
     # dataset (or with scenes moved between splits) never reaches a loader.
-    if INDEX in listed and (root / INDEX).exists() and file_crc32(root / INDEX) != listed[INDEX].crc32:
+    data = (root / INDEX).read_bytes() if INDEX in listed and (root / INDEX).exists() else None
+    if data is not None and f"{zlib.crc32(data):08x}" != listed[INDEX].crc32:  # one read: checked, then parsed
         problems.append(
             f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; rebuild the dataset"
         )
         return VerifyResult(root, problems, quick=quick)
     try:
-        index = read_index(root / INDEX)
+        index = read_index(root / INDEX, data=data)
     except (OSError, ValueError) as err:
         return VerifyResult(root, problems + [f"{INDEX}: unreadable index ({err})"], quick=quick)
     problems += _check_index(m, index, layout)
