@@ -77,7 +77,7 @@ def click_options(
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
-            kwargs.update(default=default, show_default=default not in (None, False))
+            kwargs.update(default=default, show_default=default is not None and default is not False)
         if hints[f.name] is bool:
             kwargs["is_flag"] = True
         else:
