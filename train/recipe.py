@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from models import GQEstimatorBase, build_model
 from pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
-from shards import DatasetError, Manifest, fingerprint, read_manifest
+from shards import DatasetError, Manifest, fingerprint
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import BASE_CHANNELS, ConfigError, FitConfig
@@ -186,7 +186,11 @@ class FitRecipe:
             self.run.prepare(cfg)
         dist.barrier()  # the other ranks start once rank 0 has checked (and maybe cleared) RUN_DIR
         stack.callback(self.run.close)
-        self.identity = dataset_identity(read_manifest(Path(cfg.shards)))
+        # Opened and quick-verified once: its identity is checked against last.pt, then both loaders share it.
+        opening = time.perf_counter()
+        self.dataset = open_dataset(cfg.shards)
+        self.open_s = time.perf_counter() - opening  # part of the time to the first batch
+        self.identity = dataset_identity(self.dataset.manifest)
         resumed = self._resumable_checkpoint() if cfg.resume else None
         init = load_model(cfg.init_from) if cfg.init_from else None  # a bad file fails before any data is loaded
         if init is not None and dist.is_main and (warning := dataset_warning(cfg.init_from, init[1], self.identity)):
@@ -243,15 +247,15 @@ class FitRecipe:
         """The train and val loaders of this rank, and the train split's score units."""
         cfg, dist = self.cfg, self.dist
         progress = cfg.progress and dist.is_main
+        dataset = self.dataset
         opening = time.perf_counter()
-        dataset = open_dataset(cfg.shards)  # opened and quick-verified once, shared by both loaders
         common = dict(mode=cfg.loader, device=self.device, rank=dist.rank, world_size=dist.world_size,
                       shuffle_window=cfg.window, progress=progress)  # fmt: skip
         self.train_loader = self._stack.enter_context(
             open_loader(dataset, split="train", scenes_per_batch=cfg.scenes_per_batch,
                         grasps_per_scene=cfg.grasps_per_scene, seed=cfg.seed, drop_last=dist.enabled, **common)
         )  # fmt: skip
-        self.open_s = time.perf_counter() - opening  # with the first next(): the loader's time to first batch
+        self.open_s += time.perf_counter() - opening  # with the first next(): the loader's time to first batch
         self.val_loader = self._stack.enter_context(
             open_loader(dataset, split="val", scenes_per_batch=cfg.val_scenes_per_batch,
                         grasps_per_scene=self.train_loader.max_grasps, seed=0, **common)
