@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import DatasetError, Manifest, ScoreStats, ShardReader, verify
+from shards import DatasetError, Manifest, ScoreStats, ShardReader, fingerprint, verify
 
 from .plan import SplitRecords
 
@@ -44,9 +44,10 @@ class ShardDataset:
         return self.reader.manifest.score_stats
 
     @property
-    def fingerprint(self) -> str | None:
-        """The manifest's dataset fingerprint (the quick verify checked it against the contents)."""
-        return self.reader.manifest.fingerprint
+    def fingerprint(self) -> str:
+        """The dataset's identity: its manifest's fingerprint, the same whatever path spells the directory
+        (computed from the manifest where an older build did not record one)."""
+        return self.reader.manifest.fingerprint or fingerprint(self.reader.manifest)
 
     def split(self, name: str) -> tuple[SplitRecords, np.ndarray]:
         """`split_records` of one split, computed on first use."""

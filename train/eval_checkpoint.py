@@ -8,12 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import open_loader, resolve_device
-from shards import read_manifest
+from pipeline import open_dataset, open_loader, resolve_device
 
 from .checkpoint import dataset_warning, load_model
 from .config import ConfigError
-from .recipe import dataset_identity
 from .scores import Standardiser
 from .step import evaluate
 
@@ -38,15 +36,19 @@ def evaluate_checkpoint(
     """
     dev = resolve_device(device)
     model, trained = load_model(checkpoint)
-    manifest = read_manifest(Path(shards))
-    reader_grid, max_grasps = manifest.grid[0], manifest.max_grasps
-    if model.input_size != reader_grid:
-        raise ConfigError(f"{checkpoint}: model input size {model.input_size} != the dataset's grid {reader_grid}")
-    if warning := dataset_warning(checkpoint, trained, dataset_identity(manifest)):
+    dataset = open_dataset(shards)  # read and quick-verified once: for the checks below and the loader
+    layout = dataset.reader.layout
+    if model.input_size != layout.grid:
+        raise ConfigError(f"{checkpoint}: model input size {model.input_size} != the dataset's grid {layout.grid}")
+    if warning := dataset_warning(checkpoint, trained, dataset.fingerprint):
         warn(warning)
-    scores = Standardiser() if trained is None else Standardiser(trained["mean"], trained["std"])
     with open_loader(
-        shards, mode=loader, split=split, scenes_per_batch=scenes_per_batch, grasps_per_scene=max_grasps, device=dev,
-        progress=False,
+        dataset, mode=loader, split=split, scenes_per_batch=scenes_per_batch, grasps_per_scene=layout.max_grasps,
+        device=dev, progress=False,
     ) as data:  # fmt: skip
-        return evaluate(model.to(dev), data, scores=scores, prefix=f"{split}_" if prefix is None else prefix)
+        return evaluate(
+            model.to(dev),
+            data,
+            scores=Standardiser.of_checkpoint(trained),
+            prefix=f"{split}_" if prefix is None else prefix,
+        )

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from models import GRASP_DIM, GQEstimatorBase
-from pipeline import open_loader, resolve_device
-from shards import ShardReader, read_manifest, write_atomically
+from pipeline import open_dataset, open_loader, resolve_device
+from shards import write_atomically
 
 from .checkpoint import load_model
 from .metrics import Metrics
@@ -64,7 +64,7 @@ class Estimator:
     def __init__(self, model: GQEstimatorBase, stats: dict | None, device: str | torch.device = "cpu"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.units = Standardiser() if stats is None else Standardiser(stats["mean"], stats["std"])
+        self.units = Standardiser.of_checkpoint(stats)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Estimator:
@@ -150,17 +150,17 @@ def predict_shards(
 ) -> Predictions:
     """Every scene of one split of a shard dataset, whole scenes per batch (the epoch plan shuffles each
     scene's grasps, so rows are matched back to their stored order)."""
-    manifest = read_manifest(shards_dir)
-    if manifest.grid[0] != estimator.grid:
-        raise PredictError(f"--shards {shards_dir}: grid {manifest.grid[0]}, the model reads {estimator.grid}")
-    reader = ShardReader(shards_dir)
+    dataset = open_dataset(shards_dir)  # read and quick-verified once: the grid check, the loader, the labels
+    reader = dataset.reader
+    if reader.layout.grid != estimator.grid:
+        raise PredictError(f"--shards {shards_dir}: grid {reader.layout.grid}, the model reads {estimator.grid}")
     parts = []
     with open_loader(
-        shards_dir,
+        dataset,
         mode=loader,
         split=split,
         scenes_per_batch=scenes_per_batch,
-        grasps_per_scene=manifest.max_grasps,
+        grasps_per_scene=reader.layout.max_grasps,
         seed=0,
         device=estimator.device,
         progress=False,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from models import GQEstimatorBase, build_model
 from pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
-from shards import DatasetError, Manifest, fingerprint
+from shards import DatasetError
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import BASE_CHANNELS, ConfigError, FitConfig
@@ -89,11 +89,6 @@ class Throughput:
     time: float = 0.0
 
 
-def dataset_identity(manifest: Manifest) -> str:
-    """The dataset's fingerprint (from its manifest): the same whatever path spells the directory."""
-    return manifest.fingerprint or fingerprint(manifest)  # datasets made before fingerprints: computed
-
-
 def build_fit_model(
     cfg: FitConfig, *, grid: int, scores: Standardiser, init: tuple[GQEstimatorBase, dict | None] | None = None
 ) -> GQEstimatorBase:
@@ -110,7 +105,7 @@ def build_fit_model(
         raise ConfigError(f"--init-from {cfg.init_from}: the checkpoint's model does not match: {', '.join(clash)}")
     # Seed checkpoints predict raw scores; ours predict scores standardised with their own dataset's
     # statistics. Either way, fold the change of units into the last layer: same function, new units.
-    scores.refold(model, Standardiser() if trained is None else Standardiser(trained["mean"], trained["std"]))
+    scores.refold(model, Standardiser.of_checkpoint(trained))
     return model
 
 
@@ -190,7 +185,7 @@ class FitRecipe:
         opening = time.perf_counter()
         self.dataset = open_dataset(cfg.shards)
         self.open_s = time.perf_counter() - opening  # part of the time to the first batch
-        self.identity = dataset_identity(self.dataset.manifest)
+        self.identity = self.dataset.fingerprint
         resumed = self._resumable_checkpoint() if cfg.resume else None
         init = load_model(cfg.init_from) if cfg.init_from else None  # a bad file fails before any data is loaded
         if init is not None and dist.is_main and (warning := dataset_warning(cfg.init_from, init[1], self.identity)):

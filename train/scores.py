@@ -36,6 +36,11 @@ class Standardiser:
             )
         return cls(float(mean), float(std))
 
+    @classmethod
+    def of_checkpoint(cls, trained: dict | None) -> Standardiser:
+        """The units a loaded model predicts in: `load_model`'s second value (None: a seed model, raw scores)."""
+        return cls() if trained is None else cls(trained["mean"], trained["std"])
+
     def encode(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores - self.mean) / self.std
 
