@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import MODES
-from shards import format_table, write_atomically
+from shards import format_table
 
 from .config import ConfigError, FitConfig
 from .plots import plot_compare
-from .rundir import RunDir
+from .rundir import RunDir, write_atomically
 from .step import TrainError
 
 LOADERS = MODES
@@ -102,7 +102,8 @@ def compare(base: FitConfig, out: Path) -> dict:
         "max_loss_difference": max_diff,
         "settings": {k: v for k, v in base.to_dict().items() if k not in ("out", "loader")},
     }
-    write_atomically(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    write_atomically(out / "compare.json", lambda f: f.write(text.encode()))
     plot_compare(
         runs,
         table=table,

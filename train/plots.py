@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from shards import write_atomically  # noqa: E402
+from .rundir import write_atomically  # noqa: E402  (a full disk: one-line WriteError, as for run files)
 
 
 def _log_y(ax) -> None:
