@@ -47,7 +47,7 @@ def _click_type(hint: Any, choices: tuple[str, ...] | None) -> Any:
     config's __post_init__ parses."""
     if choices:
         return click.Choice(choices)
-    if isinstance(hint, types.UnionType | typing._UnionGenericAlias):  # X | None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 else str
     return hint if hint in _SIMPLE else str
