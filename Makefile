@@ -54,4 +54,4 @@ clean-demo:
 GPU_CHECK_OUT ?= gpu-check
 GPU_CHECK_ARGS ?=
 gpu-check:
-	tools/gpu_check.sh $(GPU_CHECK_OUT) --overwrite $(GPU_CHECK_ARGS)
+	benchmarks/gpu_check.sh $(GPU_CHECK_OUT) --overwrite $(GPU_CHECK_ARGS)

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from synth.grasps import sample_grasps
-from synth.scenes import check_grid
-from synth.score import score_grasps
-from synth.writer import save_npz, swap_in
+from gq.synth.grasps import sample_grasps
+from gq.synth.scenes import check_grid
+from gq.synth.score import score_grasps
+from gq.synth.writer import save_npz, swap_in
 
 from .sdf import OPEN_MESH_MODES, OPEN_MESH_REASON, MeshError, is_closed, load_mesh, mesh_sdf
 

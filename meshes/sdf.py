@@ -16,6 +16,8 @@ import mesh2sdf
 import numpy as np
 import trimesh
 
+from gq.common.errors import UsageError
+
 OPEN_MESH_MODES = ("refuse", "winding", "repair")
 OPEN_MESH_REASON = (
     "mesh is not closed (not watertight), so its inside/outside signs cannot be trusted; "
@@ -23,7 +25,7 @@ OPEN_MESH_REASON = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UsageError):
     """A mesh or recording that cannot be imported; `str()` is one line naming the file and the problem."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gq.common.errors import UsageError
+
 from .estimators import GRASP_DIM, GRID_DIVISOR, MODEL_KINDS, NUM_STAGES, GQEstimatorBase
 
 COMPILE_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to every key
@@ -21,7 +23,7 @@ _HEAD_WEIGHT = re.compile(r"gq_head\.(\d+)\.weight")
 StateDict = Mapping[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used; the message names the source, the problem and the fix."""
 
 

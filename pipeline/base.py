@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
+from gq.common.errors import UsageError
+from gq.shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
 
 from .batch import Batch
 from .checks import check_records
@@ -16,7 +17,7 @@ from .dataset import ShardDataset
 from .plan import EpochPlan, PlanSpec, make_plan, num_batches
 
 
-class LoaderError(ValueError):
+class LoaderError(UsageError):
     """Settings that cannot work with this dataset; `str()` gives the reason."""
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shards import LABEL_DIM
+from gq.shards import LABEL_DIM
 
 from .base import Loader, LoaderError
 from .dataset import ShardDataset

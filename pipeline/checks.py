@@ -15,8 +15,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from shards import DatasetError
-from shards.checksum import checksum, word_keys
+from gq.shards import DatasetError
+from gq.shards.checksum import checksum, word_keys
 
 # Words hashed per chunk on a GPU: bounds the int64 temporaries (8 bytes a word) to 256 MB.
 _CHUNK_WORDS = 32 << 20

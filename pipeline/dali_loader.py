@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from shards import LABEL_DIM
+from gq.shards import LABEL_DIM
 
 from .base import Loader, LoaderError
 from .cache import check_fits, free_memory

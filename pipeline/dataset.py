@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import DatasetError, Manifest, ScoreStats, ShardReader, fingerprint, verify
+from gq.shards import DatasetError, Manifest, ScoreStats, ShardReader, fingerprint, verify
 
 from .plan import SplitRecords
 

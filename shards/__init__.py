@@ -4,10 +4,9 @@ Written by `build_shards` (through `writer.py`), read by `ShardReader`, describe
 `manifest.json` (typed as `Manifest`) and indexed by `scenes.parquet`. NumPy and pyarrow only: no torch, no DALI.
 """
 
-__version__ = "0.1.0"
+from gq.common import __version__  # noqa: F401 (the tool version recorded in manifests)
 
 from .build import BuildError, BuildOptions, build_shards  # noqa: E402
-from .files import swap_in_dir, write_atomically  # noqa: E402
 from .format import (  # noqa: E402
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -26,15 +25,12 @@ from .manifest import DatasetError, fingerprint, read_manifest  # noqa: E402
 from .reader import ShardReader  # noqa: E402
 from .source import SceneError, SourceError  # noqa: E402
 from .splits import SplitError  # noqa: E402
-from .table import format_table  # noqa: E402
 from .verify import VerifyResult, verify  # noqa: E402
 
 __all__ = [
     "BuildError",
     "BuildOptions",
     "build_shards",
-    "swap_in_dir",
-    "write_atomically",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GRASP_DIM",
@@ -54,7 +50,6 @@ __all__ = [
     "SceneError",
     "SourceError",
     "SplitError",
-    "format_table",
     "VerifyResult",
     "verify",
 ]

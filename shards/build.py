@@ -27,9 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gq.common.files import write_atomically
+from gq.common.options import option
+
 from . import __version__
 from .crc import CRCAppender
-from .files import write_atomically
 from .format import (
     BUILD_DIR,
     FORMAT_NAME,
@@ -53,7 +55,6 @@ from .format import (
 )
 from .index import write_index
 from .manifest import write_manifest
-from .options import option
 from .outdir import JOURNAL, BuildError, Lock, check_ours, remove_ours, replace, staging_dir
 from .placement import Placement, place_scenes
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record

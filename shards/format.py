@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from gq.common.errors import UsageError
+
 FORMAT_NAME = "gq-shards"
 FORMAT_VERSION = 2
 HEADER_BYTES = 4096
@@ -87,7 +89,7 @@ def file_crc32(path: Path, chunk: int = 1 << 22) -> str:
     return f"{crc:08x}"
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A directory that is not a readable dataset of this format; `str()` says what and what to do."""
 
 

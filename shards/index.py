@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import write_atomically
+from gq.common.files import write_atomically
 
 SCHEMA = pa.schema(
     [

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from .files import write_atomically
+from gq.common.files import write_atomically
+
 from .format import MANIFEST, DatasetError, Manifest
 
 __all__ = ["DatasetError", "Manifest", "fingerprint", "read_manifest", "write_manifest"]

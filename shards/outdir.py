@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from .files import exchange as _exchange
-from .files import swap_in_dir
+from gq.common.errors import UsageError
+from gq.common.files import exchange as _exchange
+from gq.common.files import swap_in_dir
+
 from .format import BUILD_DIR, FORMAT_NAME, MANIFEST
 
 JOURNAL = "journal.jsonl"
@@ -33,7 +35,7 @@ _NAMES = r"(?:sdf|labels)-\d{5}\.npy|manifest\.json|scenes\.parquet|skipped\.jso
 _DATASET_FILE = re.compile(rf"(?:{_NAMES})|\.(?:{_NAMES})(?:\.\w+)?\.tmp")
 
 
-class BuildError(ValueError):
+class BuildError(UsageError):
     """A build that cannot start or continue; `str()` says what and what to do."""
 
 

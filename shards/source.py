@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gq.common.errors import UsageError
+
 from .checksum import checksum, device_checksum, word_keys
 from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN
 from .half import to_float16
@@ -25,7 +27,7 @@ OPTIONAL_KEYS = ("translation", "global_scale")  # the seed's later versions add
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class SceneError(ValueError):
+class SceneError(UsageError):
     """A scene file that cannot go into a dataset; `str()` is the one-line reason."""
 
     def __init__(self, path: Path, reason: str):
@@ -37,7 +39,7 @@ class SceneError(ValueError):
         return SceneError, (self.path, self.reason)
 
 
-class SourceError(ValueError):
+class SourceError(UsageError):
     """A SOURCE directory whose listing cannot be trusted (a dangling link, a name that is not UTF-8)."""
 
 

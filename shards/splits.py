@@ -9,10 +9,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from gq.common.errors import UsageError
+
 from .format import SPLITS
 
 
-class SplitError(ValueError):
+class SplitError(UsageError):
     """A splits file that cannot assign every scene exactly one split."""
 
 

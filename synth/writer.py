@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from shards.files import swap_in_dir, write_atomically
+from gq.common.files import swap_in_dir, write_atomically
 
 from .scenes import check_grid, check_int, make_scene
 

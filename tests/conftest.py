@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import importlib
 import logging
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from shards import BuildOptions, build_shards
-from synth import write_scenes
+from gq.shards import BuildOptions, build_shards
+from gq.synth import write_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
@@ -80,14 +79,15 @@ def fit_process(shards: Path, out: Path, *flags, ranks: int = 1, timeout: float)
     return _run_process(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-@functools.cache
+def script_path(script: str) -> Path:
+    """Where a command's script lives: tools/ (data tools) or benchmarks/ (bench_*, the GPU check)."""
+    return REPO / ("benchmarks" if script.startswith(("bench_", "gpu_check")) else "tools") / script
+
+
 def load_tool(script: str) -> ModuleType:
-    """tools/<script> imported as a module (once per session); its click command is `main` (or `cli`)."""
-    path = REPO / "tools" / script
-    spec = importlib.util.spec_from_file_location(f"tools_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module of tools/<script> or benchmarks/<script>; its click command is `main` (or `cli`)."""
+    folder = script_path(script).parent.name
+    return importlib.import_module(f"gq.{folder}.{Path(script).stem}")
 
 
 class _CurrentStderr(logging.Handler):
@@ -136,7 +136,7 @@ def invoke(command: click.Command, *args, name: str, log_level: int = logging.WA
 def run_tool(
     script: str, *args, check: bool = False, subprocess: bool = False, **kwargs
 ) -> subprocess.CompletedProcess:
-    """`python tools/<script> args...` from the repository root, capturing text output.
+    """`python tools/<script> args...` (benchmarks/ for bench_*) from the repository root, capturing text output.
 
     By default in this process through click's CliRunner (no 2-4 s of interpreter, torch and DALI start-up
     per call); subprocess=True runs the script itself, for what depends on being a separate process (a
@@ -146,7 +146,7 @@ def run_tool(
     if kwargs and not subprocess:
         raise TypeError(f"run_tool: {sorted(kwargs)} apply to a subprocess: pass subprocess=True")
     if subprocess:
-        cmd = [sys.executable, str(REPO / "tools" / script), *map(str, args)]
+        cmd = [sys.executable, str(script_path(script)), *map(str, args)]
         result = _run_process(cmd, cwd=REPO, capture_output=True, text=True, **kwargs)
     else:
         module = load_tool(script)

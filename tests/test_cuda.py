@@ -1,7 +1,7 @@
 """CUDA paths: the cache and DALI loaders on the GPU, bf16 + channels-last, torch.compile, NCCL.
 
 Every test here is marked `cuda` and skips with a reason where torch sees no CUDA device; the GPU
-check (tools/gpu_check.sh) runs them with `-m cuda` on a GPU machine.
+check (benchmarks/gpu_check.sh) runs them with `-m cuda` on a GPU machine.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import fit_process, make_dataset
 
-from pipeline import Batch, open_loader
-from train import fit
-from train.config import FitConfig
+from gq.pipeline import Batch, open_loader
+from gq.train import fit
+from gq.train.config import FitConfig
 
 pytestmark = [
     pytest.mark.cuda,
@@ -65,7 +65,7 @@ def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None
 
 @pytest.mark.parametrize("s,g", [(3, 5), (8, 16)])
 def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None:
-    pytest.importorskip("nvidia.dali", reason="DALI is not installed (tools/stage_wheels.sh stages it)")
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (benchmarks/stage_wheels.sh stages it)")
     from nvidia.dali import backend
 
     if backend.GetCUDADeviceCount() < 1:

@@ -1,4 +1,4 @@
-"""The GPU check's CPU run (`tools/gpu_check.sh OUT --device cpu --quick`) end to end, so it cannot rot.
+"""The GPU check's CPU run (`benchmarks/gpu_check.sh OUT --device cpu --quick`) end to end, so it cannot rot.
 
 The run also installs staged wheel pieces the way the GPU machine does: here a small wheel built on
 the spot, split into pieces, reassembled, checked and installed into a private --target folder.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO
 
-SCRIPT = REPO / "tools" / "gpu_check.sh"
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 
 
 def check(out: Path, *args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -53,7 +53,7 @@ def write_wheel(path: Path) -> None:
 
 
 def staged_pieces(root: Path, piece_bytes: int = 4096) -> Path:
-    """A real wheel tarred, split and summed the way tools/stage_wheels.sh does."""
+    """A real wheel tarred, split and summed the way benchmarks/stage_wheels.sh does."""
     (root / "wheels").mkdir(parents=True)
     write_wheel(root / "wheels" / "gqcheckprobe-1.0-py3-none-any.whl")
     tar = root / "dali-wheels.tar"
@@ -151,5 +151,7 @@ def test_help() -> None:
         ["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}
     )
     assert result.returncode == 0 and "--budget-s" in result.stdout and "--wheels" in result.stdout
-    result = subprocess.run(["bash", str(REPO / "tools" / "stage_wheels.sh"), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "stage_wheels.sh"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--piece-mib" in result.stdout

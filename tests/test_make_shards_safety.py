@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, load_tool, make_source, random_scene, run_tool, tree_bytes, write_scene
 
-from shards import ShardReader, fingerprint, verify
-from shards.outdir import lock_path, staging_dir
+from gq.shards import ShardReader, fingerprint, verify
+from gq.shards.outdir import lock_path, staging_dir
 
 GRID = 16
 
@@ -119,7 +119,7 @@ def test_overwrite_where_the_file_system_cannot_exchange(
 ) -> None:
     out = tmp_path / "ds"
     assert make(small_source, out, "--limit", 4).exit_code == 0
-    monkeypatch.setattr("shards.outdir._exchange", lambda a, b: False)  # as on a file system without RENAME_EXCHANGE
+    monkeypatch.setattr("gq.shards.outdir._exchange", lambda a, b: False)  # as on a file system without RENAME_EXCHANGE
     assert make(small_source, out, "--overwrite").exit_code == 0
     assert ShardReader(out).num_scenes == 11 and verify(out).problems == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "src"]
@@ -209,7 +209,7 @@ def test_resume_continues_an_unfinished_build_left_inside_out(small_source: Path
     """An unfinished build made in place by an older make_shards (journal in OUT/.build) is resumed too."""
     from dataclasses import asdict
 
-    from shards import BuildOptions
+    from gq.shards import BuildOptions
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert make(small_source, ref, "--records-per-shard", 4).exit_code == 0

@@ -14,9 +14,9 @@ mesh2sdf = pytest.importorskip("mesh2sdf")
 
 from conftest import run_tool, tree_bytes  # noqa: E402
 
-from meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
-from synth import score_grasps  # noqa: E402
-from synth.primitives import Primitive, sample_grid  # noqa: E402
+from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
+from gq.synth import score_grasps  # noqa: E402
+from gq.synth.primitives import Primitive, sample_grid  # noqa: E402
 
 GRID = 32
 
@@ -215,7 +215,7 @@ def test_cli_help_and_bad_options(tmp_path: Path):
 
 def test_pybullet_objects_laid_out_as_raw_scenes(tmp_path: Path):
     pytest.importorskip("pybullet_data")  # the extra's example objects; the CLI says how to install them
-    from meshes.pybullet import write_raw
+    from gq.meshes.pybullet import write_raw
 
     names = write_raw(tmp_path / "raw", "named", limit=2)
     assert names == ["bunny", "cone"] and all((tmp_path / "raw" / n / "mesh.obj").stat().st_size > 0 for n in names)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.metrics import TOP_K, Metrics, kendall_per_group, ranking_per_group
+from gq.train.metrics import TOP_K, Metrics, kendall_per_group, ranking_per_group
 
 
 def _t(values) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import (
+from gq.models import (
     CheckpointError,
     GQEstimator,
     GQEstimatorLarge,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import REPO, make_source
 
-from pipeline import (
+from gq.pipeline import (
     EpochIndex,
     LoaderError,
     PlanSpec,
@@ -26,7 +26,7 @@ from pipeline import (
     open_dataset,
     open_loader,
 )
-from shards import BuildOptions, DatasetError, ShardReader, build_shards
+from gq.shards import BuildOptions, DatasetError, ShardReader, build_shards
 
 GRID = 16
 
@@ -388,7 +388,7 @@ def _flip(path: Path, offset: int) -> None:
 
 @pytest.mark.parametrize("kind", ["sdf", "labels"])
 def test_a_flipped_byte_is_refused_before_any_batch_uses_it(dataset, tmp_path: Path, kind: str) -> None:
-    from shards.format import HEADER_BYTES
+    from gq.shards.format import HEADER_BYTES
 
     _, shards = dataset
     copy = _copy_dataset(shards, tmp_path / "copy")
@@ -442,7 +442,7 @@ def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) 
     # the same index with a train and a val scene's splits exchanged: same size, other checksum
     import pyarrow.parquet as pq
 
-    from shards.index import write_index
+    from gq.shards.index import write_index
 
     moved = _copy_dataset(shards, tmp_path / "moved")
     rows = pq.read_table(moved / "scenes.parquet").to_pylist()
@@ -475,7 +475,7 @@ def test_each_rank_caches_only_its_own_shards(dataset) -> None:
 
 def test_device_checksum_in_torch_equals_the_builders(dataset) -> None:
     """The GPU check's arithmetic (int64 words times keys, wrapping) run here on CPU tensors."""
-    from pipeline.checks import _device_sums
+    from gq.pipeline.checks import _device_sums
 
     _, shards = dataset
     reader = ShardReader(shards)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shards import BuildOptions, ShardReader, build_shards
-from synth import write_scenes
-from train.predict import Estimator, PredictError, best_grasps, predict_scenes
-from train.run import cli
+from gq.shards import BuildOptions, ShardReader, build_shards
+from gq.synth import write_scenes
+from gq.train.predict import Estimator, PredictError, best_grasps, predict_scenes
+from gq.train.run import cli
 
 GRID, GRASPS = 16, 40
 

@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 from conftest import make_dataset
 
-from shards.options import flag
-from train import FitConfig, FitRecipe, Progress, Standardiser, TrainError, fit
-from train.checkpoint import load_checkpoint
-from train.config import ConfigError
-from train.run import cli
-from train.rundir import LOCK
+from gq.common.options import flag
+from gq.train import FitConfig, FitRecipe, Progress, Standardiser, TrainError, fit
+from gq.train.checkpoint import load_checkpoint
+from gq.train.config import ConfigError
+from gq.train.run import cli
+from gq.train.rundir import LOCK
 
 GRID, GRASPS = 32, 48
 TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per_batch=2, grasps_per_scene=4)

@@ -24,13 +24,13 @@ import torch
 from click.testing import CliRunner, Result
 from conftest import REPO, fit_command, make_dataset
 
-from models import build_model
-from pipeline import Batch
-from shards import read_manifest
-from train import Forward, Standardiser, TrainError, train_step
-from train.checkpoint import load_checkpoint, save_checkpoint
-from train.run import cli
-from train.rundir import LOCK
+from gq.models import build_model
+from gq.pipeline import Batch
+from gq.shards import read_manifest
+from gq.train import Forward, Standardiser, TrainError, train_step
+from gq.train.checkpoint import load_checkpoint, save_checkpoint
+from gq.train.run import cli
+from gq.train.rundir import LOCK
 
 GRID, GRASPS = 16, 32
 TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4"]
@@ -53,7 +53,7 @@ def data_b(tmp_path_factory) -> Path:
 
 
 def invoke(*args) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="run.py")
 
 
 def fit(shards: Path, out: Path, *args, ok: bool = True) -> Result:
@@ -181,7 +181,7 @@ def test_a_full_disk_during_fit_keeps_the_last_checkpoint_and_says_so(data_a: Pa
     before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
     with full(folder):
         line = one_line(fit(data_a, out, "--max-steps", 8, "--resume", ok=False), 1)
-    assert line.startswith(f"run.py fit_cmd: error: {out}/") and "could not be written" in line
+    assert line.startswith(f"run.py fit: error: {out}/") and "could not be written" in line
     assert "is kept" in line and "Free disk space" in line and "--resume" in line
     assert {name: (out / name).read_bytes() for name in before} == before
     assert temporaries(out) == [] and not (out / LOCK).exists()
@@ -390,7 +390,7 @@ def test_an_unusable_score_std_is_refused_not_replaced(data_a: Path, tmp_path: P
     """std 0 in the manifest used to become 1 silently; now fit stops with one line (verify's, or fit's own)."""
     import shutil
 
-    from shards.manifest import write_manifest
+    from gq.shards.manifest import write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(data_a, copy)

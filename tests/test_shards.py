@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import make_source, random_scene, run_tool, tree_bytes, write_scene
 
-from shards import Manifest, ShardReader, verify
-from shards.format import HEADER_BYTES, read_npy_header
+from gq.shards import Manifest, ShardReader, verify
+from gq.shards.format import HEADER_BYTES, read_npy_header
 
 GRID = 16
 
@@ -89,7 +89,7 @@ def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
 
 
 def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
-    from shards.placement import shuffle_key
+    from gq.shards.placement import shuffle_key
 
     src = make_source(tmp_path / "src", scenes=40)
     assert build(src, tmp_path / "a", "--records-per-shard", 4).returncode == 0
@@ -124,7 +124,7 @@ def test_v2_split_pure_shards_in_seeded_order(tmp_path: Path) -> None:
 
 
 def test_version_1_dataset_is_refused_with_the_rebuild_command(small_source: Path, tmp_path: Path) -> None:
-    from shards import DatasetError, read_manifest
+    from gq.shards import DatasetError, read_manifest
 
     out = tmp_path / "ds"
     assert build(small_source, out).returncode == 0
@@ -292,7 +292,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_scene(small_source: Path, t
     assert quick.returncode == 0  # sizes and headers still agree
     bad = run_tool("verify_shards.py", out)
     assert bad.returncode == 1
-    from shards.index import read_index
+    from gq.shards.index import read_index
 
     index = read_index(out / "scenes.parquet")
     row = int(np.flatnonzero((index["shard"] == 1) & (index["slot"] == 0))[0])
@@ -330,7 +330,7 @@ def test_help_and_bad_flags() -> None:
 
 
 def test_float16_conversion_is_bit_identical_to_numpy() -> None:
-    from shards.half import to_float16
+    from gq.shards.half import to_float16
 
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2**32, 4_000_000, dtype=np.uint64).astype(np.uint32)

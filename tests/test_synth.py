@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import load_tool
 
-import synth
-from synth import hand, primitives, score, writer
-from synth.objects import MARGIN, normalise, random_object
-from synth.primitives import KINDS, Primitive, grid_axis, sample_grid, union_sdf
-from synth.rotations import matrix_to_quaternion, quaternion_to_matrix, random_rotations
+import gq.synth as synth
+from gq.synth import hand, primitives, score, writer
+from gq.synth.objects import MARGIN, normalise, random_object
+from gq.synth.primitives import KINDS, Primitive, grid_axis, sample_grid, union_sdf
+from gq.synth.rotations import matrix_to_quaternion, quaternion_to_matrix, random_rotations
 
 KEYS = {"sdf", "grasps", "scores", "translation", "global_scale"}
 

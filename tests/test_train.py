@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import FIXTURES, REPO, fit_command, fit_process, invoke, make_dataset
 
-from models import from_seed_checkpoint
-from train.checkpoint import load_checkpoint, load_model
-from train.config import FitConfig
-from train.recipe import build_fit_model
-from train.run import cli
-from train.scores import Standardiser
+from gq.models import from_seed_checkpoint
+from gq.train.checkpoint import load_checkpoint, load_model
+from gq.train.config import FitConfig
+from gq.train.recipe import build_fit_model
+from gq.train.run import cli
+from gq.train.scores import Standardiser
 
 GRID, GRASPS = 32, 96
 _run_process = subprocess.run  # run's `subprocess` flag shadows the module there
@@ -230,7 +230,7 @@ def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     # rank 0's cache holds only its own shards: about half of the train split (whole shards, dealt round-robin)
-    from shards import ShardReader
+    from gq.shards import ShardReader
 
     reader = ShardReader(shards)
     lay = reader.layout

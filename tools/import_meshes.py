@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
-from shards.options import one_line_errors
+from gq.common.options import one_line_errors
+from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +80,7 @@ def main(
         open_meshes=open_meshes,
         skip_bad=skip_bad,
     )
-    with one_line_errors("import_meshes", ((MeshError, ValueError), 2), interrupted="nothing was written"):
+    with one_line_errors(((MeshError, ValueError), 2), interrupted="nothing was written"):
         summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)
     click.echo(format_summary(summary))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from shards.options import one_line_errors
-from synth import format_summary, write_scenes
+from gq.common.options import one_line_errors
+from gq.synth import format_summary, write_scenes
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +50,7 @@ def main(
     """Write SCENES synthetic scenes (SDF grid, grasps, scores) to OUT."""
     # ValueError: bad arguments or output directory; nothing was written either way
     errors = [(ValueError, 2, " (see --help)"), (OSError, 1, "; no output was written")]
-    with one_line_errors("make_scenes", *errors, interrupted="no output was written"):
+    with one_line_errors(*errors, interrupted="no output was written"):
         summary = write_scenes(
             out,
             scenes,

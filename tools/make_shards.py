@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from shards import BuildError, BuildOptions, SceneError, SourceError, SplitError, build_shards, format_table
-from shards.options import click_options, one_line_errors
+from gq.common.options import click_options, one_line_errors
+from gq.common.table import format_table
+from gq.shards import BuildOptions, build_shards
 
 
 def _summary(s: dict, wall_s: float) -> str:
@@ -69,11 +70,10 @@ def main(
     if options["splits"]:  # recorded in the manifest: an absolute path says which file it was
         options["splits"] = str(Path(options["splits"]).resolve())
     opts = BuildOptions(**options)
-    errors = ((SceneError, BuildError, SplitError, SourceError), 2)
     interrupted = (
         f"--out is as it was and the complete new shards are kept beside it: rerun with --resume to finish {out}"
     )
-    with one_line_errors("make_shards", errors, interrupted=interrupted):
+    with one_line_errors(interrupted=interrupted):
         summary = build_shards(
             source,
             out,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from meshes.pybullet import write_raw
-from shards.options import one_line_errors
+from gq.common.options import one_line_errors
+from gq.meshes.pybullet import write_raw
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +26,7 @@ from shards.options import one_line_errors
 @click.option("--limit", type=int, default=None, help="Only the first N objects by name.")
 def main(out: Path, which: str, limit: int | None) -> None:
     """Copy pybullet_data meshes into OUT/<name>/mesh.obj."""
-    with one_line_errors("pybullet_objects", (ImportError, 2)):
+    with one_line_errors((ImportError, 2)):
         names = write_raw(out, which, limit)
     click.echo(f"wrote {len(names)} objects to {out}")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from shards import verify
+from gq.shards import verify
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

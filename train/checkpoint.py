@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, GQEstimatorBase, build_model, from_seed_checkpoint, load_torch_file
+from gq.models import CheckpointError, GQEstimatorBase, build_model, from_seed_checkpoint, load_torch_file
 
 from .rundir import write_atomically
 

@@ -16,8 +16,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline import MODES
-from shards import format_table
+from gq.common.table import format_table
+from gq.pipeline import MODES
 
 from .config import ConfigError, FitConfig
 from .plots import plot_compare

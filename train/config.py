@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from models import MODEL_KINDS
-from pipeline import DEFAULT_WINDOW, MODES, parse_window
-from shards.options import flag, option
+from gq.common.errors import UsageError
+from gq.common.options import flag, option
+from gq.models import MODEL_KINDS
+from gq.pipeline import DEFAULT_WINDOW, MODES, parse_window
 
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("plateau", "linear")
@@ -29,7 +30,7 @@ POSITIVE = ("scenes_per_batch", "grasps_per_scene", "epochs", "log_every", "ckpt
             "max_steps", "val_every", "base_channels", "threads")  # fmt: skip
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """An option value that cannot work; `str()` names the flag and the reason."""
 
 

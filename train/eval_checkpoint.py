@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import open_dataset, open_loader, resolve_device
+from gq.pipeline import open_dataset, open_loader, resolve_device
 
 from .checkpoint import dataset_warning, load_model
 from .config import ConfigError

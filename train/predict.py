@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from models import GRASP_DIM, GQEstimatorBase
-from pipeline import open_dataset, open_loader, resolve_device
-from shards import write_atomically
+from gq.common.errors import UsageError
+from gq.common.files import write_atomically
+from gq.models import GRASP_DIM, GQEstimatorBase
+from gq.pipeline import open_dataset, open_loader, resolve_device
 
 from .checkpoint import load_model
 from .metrics import Metrics
@@ -28,7 +29,7 @@ from .scores import Standardiser
 GRASP_CHUNK = 8192  # grasps per forward pass of one SDF
 
 
-class PredictError(ValueError):
+class PredictError(UsageError):
     """Input that cannot be scored; `str()` names the file or value and what to do."""
 
 
@@ -192,7 +193,7 @@ def predict_mesh(
     """One mesh (any trimesh format) and grasps (N,19) .npy in the mesh's frame, prepared as the seed's
     importer does: translation = bounds centre, scale = 2 / mesh_max_extent (default: this mesh's own
     largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale)."""
-    from meshes import MeshError, is_closed, load_mesh, mesh_sdf
+    from gq.meshes import MeshError, is_closed, load_mesh, mesh_sdf
 
     try:
         mesh = load_mesh(mesh_path)

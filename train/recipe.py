@@ -27,9 +27,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models import GQEstimatorBase, build_model
-from pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
-from shards import DatasetError
+from gq.models import GQEstimatorBase, build_model
+from gq.pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
+from gq.shards import DatasetError
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import BASE_CHANNELS, ConfigError, FitConfig

@@ -17,23 +17,20 @@ from pathlib import Path
 
 import click
 
-from models import CheckpointError
-from pipeline import MODES, LoaderError
-from shards import SPLITS, DatasetError, format_table
-from shards.options import click_options, one_line_errors
-from train import TrainError, evaluate_checkpoint, fit
-from train.compare import compare as run_compare
-from train.compare import report
-from train.config import DEVICES, ConfigError, FitConfig
-from train.predict import PredictError
-from train.rundir import WriteError
-
-USAGE_ERRORS = (ConfigError, LoaderError, DatasetError, CheckpointError, PredictError)
+from gq.common.options import click_options, one_line_errors
+from gq.common.table import format_table
+from gq.pipeline import MODES
+from gq.shards import SPLITS
+from gq.train import evaluate_checkpoint, fit
+from gq.train.compare import compare as run_compare
+from gq.train.compare import report
+from gq.train.config import DEVICES, FitConfig
+from gq.train.predict import PredictError
 
 
 def _errors(fn):
-    """Known failures end with one line on stderr and a non-zero exit, not a traceback."""
-    return one_line_errors(f"run.py {fn.__name__}", (USAGE_ERRORS, 2), ((TrainError, WriteError), 1))(fn)
+    """Known failures (every GQError: config, data, checkpoint, a failed write) end with one line, not a traceback."""
+    return one_line_errors()(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,7 +136,7 @@ def predict_cmd(
     device: str,
 ) -> None:
     """Per-grasp predictions of CHECKPOINT to --out (scene, grasp, prediction, score); prints each object's best."""
-    from train.predict import (
+    from gq.train.predict import (
         Estimator,
         best_grasps,
         predict_mesh,

@@ -21,7 +21,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from shards import write_atomically as shards_write_atomically
+from gq.common.errors import GQError
+from gq.common.files import write_atomically as shards_write_atomically
 
 from .config import ConfigError, FitConfig
 
@@ -30,7 +31,7 @@ LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unl
 log = logging.getLogger("train")
 
 
-class WriteError(RuntimeError):
+class WriteError(GQError, RuntimeError):
     """A run file could not be written (full disk, quota, read-only); `str()` names it and what to do."""
 
 

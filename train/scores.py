@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import GQEstimatorBase
+from gq.models import GQEstimatorBase
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pipeline import Batch, Loader
+from gq.common.errors import GQError
+from gq.pipeline import Batch, Loader
 
 from .metrics import Metrics
 from .scores import Standardiser
@@ -21,7 +22,7 @@ from .scores import Standardiser
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainError(RuntimeError):
+class TrainError(GQError, RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); `str()` says where and what to try."""
 
 

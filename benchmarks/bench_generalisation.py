@@ -7,7 +7,7 @@ shards of each (80/10/10 hash splits by name), trains the same small model on ea
 same --max-time, and evaluates both models on both test splits. Baselines from the same data: predicting
 the train mean (MSE) and picking a grasp at random (its expected top-1 regret, mean - min per object).
 
-    python tools/bench_generalisation.py --primitives 600 --real 400 --max-time 180 --json gen.json
+    python benchmarks/bench_generalisation.py --primitives 600 --real 400 --max-time 180 --json gen.json
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from meshes import ImportOptions, import_meshes
-from meshes.pybullet import write_raw
-from shards import BuildOptions, ShardReader, build_shards, format_table, write_atomically
-from synth import write_scenes
-from train import evaluate_checkpoint, fit
-from train.config import FitConfig
+from gq.common.files import write_atomically
+from gq.common.table import format_table
+from gq.meshes import ImportOptions, import_meshes
+from gq.meshes.pybullet import write_raw
+from gq.shards import BuildOptions, ShardReader, build_shards
+from gq.synth import write_scenes
+from gq.train import evaluate_checkpoint, fit
+from gq.train.config import FitConfig
 
 SOURCES = ("primitives", "real")
 KEYS = ("r2", "spearman", "kendall_tau", "top1_regret", "top5_overlap", "mse", "mse_mean_baseline")

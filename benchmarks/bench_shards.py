@@ -24,8 +24,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shards import BuildOptions, ShardReader, build_shards, format_table, write_atomically
-from synth import write_scenes
+from gq.common.files import write_atomically
+from gq.common.table import format_table
+from gq.shards import BuildOptions, ShardReader, build_shards
+from gq.synth import write_scenes
 
 
 def _decode(path: Path) -> int:

@@ -24,11 +24,12 @@ from pathlib import Path
 import click
 import torch
 
-from models import MODEL_KINDS
-from pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, parse_window, resolve_device
-from shards import format_table, write_atomically
-from train import FitConfig, FitRecipe, fit
-from train.config import AMP_MODES, DEVICES, parse_fc_dims
+from gq.common.files import write_atomically
+from gq.common.table import format_table
+from gq.models import MODEL_KINDS
+from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, parse_window, resolve_device
+from gq.train import FitConfig, FitRecipe, fit
+from gq.train.config import AMP_MODES, DEVICES, parse_fc_dims
 
 CONFIGS = [(128, 1), (8, 16)]
 

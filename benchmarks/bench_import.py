@@ -10,7 +10,7 @@ and the end-to-end import rate, on pybullet's random_urdfs objects (the `meshes`
     the seed's plain mesh2sdf call on the holed mesh is the baseline;
 (c) tools/import_meshes end to end (--label synth) with 1 and with --workers processes.
 
-    python tools/bench_import.py --objects 100 --json bench_import.json
+    python benchmarks/bench_import.py --objects 100 --json bench_import.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from meshes import ImportOptions, MeshError, import_meshes, is_closed, load_mesh, mesh_sdf
-from meshes.pybullet import write_raw
-from shards import format_table, write_atomically
+from gq.common.files import write_atomically
+from gq.common.table import format_table
+from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, load_mesh, mesh_sdf
+from gq.meshes.pybullet import write_raw
 
 METHODS = {"mesh2sdf": (True, "refuse"), "winding": (False, "winding"), "repair": (False, "repair")}
 

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_loader, parse_window, resolve_device
-from shards import ShardReader, format_table, write_atomically
+from gq.common.files import write_atomically
+from gq.common.table import format_table
+from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_loader, parse_window, resolve_device
+from gq.shards import ShardReader
 
 CONFIGS = [(128, 1), (8, 16)]  # (scenes per batch, grasps per scene): 128 grasps per batch each
 SEED_BATCH = 128

@@ -15,9 +15,12 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
+
+from .errors import GQError
 
 _SIMPLE = (int, float, str)
 
@@ -93,22 +96,29 @@ def click_options(
 
 
 @contextlib.contextmanager
-def one_line_errors(prog: str, *errors: tuple, interrupted: str | None = None) -> Iterator[None]:
+def one_line_errors(*errors: tuple, prog: str | None = None, interrupted: str | None = None) -> Iterator[None]:
     """Known failures end a command with one line on stderr and an exit code, not a traceback.
 
-    Each of `errors` is (exception type or types, exit code[, text after the message]), the first that
-    matches wins: `PROG: error: MESSAGE[TEXT]`. With `interrupted`, Ctrl-C ends it with
-    `PROG: interrupted; INTERRUPTED` and exit code 130. A `with` block, or a decorator for a whole function.
+    A `GQError` ends with its own `exit_code`; each of `errors` adds (exception type or types, exit code[, text
+    after the message]) for other types, the first that matches wins: `PROG: error: MESSAGE[TEXT]`. PROG is the
+    command as the user typed it (`gq fit`, `run.py fit`: click's command path) unless given. With `interrupted`,
+    Ctrl-C ends it with `PROG: interrupted; INTERRUPTED` and exit code 130. A `with` block, or a decorator.
     """
+    errors = ((GQError, None), *errors)
     caught = tuple(t for e in errors for t in (e[0] if isinstance(e[0], tuple) else (e[0],)))
     try:
         yield
     except caught as err:
         _, code, *text = next(e for e in errors if isinstance(err, e[0]))
-        click.echo(f"{prog}: error: {err}{''.join(text)}", err=True)
-        sys.exit(code)
+        click.echo(f"{prog or _command_path()}: error: {err}{''.join(text)}", err=True)
+        sys.exit(err.exit_code if code is None else code)
     except KeyboardInterrupt:
         if interrupted is None:
             raise
-        click.echo(f"{prog}: interrupted; {interrupted}", err=True)
+        click.echo(f"{prog or _command_path()}: interrupted; {interrupted}", err=True)
         sys.exit(130)
+
+
+def _command_path() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.command_path if ctx else Path(sys.argv[0]).name

@@ -4,9 +4,9 @@
 # Downloads the DALI wheel for CUDA 13 and the dependencies the GPU image lacks, for CPython 3.12
 # manylinux x86_64, packs them into one tar (same bytes on every run) and splits it into pieces of
 # at most 60 MiB, so that each piece fits in one device command (64 MiB per command). The GPU check
-# (tools/gpu_check.sh --wheels DIR) reassembles the pieces and installs them into a private folder.
+# (benchmarks/gpu_check.sh --wheels DIR) reassembles the pieces and installs them into a private folder.
 #
-#   tools/stage_wheels.sh [--out DIR] [--piece-mib N] [--python-version 3.12] [--python PY]
+#   benchmarks/stage_wheels.sh [--out DIR] [--piece-mib N] [--python-version 3.12] [--python PY]
 #
 # --python-version picks the CPython the binary wheels are for (the GPU image's is 3.12); --python
 # is the interpreter whose pip downloads them.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU check: every CUDA path of the project tested and measured in one command, within a time budget.
 
-Run it through tools/gpu_check.sh (which installs staged DALI wheels first). Steps, each a run of the
+Run it through benchmarks/gpu_check.sh (which installs staged DALI wheels first). Steps, each a run of the
 project's own tools in a subprocess: make a dataset, build and verify shards, the CUDA-marked tests,
 bench_loaders, bench_train (bf16 + channels-last on CUDA; then torch.compile) and a short compare.
 Every step has an estimated cost; a step that would not fit in what is left of --budget-s is skipped,
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import click
 
-from shards import ShardReader, write_atomically
+from gq.common.files import write_atomically
+from gq.shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_SCENES = 15_547  # the seed dataset's scene count, for the start-up target
@@ -170,7 +171,7 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
     def bench_loaders(modes: str) -> list[str]:
         return [
             py,
-            "tools/bench_loaders.py",
+            "benchmarks/bench_loaders.py",
             "--shards",
             shards,
             *seed,
@@ -189,7 +190,7 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
     loaders_what = f"loaders, whole iterations ({loaders}{'' if quick else ', the seed'}), fresh process per row"
     train = [
         py,
-        "tools/bench_train.py",
+        "benchmarks/bench_train.py",
         "--shards",
         shards,
         "--device",
@@ -504,7 +505,7 @@ def render_markdown(summary: dict) -> str:
     if fig.get("bench_loaders"):
         lines += [
             "",
-            "## Loaders (tools/bench_loaders.py: whole iterations, each row a fresh process)",
+            "## Loaders (benchmarks/bench_loaders.py: whole iterations, each row a fresh process)",
             "",
             "| loader | S | G | first batch | batches/s | samples/s | resident |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -522,7 +523,7 @@ def render_markdown(summary: dict) -> str:
     if rows:
         lines += [
             "",
-            "## Training (tools/bench_train.py: whole steps)",
+            "## Training (benchmarks/bench_train.py: whole steps)",
             "",
             "| model | loader | amp | compile | S | G | samples/s | G=16 / G=1 |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
@@ -574,7 +575,7 @@ def render_markdown(summary: dict) -> str:
     type=float,
     default=540.0,
     show_default=True,
-    help="Wall-clock budget for the whole check, from the start of tools/gpu_check.sh.",
+    help="Wall-clock budget for the whole check, from the start of benchmarks/gpu_check.sh.",
 )
 @click.option("--scenes", type=int, default=None, help="Scenes to generate [default: 2000, or 40 with --quick].")
 @click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="Processes for data making.")
@@ -584,8 +585,8 @@ def render_markdown(summary: dict) -> str:
     help="Keep OUTDIR/data (scenes and shards) and the compare runs' checkpoints afterwards.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTDIR.")
-@click.option("--dali-install", default="not attempted (run through tools/gpu_check.sh)", hidden=True)
-@click.option("--t0", type=float, default=None, hidden=True, help="Start time (epoch s) of tools/gpu_check.sh.")
+@click.option("--dali-install", default="not attempted (run through benchmarks/gpu_check.sh)", hidden=True)
+@click.option("--t0", type=float, default=None, hidden=True, help="Start time (epoch s) of benchmarks/gpu_check.sh.")
 def main(
     outdir: Path,
     device: str,

@@ -1,6 +1,6 @@
 """Benchmark synthetic scene generation: scenes per second per worker, written to disk.
 
-Example: python tools/bench_scenes.py --scenes 100 --workers 1 --json bench.json
+Example: python benchmarks/bench_scenes.py --scenes 100 --workers 1 --json bench.json
 Target: >= 20 scenes/s per worker at grid 48 with 480 grasps (a seed-sized dataset of
 15,547 scenes in under 7 minutes on 2 cores).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shards import write_atomically
-from synth import write_scenes
+from gq.common.files import write_atomically
+from gq.synth import write_scenes
 
 SEED_SCENES = 15_547
 TARGET_PER_WORKER = 20.0

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The GPU check (README, "GPU check"): every CUDA path tested and measured in one command.
 #
-#   tools/gpu_check.sh OUTDIR [--wheels DIR] [--device cuda|cpu] [--quick] [--budget-s 540] [--overwrite] ...
+#   benchmarks/gpu_check.sh OUTDIR [--wheels DIR] [--device cuda|cpu] [--quick] [--budget-s 540] [--overwrite] ...
 #
 # Uses the machine's own Python and torch ($PYTHON, else .venv/bin/python, else python3; it never
-# installs torch). When DIR (default .stage/pieces, made by tools/stage_wheels.sh) holds every piece
+# installs torch). When DIR (default .stage/pieces, made by benchmarks/stage_wheels.sh) holds every piece
 # listed in its SHA256SUMS, the pieces are checked, reassembled and installed with pip --no-index into
 # a private folder ($GQ_DALI_SITE, default /tmp/gq-dali-site) that is put on PYTHONPATH for the check
 # alone; otherwise the check runs without DALI and reports its rows as skipped. The project is used
-# in place (PYTHONPATH=<repo>). The options after OUTDIR are tools/gpu_check.py's (see --help).
+# in place, under its import name (a folder gq/ of links to the repository's folders, as setup.cfg maps
+# them). The options after OUTDIR are benchmarks/gpu_check.py's (see --help).
 set -euo pipefail
 t0=$(date +%s.%N)
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+help=
+# The project in place under its import name, without installing it: $ns/gq/<package> -> <repo>/<folder>.
+ns=${TMPDIR:-/tmp}/gq-in-place.$$
+trap 'rm -rf "$ns"' EXIT
+mkdir -p "$ns/gq"
+while read -r name folder; do ln -s "$repo/$folder" "$ns/gq/${name#gq.}"; done < <(
+    awk '/^package_dir/ {on = 1; next} on && /^ +gq\./ {print $1, $3; next} on && !/^ / {on = 0}' "$repo/setup.cfg")
 if [[ -n ${PYTHON:-} ]]; then py=$PYTHON
 elif [[ -x $repo/.venv/bin/python ]]; then py=$repo/.venv/bin/python
 else py=python3
@@ -22,8 +30,8 @@ args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --wheels) wheels=${2:?--wheels needs a directory}; shift 2 ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo
-                   PYTHONPATH="$repo" exec "$py" "$repo/tools/gpu_check.py" --help ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo
+                   help=1; shift ;;
         *) args+=("$1"); shift ;;
     esac
 done
@@ -81,8 +89,9 @@ print(hits[0] if hits else "")')
     note+="; libcufile: $found"
 }
 
+if [[ -n $help ]]; then PYTHONPATH="$ns" "$py" "$repo/benchmarks/gpu_check.py" --help; exit; fi
 install_dali
 if [[ -n $dali_site ]]; then link_cufile; fi
 echo "gpu_check.sh: DALI wheels: $note ($(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.0f", a - b}') s)"
-export PYTHONPATH="$repo${dali_site:+:$dali_site}${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" "$repo/tools/gpu_check.py" "${args[@]}" --dali-install "$note" --t0 "$t0"
+export PYTHONPATH="$ns${dali_site:+:$dali_site}${PYTHONPATH:+:$PYTHONPATH}"
+"$py" "$repo/benchmarks/gpu_check.py" "${args[@]}" --dali-install "$note" --t0 "$t0"

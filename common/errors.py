@@ -1,0 +1,15 @@
+"""The project's error base: a failure the user can act on ends a command with one line and its exit code."""
+
+from __future__ import annotations
+
+
+class GQError(Exception):
+    """A failure with a one-line `str()` (what, which file or value, what to do); `exit_code` is the command's."""
+
+    exit_code = 1  # the run itself failed (a write, a diverged loss)
+
+
+class UsageError(GQError, ValueError):
+    """Bad input: an option, a file or a dataset that cannot be used as given (exit code 2, like click's)."""
+
+    exit_code = 2

@@ -1,0 +1,94 @@
+"""`gq`: one command for everything a user runs; each subcommand is the click command of its module.
+
+Subcommands are imported when they run (or when their help is asked for), so `gq --help` and `gq shards
+verify` start without torch or DALI. `tools/*.py` and `train/run.py` remain entry points to the same commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+from gq.common import __version__
+
+# name -> "module:command", or a nested group of the same shape
+COMMANDS: dict = {
+    "scenes": "gq.tools.make_scenes:main",
+    "import-meshes": "gq.tools.import_meshes:main",
+    "pybullet-objects": "gq.tools.pybullet_objects:main",
+    "shards": {
+        "_help": "Build and verify shard datasets.",
+        "build": "gq.tools.make_shards:main",
+        "verify": "gq.tools.verify_shards:cli",
+    },
+    "fit": "gq.train.run:fit_cmd",
+    "compare": "gq.train.run:compare_cmd",
+    "eval": "gq.train.run:eval_cmd",
+    "predict": "gq.train.run:predict_cmd",
+    "gpu-check": "gq.benchmarks.gpu_check:main",
+    "bench": {
+        "_help": "Benchmarks: each prints its figures against a baseline measured in the same run.",
+        "loaders": "gq.benchmarks.bench_loaders:main",
+        "train": "gq.benchmarks.bench_train:main",
+        "shards": "gq.benchmarks.bench_shards:main",
+        "scenes": "gq.benchmarks.bench_scenes:main",
+        "import": "gq.benchmarks.bench_import:main",
+        "generalisation": "gq.benchmarks.bench_generalisation:main",
+    },
+}
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def with_version(command: click.Command) -> click.Command:
+    """Give `command` a --version option (once), so every level of `gq` answers it."""
+    if not any(p.name == "version" for p in command.params):
+        click.version_option(__version__, "--version", package_name="gq-pipeline", prog_name="gq")(command)
+    return command
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use from "module:attribute" specs."""
+
+    def __init__(self, *args, specs: dict, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.specs = {k: v for k, v in specs.items() if not k.startswith("_")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.specs)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        spec = self.specs.get(name)
+        if spec is None:
+            return None
+        if isinstance(spec, dict):
+            return with_version(LazyGroup(name, specs=spec, help=spec.get("_help"), context_settings=CONTEXT))
+        module, attr = spec.split(":")
+        return with_version(getattr(importlib.import_module(module), attr))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help without importing every command's module (torch, DALI): the first docstring line.
+        rows = []
+        for name, spec in self.specs.items():
+            if isinstance(spec, dict):
+                rows.append((name, spec.get("_help", "")))
+            else:
+                rows.append((name, self.get_command(ctx, name).get_short_help_str(limit=formatter.width - 30)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, specs=COMMANDS, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", package_name="gq-pipeline", prog_name="gq")
+def main() -> None:
+    """Grasp-quality estimation on signed distance fields: data, training, evaluation, prediction.
+
+    gq scenes / import-meshes make scenes; gq shards build / verify make datasets; gq fit trains;
+    gq eval and gq predict use a checkpoint; gq compare and gq bench measure; gq gpu-check checks a GPU machine.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+if __name__ == "__main__":
+    main()
