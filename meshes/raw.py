@@ -9,7 +9,9 @@ hand model instead (`label="synth"`: grasps sampled and scored on its SDF by `sy
 
 Two passes: the first loads and checks every mesh and recording (and finds the largest extent); the
 second computes SDFs and labels in worker processes and writes into a temporary sibling of OUT that is
-renamed into place at the end, so a bad scene or a crash leaves nothing half-written. Every scene depends
+renamed into place at the end, so a bad scene or a crash leaves nothing half-written. OUT records what it
+holds (`gq.common.ownership`): `--overwrite` removes only that, and a later run removes the temporary
+folder a killed run left (it carries the same record). Every scene depends
 only on its own files and the options, so any worker count gives the same bytes.
 """
 
@@ -20,9 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -32,10 +32,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gq.common.files import write_atomically
+from gq.common.ownership import BesideBuild, Owned
 from gq.synth.grasps import sample_grasps
 from gq.synth.scenes import check_grid
 from gq.synth.score import score_grasps
-from gq.synth.writer import save_npz, swap_in
+from gq.synth.writer import legacy_scenes, save_npz, scene_files
 
 from .sdf import OPEN_MESH_MODES, OPEN_MESH_REASON, MeshError, is_closed, load_mesh, mesh_sdf
 
@@ -185,16 +187,12 @@ def list_raw(raw: Path) -> list[str]:
     return names
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory; choose another path")
-    entries = list(out.iterdir())
-    if entries and not overwrite:
-        raise ValueError(f"output directory {out} is not empty; pass --overwrite to replace it")
-    if entries and not (out / EXTENT_FILE).exists():
-        raise ValueError(f"refusing to overwrite {out}: it has no {EXTENT_FILE}, so this tool did not write it")
+def _legacy_import(out: Path) -> Owned | None:
+    """An import written before ownership records: mesh_max_extent.txt, scene folders holding only scene.npz,
+    perhaps skipped.jsonl; None for anything else."""
+    if not (out / EXTENT_FILE).is_file():
+        return None
+    return legacy_scenes(out, tool="import_meshes", extra=(EXTENT_FILE, SKIPPED_FILE))
 
 
 def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
@@ -263,7 +261,7 @@ def import_meshes(
     raw, out = Path(raw), Path(out).absolute()
     names = list_raw(raw)
     workers = min(workers or len(os.sched_getaffinity(0)), len(names))
-    _check_out(out, overwrite)
+    build = BesideBuild(out, tool="import_meshes", overwrite=overwrite, legacy=_legacy_import)
     start = time.perf_counter()
 
     surveyed, refused = [], {}
@@ -284,9 +282,8 @@ def import_meshes(
     max_extent = opts.mesh_max_extent or max(s["extent"] for s in surveyed)
     global_scale = 2.0 / max_extent
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with build:
+        tmp = build.create([EXTENT_FILE, SKIPPED_FILE, *scene_files([s["name"] for s in surveyed])])
         convert_s, imported = 0.0, 0
         tasks = [(raw, tmp, s, global_scale, opts) for s in surveyed]
         for name, seconds, error in _map(_convert, tasks, workers, progress, "import"):
@@ -299,15 +296,11 @@ def import_meshes(
                 raise error
         if not imported:
             raise ValueError(f"RAW {raw}: no importable scene ({len(refused)} refused)")
-        (tmp / EXTENT_FILE).write_text(f"{max_extent!r}\n")
+        write_atomically(tmp / EXTENT_FILE, f"{max_extent!r}\n")
         if refused:
             lines = [json.dumps({"name": n, "kind": _kind(r), "reason": r}) for n, r in sorted(refused.items())]
-            (tmp / SKIPPED_FILE).write_text("\n".join(lines) + "\n")
-        tmp.chmod(0o755)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_atomically(tmp / SKIPPED_FILE, "\n".join(lines) + "\n")
+        build.commit()
     wall = time.perf_counter() - start
     return {
         "out": str(out),

@@ -2,7 +2,8 @@
 
 Layout (the seed's processed layout): `<out>/scene_000000/scene.npz`, ... The dataset is built
 in a hidden temporary sibling of `<out>` and renamed into place only when every scene is
-written, so a failure or Ctrl-C leaves no partial output behind.
+written, so a failure or Ctrl-C leaves no partial output behind. The dataset records what it holds
+(`gq.common.ownership`): `--overwrite` removes only that.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -22,12 +21,14 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from gq.common.files import swap_in_dir, write_atomically
+from gq.common.files import write_atomically
+from gq.common.ownership import BesideBuild, Owned
 
 from .scenes import check_grid, check_int, make_scene
 
 QUANTILES = (1, 5, 25, 50, 75, 95, 99)
 SCENE_PREFIX = "scene_"
+SCENE_FILE = "scene.npz"
 
 
 def scene_name(index: int) -> str:
@@ -61,7 +62,7 @@ def _write_scene(task: tuple[Path, int, int, int, int, bool]) -> tuple[int, np.n
     scene = make_scene(seed, index, grid, num_grasps)
     folder = root / scene_name(index)
     folder.mkdir()
-    save_npz(folder / "scene.npz", scene, compress)
+    save_npz(folder / SCENE_FILE, scene, compress)
     return index, scene["scores"]
 
 
@@ -70,54 +71,23 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Raise ValueError if `out` cannot be (re)placed by a new dataset."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory; choose another path")
-    entries = sorted(out.iterdir())
-    if entries and not overwrite:
-        raise ValueError(
-            f"output directory {out} is not empty; pass --overwrite "
-            "(overwrite=True) to replace it, or choose another directory"
-        )
-    foreign = [e.name for e in entries if not (e.is_dir() and e.name.startswith(SCENE_PREFIX))]
-    if foreign:
-        raise ValueError(
-            f"refusing to overwrite {out}: it holds {foreign[0]!r}, which this tool "
-            "did not write; remove it yourself or choose another directory"
-        )
+def scene_files(names: list[str]) -> list[str]:
+    """The entries a scene dataset's record lists: `<name>/scene.npz` per scene."""
+    return [f"{name}/{SCENE_FILE}" for name in names]
 
 
-def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
-    """Create a temporary sibling of `out` (and any missing parents, returned for cleanup)."""
-    missing = [p for p in reversed(out.parents) if not p.exists()]
-    existing = out.parent if not missing else missing[0].parent
-    if not existing.is_dir():
-        raise ValueError(f"cannot write {out}: {existing} is not a directory; choose another output directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        _remove_empty(missing)
-        raise ValueError(f"cannot write to {out.parent}: {exc.strerror}; choose a writable output directory") from exc
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset gets the usual mode
-    return tmp, missing
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished directory `tmp` in place as `out`; an existing `out` (empty, or holding only scene
-    directories: checked by the caller) is swapped out and deleted only once `tmp` is in place."""
-    swap_in_dir(tmp, out, remove_old=shutil.rmtree)
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for folder in reversed(dirs):
-        with contextlib.suppress(OSError):  # not empty or already gone: someone else's now
-            folder.rmdir()
+def legacy_scenes(out: Path, *, tool: str = "make_scenes", extra: tuple[str, ...] = ()) -> Owned | None:
+    """A folder written before ownership records: exactly scene folders each holding only scene.npz (and the
+    files `extra`), recognised as `tool`'s; None for anything else."""
+    entries = []
+    for path in out.iterdir():
+        if path.name in extra and path.is_file() and not path.is_symlink():
+            entries.append(path.name)
+            continue
+        if path.is_symlink() or not path.is_dir() or [p.name for p in path.iterdir()] != [SCENE_FILE]:
+            return None
+        entries.append(f"{path.name}/{SCENE_FILE}")
+    return Owned(tool, frozenset(entries))
 
 
 def _generate(
@@ -166,9 +136,9 @@ def write_scenes(
     Scene files are zlib-compressed npz like the seed's (`compress=False`: np.savez's format).
     `workers` processes (default: the CPUs available) share the work; the bytes written do not
     depend on it. An existing non-empty `out_dir` is replaced only with `overwrite`, and only if
-    it holds nothing but scene directories. Bad arguments raise ValueError before anything is
-    written. Summary keys: out, scenes, grasps, grid, seed, workers, wall_s, scenes_per_s, score
-    (mean, std, min, max, quantiles {percent: value}).
+    it holds nothing but what an earlier make_scenes wrote (its record, or scene folders only). Bad
+    arguments raise ValueError before anything is written. Summary keys: out, scenes, grasps, grid,
+    seed, workers, wall_s, scenes_per_s, score (mean, std, min, max, quantiles {percent: value}).
     """
     check_int("scenes", scenes, 1)
     check_int("grasps_per_scene", grasps_per_scene, 1)
@@ -178,18 +148,14 @@ def write_scenes(
         workers = len(os.sched_getaffinity(0))
     check_int("workers", workers, 1)
     workers = min(workers, scenes)
-    out = Path(out_dir).absolute()
-    _check_out_dir(out, overwrite)
+    build = BesideBuild(Path(out_dir), tool="make_scenes", overwrite=overwrite, legacy=legacy_scenes)
+    out = build.out
 
     start = time.perf_counter()
-    tmp, created = _make_temp_dir(out)
-    try:
+    with build:
+        tmp = build.create(scene_files([scene_name(i) for i in range(scenes)]))
         scores = _generate(tmp, scenes, grid, grasps_per_scene, seed, workers, progress, compress)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
-        raise
+        build.commit()
     wall = time.perf_counter() - start
     return {
         "out": str(out),

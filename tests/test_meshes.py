@@ -14,6 +14,7 @@ mesh2sdf = pytest.importorskip("mesh2sdf")
 
 from conftest import run_tool, tree_bytes  # noqa: E402
 
+from gq.common.ownership import RECORD  # noqa: E402
 from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
 from gq.synth import score_grasps  # noqa: E402
 from gq.synth.primitives import Primitive, sample_grid  # noqa: E402
@@ -181,7 +182,12 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, me
     assert "imported 1 of 2 scenes" in skipped.stdout
     rows = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == [case] and message in rows[0]["reason"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good", "mesh_max_extent.txt", "skipped.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        RECORD,
+        "good",
+        "mesh_max_extent.txt",
+        "skipped.jsonl",
+    ]
 
 
 def test_open_meshes_option_imports_them(tmp_path: Path):

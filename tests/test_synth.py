@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from conftest import load_tool
 
 import gq.synth as synth
+from gq.common.ownership import RECORD
 from gq.synth import hand, primitives, score, writer
 from gq.synth.objects import MARGIN, normalise, random_object
 from gq.synth.primitives import KINDS, Primitive, grid_axis, sample_grid, union_sdf
@@ -240,7 +241,7 @@ def test_cli_writes_seed_layout_identically_for_any_worker_count(tmp_path):
     two = _run_cli(*common, "--out", tmp_path / "two", "--workers", 2)
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
     assert "scenes/s" in one.stdout and "mean" in one.stdout
-    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    names = sorted(p.name for p in (tmp_path / "one").iterdir() if p.name != RECORD)
     assert names == [synth.scene_name(i) for i in range(5)] == [f"scene_{i:06d}" for i in range(5)]
     for name in names:
         first = (tmp_path / "one" / name / "scene.npz").read_bytes()
@@ -318,7 +319,7 @@ def test_cli_rejects_unwritable_and_non_empty_outputs(tmp_path):
     again = _run_cli("--scenes", 1, "--grid", 16, "--grasps-per-scene", 8, "--out", out)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     replaced = _run_cli("--scenes", 1, "--grid", 16, "--grasps-per-scene", 8, "--out", out, "--overwrite")
-    assert replaced.exit_code == 0 and [p.name for p in out.iterdir()] == ["scene_000000"]
+    assert replaced.exit_code == 0 and sorted(p.name for p in out.iterdir()) == [RECORD, "scene_000000"]
 
     (out / "notes.txt").write_text("mine")
     refused = _run_cli("--scenes", 1, "--grid", 16, "--out", out, "--overwrite")
