@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from gq.common.files import write_atomically
 from gq.common.options import option
+from gq.common.ownership import RECORD
 
 from . import __version__
 from .crc import CRCAppender
@@ -55,7 +57,7 @@ from .format import (
 )
 from .index import write_index
 from .manifest import write_manifest
-from .outdir import JOURNAL, BuildError, Lock, check_ours, remove_ours, replace, staging_dir
+from .outdir import JOURNAL, TOOL, BuildError, Lock, check_ours, record_build, remove_ours, replace, staging_dir
 from .placement import Placement, place_scenes
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
 from .splits import assign_splits
@@ -220,10 +222,11 @@ def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
         first = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
         first = None
-    if first != header:
+    if not isinstance(first, dict) or first.get("format") != header["format"]:
         raise BuildError(
-            f"--out {work}: the unfinished build there used other sources or options; pass --overwrite to start again"
+            f"--out {work}: the unfinished build there has no readable journal header; pass --overwrite to start again"
         )
+    changed = _what_changed(first, header)
     kept = []
     for line in lines[1:]:
         try:
@@ -243,6 +246,11 @@ def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
         if not good:
             break
         kept.append(entry)
+    if changed and (kept or not changed.startswith("placement unknown")):
+        raise BuildError(
+            f"--out {work}: cannot resume: {changed} since the unfinished build started, so its shards would hold "
+            "other scenes; pass --overwrite to rebuild from scratch (or undo the change)"
+        )
     for entry in kept:
         for recorded in entry["sources"]:
             now = _source_stat(source, recorded["name"])
@@ -255,9 +263,46 @@ def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
     return kept
 
 
+def _what_changed(journalled: dict, header: dict) -> str | None:
+    """What differs between the journal's header and this build's, in words (None: nothing): an option, the
+    source, a scene added to or removed from SOURCE, the splits file's content. Everything that decides
+    where a scene's record goes is in the header, so equal headers mean equal placements."""
+    if journalled.get("version") != header["version"]:
+        return f"the format version changed ({journalled.get('version')} -> {header['version']})"
+    old_args, new_args = journalled.get("args") or {}, header["args"]
+    for key in new_args:
+        if old_args.get(key) != new_args[key]:
+            return f"option --{key.replace('_', '-')} changed ({old_args.get(key)!r} -> {new_args[key]!r})"
+    if journalled.get("source") != header["source"]:
+        return f"SOURCE changed ({journalled.get('source')} -> {header['source']})"
+    if "scenes" not in journalled:
+        return "placement unknown: the journal (of an older make_shards) does not record its scene list"
+    old, new = journalled["scenes"], header["scenes"]
+    if old != new:
+        added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        if added:
+            return f"scene {added[0]} was added to SOURCE ({len(added)} added, {len(removed)} removed)"
+        if removed:
+            return f"scene {removed[0]} was removed from SOURCE ({len(removed)} removed)"
+        return "the scene list changed"
+    if journalled.get("splits_sha256") != header["splits_sha256"]:
+        return f"the content of the splits file {new_args['splits']} changed"
+    return None
+
+
+def _splits_digest(splits: str | None) -> str | None:
+    """SHA-256 of the splits file's bytes (None without one): its content decides placement, not its name."""
+    if splits is None:
+        return None
+    try:
+        return hashlib.sha256(Path(splits).read_bytes()).hexdigest()
+    except OSError as err:
+        raise BuildError(f"--splits {splits}: unreadable ({err.strerror})") from None
+
+
 def _restart_journal(work: Path, header: dict, done: list[dict]) -> None:
-    """Rewrite the journal with the kept shards only, and delete every other file."""
-    keep = {f["name"] for entry in done for f in entry["files"]}
+    """Rewrite the journal with the kept shards only, and delete every other file (the record stays)."""
+    keep = {f["name"] for entry in done for f in entry["files"]} | {RECORD}
     for path in work.iterdir():
         if path.is_file() and path.name not in keep:
             path.unlink()
@@ -307,7 +352,14 @@ def build_shards(
         allow_missing=allow_missing_scenes,
     )
     placement = place_scenes(names, splits, opts.shuffle_seed, opts.records_per_shard)
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": str(source), "args": asdict(opts)}
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source": str(source),
+        "args": asdict(opts),
+        "scenes": names,  # with the splits file's content and the options: everything that decides placement
+        "splits_sha256": _splits_digest(opts.splits),
+    }
 
     if not out.parent.is_dir():
         raise BuildError(f"--out {out}: its parent directory does not exist; create it first")
@@ -315,10 +367,11 @@ def build_shards(
         raise BuildError(
             f"--out {out}: its parent directory is not writable (the build is made beside --out); choose another --out"
         )
-    lock = Lock(out)
+    lock = Lock(out, tool=TOOL)
     try:
         work, done = _prepare(out, resume, overwrite, header, source)
         try:
+            record_build(work, placement.num_shards)
             _restart_journal(work, header, done)
             summary = _write_all(source, work, opts, names, splits, placement, done, workers, progress)
             replace(out, work)

@@ -425,3 +425,47 @@ def test_header_first_reader_reads_compressed_and_fortran_scenes(tmp_path: Path)
         assert np.array_equal(reader.sdf(scene_id), scenes[name]["sdf"])
         assert np.array_equal(reader.grasps(scene_id), scenes[name]["grasps"])
         assert np.array_equal(reader.scores(scene_id), scenes[name]["scores"])
+
+
+def _splits_file(path: Path, names: list[str]) -> Path:
+    path.write_text(json.dumps({"train": names[:20], "val": names[20:25], "test": names[25:]}))
+    return path
+
+
+@pytest.mark.parametrize("change", ["scene_added", "unread_scene_removed", "splits_file_edited"])
+def test_resume_refuses_a_changed_scene_list_or_splits_file(change: str, tmp_path: Path) -> None:
+    """Issue 17 item 1: an interrupted --overwrite, then a change to what decides placement, then --resume:
+    one line naming the change, the old dataset and the unfinished build untouched."""
+    src = make_source(tmp_path / "src", scenes=30)
+    names = sorted(p.name for p in src.iterdir())
+    splits = _splits_file(tmp_path / "splits.json", names)
+    out = tmp_path / "out"
+    flags = ("--records-per-shard", 4, "--splits", splits)
+    assert make(src, out, *flags).exit_code == 0
+    old = tree_bytes(out)
+    data = (src / "scene_025" / "scene.npz").read_bytes()
+    _kill(_stalled_build(src, out, "--splits", splits, "--overwrite"), src, data)
+    journal = (staging_dir(out) / ".build" / "journal.jsonl").read_text().splitlines()
+    read = {s["name"] for line in journal[1:] for s in json.loads(line)["sources"]}
+    if change == "scene_added":
+        write_scene(src, "scene_030", **random_scene(np.random.default_rng(5), GRID, 4))
+        splits.write_text(splits.read_text().replace('"scene_029"', '"scene_029", "scene_030"'))
+        expected = "scene scene_030 was added to SOURCE"
+    elif change == "unread_scene_removed":
+        gone = next(n for n in reversed(names) if n not in read and n != "scene_025")
+        (src / gone / "scene.npz").unlink()
+        (src / gone).rmdir()
+        splits.write_text(splits.read_text().replace(f', "{gone}"', "").replace(f'"{gone}", ', ""))
+        expected = f"scene {gone} was removed from SOURCE"
+    else:
+        text = json.loads(splits.read_text())
+        text["train"][0], text["test"][0] = text["test"][0], text["train"][0]  # two scenes change splits
+        splits.write_text(json.dumps(text))
+        expected = f"the content of the splits file {splits} changed"
+    staged = tree_bytes(staging_dir(out))
+    line = one_line(make(src, out, *flags, "--resume"))
+    assert expected in line and "cannot resume" in line and "--overwrite" in line, line
+    assert tree_bytes(out) == old and tree_bytes(staging_dir(out)) == staged
+    assert verify(out).problems == []
+    assert make(src, out, *flags, "--overwrite").exit_code == 0  # rebuilding from scratch is the way on
+    assert verify(out).problems == [] and leftovers(out) == []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_source, random_scene, run_tool, tree_bytes, write_scene
 
+from gq.common.ownership import RECORD
 from gq.shards import Manifest, ShardReader, verify
 from gq.shards.format import HEADER_BYTES, read_npy_header
 
@@ -84,7 +85,7 @@ def test_layout_matches_design(small_source: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"sdf-{k:05d}.npy" for k in shards]
         + [f"labels-{k:05d}.npy" for k in shards]
-        + ["manifest.json", "scenes.parquet"]
+        + ["manifest.json", "scenes.parquet", RECORD]  # RECORD: what make_shards wrote, for --overwrite
     )
 
 
@@ -317,9 +318,9 @@ def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", scenes=6)
     out = tmp_path / "out"
     (out / ".build").mkdir(parents=True)
-    (out / ".build" / "journal.jsonl").write_text(json.dumps({"format": "gq-shards", "args": {}}) + "\n")
+    (out / ".build" / "journal.jsonl").write_text(json.dumps({"format": "gq-shards", "version": 2, "args": {}}) + "\n")
     result = build(src, out, "--resume")
-    assert result.returncode == 2 and "used other sources or options" in result.stderr
+    assert result.returncode == 2 and f"cannot resume: option --grid changed (None -> {GRID})" in result.stderr
 
 
 def test_help_and_bad_flags() -> None:
