@@ -29,6 +29,7 @@ from pathlib import Path
 import click
 
 from gq.common.files import write_atomically
+from gq.common.ownership import OwnershipError, check_replaceable, remove_owned, write_record
 from gq.shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,11 +75,22 @@ QUICK = Sizes(
 )
 
 
-def _ours(name: str) -> bool:
-    """Whether a top-level name in OUTDIR is one the check writes (summary, logs, data, runs, step JSONs)."""
-    return name in ("summary.md", "summary.json", "cuda_tests.xml", "logs", "data", "compare") or (
-        name.startswith("bench_") and name.endswith(".json")
-    )
+TOOL = "gpu_check"
+# What the check writes into OUTDIR, its ownership record: logs/ whole; data/ holds make_scenes' scenes and
+# make_shards' shards and compare/ compare's runs, each judged by its own record.
+ENTRIES = (
+    "summary.md",
+    "summary.json",
+    "cuda_tests.xml",
+    "logs/",
+    "data/scenes",
+    "data/shards",
+    "compare",
+    "bench_loaders.json",
+    "bench_train.json",
+    "bench_train_compile_large.json",
+    "bench_train_compile_small.json",
+)
 
 
 @dataclass
@@ -607,17 +619,12 @@ def main(
             f"--budget-s {budget_s} --scenes {scenes} --workers {workers}: need a budget > 0, "
             "at least 10 scenes and 1 worker"
         )
-    if outdir.exists() and any(outdir.iterdir()):
-        if not overwrite:
-            raise click.UsageError(f"{outdir} exists and is not empty; pass --overwrite or choose another OUTDIR")
-        # Remove only what an earlier check wrote: a folder holding anything else is not ours to empty.
-        foreign = sorted(p.name for p in outdir.iterdir() if not _ours(p.name))
-        if foreign:
-            raise click.UsageError(
-                f"{outdir} holds {foreign[0]!r}, which the GPU check did not write; choose another OUTDIR"
-            )
-        for p in outdir.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if outdir.exists() and not overwrite and any(outdir.iterdir()):
+        raise click.UsageError(f"{outdir} exists and is not empty; pass --overwrite or choose another OUTDIR")
+    try:  # only what an earlier check recorded is removed; a folder holding anything else is refused whole
+        owned = check_replaceable(outdir, tool=TOOL, overwrite=True, flag="OUTDIR")
+    except OwnershipError as err:
+        raise click.UsageError(str(err)) from None
     env = probe_environment(device)
     if env["missing"]:
         raise click.ClickException(
@@ -632,6 +639,10 @@ def main(
     if scenes:
         sizes = replace(sizes, scenes=scenes)
     dali = "version" in env["dali"] and (device == "cpu" or env["dali"]["cuda_devices"] > 0)
+    if owned is not None:
+        remove_owned(outdir, owned)
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_record(outdir, tool=TOOL, entries=ENTRIES)
     (outdir / "logs").mkdir(parents=True, exist_ok=True)
     steps = plan_steps(outdir, device, sizes, quick, workers, dali)
     click.echo(

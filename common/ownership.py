@@ -91,14 +91,14 @@ def _walk(folder: Path, owned: Owned, prefix: str, ours: list[Path], foreign: li
     for path in sorted(folder.iterdir()):
         rel = prefix + path.name
         mode = os.lstat(path).st_mode
-        if not prefix and path.name in ignore | {RECORD}:
+        if path.name in ignore or (not prefix and path.name == RECORD):
             continue
         if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
             (ours.append(path) if owned.covers_file(rel) else foreign.append(rel))
         elif rel + "/" in owned.entries:
             ours.append(path)
         elif (nested := read_record(path)) is not None and rel in owned.entries:
-            _walk(path, nested, "", ours, foreign_inner := [], frozenset())
+            _walk(path, nested, "", ours, foreign_inner := [], ignore)
             foreign += [f"{rel}/{f}" for f in foreign_inner]
             ours.append(path / RECORD)
         elif any(e.startswith(rel + "/") for e in owned.entries) or rel in owned.entries:
@@ -146,8 +146,8 @@ def check_replaceable(
     the record (or the recognised older layout, `legacy`) when `overwrite` is given and covers everything.
 
     OwnershipError otherwise, in one line: a file, a folder of another tool, one without a record that
-    `legacy` does not recognise, or the first entry not covered. `ignore` names top-level entries such as a
-    lock file that may be there.
+    `legacy` does not recognise, or the first entry not covered. `ignore` names entries such as a lock file
+    that may be there (at any depth).
     """
     folder = Path(folder)
     if folder.is_symlink() and not folder.exists():
@@ -165,7 +165,7 @@ def check_replaceable(
     if owned is None:
         first = sorted(p.name for p in folder.iterdir() if p.name not in ignored)[0]
         raise OwnershipError(
-            f"{flag} {folder}: not empty and not written by {tool} (it holds {first!r} and no {RECORD}); "
+            f"{flag} {folder}: holds {first!r}, which {tool} did not write (no {RECORD} there says it did); "
             "choose a new or empty folder, or move its contents away"
         )
     if owned.tool != tool:
@@ -181,6 +181,32 @@ def check_replaceable(
             f"{flag} {folder}: already holds an output of {tool}; pass --overwrite to replace it, or choose another"
         )
     return owned
+
+
+def check_file_replaceable(
+    path: Path,
+    *,
+    tool: str,
+    overwrite: bool,
+    written_by: Callable[[Path], str | None],
+    kind: str,
+    flag: str = "--out",
+) -> None:
+    """The ownership rule for a command that writes one file (its record is inside the file: `written_by`
+    reads it, giving the tool's name or None). A file is replaced only with `overwrite` and only when
+    `tool` wrote it; a symlink, a folder or anything else at `path` is refused in one line."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_file():
+        raise OwnershipError(f"{flag} {path}: exists and is not a plain file; choose another path")
+    owner = written_by(path)
+    if owner is None:
+        raise OwnershipError(f"{flag} {path}: exists and is not a {kind} that {tool} wrote; choose another file")
+    if owner != tool:
+        raise OwnershipError(f"{flag} {path}: written by {owner}, not {tool}; choose another file")
+    if not overwrite:
+        raise OwnershipError(f"{flag} {path}: exists; pass --overwrite to replace it or choose another file")
 
 
 def stale_temporaries(out: Path, *, tool: str) -> list[tuple[Path, Owned]]:

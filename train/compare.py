@@ -16,16 +16,28 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from gq.common.ownership import Owned, check_replaceable, write_record
 from gq.common.table import format_table
 from gq.pipeline import MODES
 
 from .config import ConfigError, FitConfig
 from .plots import plot_compare
-from .rundir import RunDir, write_atomically
+from .rundir import LOCK, RunDir, _legacy_run, write_atomically
 from .step import TrainError
 
 LOADERS = MODES
-OUTPUTS = (*LOADERS, "compare.json", "compare.png")  # all that compare writes into --out
+OUTPUTS = (*LOADERS, "compare.json", "compare.png")  # all that compare writes into --out: its ownership record
+TOOL = "compare"
+
+
+def _legacy_compare(out: Path) -> Owned | None:
+    """A comparison written before ownership records: only compare's outputs, each run folder an older run."""
+    if any(p.name not in OUTPUTS for p in out.iterdir()):
+        return None
+    runs = [name for name in LOADERS if (out / name).is_dir()]
+    if any(_legacy_run(out / name) is None for name in runs):
+        return None
+    return Owned(TOOL, frozenset([*OUTPUTS[len(LOADERS) :], *(name + "/" for name in runs)]))  # fit clears a run
 
 
 def _child(send: Connection, fn: Callable, args: tuple) -> None:
@@ -67,12 +79,11 @@ def compare(base: FitConfig, out: Path) -> dict:
     """Run `base` with each loader into out/<loader>; returns the comparison table."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a directory; choose a directory for the runs")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.exists() else []
-    if foreign:
-        raise ConfigError(
-            f"--out {out}: holds {foreign[0]!r}, which compare did not write; choose a new or empty directory"
-        )
+    # Each run folder is fit's own (its record; fit --overwrite clears it); compare owns the rest. Anything
+    # else, or a folder without a record that is not an older comparison, is refused untouched.
+    check_replaceable(out, tool=TOOL, overwrite=True, legacy=_legacy_compare, ignore=(LOCK,))
     out.mkdir(parents=True, exist_ok=True)
+    write_record(out, tool=TOOL, entries=OUTPUTS)
     runs, table = {}, {}
     for loader in LOADERS:
         cfg = replace(base, loader=loader, out=str(out / loader))

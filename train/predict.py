@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from gq.common.errors import UsageError
 from gq.common.files import write_atomically
+from gq.common.ownership import check_file_replaceable
 from gq.models import GRASP_DIM, GQEstimatorBase
 from gq.pipeline import open_dataset, open_loader, resolve_device
 
@@ -27,6 +28,9 @@ from .metrics import Metrics
 from .scores import Standardiser
 
 GRASP_CHUNK = 8192  # grasps per forward pass of one SDF
+TOOL = "predict"
+OWNER_KEY = "gq.written_by"  # Parquet metadata key: which command wrote the file
+COLUMNS = ["scene", "grasp", "prediction", "score"]  # score only when any is known
 
 
 class PredictError(UsageError):
@@ -232,7 +236,26 @@ def write_parquet(predictions: Predictions, path: str | Path) -> None:
     }
     if not np.isnan(predictions.score).all():
         columns["score"] = pa.array(predictions.score, mask=np.isnan(predictions.score))
-    write_atomically(path, lambda f: pq.write_table(pa.table(columns), f))
+    table = pa.table(columns).replace_schema_metadata({OWNER_KEY: TOOL})  # the file's ownership record
+    write_atomically(path, lambda f: pq.write_table(table, f))
+
+
+def written_by(path: Path) -> str | None:
+    """The tool that wrote a predictions file: its Parquet metadata says; a Parquet file of exactly our columns
+    from before the record is predict's; None for anything else (not Parquet, other columns)."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException):
+        return None
+    owner = (schema.metadata or {}).get(OWNER_KEY.encode())
+    if owner is not None:
+        return owner.decode(errors="replace")
+    return TOOL if schema.names in (COLUMNS[:3], COLUMNS) else None
+
+
+def check_out(path: Path, *, overwrite: bool) -> None:
+    """`--out` may be written: absent, or a predictions file of ours with `overwrite` (gq.common.ownership)."""
+    check_file_replaceable(path, tool=TOOL, overwrite=overwrite, written_by=written_by, kind="Parquet file")
 
 
 def best_grasps(predictions: Predictions, k: int) -> list[tuple[str, int, int, float, float]]:

@@ -139,6 +139,7 @@ def predict_cmd(
     from gq.train.predict import (
         Estimator,
         best_grasps,
+        check_out,
         predict_mesh,
         predict_scenes,
         predict_shards,
@@ -153,14 +154,7 @@ def predict_cmd(
         raise PredictError("--mesh and --grasps go together")
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: must be at least 1")
-    if out.exists():  # never replace a file that is not a Parquet file (someone else's), nor any without --overwrite
-        with open(out, "rb") as f:
-            parquet = f.read(4) == b"PAR1"
-        if not (overwrite and parquet):
-            raise PredictError(
-                f"--out {out}: exists{'' if parquet else ' and is not a Parquet file'}; "
-                f"{'pass --overwrite to replace it or ' if parquet else ''}choose another file"
-            )
+    check_out(out, overwrite=overwrite)  # only a predictions file this command wrote is ever replaced
     estimator = Estimator.load(checkpoint, device)
     if scenes:
         predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())

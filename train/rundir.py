@@ -1,4 +1,7 @@
-"""RUN_DIR: config.json, metrics.jsonl (+ TensorBoard events when installed), summary.json, plots."""
+"""RUN_DIR: config.json, metrics.jsonl (+ TensorBoard events when installed), summary.json, plots.
+
+RUN_DIR records what a run writes (`gq.common.ownership`): `--overwrite` removes only that.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import logging
 import os
 import platform
 import shlex
-import shutil
 import socket
 import sys
 import time
@@ -23,10 +25,14 @@ import torch
 
 from gq.common.errors import GQError
 from gq.common.files import write_atomically as shards_write_atomically
+from gq.common.ownership import Owned, check_replaceable, remove_owned, write_record
 
 from .config import ConfigError, FitConfig
 
 OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "tensorboard")
+TOOL = "fit"
+RUN_ENTRIES = tuple(name + "/" if name == "tensorboard" else name for name in OUTPUTS)  # its ownership record
+TB_EVENTS = "events.out.tfevents."  # the name TensorBoard's writer gives its files
 LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unlocked: the next run takes it)
 log = logging.getLogger("train")
 
@@ -60,6 +66,25 @@ def _holder(lock: Path) -> str:
         return lock.read_text().strip() or "a run still starting"
     except OSError:
         return "a run that just ended"
+
+
+def _legacy_run(path: Path) -> Owned | None:
+    """A run folder written before ownership records, recognised exactly: a config.json of ours (options,
+    resolved, versions), only run files besides, a tensorboard/ holding only event files; else None."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(config, dict) and set(config) == {"options", "resolved", "versions"}):
+        return None
+    board = path / "tensorboard"
+    if (
+        board.is_dir()
+        and not board.is_symlink()
+        and not all(e.name.startswith(TB_EVENTS) and e.is_file() and not e.is_symlink() for e in board.iterdir())
+    ):
+        return None
+    return Owned(TOOL, frozenset(RUN_ENTRIES))
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -158,18 +183,17 @@ class RunDir:
             if not (p / "last.pt").exists():
                 raise ConfigError(f"--resume: {p / 'last.pt'} not found; start the run without --resume")
             return
-        if p.exists() and any(x.name != LOCK for x in p.iterdir()):
-            if not (p / "config.json").exists():
-                raise ConfigError(f"--out {p}: not empty and not a run directory; choose a new directory")
+        # Only what an earlier fit recorded (or an older fit's exact layout) is ever removed: anything else, a
+        # config.json of another tool included, refuses the folder untouched.
+        owned = check_replaceable(p, tool=TOOL, overwrite=True, legacy=_legacy_run, ignore=(LOCK,))
+        if owned is not None and owned.entries:
             if not cfg.overwrite:
                 raise ConfigError(f"--out {p}: already holds a run; pass --resume to continue it or --overwrite")
             if self.writer:
-                for name in OUTPUTS:
-                    target = p / name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    else:
-                        target.unlink(missing_ok=True)
+                remove_owned(p, owned, ignore=(LOCK,))
+        if self.writer:
+            p.mkdir(parents=True, exist_ok=True)
+            write_record(p, tool=TOOL, entries=RUN_ENTRIES)
 
     def write_config(self, cfg: FitConfig, resolved: dict) -> None:
         if self.writer:
