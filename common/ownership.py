@@ -4,8 +4,8 @@ A command that writes a folder puts a small hidden record in it (`.gq-owned.json
 it writes, relative paths). `--overwrite` (and the clean-up of a killed run's temporaries) removes only what
 a record covers, and refuses with one line naming the first entry it does not cover. An entry is a file,
 a folder owned with all it holds (written with a trailing "/"), or a folder that only contains other
-entries; a folder holding its own record (a run inside a comparison) is judged by that record. Symlinks
-are never followed: one is covered only when a record names it as a file, and is then unlinked. A folder
+entries; a folder holding its own record (a run inside a comparison) is judged by that record. No command
+writes symlinks, so one is never covered (inside a folder owned whole it goes with the folder, unfollowed). A folder
 written before records existed has none: each command recognises its old layout exactly (`legacy`), or
 refuses. `Lock` is the one lock beside an output, so two runs never share it.
 """
@@ -93,7 +93,9 @@ def _walk(folder: Path, owned: Owned, prefix: str, ours: list[Path], foreign: li
         mode = os.lstat(path).st_mode
         if path.name in ignore or (not prefix and path.name == RECORD):
             continue
-        if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+        if stat.S_ISLNK(mode):  # no command writes symlinks: one is never ours, and never followed
+            foreign.append(rel)
+        elif not stat.S_ISDIR(mode):
             (ours.append(path) if owned.covers_file(rel) else foreign.append(rel))
         elif rel + "/" in owned.entries:
             ours.append(path)
