@@ -24,9 +24,9 @@ import multiprocessing
 import os
 import sys
 import time
-import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from gq.common.files import write_atomically
 from gq.common.ownership import BesideBuild, Owned
+from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
 from gq.synth.scenes import check_grid
 from gq.synth.score import score_grasps
@@ -74,32 +75,28 @@ class ImportOptions:
             raise ValueError("grasps_per_scene must be >= 1 and seed >= 0")
 
 
+def _check_recording(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A recording's shapes, from its headers alone (before any data is read): SceneError if wrong."""
+    grasps = shapes["grasps"]
+    if len(grasps) != 2 or grasps[1] != GRASP_DIM:
+        raise SceneError(path, f"'grasps' has shape {grasps}, expected (N, {GRASP_DIM})")
+    if grasps[0] == 0:
+        raise SceneError(path, "no grasps (N = 0)")
+    if shapes["scores"] != (grasps[0],):
+        raise SceneError(path, f"'scores' has shape {shapes['scores']}, expected ({grasps[0]},)")
+
+
 def read_recording(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(grasps (N,19), scores (N,)) of a recording.npz, checked; MeshError names the file and the problem.
+    """(grasps (N,19), scores (N,)) of a recording.npz as float32, checked as make_shards checks a scene
+    (shards.source): headers first, then every value finite as read and as stored. MeshError names the file.
 
     Extra keys (e.g. the optimiser's `fk_loss`) are ignored.
     """
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("grasps", "scores") if k not in data.files]
-            if missing:
-                has = ", ".join(data.files) or "nothing"
-                raise MeshError(path, f"recording lacks {', '.join(missing)} (has {has})")
-            grasps, scores = np.asarray(data["grasps"]), np.asarray(data["scores"])
-    except MeshError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise MeshError(path, f"unreadable recording ({type(err).__name__}: {err})") from None
-    if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM:
-        raise MeshError(path, f"recording 'grasps' has shape {grasps.shape}, expected (N, {GRASP_DIM})")
-    if grasps.shape[0] == 0:
-        raise MeshError(path, "recording has no grasps (N = 0)")
-    if scores.shape != (grasps.shape[0],):
-        raise MeshError(path, f"recording 'scores' has shape {scores.shape}, expected ({grasps.shape[0]},)")
-    for key, array in (("grasps", grasps), ("scores", scores)):
-        if array.dtype.kind != "f" or not np.isfinite(array).all():
-            raise MeshError(path, f"recording '{key}' is not all finite floating-point values")
-    return grasps, scores
+        arrays = read_npz(path, ("grasps", "scores"), (), partial(_check_recording, path))
+        return tuple(finite(path, k, arrays[k].astype(np.float32), as_stored=True) for k in ("grasps", "scores"))
+    except SceneError as err:
+        raise MeshError(path, f"bad recording: {err.reason}") from None
 
 
 def _survey(task: tuple[Path, str, str]) -> dict:

@@ -10,6 +10,7 @@ generalised winding number (inside where it exceeds 1/2), "repair" is mesh2sdf's
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import mesh2sdf
@@ -37,11 +38,26 @@ class MeshError(UsageError):
         return MeshError, (self.path, self.reason)
 
 
+def _as_utf8(path: Path) -> tuple:
+    """trimesh.load's arguments for `path`: the path itself, except for an OBJ that is not UTF-8 (a Latin-1
+    comment, say), whose text is handed over re-encoded: trimesh would need charset_normalizer to guess it.
+    Latin-1 maps every byte to a character, so nothing is lost, and OBJ numbers and keywords are ASCII."""
+    if path.suffix.lower() != ".obj" or not path.is_file():
+        return (path,)
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        return (path,)
+    except UnicodeDecodeError:
+        text = data.decode("latin-1").encode("utf-8")
+    return io.BytesIO(text), "obj", trimesh.resolvers.FilePathResolver(path)
+
+
 def load_mesh(path: str | Path) -> trimesh.Trimesh:
     """The mesh at `path` as the seed loads it (`trimesh.load(path, force="mesh")`); MeshError if unusable."""
     path = Path(path)
     try:
-        mesh = trimesh.load(path, force="mesh")
+        mesh = trimesh.load(*_as_utf8(path), force="mesh")
     except Exception as err:  # trimesh raises many types for missing, foreign or corrupt files
         raise MeshError(path, f"unreadable mesh ({type(err).__name__}: {str(err).strip()[:120]})") from None
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +114,44 @@ def _read_data(path: Path, f, key: str, shape: tuple[int, ...], fortran: bool, d
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], grid: int, max_grasps: int) -> int:
+def read_npz(
+    path: Path,
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    check_shapes: Callable[[dict[str, tuple[int, ...]]], object],
+) -> dict[str, np.ndarray]:
+    """The floating-point arrays `required` (+ those of `optional` present) of an npz, headers first: every
+    member's header is read and `check_shapes` (shape by key) called before any data, a header claiming more
+    bytes than its member holds is refused, and no value may be NaN or inf. SceneError names the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
+            missing = [k for k in required if k not in present]
+            if missing:
+                found = ", ".join(sorted(present)) or "none"
+                raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {found}")
+            keys = [k for k in required + optional if k in present]
+            members = {k: archive.open(f"{k}.npy") for k in keys}
+            try:
+                headers = {k: _header_of(path, members[k], k) for k in keys}
+                check_shapes({k: h[0] for k, h in headers.items()})
+                for k in keys:  # a header's size against its member's, before anything that size is read
+                    claimed = int(np.prod(headers[k][0], dtype=object)) * headers[k][2].itemsize
+                    if claimed > archive.getinfo(f"{k}.npy").file_size:
+                        raise SceneError(
+                            path, f"'{k}' claims {claimed:,} bytes in its header, more than the file holds"
+                        )
+                return {k: finite(path, k, _read_data(path, members[k], k, *headers[k])) for k in keys}
+            finally:
+                for member in members.values():
+                    member.close()
+    except SceneError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise SceneError(path, f"unreadable or corrupt npz ({type(err).__name__}: {err})") from None
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], *, grid: int, max_grasps: int) -> int:
     """Check the arrays' shapes against the grid and --max-grasps before any is loaded; returns N."""
     if shapes["sdf"] != (grid,) * 3:
         raise SceneError(path, f"'sdf' has shape {shapes['sdf']}, expected {(grid,) * 3} (--grid {grid})")
@@ -132,7 +171,9 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], grid: int, max
     return n
 
 
-def _finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) -> np.ndarray:
+def finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) -> np.ndarray:
+    """`array`, or SceneError counting its NaN and inf values; `as_stored`: values finite in the file (float64)
+    that the stored dtype cannot hold (1e39 as float32) are named so."""
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         if as_stored:
@@ -150,26 +191,9 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
     path = source / name / SCENE_FILE
     if not path.exists():
         raise SceneError(path, f"missing {SCENE_FILE}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
-            missing = [k for k in REQUIRED_KEYS if k not in present]
-            if missing:
-                found = ", ".join(sorted(present)) or "none"
-                raise SceneError(path, f"missing key(s) {', '.join(missing)}; found {found}")
-            keys = [k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k in present]
-            members = {k: archive.open(f"{k}.npy") for k in keys}
-            try:
-                headers = {k: _header_of(path, members[k], k) for k in keys}
-                n = _check_shapes(path, {k: h[0] for k, h in headers.items()}, grid, max_grasps)
-                arrays = {k: _finite(path, k, _read_data(path, members[k], k, *headers[k])) for k in keys}
-            finally:
-                for member in members.values():
-                    member.close()
-    except SceneError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        raise SceneError(path, f"unreadable or corrupt npz ({type(err).__name__}: {err})") from None
+    check = partial(_check_shapes, path, grid=grid, max_grasps=max_grasps)
+    arrays = read_npz(path, REQUIRED_KEYS, OPTIONAL_KEYS, check)
+    n = arrays["grasps"].shape[0]
     sdf = arrays["sdf"]
 
     if dtype == "float16":
@@ -183,14 +207,14 @@ def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int)
     if dtype == "float16" and sdf.dtype == np.float32:
         stored, error = to_float16(sdf)
     else:
-        stored = _finite(path, "sdf", np.ascontiguousarray(sdf, dtype=dtype), as_stored=True)
+        stored = finite(path, "sdf", np.ascontiguousarray(sdf, dtype=dtype), as_stored=True)
         error = float(np.abs(stored.astype(np.float64) - sdf).max())
 
     labels = np.zeros((max_grasps, LABEL_DIM), dtype=LABEL_DTYPE)
     labels[n:, SCORE_COLUMN] = np.nan
-    labels[:n, :GRASP_DIM] = _finite(path, "grasps", arrays["grasps"].astype(LABEL_DTYPE), as_stored=True)
-    labels[:n, SCORE_COLUMN] = _finite(path, "scores", arrays["scores"].astype(LABEL_DTYPE), as_stored=True)
-    extras = {k: _finite(path, k, arrays[k].astype(np.float32), as_stored=True) for k in OPTIONAL_KEYS if k in arrays}
+    labels[:n, :GRASP_DIM] = finite(path, "grasps", arrays["grasps"].astype(LABEL_DTYPE), as_stored=True)
+    labels[:n, SCORE_COLUMN] = finite(path, "scores", arrays["scores"].astype(LABEL_DTYPE), as_stored=True)
+    extras = {k: finite(path, k, arrays[k].astype(np.float32), as_stored=True) for k in OPTIONAL_KEYS if k in arrays}
     sdf_bytes, label_bytes = memoryview(stored).cast("B"), memoryview(labels).cast("B")
     keys = word_keys((len(sdf_bytes) + len(label_bytes)) // 4)
     return Record(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -33,10 +34,12 @@ def _open_box() -> trimesh.Trimesh:
 
 
 def _raw_scene(raw: Path, name: str, mesh, grasps=None, scores=None, **extra) -> Path:
+    """RAW/name/mesh.obj, and recording.npz when `grasps` (or `extra` arrays) are given."""
     (raw / name).mkdir(parents=True)
     mesh.export(raw / name / "mesh.obj")
-    if grasps is not None:
-        np.savez(raw / name / "recording.npz", grasps=grasps, scores=scores, **extra)
+    if grasps is not None or extra:
+        arrays = {k: v for k, v in (("grasps", grasps), ("scores", scores)) if v is not None}
+        np.savez(raw / name / "recording.npz", **arrays, **extra)
     return raw / name
 
 
@@ -150,6 +153,18 @@ def _make_bad(raw: Path, case: str) -> None:
         _raw_scene(raw, case, box, grasps[:, :18], scores)
     elif case == "zero":
         _raw_scene(raw, case, box, grasps[:0], scores[:0])
+    elif case in ("grasps_1e39", "scores_1e39"):  # finite in float64, inf as stored (float32)
+        big = {"grasps": grasps.astype(np.float64), "scores": scores.astype(np.float64)}
+        big[case[:-5]].flat[0] = 1e39
+        _raw_scene(raw, case, box, **big)
+    elif case == "petabytes":  # headers claiming 3.5 PiB of grasps (and their scores), 64 bytes of data each
+        _raw_scene(raw, case, box)
+        n = int(3.5 * 2**50) // 76
+        with zipfile.ZipFile(raw / case / "recording.npz", "w") as archive:
+            for key, shape in (("grasps", (n, 19)), ("scores", (n,))):
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                archive.writestr(f"{key}.npy", header.getvalue() + bytes(64))
     else:  # "norec": a mesh without its recording
         _raw_scene(raw, case, box)
 
@@ -160,12 +175,15 @@ def _make_bad(raw: Path, case: str) -> None:
         ("empty", "empty mesh"),
         ("garbage", "mesh"),
         ("open", "not closed"),
-        ("nokeys", "lacks scores"),
+        ("nokeys", "missing key(s) scores"),
         ("shape", "expected (N, 19)"),
         ("zero", "N = 0"),
         ("norec", "missing recording.npz"),
+        ("grasps_1e39", "'grasps' has 1 values that are finite in the file but not as stored (float32"),
+        ("scores_1e39", "'scores' has 1 values that are finite in the file but not as stored (float32"),
+        ("petabytes", "bytes in its header, more than the file holds"),
     ],
-    ids=["empty", "garbage", "open", "nokeys", "shape", "zero", "norec"],
+    ids=["empty", "garbage", "open", "nokeys", "shape", "zero", "norec", "grasps_1e39", "scores_1e39", "petabytes"],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, message: str):
     raw = tmp_path / "raw"
@@ -227,3 +245,14 @@ def test_pybullet_objects_laid_out_as_raw_scenes(tmp_path: Path):
     assert names == ["bunny", "cone"] and all((tmp_path / "raw" / n / "mesh.obj").stat().st_size > 0 for n in names)
     with pytest.raises(ValueError, match="choose random or named"):
         write_raw(tmp_path / "raw", "all")
+
+
+def test_an_obj_with_a_latin1_comment_loads(tmp_path: Path) -> None:
+    """A valid OBJ that is not UTF-8 (a Latin-1 comment) imports; trimesh alone would want charset_normalizer."""
+    raw = tmp_path / "raw"
+    box = _box((1.0, 0.6, 0.8))
+    _raw_scene(raw, "latin1", box, np.zeros((5, 19), np.float32), np.arange(5, dtype=np.float32))
+    obj = raw / "latin1" / "mesh.obj"
+    obj.write_bytes("# modelé par José, © 2019\n".encode("latin-1") + obj.read_bytes())
+    summary = import_meshes(raw, tmp_path / "out", ImportOptions(grid=GRID), workers=1, progress=False)
+    assert summary["imported"] == 1 and summary["mesh_max_extent"] == pytest.approx(1.0)
