@@ -9,6 +9,8 @@ each split in its own consecutive shards, in a seeded order of its scenes (see `
 from __future__ import annotations
 
 import json
+import math
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -35,6 +37,12 @@ BUILD_DIR = ".build"  # resume journal of an unfinished build; removed when the 
 SPLITS = ("train", "val", "test")
 
 _MAGIC = b"\x93NUMPY\x01\x00"
+# Bounds of a manifest's counts: far above any real dataset (the seed: 15,547 scenes, 480 grasps, 48^3), far
+# below what would make a reader allocate without end.
+MAX_GRID = 1024
+MAX_COUNT = 1 << 40
+MAX_FILE_BYTES = 1 << 50
+_SHARD_FILE = re.compile(r"(?:sdf|labels)-\d{5}\.npy")
 
 
 def grid_points(grid: int) -> tuple[float, float]:
@@ -175,13 +183,13 @@ def _take(data: Mapping, key: str, kind: str, where: str, prefix: str = "") -> A
         kind = kind[:-1]
     ok = {
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
         "str": lambda v: isinstance(v, str),
         "object": lambda v: isinstance(v, dict),
         "array": lambda v: isinstance(v, list),
     }[kind](value)
     if not ok:
-        expected = "a number" if kind == "number" else kind
+        expected = "a finite number" if kind == "number" else kind
         raise _bad(where, name, f"{_json_type(value)} {value!r:.40}, expected {expected}")
     return value
 
@@ -348,7 +356,7 @@ class Manifest:
         checksums = _take(data, "checksums", "object", where)
         if not all(isinstance(v, str) for v in checksums.values()):
             raise _bad(where, "checksums", "expected strings")
-        return cls(
+        manifest = cls(
             **plain,
             grid=tuple(grid),
             splits={
@@ -360,6 +368,99 @@ class Manifest:
             files=tuple(FileEntry.from_dict(f, where=where) for f in _take(data, "files", "array", where)),
             made_by=Provenance.from_dict(_take(data, "made_by", "object", where), where=where),
             fingerprint=_take(data, "fingerprint", "str", where) if "fingerprint" in data else None,
+        )
+        manifest.check_counts(where)
+        return manifest
+
+    def check_counts(self, where: str = MANIFEST) -> None:
+        """Every count within sane bounds and consistent with the files listed, so that no reader sizes
+        anything by a number the files do not back (a forged `num_shards` of 1e12 would grow memory until
+        killed); DatasetError naming the first key that is not."""
+
+        def need(key: str, ok: bool, why: str) -> None:
+            if not ok:
+                raise _bad(where, key, why)
+
+        need(
+            "grid",
+            len(set(self.grid)) == 1 and 2 <= self.grid[0] <= MAX_GRID,
+            f"{list(self.grid)}, expected three equal sizes in 2..{MAX_GRID}",
+        )
+        need("sdf_dtype", self.sdf_dtype in SDF_DTYPES, f"{self.sdf_dtype!r:.40}, expected one of {SDF_DTYPES}")
+        for key, value, expected in (
+            ("label_dtype", self.label_dtype, "float32"),
+            ("grasp_dim", self.grasp_dim, GRASP_DIM),
+            ("label_dim", self.label_dim, LABEL_DIM),
+            ("header_bytes", self.header_bytes, HEADER_BYTES),
+        ):
+            need(key, value == expected, f"{value!r:.40}, expected {expected!r}")
+        for key, low in (
+            ("max_grasps", 1),
+            ("records_per_shard", 1),
+            ("num_shards", 1),
+            ("num_scenes", 0),
+            ("num_records", 0),
+            ("source_scenes", 0),
+            ("skipped", 0),
+        ):
+            value = getattr(self, key)
+            need(key, low <= value <= MAX_COUNT, f"{value}, expected {low}..{MAX_COUNT}")
+        for f in self.files:
+            need("files[].bytes", 0 <= f.bytes <= MAX_FILE_BYTES, f"{f.name}: {f.bytes}, expected 0..{MAX_FILE_BYTES}")
+        layout = Layout.from_manifest(self)
+        for kind, named, record_bytes in (
+            ("sdf", sdf_name, layout.sdf_record_bytes),
+            ("labels", labels_name, layout.labels_record_bytes),
+        ):
+            listed = sorted(f.name for f in self.files if _SHARD_FILE.fullmatch(f.name) and f.name.startswith(kind))
+            need(
+                "num_shards",
+                len(listed) == self.num_shards and listed == [named(k) for k in range(len(listed))],
+                f"{self.num_shards}, but the files list {len(listed)} {kind} shard files",
+            )
+            size = HEADER_BYTES + self.records_per_shard * record_bytes
+            for f in self.files:
+                if f.name in listed:
+                    need(
+                        "files[].bytes",
+                        f.bytes == size,
+                        f"{f.name}: {f.bytes}, expected {size} for "
+                        f"{self.records_per_shard} records of grid {self.grid[0]}, {self.max_grasps} grasps",
+                    )
+        need(
+            "num_records",
+            self.num_records == self.num_shards * self.records_per_shard,
+            f"{self.num_records}, expected num_shards x records_per_shard, {self.num_shards * self.records_per_shard}",
+        )
+        need(
+            "num_scenes",
+            self.num_scenes <= self.num_records,
+            f"{self.num_scenes}, more than {self.num_records} records",
+        )
+        end = 0
+        for split in SPLITS:
+            info, key = self.splits[split], f"splits.{split}"
+            need(
+                f"{key}.first_shard",
+                info.first_shard == end,
+                f"{info.first_shard}, expected {end} (splits are consecutive)",
+            )
+            need(
+                f"{key}.num_shards",
+                0 <= info.num_shards <= self.num_shards - end,
+                f"{info.num_shards}, expected 0..{self.num_shards - end}",
+            )
+            end += info.num_shards
+            room = info.num_shards * self.records_per_shard
+            need(f"{key}.scenes", 0 <= info.scenes <= room, f"{info.scenes}, expected 0..{room} in its shards")
+            most = info.scenes * self.max_grasps
+            need(f"{key}.grasps", 0 <= info.grasps <= most, f"{info.grasps}, expected 0..{most}")
+        need("splits", end == self.num_shards, f"the splits' shards add up to {end}, not num_shards {self.num_shards}")
+        total = sum(info.scenes for info in self.splits.values())
+        need("num_scenes", self.num_scenes == total, f"{self.num_scenes}, but the splits hold {total}")
+        train = self.splits["train"].grasps
+        need(
+            "score_stats.count", 0 <= self.score_stats.count <= train, f"{self.score_stats.count}, expected 0..{train}"
         )
 
     def to_dict(self) -> dict:

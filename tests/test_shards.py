@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_source, random_scene, run_tool, tree_bytes, write_scene
+from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
 
 from gq.common.ownership import RECORD
 from gq.shards import Manifest, ShardReader, verify
-from gq.shards.format import HEADER_BYTES, read_npy_header
+from gq.shards.format import HEADER_BYTES, DatasetError, read_npy_header
 
 GRID = 16
 
@@ -367,3 +369,48 @@ def test_whole_shards_read_by_mmap_and_by_dali_equal_the_source(small_source: Pa
         assert np.array_equal(np.load(out / f"sdf-{shard:05d}.npy", mmap_mode="r")[slot], expected)
         assert np.array_equal(np.array(batch[shard])[slot], expected)
     del pipe
+
+
+@pytest.mark.parametrize(
+    "key,value,named",
+    [
+        ("num_shards", "1000000000000", "num_shards (1000000000000, but the files list 5 sdf shard files)"),
+        ("num_shards", "-5", "num_shards (-5, expected 1..1099511627776)"),
+        ("num_shards", "1e400", "num_shards (number inf, expected int)"),
+        ("num_records", "1" + "0" * 400, "num_records ("),
+        (
+            "records_per_shard",
+            "1000000000000",
+            "files[].bytes (sdf-00000.npy: 36864, expected 8192000000004096 for 1000000000000 records",
+        ),
+        ("splits.train.num_shards", "1000000000000", "splits.train.num_shards (1000000000000, expected 0..5)"),
+        ("grid_origin", "1e400", "grid_origin (number inf, expected a finite number)"),
+    ],
+    ids=["num_shards_1e12", "num_shards_-5", "num_shards_1e400", "num_records_10^400", "records_1e12", "split", "inf"],
+)
+def test_manifest_counts_are_bounded_by_the_files_listed(
+    key: str, value: str, named: str, small_source: Path, tmp_path: Path
+) -> None:
+    """Issue 17 item 13: a forged count, its fingerprint recomputed, is one line naming the key, at once."""
+    from gq.shards.manifest import fingerprint
+
+    out = tmp_path / "ds"
+    assert build(small_source, out, "--records-per-shard", 4).returncode == 0
+    data = json.loads((out / "manifest.json").read_text())
+    *parents, last = key.split(".")
+    target = data
+    for part in parents:
+        target = target[part]
+    target[last] = "@VALUE@"
+    data.pop("fingerprint")
+    text = json.dumps(data, sort_keys=True).replace('"@VALUE@"', value)
+    data = json.loads(text)
+    data["fingerprint"] = fingerprint(data) if "inf" not in named else "0" * 64
+    (out / "manifest.json").write_text(json.dumps(data).replace("Infinity", value))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "verify_shards.py"), str(out)], capture_output=True, text=True, timeout=60
+    )
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and f"no valid {named}" in lines[0], result.stdout + result.stderr
+    with pytest.raises(DatasetError, match=f"no valid {re.escape(named)}"):
+        ShardReader(out)
