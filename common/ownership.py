@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import GQError, UsageError
 from .files import swap_in_dir, write_atomically
 
 RECORD = ".gq-owned.json"
@@ -35,6 +35,10 @@ RECORD = ".gq-owned.json"
 
 class OwnershipError(UsageError):
     """A folder (or file) that a command may not replace or share; `str()` says which entry and what to do."""
+
+
+class RecordWriteError(GQError):
+    """The record could not be written (a read-only or full file system): the command stops before writing."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,13 @@ def write_record(folder: Path, *, tool: str, entries: Iterable[str]) -> Owned:
     """Record (atomically) that `tool` writes `entries` into `folder`; the same entries give the same bytes."""
     owned = Owned(tool, frozenset(entries))
     text = json.dumps({"tool": tool, "entries": sorted(owned.entries)}, indent=1) + "\n"
-    write_atomically(Path(folder) / RECORD, text)
+    try:
+        write_atomically(Path(folder) / RECORD, text)
+    except OSError as err:
+        raise RecordWriteError(
+            f"{Path(folder) / RECORD}: could not be written ({err.strerror or err}); nothing was written "
+            "there: free disk space or choose a writable folder"
+        ) from None
     return owned
 
 

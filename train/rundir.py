@@ -191,13 +191,11 @@ class RunDir:
                 raise ConfigError(f"--out {p}: already holds a run; pass --resume to continue it or --overwrite")
             if self.writer:
                 remove_owned(p, owned, ignore=(LOCK,))
-        if self.writer:
-            p.mkdir(parents=True, exist_ok=True)
-            write_record(p, tool=TOOL, entries=RUN_ENTRIES)
 
     def write_config(self, cfg: FitConfig, resolved: dict) -> None:
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
+            write_record(self.path, tool=TOOL, entries=RUN_ENTRIES)  # before the first run file: what it owns
             text = json.dumps({"options": cfg.to_dict(), "resolved": resolved, "versions": versions()}, indent=2)
             write_atomically(self.path / "config.json", lambda f: f.write((text + "\n").encode()))
 
