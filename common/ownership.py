@@ -170,7 +170,7 @@ def check_replaceable(
         raise OwnershipError(f"{flag} {folder}: exists and is not a directory; choose another path")
     ignored = set(ignore) | {RECORD}
     if not any(p.name not in ignored for p in folder.iterdir()):
-        return read_record(folder) or Owned(tool, frozenset())
+        return None  # nothing to keep: a lone record (of whichever tool) is replaced
     owned = read_record(folder)
     if owned is None and legacy is not None:
         owned = legacy(folder)

@@ -189,7 +189,7 @@ def _legacy_import(out: Path) -> Owned | None:
     perhaps skipped.jsonl; None for anything else."""
     if not (out / EXTENT_FILE).is_file():
         return None
-    return legacy_scenes(out, tool="import_meshes", extra=(EXTENT_FILE, SKIPPED_FILE))
+    return legacy_scenes(out, tool="import_meshes", names=r".+", extra=(EXTENT_FILE, SKIPPED_FILE))
 
 
 def _map(fn, tasks: list, workers: int, progress: bool, desc: str):

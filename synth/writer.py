@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -76,15 +77,19 @@ def scene_files(names: list[str]) -> list[str]:
     return [f"{name}/{SCENE_FILE}" for name in names]
 
 
-def legacy_scenes(out: Path, *, tool: str = "make_scenes", extra: tuple[str, ...] = ()) -> Owned | None:
-    """A folder written before ownership records: exactly scene folders each holding only scene.npz (and the
-    files `extra`), recognised as `tool`'s; None for anything else."""
+def legacy_scenes(
+    out: Path, *, tool: str = "make_scenes", names: str = rf"{SCENE_PREFIX}\d{{6}}", extra: tuple[str, ...] = ()
+) -> Owned | None:
+    """A folder written before ownership records: exactly scene folders (named as `names` matches) each
+    holding only scene.npz, and the files `extra`, recognised as `tool`'s; None for anything else."""
     entries = []
     for path in out.iterdir():
         if path.name in extra and path.is_file() and not path.is_symlink():
             entries.append(path.name)
             continue
-        if path.is_symlink() or not path.is_dir() or [p.name for p in path.iterdir()] != [SCENE_FILE]:
+        if not re.fullmatch(names, path.name) or path.is_symlink() or not path.is_dir():
+            return None
+        if [p.name for p in path.iterdir()] != [SCENE_FILE]:
             return None
         entries.append(f"{path.name}/{SCENE_FILE}")
     return Owned(tool, frozenset(entries))

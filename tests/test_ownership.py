@@ -226,3 +226,19 @@ def test_fit_overwrite_removes_its_run_and_nothing_else(shards: Path, tmp_path: 
     os.unlink(out / "notes.txt")
     assert fit(shards, out, "--max-steps", 1, "--overwrite").exit_code == 0
     assert (out / "last.pt").exists() and (out / "config.json").exists()
+
+
+def test_make_scenes_overwrite_of_scenes_made_before_records(tmp_path: Path) -> None:
+    """Scenes without a record are recognised only as make_scenes' exact layout (scene_NNNNNN/scene.npz)."""
+    out = tmp_path / "scenes"
+    scenes = load_tool("make_scenes.py").main
+    args = ["--scenes", "2", "--grid", "16", "--grasps-per-scene", "8", "--out", str(out), "--workers", "1"]
+    assert CliRunner().invoke(scenes, args).exit_code == 0
+    (out / RECORD).unlink()
+    (out / "scene_000001" / "notes.txt").write_text("mine")
+    before = tree_bytes(out)
+    line = one_line(CliRunner().invoke(scenes, [*args, "--overwrite"]))
+    assert "holds 'scene_000000', which make_scenes did not write" in line and tree_bytes(out) == before
+    (out / "scene_000001" / "notes.txt").unlink()
+    assert CliRunner().invoke(scenes, [*args, "--overwrite"]).exit_code == 0
+    assert json.loads((out / RECORD).read_text())["entries"] == ["scene_000000/scene.npz", "scene_000001/scene.npz"]
