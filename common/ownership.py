@@ -5,9 +5,10 @@ it writes, relative paths). `--overwrite` (and the clean-up of a killed run's te
 a record covers, and refuses with one line naming the first entry it does not cover. An entry is a file,
 a folder owned with all it holds (written with a trailing "/"), or a folder that only contains other
 entries; a folder holding its own record (a run inside a comparison) is judged by that record. No command
-writes symlinks, so one is never covered (inside a folder owned whole it goes with the folder, unfollowed). A folder
-written before records existed has none: each command recognises its old layout exactly (`legacy`), or
-refuses. `Lock` is the one lock beside an output, so two runs never share it.
+writes symlinks, so one is never covered (inside a folder owned whole it goes with the folder, unfollowed).
+A folder written before records existed has none: each command recognises its old layout exactly
+(`legacy`), or refuses. `Lock` is the one lock beside an output, so two runs never share it; `BesideBuild`
+builds a new output beside the old one and swaps it in when complete. See docs/ownership.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GQError, UsageError
-from .files import swap_in_dir, write_atomically
+from .files import _UMASK, swap_in_dir, write_atomically
 
 RECORD = ".gq-owned.json"
 
@@ -225,7 +226,7 @@ def stale_temporaries(out: Path, *, tool: str) -> list[tuple[Path, Owned]]:
     """Temporary siblings `.<name>.*.tmp` of `out` that a killed run of `tool` left: each carries its record and
     holds nothing else. Call it holding `Lock(out)`: no live run of `tool` can be writing them then."""
     found = []
-    for path in sorted(out.parent.glob(f".{glob_escape(out.name)}.*.tmp")):
+    for path in sorted(out.parent.glob(f".{_glob_escape(out.name)}.*.tmp")):
         if path.is_symlink() or not path.is_dir():
             continue
         try:
@@ -237,7 +238,8 @@ def stale_temporaries(out: Path, *, tool: str) -> list[tuple[Path, Owned]]:
     return found
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
+    """`name` with glob's special characters bracketed, so it matches only itself."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
@@ -272,12 +274,14 @@ class BesideBuild:
         existing = self.out.parent if not missing else missing[0].parent
         if not existing.is_dir():
             raise OwnershipError(f"{self.flag} {self.out}: {existing} is not a directory; choose another path")
+        self._made = missing
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self._made = missing
             self._lock = Lock(self.out, tool=self.tool, flag=self.flag)
-        except OSError as err:
+        except BaseException as err:
             self._remove_made()
+            if not isinstance(err, OSError):
+                raise
             raise OwnershipError(
                 f"{self.flag} {self.out}: cannot write in {self.out.parent} ({err.strerror}); choose a writable folder"
             ) from None
@@ -294,7 +298,7 @@ class BesideBuild:
         """The temporary folder, with the record of `entries` (all this build will write) already in it."""
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-            self.tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the usual mode
+            self.tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; the output gets the usual mode
             write_record(self.tmp, tool=self.tool, entries=entries)
         except OSError as err:
             raise OwnershipError(
@@ -323,12 +327,6 @@ class BesideBuild:
         for folder in reversed(self._made):
             with contextlib.suppress(OSError):  # not empty or already gone: someone else's now
                 folder.rmdir()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --- one run per output: a lock beside it ------------------------------------------------------------
