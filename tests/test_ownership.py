@@ -242,3 +242,35 @@ def test_make_scenes_overwrite_of_scenes_made_before_records(tmp_path: Path) -> 
     (out / "scene_000001" / "notes.txt").unlink()
     assert CliRunner().invoke(scenes, [*args, "--overwrite"]).exit_code == 0
     assert json.loads((out / RECORD).read_text())["entries"] == ["scene_000000/scene.npz", "scene_000001/scene.npz"]
+
+
+def test_a_second_import_into_one_folder_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    from gq.common.ownership import Lock
+
+    raw, out = _raw(tmp_path / "raw"), tmp_path / "out"
+    with Lock(out, tool="import_meshes"):  # as a running import holds it
+        line = one_line(import_meshes(raw, out))
+    assert f"--out {out}: another import_meshes is writing it (pid {os.getpid()} on " in line
+    assert not out.exists()
+    assert import_meshes(raw, out).exit_code == 0  # released: free again
+
+
+def test_predict_replaces_only_a_predictions_file(tmp_path: Path) -> None:
+    """predict's record is inside its one file (Parquet metadata): another tool's Parquet file is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gq.train.predict import Predictions, check_out, write_parquet
+
+    ours, theirs = tmp_path / "ours.parquet", tmp_path / "theirs.parquet"
+    one = np.ones(2, np.float32)
+    write_parquet(Predictions(np.array(["a", "b"], object), np.arange(2, dtype=np.int32), one, one), ours)
+    check_out(ours, overwrite=True)
+    with pytest.raises(OwnershipError, match="exists; pass --overwrite"):
+        check_out(ours, overwrite=False)
+    pq.write_table(pa.table({"scene": ["a"], "loss": [1.0]}), theirs)
+    with pytest.raises(OwnershipError, match="is not a Parquet file that predict wrote"):
+        check_out(theirs, overwrite=True)
+    (tmp_path / "link.parquet").symlink_to(ours)
+    with pytest.raises(OwnershipError, match="not a plain file"):
+        check_out(tmp_path / "link.parquet", overwrite=True)
