@@ -24,7 +24,7 @@ from gq.shards import SPLITS
 from gq.train import evaluate_checkpoint, fit
 from gq.train.compare import compare as run_compare
 from gq.train.compare import report
-from gq.train.config import DEVICES, FitConfig
+from gq.train.config import DEVICES, FitConfig, resolve_config
 from gq.train.predict import PredictError
 
 
@@ -39,13 +39,34 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+# Given on the command line (or through an environment variable click reads), not left at their defaults.
+EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+
+
 # Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
 @cli.command("fit")
-@click_options(FitConfig)
+@click_options(FitConfig, defaults={"shards": None, "out": None})  # required, but may come from --config or the run
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or JSON file of options (a run's config.json too); flags given override it.",
+)  # fmt: skip
+@click.option("--print-config", is_flag=True, help="Print the resolved options as JSON and exit without training.")
 @_errors
-def fit_cmd(**options) -> None:
-    """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png."""
-    summary = fit(FitConfig(**options))
+def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
+    """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png.
+
+    Options come from FitConfig's defaults, then --config FILE, then the flags given. `--out RUN --resume`
+    continues a run with its own options (RUN/config.json); flags given with it must agree with the run,
+    except those that do not change what is computed (--max-steps, --max-time, --epochs, --log-every, ...).
+    """
+    ctx = click.get_current_context()
+    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) in EXPLICIT}
+    cfg = resolve_config(given, config_file=config_file)
+    if print_config:
+        cfg.check()
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    summary = fit(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for the job
     val = " ".join(
@@ -56,7 +77,7 @@ def fit_cmd(**options) -> None:
     click.echo(
         f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
         f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
-        f"outputs in {options['out']} (curves.png)"
+        f"outputs in {cfg.out} (curves.png)"
     )
 
 
