@@ -237,7 +237,7 @@ def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) 
     whole = len(reader.split_scenes("train")) * (lay.sdf_record_bytes + lay.labels_record_bytes)
     assert 0.4 * whole <= summary["resident_bytes"] <= 0.6 * whole
     reader_val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_mse" in x][-1]
-    single = json.loads(run("eval", out / "last.pt", "--shards", shards).stdout)
+    single = json.loads(run("eval", out / "last.pt", "--shards", shards, "--split", "val").stdout)
     assert reader_val["val_grasps"] == single["val_grasps"]  # the ranks' parts add up to the whole split
     assert reader_val["val_mse"] == pytest.approx(single["val_mse"], rel=1e-5)
     assert result.stdout.count("fit: 6 steps") == 1

@@ -15,6 +15,8 @@ from gq.common.options import flag, option
 from gq.models import MODEL_KINDS
 from gq.pipeline import DEFAULT_WINDOW, MODES, parse_window
 
+from .tracking import missing_extra
+
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("plateau", "linear")
 DEVICES = ("auto", "cpu", "cuda")
@@ -151,6 +153,9 @@ class FitConfig:
             raise ConfigError(f"{name('plateau_factor')} {self.plateau_factor}: must be in (0, 1)")
         if self.fc_dims is not None and (not self.fc_dims or min(self.fc_dims) < 1):
             raise ConfigError(f"{name('fc_dims')} {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
+        for key in ("tensorboard", "wandb"):  # before any data is read: a missing extra fails at once
+            if getattr(self, key) and (install := missing_extra(key)):
+                raise ConfigError(f"{name(key)}: the {key} package is not installed; {install}")
 
     @property
     def window(self) -> int | None:

@@ -3,7 +3,7 @@
 
 python train/run.py fit --shards DIR --out RUN_DIR [options]
 python train/run.py compare --shards DIR --out DIR [fit options]
-python train/run.py eval CKPT --shards DIR --split val|test
+python train/run.py eval CKPT --shards DIR [--split test|val]
 python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh OBJ --grasps G.npy) --out F.parquet
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,11 @@ from gq.train.compare import compare as run_compare
 from gq.train.compare import report
 from gq.train.config import DEVICES, FitConfig, resolve_config
 from gq.train.predict import PredictError
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 object', '2 objects', '1,024 predictions'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _errors(fn):
@@ -99,11 +105,21 @@ def compare_cmd(**options) -> None:
 
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--shards", required=True, type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(SPLITS[1:]), default="val", show_default=True)
-@click.option("--loader", type=click.Choice(MODES), default="cache", show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--scenes-per-batch", default=8, show_default=True)
+@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard dataset directory.")
+@click.option(
+    "--split", type=click.Choice(SPLITS[1:]), default="test", show_default=True,
+    help="test: held out, how good a finished model is; val: what training chose its best.pt by (biased upward).",
+)  # fmt: skip
+@click.option(
+    "--loader", type=click.Choice(MODES), default="cache", show_default=True,
+    help="Full cache in memory, or DALI streaming of whole shards (same metrics).",
+)  # fmt: skip
+@click.option(
+    "--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto: CUDA when present, else CPU."
+)
+@click.option(
+    "--scenes-per-batch", default=8, show_default=True, help="SDFs per batch (each with all its grasps); memory only."
+)
 @_errors
 def eval_cmd(checkpoint: Path, **options) -> None:
     """Metrics of CHECKPOINT (ours, or a seed state_dict) on a split, as JSON on stdout."""
@@ -193,7 +209,12 @@ def predict_cmd(
         )
     write_parquet(predictions, out)
     columns = [("scene", "<24"), ("rank", ">4"), ("grasp", ">6"), ("prediction", ">11.4f"), ("score", ">9.4f")]
-    for line in format_table(columns, best_grasps(predictions, top_k), indent=""):
+    rows = best_grasps(predictions, top_k)
+    if all(math.isnan(row[-1]) for row in rows):  # no true scores (a mesh, unlabelled scenes): no column
+        columns, rows = columns[:-1], [row[:-1] for row in rows]
+    else:  # some unknown: "-" where a score is unknown
+        rows = [(*row[:-1], "-" if math.isnan(row[-1]) else row[-1]) for row in rows]
+    for line in format_table(columns, rows, indent=""):
         click.echo(line)
     metrics = ranking_metrics(predictions)
     if metrics:
@@ -208,8 +229,9 @@ def predict_cmd(
             "r2",
         )
         values = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
-        click.echo(f"per object: {values}  ({metrics['scenes']} objects)")
-    click.echo(f"wrote {len(predictions.grasp):,} predictions of {len(set(predictions.scene))} objects to {out}")
+        click.echo(f"per object: {values}  ({plural(metrics['scenes'], 'object')})")
+    objects = plural(len(set(predictions.scene)), "object")
+    click.echo(f"wrote {plural(len(predictions.grasp), 'prediction')} of {objects} to {out}")
 
 
 if __name__ == "__main__":
