@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train grasp-quality estimators on a shard dataset: fit, compare the two loaders, eval.
 
-python train/run.py fit --shards DIR --out RUN_DIR [options]
+python train/run.py fit --shards DIR --out RUN_DIR [options]    (or gq fit ...)
+python train/run.py fit --config FILE.yaml [options]            (flags given override the file)
+python train/run.py fit --out RUN_DIR --resume [--max-steps N]   (the run's own options)
 python train/run.py compare --shards DIR --out DIR [fit options]
 python train/run.py eval CKPT --shards DIR [--split test|val]
 python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh OBJ --grasps G.npy) --out F.parquet
