@@ -373,7 +373,7 @@ class FitRecipe:
                 log_every=cfg.log_every,
                 score_std=self.scores.std,
                 enabled=progress,
-            ) as report,  # fmt: skip
+            ) as report,
             _StopFlag() as stop,
         ):
             self.run.sinks.append(report)  # rows reach it as they are logged: its bar, its validation lines
