@@ -204,8 +204,10 @@ def test_tensorboard_events_hold_grouped_tags_and_the_options_as_hparams(shards:
     assert [e.step for e in events.Scalars("train/mse")] == [2, 4]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert events.Scalars("val/mse")[-1].value == pytest.approx(rows[-1]["val_mse"], rel=1e-6)
-    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    # the hparams plugin's three summaries: the experiment, the run's start (with the values) and its end
+    starts = [v for k, v in events.PluginTagToContent("hparams").items() if k.endswith("_start_info")]
+    data = HParamsPluginData.FromString(starts[0])
+    hparams = getattr(data, data.WhichOneof("data")).hparams
     assert hparams["lr"].number_value == pytest.approx(1e-3) and hparams["fc_dims"].string_value == "8"
     assert hparams["shards"].string_value == str(shards) and hparams["base_channels"].number_value == 2
 

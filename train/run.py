@@ -53,7 +53,14 @@ EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.E
 
 # Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
 @cli.command("fit")
-@click_options(FitConfig, defaults={"shards": None, "out": None})  # required, but may come from --config or the run
+@click_options(
+    FitConfig,
+    defaults={"shards": None, "out": None},  # required, but may come from --config or the run resumed
+    help={
+        "shards": "Shard dataset directory [required, unless --config or the run resumed gives it].",
+        "out": "Run directory [required, unless --config gives it].",
+    },
+)
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
     help="YAML or JSON file of options (a run's config.json too); flags given override it.",
@@ -63,7 +70,7 @@ EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.E
 def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
     """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png.
 
-    Options come from FitConfig's defaults, then --config FILE, then the flags given. `--out RUN --resume`
+    Options come from the defaults, then --config FILE, then the flags given. `--out RUN --resume`
     continues a run with its own options (RUN/config.json); flags given with it must agree with the run,
     except those that do not change what is computed (--max-steps, --max-time, --epochs, --log-every, ...).
     """
