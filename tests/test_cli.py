@@ -128,6 +128,9 @@ def test_resume_needs_only_the_run_folder_and_names_a_flag_that_differs(shards: 
     assert summary["steps"] == 6 and summary["model"] == "large"
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["base_channels"] == 2 and options["max_steps"] == 6 and options["log_every"] == 3
+    (run / "config.json").unlink()  # lost: last.pt holds the options too
+    gq("fit", "--out", run, "--resume", "--max-steps", 8)
+    assert json.loads((run / "config.json").read_text())["options"] == {**options, "max_steps": 8, "resume": True}
 
 
 # -- logs a batch job can read ----------------------------------------------------------------------------

@@ -114,6 +114,8 @@ class FitConfig:
             self.shuffle_window = int(self.shuffle_window)
         if isinstance(self.fc_dims, str):
             self.fc_dims = parse_fc_dims(self.fc_dims)
+        elif isinstance(self.fc_dims, list):  # as JSON holds it
+            self.fc_dims = tuple(self.fc_dims)
         for name in ("shards", "out", "init_from"):  # paths are recorded as text in config.json
             if getattr(self, name) is not None:
                 setattr(self, name, str(getattr(self, name)))
@@ -304,7 +306,8 @@ def _run_options(out: Path) -> dict:
     options = load_checkpoint(out / "last.pt").get("config")
     if not isinstance(options, dict):
         raise ConfigError(f"--resume: {out / 'config.json'} not found and {out / 'last.pt'} records no options")
-    return {k: v for k, v in FitConfig.from_dict(options).to_dict().items() if k not in ACTIONS}
+    cfg = FitConfig.from_dict(options)
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ACTIONS}
 
 
 def _shown(value: object) -> str:
