@@ -1,4 +1,5 @@
-# `make test` and `make demo` create .venv when it is missing and install the project into it.
+# `make test` and `make demo` create .venv when it is missing and install the project into it, with every
+# extra the tests use (meshes, tensorboard, wandb).
 # Without CUDA (no nvidia-smi) torch is pinned to the 2.13.0 CPU build first, so `torch>=2.3`
 # in setup.cfg is already satisfied and pip never pulls a multi-GB CUDA build.
 PYTHON ?= python3
@@ -23,7 +24,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[dev,meshes]'
+	$(PY) -m pip install -q -e '.[dev,meshes,tensorboard,wandb]'
 	touch $@
 
 # The full suite, slow learning checks included (plain `pytest` leaves them out: see setup.cfg).

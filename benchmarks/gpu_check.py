@@ -41,7 +41,8 @@ def required_modules() -> list[str]:
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     names = [re.split(r"[<>=!~ ;\[]", line.strip())[0] for line in cfg["options"]["install_requires"].splitlines()]
-    return [n.replace("-", "_") for n in names if n and not n.startswith("nvidia-dali")] + ["pytest"]
+    modules = {"pyyaml": "yaml"}  # where a distribution's import name is not its own
+    return [modules.get(n, n.replace("-", "_")) for n in names if n and not n.startswith("nvidia-dali")] + ["pytest"]
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_every_option_field_is_a_flag_of_fit_with_its_default_and_choices() -> N
     ("option", "value", "message"),
     [
         ("lr_schedule", "cosine", "--lr-schedule cosine: choose one of plateau, linear"),
-        ("plateau_factor", 1.5, "--plateau-factor in (0, 1)"),
+        ("plateau_factor", 1.5, "--plateau-factor 1.5: must be in (0, 1)"),
         ("lr_end_factor", 0.0, "--lr-end-factor 0.0: must be in (0, 1]"),
         ("val_every", 0, "--val-every 0: must be at least 1"),
     ],

@@ -342,7 +342,7 @@ def test_eval_and_init_from_warn_when_the_checkpoint_was_trained_on_other_data(
     fit(data_a, out, "--max-steps", 2)
     same = invoke("eval", out / "last.pt", "--shards", data_a)
     assert same.exit_code == 0 and same.stderr == ""
-    other = invoke("eval", out / "last.pt", "--shards", data_b)
+    other = invoke("eval", out / "last.pt", "--shards", data_b, "--split", "val")
     assert other.exit_code == 0 and json.loads(other.stdout)["val_grasps"] > 0
     warning = (
         f"warning: {out}/last.pt was trained on dataset {fingerprint(data_a)[:16]}, not on --shards' "

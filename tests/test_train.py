@@ -97,7 +97,7 @@ def _final_weights(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow  # three fits in their own processes, ~15 s
-def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
+def test_kill_9_then_resume_with_only_the_run_folder_gives_the_same_weights(shards: Path, tmp_path: Path) -> None:
     common = ["--max-steps", 40, "-S", 3, "-G", 8, "--ckpt-every", 4, "--val-every", 15, "--model", "large"]
     common += ["--base-channels", "2", "--fc-dims", "16", "--threads", "1", "--quiet"]
     # every run its own process, as a user's would be: the resumed run starts from nothing but the files
@@ -114,7 +114,8 @@ def test_kill_9_then_resume_gives_the_same_weights(shards: Path, tmp_path: Path)
     proc.wait()
     step = load_checkpoint(tmp_path / "killed" / "last.pt")["state"]["step"]
     assert 4 <= step < 40, "the kill should land mid-run"
-    run_fit(shards, tmp_path / "killed", *common, "--resume", subprocess=True)
+    # the resumed run is given nothing but its folder: shards, model and every option come from the run itself
+    run("fit", "--out", tmp_path / "killed", "--resume", subprocess=True)
     whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "killed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
@@ -205,7 +206,7 @@ def test_corrupt_checkpoints_and_reused_run_dirs_are_refused(shards: Path, tmp_p
     assert again.returncode == 2 and "already holds a run" in again.stderr
     lr = ["--lr", "1e-2"]  # not fit's default: an option that differs from the run's
     other = run_fit(shards, tmp_path / "r", "--max-steps", 4, *lr, "--resume", *SMALL, check=False)
-    assert other.returncode == 2 and "options differ" in other.stderr and "lr" in other.stderr
+    assert other.returncode == 2 and "--lr 0.01 (the run: 0.001) differs from the run" in other.stderr
     missing = run_fit(tmp_path / "nope", tmp_path / "r2", check=False)
     assert missing.returncode == 2 and "no such dataset directory" in missing.stderr
 
@@ -237,7 +238,7 @@ def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) 
     whole = len(reader.split_scenes("train")) * (lay.sdf_record_bytes + lay.labels_record_bytes)
     assert 0.4 * whole <= summary["resident_bytes"] <= 0.6 * whole
     reader_val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_mse" in x][-1]
-    single = json.loads(run("eval", out / "last.pt", "--shards", shards).stdout)
+    single = json.loads(run("eval", out / "last.pt", "--shards", shards, "--split", "val").stdout)
     assert reader_val["val_grasps"] == single["val_grasps"]  # the ranks' parts add up to the whole split
     assert reader_val["val_mse"] == pytest.approx(single["val_mse"], rel=1e-5)
     assert result.stdout.count("fit: 6 steps") == 1

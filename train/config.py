@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from gq.common.errors import UsageError
 from gq.common.options import flag, option
 from gq.models import MODEL_KINDS
 from gq.pipeline import DEFAULT_WINDOW, MODES, parse_window
 
+from .tracking import missing_extra
+
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("plateau", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
-RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads", "progress"}
+RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads", "progress",
+             "tensorboard", "wandb"}  # fmt: skip
+# What one command does rather than how the run trains: taken from the command line only, never from a file
+# (a resumed run's config.json says resume: true; given back as --config for a new run it must not resume).
+ACTIONS = ("resume", "overwrite")
 # Compared by identity, not spelling: the dataset by its fingerprint, the run folder by being the one resumed.
 IDENTITIES = {"shards", "out"}
 
@@ -84,7 +95,18 @@ class FitConfig:
     ckpt_every: int = option(500, help="Steps between last.pt saves (also saved at every validation and at the end).")
     zero_sdf: bool = option(False, help="Control run: feed zeros instead of the SDFs.")
     threads: int | None = option(None, help="torch CPU threads [default: torch's].")
-    progress: bool = option(True, flag="--progress/--quiet", help="Progress bars (--quiet: none).")
+    progress: bool = option(
+        True, flag="--progress/--quiet",
+        help="A progress bar on a terminal, a progress line every --log-every steps or 30 s otherwise (--quiet: none).",
+    )  # fmt: skip
+    tensorboard: bool = option(
+        False, flag="--tensorboard/--no-tensorboard",
+        help="Write TensorBoard events to RUN_DIR/tensorboard (needs the tensorboard extra).",
+    )  # fmt: skip
+    wandb: str | None = option(
+        None,
+        help="Log to this Weights & Biases project (needs the wandb extra; offline unless WANDB_MODE says otherwise).",
+    )
 
     def __post_init__(self) -> None:
         # The command line gives text: "4" is the number 4, "256,128" the head sizes (256, 128).
@@ -92,39 +114,50 @@ class FitConfig:
             self.shuffle_window = int(self.shuffle_window)
         if isinstance(self.fc_dims, str):
             self.fc_dims = parse_fc_dims(self.fc_dims)
+        elif isinstance(self.fc_dims, list):  # as JSON holds it
+            self.fc_dims = tuple(self.fc_dims)
         for name in ("shards", "out", "init_from"):  # paths are recorded as text in config.json
             if getattr(self, name) is not None:
                 setattr(self, name, str(getattr(self, name)))
 
-    def check(self) -> None:
-        """ConfigError naming the flag of the first option value that cannot work."""
-        for name in ("lr", "weight_decay", "max_time"):
-            value = getattr(self, name)
+    def check(self, *, spell: Callable[[str], str] | None = None) -> None:
+        """ConfigError naming the first option value that cannot work: by its flag, or as `spell` names a field."""
+        name = spell or _flag
+        for key in ("lr", "weight_decay", "max_time"):
+            value = getattr(self, key)
             if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-                hint = " (leave --max-time out for no limit)" if name == "max_time" else ""
-                raise ConfigError(f"{_flag(name)} {value}: must be a finite number{hint}")
+                hint = f" (leave {name('max_time')} out for no limit)" if key == "max_time" else ""
+                raise ConfigError(f"{name(key)} {value}: must be a finite number{hint}")
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
-                raise ConfigError(f"{_flag(f.name)} {value}: choose one of {', '.join(choices)}")
-        for name in POSITIVE:
-            value = getattr(self, name)
+                raise ConfigError(f"{name(f.name)} {value}: choose one of {', '.join(choices)}")
+        for key in POSITIVE:
+            value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"{_flag(name)} {value}: must be at least 1")
+                raise ConfigError(f"{name(key)} {value}: must be at least 1")
         try:
             parse_window(self.shuffle_window)
         except ValueError as err:
-            raise ConfigError(f"--shuffle-window: {err}") from None
+            raise ConfigError(f"{name('shuffle_window')}: {err}") from None
         if self.max_time is not None and self.max_time <= 0:
-            raise ConfigError(f"--max-time {self.max_time}: must be > 0 seconds")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"--lr {self.lr} --weight-decay {self.weight_decay}: need lr > 0 and weight decay >= 0")
+            raise ConfigError(f"{name('max_time')} {self.max_time}: must be > 0 seconds")
+        if self.lr <= 0:
+            raise ConfigError(f"{name('lr')} {self.lr}: must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{name('weight_decay')} {self.weight_decay}: must be >= 0")
         if not 0 < self.lr_end_factor <= 1:
-            raise ConfigError(f"--lr-end-factor {self.lr_end_factor}: must be in (0, 1]")
-        if self.early_stopping < 0 or self.plateau_patience < 0 or not 0 < self.plateau_factor < 1:
-            raise ConfigError("--early-stopping and --plateau-patience must be >= 0, --plateau-factor in (0, 1)")
+            raise ConfigError(f"{name('lr_end_factor')} {self.lr_end_factor}: must be in (0, 1]")
+        for key in ("early_stopping", "plateau_patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name(key)} {getattr(self, key)}: must be >= 0")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError(f"{name('plateau_factor')} {self.plateau_factor}: must be in (0, 1)")
         if self.fc_dims is not None and (not self.fc_dims or min(self.fc_dims) < 1):
-            raise ConfigError(f"--fc-dims {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
+            raise ConfigError(f"{name('fc_dims')} {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
+        for key in ("tensorboard", "wandb"):  # before any data is read: a missing extra fails at once
+            if getattr(self, key) and (install := missing_extra(key)):
+                raise ConfigError(f"{name(key)}: the {key} package is not installed; {install}")
 
     @property
     def window(self) -> int | None:
@@ -150,14 +183,148 @@ class FitConfig:
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in RESUMABLE | IDENTITIES and a[k] != b[k]]
 
 
-def parse_fc_dims(text: str | None) -> tuple[int, ...] | None:
-    """'256,128,64' -> (256, 128, 64)."""
+def read_config_file(path: str | Path) -> dict:
+    """The options a YAML or JSON file sets (a run's own config.json included), checked: ConfigError names the
+    file and the key of an unknown option or a bad value. Keys are field names (`lr_end_factor`) or flags'
+    spellings (`lr-end-factor`); `null` leaves an optional one unset; ACTIONS are ignored (command line only)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror}); give a YAML or JSON file") from None
+    data = _parse(path, text)
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json
+        extra = sorted(set(data) - {"options", "resolved", "versions"})
+        if extra:
+            raise ConfigError(f"--config {path}: unknown key {extra[0]!r} beside 'options'; remove it")
+        data = data["options"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: holds a {type(data).__name__}, not a mapping of option: value")
+    hints = typing.get_type_hints(FitConfig)
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in hints:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; `gq fit --help` lists the options")
+        if name not in ACTIONS:
+            values[name] = _checked_value(name, value, hints[name], f"--config {path}: {key}")
+    FitConfig(**{"shards": "-", "out": "-", **values}).check(spell=lambda name: f"--config {path}: {name}")
+    return {k: v for k, v in values.items() if v is not None or k not in ("shards", "out")}
+
+
+def _parse(path: Path, text: str) -> object:
+    """JSON for a .json file, YAML otherwise; ConfigError says where the text stops making sense."""
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"--config {path}: not valid JSON ({err}); fix the file") from None
+    import yaml  # only for YAML files: JSON needs no extra package
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:  # its message spans lines; the mark says where
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(err, 'problem', None) or err})") from None
+
+
+def _checked_value(name: str, value: object, hint: object, where: str) -> object:
+    """`value` as field `name` takes it, or ConfigError at `where`: YAML and JSON give bools, ints, floats,
+    text and lists; a number written as text ("1e-3", which YAML reads as text) counts as a number."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    if value is None:
+        if len(kinds) < len(typing.get_args(hint)) or name in ("shards", "out"):
+            return None
+        raise ConfigError(f"{where}: must be set (null is not allowed here)")
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue  # True is an int to Python, not to a config file
+        if kind is int and isinstance(value, int):
+            return value
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if kind is str and isinstance(value, str):
+            return value
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, str)):
+            items = parse_fc_dims(value, where=where) if isinstance(value, str) else value
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+                return tuple(items)
+    wanted = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    described = " or ".join(wanted.get(k, "a list of integers such as [256, 128, 64]") for k in kinds)
+    raise ConfigError(f"{where}: {value!r} is not {described}")
+
+
+def _is_union(hint: object) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def resolve_config(given: dict, *, config_file: str | Path | None = None) -> FitConfig:
+    """A run's options: FitConfig's defaults, under --config's values, under the flags `given` on the command line.
+
+    With --resume the run's own options (RUN_DIR/config.json) replace the defaults and the file's and flags'
+    values must agree with them, but for RESUMABLE options and IDENTITIES (a moved dataset is checked by its
+    fingerprint): ConfigError names each flag that does not.
+    """
+    values = {**(read_config_file(config_file) if config_file else {}), **given}
+    if values.get("resume") and values.get("out"):
+        run = _run_options(Path(values["out"]))
+        ran, wanted = FitConfig(**run), FitConfig(**{**run, **values})
+        clash = [
+            f"{_flag(k)} {_shown(getattr(wanted, k))} (the run: {_shown(getattr(ran, k))})"
+            for k in values
+            if k not in RESUMABLE | IDENTITIES and getattr(wanted, k) != getattr(ran, k)
+        ]
+        if clash:
+            raise ConfigError(
+                f"--resume: {', '.join(clash)} {'differs' if len(clash) == 1 else 'differ'} from the run in "
+                f"{values['out']}; leave {'it' if len(clash) == 1 else 'them'} out to continue the run as it was, "
+                f"or start a new run with another --out"
+            )
+        values = {**run, **values}
+    for name in ("shards", "out"):
+        if values.get(name) is None:
+            raise ConfigError(f"{_flag(name)}: missing; give it on the command line or in --config")
+    return FitConfig(**values)
+
+
+def _run_options(out: Path) -> dict:
+    """The options of the run in `out`: its config.json, else (config.json lost) last.pt's copy of them."""
+    if (out / "config.json").exists():
+        return read_config_file(out / "config.json")
+    if not (out / "last.pt").exists():
+        raise ConfigError(f"--resume: {out / 'last.pt'} not found; start the run without --resume")
+    from .checkpoint import load_checkpoint
+
+    options = load_checkpoint(out / "last.pt").get("config")
+    if not isinstance(options, dict):
+        raise ConfigError(f"--resume: {out / 'config.json'} not found and {out / 'last.pt'} records no options")
+    cfg = FitConfig.from_dict(options)
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ACTIONS}
+
+
+def _shown(value: object) -> str:
+    """A value as a flag would spell it ("not set" for None)."""
+    if value is None:
+        return "not set"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def parse_fc_dims(text: str | None, *, where: str = "--fc-dims") -> tuple[int, ...] | None:
+    """'256,128,64' -> (256, 128, 64); ConfigError at `where` (the flag, or a config file's key) otherwise."""
     if text is None or text == "":
         return None
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"--fc-dims {text}: comma-separated integers, e.g. 256,128,64") from None
+        raise ConfigError(f"{where} {text}: comma-separated integers, e.g. 256,128,64") from None
 
 
 def _flag(name: str) -> str:

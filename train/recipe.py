@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from gq.models import GQEstimatorBase, build_model
 from gq.pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
@@ -34,6 +33,7 @@ from gq.shards import DatasetError
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import BASE_CHANNELS, ConfigError, FitConfig
 from .distributed import Distributed
+from .logs import TrainLog
 from .plots import plot_curves
 from .rundir import RunDir, run_lock
 from .scores import Standardiser
@@ -203,6 +203,7 @@ class FitRecipe:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         if resumed is not None:
             self._restore(resumed)
+        self.run.track(cfg, start_step=self.progress.step, state=(resumed or {}).get("trackers"))
         self.run.write_config(
             cfg,
             {
@@ -333,6 +334,7 @@ class FitRecipe:
                 scaler=self.scaler.state_dict(),
                 loader=self.train_loader.state_dict(),
                 rng={"torch": torch.get_rng_state(), "cuda": cuda},
+                trackers=self.run.tracker_state(),
             )
         save_checkpoint(path, payload)
 
@@ -364,9 +366,17 @@ class FitRecipe:
         stopped, last_val = "max_steps" if cfg.max_steps else "epochs", None
         progress = cfg.progress and self.dist.is_main
         with (
-            tqdm(total=total, initial=p.step, unit="step", disable=(not progress) or None, dynamic_ncols=True) as bar,
+            TrainLog(
+                total=total,
+                initial=p.step,
+                steps_per_epoch=len(self.train_loader),
+                log_every=cfg.log_every,
+                score_std=self.scores.std,
+                enabled=progress,
+            ) as report,
             _StopFlag() as stop,
         ):
+            self.run.sinks.append(report)  # rows reach it as they are logged: its bar, its validation lines
             batches = iter(self.train_loader)
             while p.step < total:
                 t0 = time.perf_counter()
@@ -386,13 +396,18 @@ class FitRecipe:
                     totals.wait += wait
                     totals.time += elapsed
                 p.window.add(loss=loss, samples=batch.num_grasps, wait=wait, elapsed=elapsed)
-                bar.update(1)
+                report.step(
+                    step=p.step,
+                    loss=loss,
+                    samples=batch.num_grasps,
+                    elapsed=elapsed,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                )
                 step = p.step
                 if cfg.max_time and p.train_time >= cfg.max_time:
                     stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
                 if step % cfg.log_every == 0 or step == total:
-                    row = self._log_row()
-                    bar.set_postfix_str(f"loss {row['loss']:.4f}  {row['samples_per_s']:,.0f} samples/s")
+                    self._log_row()
                 if step % val_every == 0 or step == total:
                     last_val = self.validate()
                     if cfg.early_stopping and p.bad_validations >= cfg.early_stopping:

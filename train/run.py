@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train grasp-quality estimators on a shard dataset: fit, compare the two loaders, eval.
 
-python train/run.py fit --shards DIR --out RUN_DIR [options]
+python train/run.py fit --shards DIR --out RUN_DIR [options]    (or gq fit ...)
+python train/run.py fit --config FILE.yaml [options]            (flags given override the file)
+python train/run.py fit --out RUN_DIR --resume [--max-steps N]   (the run's own options)
 python train/run.py compare --shards DIR --out DIR [fit options]
-python train/run.py eval CKPT --shards DIR --split val|test
+python train/run.py eval CKPT --shards DIR [--split test|val]
 python train/run.py predict CKPT (--scenes DIR | --shards DIR --split S | --mesh OBJ --grasps G.npy) --out F.parquet
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,8 +27,13 @@ from gq.shards import SPLITS
 from gq.train import evaluate_checkpoint, fit
 from gq.train.compare import compare as run_compare
 from gq.train.compare import report
-from gq.train.config import DEVICES, FitConfig
+from gq.train.config import DEVICES, FitConfig, resolve_config
 from gq.train.predict import PredictError
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 object', '2 objects', '1,024 predictions'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _errors(fn):
@@ -39,13 +47,41 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+# Given on the command line (or through an environment variable click reads), not left at their defaults.
+EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+
+
 # Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
 @cli.command("fit")
-@click_options(FitConfig)
+@click_options(
+    FitConfig,
+    defaults={"shards": None, "out": None},  # required, but may come from --config or the run resumed
+    help={
+        "shards": "Shard dataset directory [required, unless --config or the run resumed gives it].",
+        "out": "Run directory [required, unless --config gives it].",
+    },
+)
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or JSON file of options (a run's config.json too); flags given override it.",
+)  # fmt: skip
+@click.option("--print-config", is_flag=True, help="Print the resolved options as JSON and exit without training.")
 @_errors
-def fit_cmd(**options) -> None:
-    """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png."""
-    summary = fit(FitConfig(**options))
+def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
+    """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png.
+
+    Options come from the defaults, then --config FILE, then the flags given. `--out RUN --resume`
+    continues a run with its own options (RUN/config.json); flags given with it must agree with the run,
+    except those that do not change what is computed (--max-steps, --max-time, --epochs, --log-every, ...).
+    """
+    ctx = click.get_current_context()
+    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) in EXPLICIT}
+    cfg = resolve_config(given, config_file=config_file)
+    if print_config:
+        cfg.check()
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    summary = fit(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for the job
     val = " ".join(
@@ -56,7 +92,7 @@ def fit_cmd(**options) -> None:
     click.echo(
         f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
         f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
-        f"outputs in {options['out']} (curves.png)"
+        f"outputs in {cfg.out} (curves.png)"
     )
 
 
@@ -78,11 +114,21 @@ def compare_cmd(**options) -> None:
 
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--shards", required=True, type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(SPLITS[1:]), default="val", show_default=True)
-@click.option("--loader", type=click.Choice(MODES), default="cache", show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--scenes-per-batch", default=8, show_default=True)
+@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard dataset directory.")
+@click.option(
+    "--split", type=click.Choice(SPLITS[1:]), default="test", show_default=True,
+    help="test: held out, how good a finished model is; val: what training chose its best.pt by (biased upward).",
+)  # fmt: skip
+@click.option(
+    "--loader", type=click.Choice(MODES), default="cache", show_default=True,
+    help="Full cache in memory, or DALI streaming of whole shards (same metrics).",
+)  # fmt: skip
+@click.option(
+    "--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto: CUDA when present, else CPU."
+)
+@click.option(
+    "--scenes-per-batch", default=8, show_default=True, help="SDFs per batch (each with all its grasps); memory only."
+)
 @_errors
 def eval_cmd(checkpoint: Path, **options) -> None:
     """Metrics of CHECKPOINT (ours, or a seed state_dict) on a split, as JSON on stdout."""
@@ -166,7 +212,12 @@ def predict_cmd(
         )
     write_parquet(predictions, out)
     columns = [("scene", "<24"), ("rank", ">4"), ("grasp", ">6"), ("prediction", ">11.4f"), ("score", ">9.4f")]
-    for line in format_table(columns, best_grasps(predictions, top_k), indent=""):
+    rows = best_grasps(predictions, top_k)
+    if all(math.isnan(row[-1]) for row in rows):  # no true scores (a mesh, unlabelled scenes): no column
+        columns, rows = columns[:-1], [row[:-1] for row in rows]
+    else:  # some unknown: "-" where a score is unknown
+        rows = [(*row[:-1], "-" if math.isnan(row[-1]) else row[-1]) for row in rows]
+    for line in format_table(columns, rows, indent=""):
         click.echo(line)
     metrics = ranking_metrics(predictions)
     if metrics:
@@ -181,8 +232,9 @@ def predict_cmd(
             "r2",
         )
         values = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
-        click.echo(f"per object: {values}  ({metrics['scenes']} objects)")
-    click.echo(f"wrote {len(predictions.grasp):,} predictions of {len(set(predictions.scene))} objects to {out}")
+        click.echo(f"per object: {values}  ({plural(metrics['scenes'], 'object')})")
+    objects = plural(len(set(predictions.scene)), "object")
+    click.echo(f"wrote {plural(len(predictions.grasp), 'prediction')} of {objects} to {out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""RUN_DIR: config.json, metrics.jsonl (+ TensorBoard events when installed), summary.json, plots.
+"""RUN_DIR: config.json, metrics.jsonl (each row also to the sinks: progress lines, trackers), summary.json, plots.
 
 RUN_DIR records what a run writes (`gq.common.ownership`): `--overwrite` removes only that.
 """
@@ -28,10 +28,12 @@ from gq.common.files import write_atomically as shards_write_atomically
 from gq.common.ownership import Owned, check_replaceable, remove_owned, write_record
 
 from .config import ConfigError, FitConfig
+from .tracking import Trackers
 
-OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "tensorboard")
+OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "tensorboard", "wandb")
+FOLDERS = ("tensorboard", "wandb")  # owned with everything in them
 TOOL = "fit"
-RUN_ENTRIES = tuple(name + "/" if name == "tensorboard" else name for name in OUTPUTS)  # its ownership record
+RUN_ENTRIES = tuple(name + "/" if name in FOLDERS else name for name in OUTPUTS)  # its ownership record
 TB_EVENTS = "events.out.tfevents."  # the name TensorBoard's writer gives its files
 LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unlocked: the next run takes it)
 log = logging.getLogger("train")
@@ -174,7 +176,8 @@ class RunDir:
 
     def __init__(self, path: Path, writer: bool):
         self.path, self.writer = Path(path), writer
-        self._tb = None
+        self.trackers: Trackers | None = None
+        self.sinks: list = []  # each gets every logged row (`.log(row)`): the progress lines, the trackers
 
     def prepare(self, cfg: FitConfig) -> None:
         """Refuse to mix runs: a new run needs an empty (or --overwrite) directory, --resume needs last.pt."""
@@ -243,17 +246,8 @@ class RunDir:
                 f"{path}: could not be written ({err.strerror}); free disk space (or choose "
                 f"another --out), then rerun with --resume"
             ) from None
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self._tb = False
-        if self._tb:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, row["step"])
+        for sink in self.sinks:
+            sink.log(row)
 
     def rows(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
@@ -264,6 +258,16 @@ class RunDir:
             text = json.dumps(summary, indent=2) + "\n"
             write_atomically(self.path / "summary.json", lambda f: f.write(text.encode()))
 
+    def track(self, cfg: FitConfig, *, start_step: int, state: dict | None) -> None:
+        """Open the trackers `cfg` asks for (TensorBoard, wandb); `state` is last.pt's, to continue their runs."""
+        if self.writer:
+            self.trackers = Trackers(self.path, options=cfg.to_dict(), start_step=start_step, state=state)
+            self.sinks.append(self.trackers)
+
+    def tracker_state(self) -> dict | None:
+        """What last.pt keeps so that --resume continues the same tracker runs (the wandb run id)."""
+        return self.trackers.state() if self.trackers else None
+
     def close(self) -> None:
-        if self._tb:
-            self._tb.close()
+        if self.trackers:
+            self.trackers.close()
