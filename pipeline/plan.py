@@ -341,9 +341,7 @@ def left_after(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Se
         if not 0 <= last.batches <= len(plan):
             raise ValueError(f"epoch {epoch}: {last.batches} batches trained on {last.world_size} ranks, "
                              f"but rank {rank}'s plan has {len(plan)}")  # fmt: skip
-        parts.append(
-            Groups.of(plan, plan.groups(last.batches)[0] if last.batches < len(plan) else len(plan.group_scene))
-        )
+        parts.append(Groups.of(plan, int(plan.batch_start[last.batches])))
     return Groups.concat(parts)
 
 
