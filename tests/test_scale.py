@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_source
+from conftest import REPO, fit_command, fit_process, make_dataset, make_source, once_more_on_teardown_abort, torchrun
 
-from gq.pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_loader
+from gq.pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_dataset, open_loader
 from gq.pipeline.plan import Segment, left_after
 from gq.shards import BuildOptions, build_shards
+from gq.train.checkpoint import load_checkpoint
 
 GRID = 16
 
@@ -204,3 +211,162 @@ def test_no_batches_names_what_would_give_some(one_shard: Path) -> None:
     message = str(err.value)
     assert "gives no batches" in message and "-S " in message and "1 rank would give some" in message
     assert "\n" not in message
+
+
+# -- end to end, under torchrun (slow) ------------------------------------------------------------------------
+SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quiet", "-S", "2", "-G", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """40 scenes built with the default 256 records per shard: every split is one shard."""
+    root = tmp_path_factory.mktemp("tiny")
+    return make_dataset(root, 40, grid=GRID, grasps=32, seed=2, val_fraction=0.2, test_fraction=0.1)
+
+
+def _fit(
+    shards: Path, out: Path, *flags, ranks: int = 1, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    result = fit_process(shards, out, *flags, ranks=ranks, launcher=launcher, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow  # two torchrun jobs of two ranks
+@pytest.mark.parametrize("loader", ["cache", "dali"])
+def test_two_ranks_train_on_a_one_shard_split(tiny: Path, tmp_path: Path, loader: str) -> None:
+    out = tmp_path / loader
+    _fit(tiny, out, "--max-steps", 6, "--loader", loader, *SMALL, "--overwrite", ranks=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    if loader == "cache":  # rank 0 holds its half of the one shard
+        with open_loader(tiny, scenes_per_batch=2, grasps_per_scene=8, progress=False) as whole:
+            assert 0.3 * whole.resident_bytes <= summary["resident_bytes"] <= 0.7 * whole.resident_bytes
+
+
+def _steps_left(shards: Path, world: int, *, was: int, done: int) -> int:
+    """Steps of the rest of epoch 0 on `world` ranks after `done` steps on `was`, from the plan."""
+    records, _ = open_dataset(shards).split("train")
+    spec = PlanSpec(2, 8, seed=0, rank=0, world_size=world, drop_last=world > 1, window=4)
+    return len(make_plan(records, spec, 0, (Segment(was, was > 1, done),)))
+
+
+@pytest.mark.slow  # torchrun jobs of two and three ranks
+@pytest.mark.parametrize("was, now", [(2, 1), (1, 2), (2, 3)])
+def test_a_run_resumes_on_another_number_of_ranks(tiny: Path, tmp_path: Path, was: int, now: int) -> None:
+    out = tmp_path / "run"
+    _fit(tiny, out, "--epochs", 1, "--max-steps", 5, *SMALL, "--overwrite", ranks=was)
+    saved = load_checkpoint(out / "last.pt")["loader"]
+    assert (saved["epoch"], saved["position"], saved["world_size"]) == (0, 5, was)
+    result = _fit(tiny, out, "--epochs", 1, *SMALL, "--resume", ranks=now)
+    assert f"resuming a run saved on {was} ranks on {now}" in result.stderr
+    assert "the rest of epoch 0 trains the groups no rank had trained yet" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    # the rest of the epoch is the plan's: exactly the groups the first world had left, dealt to the new one
+    assert summary["steps"] == 5 + _steps_left(tiny, now, was=was, done=5) and summary["world_size"] == now
+    final = load_checkpoint(out / "last.pt")["loader"]
+    assert (final["epoch"], final["position"], final["past"], final["world_size"]) == (1, 0, [], now)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # three torchrun launchers
+def test_two_nodes_train_as_one_node_of_two_ranks(tiny: Path, tmp_path: Path) -> None:
+    flags = ["--max-steps", 8, "--log-every", 1, "--loader", "dali", *SMALL, "--overwrite"]
+    _fit(tiny, tmp_path / "one", *flags, ranks=2)
+
+    def two_nodes() -> list[subprocess.CompletedProcess]:
+        port = _free_port()
+        launchers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    *torchrun(
+                        1,
+                        "--nnodes",
+                        "2",
+                        "--node-rank",
+                        str(node),
+                        "--rdzv-backend",
+                        "c10d",
+                        "--rdzv-endpoint",
+                        f"127.0.0.1:{port}",
+                        "--rdzv-id",
+                        "gq-two-nodes",
+                    ),
+                    *fit_command(tiny, tmp_path / "two", *flags),
+                ],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for node in (0, 1)
+        ]
+        return [subprocess.CompletedProcess(p.args, p.wait(600), *p.communicate()) for p in launchers]
+
+    for result in once_more_on_teardown_abort(two_nodes):
+        assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+    assert _losses(tmp_path / "two") == _losses(tmp_path / "one") and len(_losses(tmp_path / "one")) == 8
+    assert _same_weights(tmp_path / "two", tmp_path / "one")
+
+
+def _worker(launcher: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of global rank `rank` started by the launcher process `launcher`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow  # two torchrun jobs, one of them restarted
+def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny: Path, tmp_path: Path) -> None:
+    flags = ["--max-steps", 60, "--ckpt-every", 5, "--val-every", 25, "--log-every", 5, *SMALL, "--overwrite"]
+    _fit(tiny, tmp_path / "whole", *flags, ranks=2)
+    out = tmp_path / "killed"
+
+    def killed_once() -> list[subprocess.CompletedProcess]:
+        cmd = [sys.executable, *torchrun(2, "--max-restarts", "1"), *fit_command(tiny, out, *flags)]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline, victim = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None and victim is None:
+            steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] if (
+                out / "metrics.jsonl"
+            ).exists() else []  # fmt: skip
+            if (out / "last.pt").exists() and steps and max(steps) >= 10:
+                victim = _worker(proc.pid, 1)
+            time.sleep(0.01)
+        assert victim is not None, "the run should still be going when last.pt exists"
+        os.kill(victim, signal.SIGKILL)  # a real worker dies, as on a failed machine
+        return [subprocess.CompletedProcess(cmd, proc.wait(600), *proc.communicate())]
+
+    (result,) = once_more_on_teardown_abort(killed_once)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restart 1 of the job's workers: resuming from" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and 0 < summary["steps_this_process"] < 60  # the restart continued the run
+    assert _same_weights(out, tmp_path / "whole")
+    assert _losses(out) == _losses(tmp_path / "whole")
