@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, fit_command, fit_process, make_dataset, make_source, once_more_on_teardown_abort, torchrun
+from conftest import (
+    REPO,
+    fit_command,
+    fit_process,
+    make_dataset,
+    make_source,
+    once_more_on_teardown_abort,
+    run_tool,
+    torchrun,
+)
 
 from gq.pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_dataset, open_loader
 from gq.pipeline.plan import Segment, left_after
@@ -370,3 +379,37 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny: P
     assert summary["steps"] == 60 and 0 < summary["steps_this_process"] < 60  # the restart continued the run
     assert _same_weights(out, tmp_path / "whole")
     assert _losses(out) == _losses(tmp_path / "whole")
+
+
+def test_scaling_efficiency_is_per_rank_samples_against_one_rank() -> None:
+    from gq.benchmarks.bench_scale import scaling
+
+    rows = scaling(
+        [
+            {"loader": "cache", "ranks": 1, "samples_per_s": 100.0},
+            {"loader": "cache", "ranks": 4, "samples_per_s": 300.0},
+            {"loader": "dali", "ranks": 2, "samples_per_s": 50.0},  # no one-rank row: no efficiency
+        ]
+    )
+    assert [r["samples_per_s_per_rank"] for r in rows] == [100.0, 75.0, 25.0]
+    assert [r["efficiency"] for r in rows] == [1.0, 0.75, None]
+
+
+@pytest.mark.slow  # four torchrun jobs
+def test_bench_scale_reports_both_loaders_on_each_number_of_ranks(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    result = run_tool("bench_scale.py", "--shards", tiny, "--ranks", "1,2", "--steps", 3, "-S", 2, "-G", 8,
+                      "--base-channels", 4, "--fc-dims", "16", "--json", out, subprocess=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert [(r["loader"], r["ranks"]) for r in figures["rows"]] == [
+        ("cache", 1),
+        ("cache", 2),
+        ("dali", 1),
+        ("dali", 2),
+    ]
+    assert all(r["samples_per_s"] > 0 and r["steps"] == 3 for r in figures["rows"])
+    assert [r["efficiency"] for r in figures["rows"] if r["ranks"] == 1] == [1.0, 1.0]
+    assert "efficiency" in result.stdout and result.stdout.count("cache ") >= 2
+    bad = run_tool("bench_scale.py", "--shards", tiny, "--ranks", "2,4", subprocess=True)
+    assert bad.returncode == 2 and "start with 1" in bad.stderr
