@@ -44,7 +44,7 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-def run_fit(shards: Path, out: Path, *, ranks: int, loader: str, flags: list[str], timeout: float) -> dict:
+def run_fit(shards: Path, *, out: Path, ranks: int, loader: str, flags: list[str], timeout: float) -> dict:
     """One `fit` job of `ranks` CPU processes under torchrun; its summary.json."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
@@ -120,7 +120,7 @@ def main(
         for loader in modes:
             for world in worlds:
                 runs = [
-                    run_fit(shards, Path(tmp) / f"{loader}-{world}", ranks=world, loader=loader, flags=flags,
+                    run_fit(shards, out=Path(tmp) / f"{loader}-{world}", ranks=world, loader=loader, flags=flags,
                             timeout=timeout)
                     for _ in range(repeat)
                 ]  # fmt: skip

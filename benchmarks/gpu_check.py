@@ -485,7 +485,7 @@ def _fmt(v: float | None, spec: str = ",.0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def scale_out_line(env: dict, run: dict | None) -> str:
+def scale_out_line(env: dict, *, run: dict | None) -> str:
     """What the check measured of training on several GPUs: NCCL needs two, so one GPU leaves it unmeasured."""
     gpus = env.get("gpus", 0) if env["device"] == "cuda" else 0
     measured = (
@@ -585,7 +585,7 @@ def render_markdown(summary: dict) -> str:
             for name, r in c["runs"].items()
         ]
         lines.append(f"\nloss curves identical: {c['loss_curves_identical']}")
-    lines += ["", "## Scale-out", "", scale_out_line(env, fig.get("torchrun"))]
+    lines += ["", "## Scale-out", "", scale_out_line(env, run=fig.get("torchrun"))]
     lines += [
         "",
         "## Targets (set for one H100; judged on CUDA runs only)",

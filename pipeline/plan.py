@@ -303,7 +303,7 @@ class Groups:
         return len(self.scene)
 
     @classmethod
-    def of(cls, plan: EpochPlan, first: int = 0) -> Groups:
+    def of(cls, plan: EpochPlan, *, first: int = 0) -> Groups:
         """The plan's groups from group `first` on."""
         a = int(plan.group_start[first])
         return cls(
@@ -320,6 +320,7 @@ class Groups:
 
     @staticmethod
     def concat(parts: list[Groups]) -> Groups:
+        """The groups of `parts`, one part after the other."""
         starts = [p.start[:-1] + off for p, off in zip(parts, _exclusive_cumsum([p.start[-1] for p in parts]))]
         return Groups(
             *(np.concatenate([getattr(p, k) for p in parts]) for k in ("scene", "shard", "slot")),
@@ -341,7 +342,7 @@ def left_after(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Se
         if not 0 <= last.batches <= len(plan):
             raise ValueError(f"epoch {epoch}: {last.batches} batches trained on {last.world_size} ranks, "
                              f"but rank {rank}'s plan has {len(plan)}")  # fmt: skip
-        parts.append(Groups.of(plan, int(plan.batch_start[last.batches])))
+        parts.append(Groups.of(plan, first=int(plan.batch_start[last.batches])))
     return Groups.concat(parts)
 
 

@@ -36,7 +36,7 @@ LOADER_MODES: dict[str, LoaderMode] = {
 MODES = tuple(LOADER_MODES)
 
 
-def what_would_give_batches(records: SplitRecords, spec: PlanSpec) -> str:
+def _what_would_give_batches(records: SplitRecords, spec: PlanSpec) -> str:
     """Which change of S, G or the number of ranks would give batches (ranks share shards, so shards do not matter)."""
 
     def fits(**change) -> bool:
@@ -102,7 +102,7 @@ def open_loader(
             f"split {split!r} of {root} ({len(records.scene)} scenes in {len(records.shards())} shards) gives no "
             f"batches with scenes_per_batch (-S) {scenes_per_batch}, grasps_per_scene (-G) {grasps_per_scene} on "
             f"{world_size} rank{'s' if world_size > 1 else ''}{' (each needs a full batch)' if drop_last else ''}; "
-            f"{what_would_give_batches(records, spec)}"
+            f"{_what_would_give_batches(records, spec)}"
         )
     dev = resolve_device(device)
     options = {"memory_budget": memory_budget, "progress": progress, "prefetch": prefetch, "num_threads": num_threads}

@@ -175,6 +175,6 @@ def test_the_torchrun_step_uses_every_gpu_and_one_gpu_leaves_nccl_unmeasured(tmp
         assert ("(NCCL)" in step.what) == (gpus > 1)
     assert not [s for s in plan_steps(tmp_path, "cpu", QUICK, True, 1, True, 0) if s.name == "torchrun"]
     run = {"world_size": 1, "samples_per_s": 1234.0}
-    one = scale_out_line({"device": "cuda", "gpus": 1}, run)
+    one = scale_out_line({"device": "cuda", "gpus": 1}, run=run)
     assert one.endswith("NCCL multi-GPU: not measured (one GPU on this machine)") and "1,234 samples/s" in one
-    assert scale_out_line({"device": "cuda", "gpus": 2}, {**run, "world_size": 2}).endswith("measured on 2 GPUs")
+    assert scale_out_line({"device": "cuda", "gpus": 2}, run={**run, "world_size": 2}).endswith("measured on 2 GPUs")

@@ -287,6 +287,24 @@ def test_a_run_resumes_on_another_number_of_ranks(tiny: Path, tmp_path: Path, wa
     assert (final["epoch"], final["position"], final["past"], final["world_size"]) == (1, 0, [], now)
 
 
+def _start(cmd: list[str]) -> subprocess.Popen:
+    """A torchrun launcher in a session of its own, so that `_finish` can end it with its workers."""
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a launcher; past `timeout`, kill it and its workers and fail."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{proc.args} did not end within {timeout} s") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -299,34 +317,10 @@ def test_two_nodes_train_as_one_node_of_two_ranks(tiny: Path, tmp_path: Path) ->
     _fit(tiny, tmp_path / "one", *flags, ranks=2)
 
     def two_nodes() -> list[subprocess.CompletedProcess]:
-        port = _free_port()
-        launchers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    *torchrun(
-                        1,
-                        "--nnodes",
-                        "2",
-                        "--node-rank",
-                        str(node),
-                        "--rdzv-backend",
-                        "c10d",
-                        "--rdzv-endpoint",
-                        f"127.0.0.1:{port}",
-                        "--rdzv-id",
-                        "gq-two-nodes",
-                    ),
-                    *fit_command(tiny, tmp_path / "two", *flags),
-                ],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-            for node in (0, 1)
-        ]
-        return [subprocess.CompletedProcess(p.args, p.wait(600), *p.communicate()) for p in launchers]
+        rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "gq-2"]
+        fit = fit_command(tiny, tmp_path / "two", *flags)
+        nodes = [torchrun(1, "--nnodes", "2", "--node-rank", str(node), *rendezvous) for node in (0, 1)]
+        return [_finish(p) for p in [_start([sys.executable, *node, *fit]) for node in nodes]]
 
     for result in once_more_on_teardown_abort(two_nodes):
         assert result.returncode == 0, result.stderr[-3000:]
@@ -359,7 +353,7 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny: P
 
     def killed_once() -> list[subprocess.CompletedProcess]:
         cmd = [sys.executable, *torchrun(2, "--max-restarts", "1"), *fit_command(tiny, out, *flags)]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = _start(cmd)
         deadline, victim = time.time() + 300, None
         while time.time() < deadline and proc.poll() is None and victim is None:
             steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] if (
@@ -368,9 +362,10 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny: P
             if (out / "last.pt").exists() and steps and max(steps) >= 10:
                 victim = _worker(proc.pid, 1)
             time.sleep(0.01)
-        assert victim is not None, "the run should still be going when last.pt exists"
+        if victim is None:
+            _finish(proc, timeout=0.1)  # ends it, failing: the run should still be going when last.pt exists
         os.kill(victim, signal.SIGKILL)  # a real worker dies, as on a failed machine
-        return [subprocess.CompletedProcess(cmd, proc.wait(600), *proc.communicate())]
+        return [_finish(proc)]
 
     (result,) = once_more_on_teardown_abort(killed_once)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.constants import default_pg_timeout
 
 from .config import FitConfig
 
@@ -44,7 +45,12 @@ class Distributed:
             return cls()
         dist = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
         if not torch_dist.is_initialized():
-            torch_dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            store = _attempt_store(world)
+            if store is None:
+                torch_dist.init_process_group(backend)
+            else:
+                torch_dist.init_process_group(backend, store=store, rank=dist.rank, world_size=world)
         return dist
 
     def device(self, requested: torch.device) -> torch.device:
@@ -61,6 +67,23 @@ class Distributed:
     def shutdown(self) -> None:
         if self.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def _attempt_store(world_size: int) -> torch_dist.Store | None:
+    """On a restart under torchrun, the job's store seen through a namespace of this attempt's own; else None.
+
+    torchrun keeps one store (its agent's) for the whole job, across restarts, though torch's env://
+    rendezvous no longer prefixes keys by attempt: a restarted process group would read the keys the
+    failed attempt's group left (its workers' addresses) and hang, or be refused a connection to a
+    dead worker. Every worker of a restart has the same TORCHELASTIC_RESTART_COUNT, so it names the namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not restart_count():
+        return None
+    store = torch_dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+        timeout=default_pg_timeout,
+    )  # fmt: skip
+    return torch_dist.PrefixStore(f"gq/attempt-{restart_count()}", store)
 
 
 def restart_count() -> int:
@@ -88,7 +111,7 @@ def resume_on_restart(cfg: FitConfig) -> FitConfig:
     return dataclasses.replace(cfg, overwrite=True) if ours else cfg
 
 
-def world_change_note(saved: dict, cfg: FitConfig, *, world_size: int, rest: int) -> str:
+def world_change_note(saved: dict, *, cfg: FitConfig, world_size: int, rest: int) -> str:
     """The line said when a run saved on another number of ranks resumes (a loader state `saved`, `rest`
     steps left in its epoch); '' if the number is the same."""
     was = int(saved.get("world_size", world_size))

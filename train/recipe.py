@@ -285,7 +285,7 @@ class FitRecipe:
         if not self.cfg.max_steps:  # epochs on another number of ranks have another number of steps
             self.total_steps = self.progress.step + self.train_loader.batches_left(self.cfg.epochs)
         rest = len(self.train_loader.plan()) - self.train_loader.position
-        note = world_change_note(resumed["loader"], self.cfg, world_size=self.dist.world_size, rest=rest)
+        note = world_change_note(resumed["loader"], cfg=self.cfg, world_size=self.dist.world_size, rest=rest)
         if note and self.dist.is_main:
             log.warning(note)
 
