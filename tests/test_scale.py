@@ -288,7 +288,7 @@ def test_a_run_resumes_on_another_number_of_ranks(tiny: Path, tmp_path: Path, wa
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    """A torchrun launcher in a session of its own, so that `_finish` can end it with its workers."""
+    """A torchrun launcher in a process group of its own (setsid), so that `_finish` can end it with its workers."""
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
