@@ -135,8 +135,11 @@ def main(
                     }
                 )
     rows = scaling(rows)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     machine = (
-        f"{os.cpu_count()}-core {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}"
+        f"{os.cpu_count()}-core {platform.machine()}, {ram:.0f} GiB, {gpu} (the ranks run on the CPU), "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
     )
     click.echo(
         f"scale-out on {machine}: {steps} steps of S={scenes_per_batch} x G={grasps_per_scene} per rank, "
