@@ -3,10 +3,12 @@
 
 Run it through benchmarks/gpu_check.sh (which installs staged DALI wheels first). Steps, each a run of the
 project's own tools in a subprocess: make a dataset, build and verify shards, the CUDA-marked tests,
-bench_loaders, bench_train (bf16 + channels-last on CUDA; then torch.compile) and a short compare.
-Every step has an estimated cost; a step that would not fit in what is left of --budget-s is skipped,
-saying so, and a running step is stopped when the budget runs out. OUTDIR gets each step's log and JSON,
-summary.json (every figure, the card, the versions) and summary.md (the same as tables).
+bench_loaders, bench_train (bf16 + channels-last on CUDA; then torch.compile) and a short compare; with
+CUDA, last, fit under torchrun on every GPU of the machine (NCCL from two GPUs on; one GPU allows one rank,
+and the summary names NCCL multi-GPU as not measured). Every step has an estimated cost; a step that would
+not fit in what is left of --budget-s is skipped, saying so, and a running step is stopped when the budget
+runs out. OUTDIR gets each step's log and JSON, summary.json (every figure, the card, the versions) and
+summary.md (the same as tables).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ QUICK = Sizes(
 
 TOOL = "gpu_check"
 # What the check writes into OUTDIR, its ownership record: logs/ whole; data/ holds make_scenes' scenes and
-# make_shards' shards and compare/ compare's runs, each judged by its own record.
+# make_shards' shards and compare/ and torchrun/ fit's runs, each judged by its own record.
 ENTRIES = (
     "summary.md",
     "summary.json",
@@ -87,6 +89,7 @@ ENTRIES = (
     "data/scenes",
     "data/shards",
     "compare",
+    "torchrun",
     "bench_loaders.json",
     "bench_train.json",
     "bench_train_compile_large.json",
@@ -162,7 +165,9 @@ print(json.dumps(out))
     return env
 
 
-def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, dali: bool) -> list[Step]:
+def plan_steps(
+    out: Path, device: str, sizes: Sizes, quick: bool, workers: int, dali: bool, gpus: int = 0
+) -> list[Step]:
     """The check's steps in order, with their estimated costs in seconds (guesses from CPU runs and the
     hardware's specifications; summary.json lists estimate and actual side by side to correct them)."""
     py, data = sys.executable, out / "data"
@@ -360,7 +365,24 @@ def plan_steps(out: Path, device: str, sizes: Sizes, quick: bool, workers: int, 
             )
             for kind in ("large", "small")
         ),
-    ]
+        *(
+            [
+                Step(
+                    "torchrun",
+                    f"train/run.py fit under torchrun on {gpus} GPU rank{'s (NCCL)' if gpus > 1 else ' (no NCCL)'}, "
+                    f"{sizes.compare_steps} steps",
+                    [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "train/run.py",
+                     "fit", "--shards", shards, "--out", str(out / "torchrun"), "--device", "cuda", "--max-steps",
+                     str(sizes.compare_steps), "--quiet", "--overwrite", *sizes.model_args],
+                    start + 10 + sizes.compare_steps * step_s,
+                    needs=("verify_shards",),
+                    json="torchrun/summary.json",
+                )
+            ]
+            if cuda and gpus
+            else []
+        ),
+    ]  # fmt: skip
 
 
 def run_step(cmd: list[str], out: Path, name: str, left_s: float) -> dict:
@@ -477,6 +499,19 @@ def _fmt(v: float | None, spec: str = ",.0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def scale_out_line(env: dict, *, run: dict | None) -> str:
+    """What the check measured of training on several GPUs: NCCL needs two, so one GPU leaves it unmeasured."""
+    gpus = env.get("gpus", 0) if env["device"] == "cuda" else 0
+    measured = (
+        f"fit under torchrun on {run['world_size']} GPU rank(s): {_fmt(run['samples_per_s'])} samples/s (job). "
+        if run
+        else ""
+    )
+    if gpus >= 2:
+        return measured + f"NCCL multi-GPU: measured on {gpus} GPUs" + ("" if run else " (the step did not pass)")
+    return measured + f"NCCL multi-GPU: not measured ({'one GPU' if gpus == 1 else 'no GPU'} on this machine)"
+
+
 def render_markdown(summary: dict) -> str:
     """summary.md: what ran where, each step, then every figure as tables."""
     env, fig = summary["environment"], summary["figures"]
@@ -564,6 +599,7 @@ def render_markdown(summary: dict) -> str:
             for name, r in c["runs"].items()
         ]
         lines.append(f"\nloss curves identical: {c['loss_curves_identical']}")
+    lines += ["", "## Scale-out", "", scale_out_line(env, run=fig.get("torchrun"))]
     lines += [
         "",
         "## Targets (set for one H100; judged on CUDA runs only)",
@@ -645,7 +681,7 @@ def main(
     outdir.mkdir(parents=True, exist_ok=True)
     write_record(outdir, tool=TOOL, entries=ENTRIES)
     (outdir / "logs").mkdir(parents=True, exist_ok=True)
-    steps = plan_steps(outdir, device, sizes, quick, workers, dali)
+    steps = plan_steps(outdir, device, sizes, quick, workers, dali, env.get("gpus", 0))
     click.echo(
         f"gpu_check: {env.get('card', 'CPU')} ({device}), {sizes.scenes} scenes, budget {budget_s:.0f} s, "
         f"DALI {'yes' if dali else 'no: ' + env['dali'].get('error', 'no CUDA devices')}; logs in {outdir}/logs"
@@ -716,7 +752,7 @@ def main(
     write_atomically(outdir / "summary.md", render_markdown(summary))
     if not keep_data:  # the dataset and the compare runs' checkpoints: large, and no figure is in them
         shutil.rmtree(outdir / "data", ignore_errors=True)
-        for checkpoint in (outdir / "compare").glob("*/*.pt"):
+        for checkpoint in [*(outdir / "compare").glob("*/*.pt"), *(outdir / "torchrun").glob("*.pt")]:
             checkpoint.unlink()
     click.echo((outdir / "summary.md").read_text())
     failed = [s.name for s in steps if s.result["status"] in ("failed", "stopped", "partial")]

@@ -14,7 +14,7 @@ from gq.shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
 from .batch import Batch
 from .checks import check_records
 from .dataset import ShardDataset
-from .plan import EpochPlan, PlanSpec, make_plan, num_batches
+from .plan import EpochPlan, PlanSpec, Segment, make_plan, num_batches
 
 
 class LoaderError(UsageError):
@@ -38,10 +38,11 @@ class Loader:
     batch the loader has already moved on to (epoch + 1, position 0), so the next `iter()` yields the
     next epoch and a checkpoint taken after the last batch resumes at the next epoch's start;
     `set_epoch` picks an epoch instead. `state_dict()` / `load_state_dict()` carry (seed, epoch,
-    position), so a run resumes mid-epoch. Subclasses hold records resident in two tensors, `sdf`
-    [rows, D, D, D] and `labels` [rows, G, 20], and say which row holds each group's record (`_rows`);
-    every batch is cut from them by the same index operations (`_batch`), so both loaders give
-    bit-identical batches.
+    position, world size, drop_last, and the epoch's earlier segments on other world sizes): the same
+    on every rank, so a run resumes mid-epoch, on this or another number of ranks. Subclasses hold
+    records resident in two tensors, `sdf` [rows, D, D, D] and `labels` [rows, G, 20], and say which
+    row holds each group's record (`_rows`); every batch is cut from them by the same index operations
+    (`_batch`), so both loaders give bit-identical batches.
     """
 
     mode = ""
@@ -51,8 +52,13 @@ class Loader:
         self.split, self.spec, self.device = split, spec, device
         self.records, self._row_of_record = dataset.split(split)  # and each record's index row
         self.scene_ids = self.records.scene
-        self.shards = self.records.rank_shards(spec.rank, spec.world_size)  # this rank's, ascending
+        self.mine = np.flatnonzero(self.records.owner(spec.world_size) == spec.rank)  # this rank's records
+        self.shards = np.unique(self.records.shard[self.mine])  # and their shards, ascending
+        # Split record number of each (shard, slot).
+        self._record = np.full((self.reader.num_shards, self.reader.layout.records_per_shard), -1, dtype=np.int64)
+        self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
         self.epoch, self.position = 0, 0
+        self.past: tuple[Segment, ...] = ()  # this epoch's segments trained on other world sizes
         self._len = num_batches(self.records, spec)
         self.sdf: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
@@ -76,35 +82,66 @@ class Loader:
         return 0
 
     def __len__(self) -> int:
+        """Batches per epoch on this world size (the rest of an epoch begun on another has `len(plan())`)."""
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
         """Serve `epoch` from its start (evaluation asks for epoch 0 every time)."""
-        self.epoch, self.position = int(epoch), 0
+        self.epoch, self.position, self.past = int(epoch), 0, ()
 
     def state_dict(self) -> dict:
-        return {"seed": self.spec.seed, "epoch": self.epoch, "position": self.position}
+        """Where the run stands, globally: every rank of a step-synchronous run holds the same state."""
+        return {
+            "seed": self.spec.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.spec.world_size,
+            "drop_last": self.spec.drop_last,
+            "past": [[p.world_size, p.drop_last, p.batches] for p in self.past],
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; saved on another world size, the rest of its epoch is what no rank had trained."""
         if state["seed"] != self.spec.seed:
             raise LoaderError(f"loader state has seed {state['seed']}, this loader was opened with {self.spec.seed}")
-        if not 0 <= state["position"] <= len(self):
-            raise LoaderError(f"loader state position {state['position']} is outside 0..{len(self)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # States written before the world size was recorded were continued on the same number of ranks.
+        saved = Segment(
+            int(state.get("world_size", self.spec.world_size)),
+            bool(state.get("drop_last", self.spec.drop_last)),
+            int(state["position"]),
+        )
+        past = tuple(Segment(int(w), bool(d), int(b)) for w, d, b in state.get("past", ()))
+        position = saved.batches
+        if (saved.world_size, saved.drop_last) != (self.spec.world_size, self.spec.drop_last) and position:
+            past, position = past + (saved,), 0
+        epoch = int(state["epoch"])
+        try:
+            batches = len(make_plan(self.records, self.spec, epoch, past))
+        except ValueError as err:
+            raise LoaderError(f"loader state: {err}") from None
+        if not 0 <= position <= batches:
+            raise LoaderError(f"loader state position {position} is outside 0..{batches}")
+        self.epoch, self.position, self.past = epoch, position, past
+
+    def batches_left(self, epochs: int) -> int:
+        """Batches from where the loader stands to the end of epoch `epochs - 1`."""
+        if self.epoch >= epochs:
+            return 0
+        return len(self.plan()) - self.position + (epochs - self.epoch - 1) * len(self)
 
     def plan(self) -> EpochPlan:
-        return make_plan(self.records, self.spec, self.epoch)
+        return make_plan(self.records, self.spec, self.epoch, self.past)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.position >= len(self):
-            self.position = 0  # a state saved at an epoch's end (position == len) serves that epoch again
         plan = self.plan()
+        if self.position >= len(plan):
+            self.position = 0  # a state saved at an epoch's end (position == len) serves that epoch again
         for batch in self._iterate(plan, self.position):
             self.position += 1
             if self.position == len(plan):
                 # Moved on before the last batch is handed out: whatever the caller does with it
                 # (checkpoint, stop), the state already names the next epoch's start.
-                self.epoch, self.position = plan.epoch + 1, 0
+                self.epoch, self.position, self.past = plan.epoch + 1, 0, ()
             yield batch
 
     def _iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
@@ -128,7 +165,7 @@ class Loader:
             group_scene=dev(plan.group_scene),
             rows=dev(rows),
             label_index=dev(rows[group_of_grasp] * self.max_grasps + plan.slots),
-            scene_of_grasp=dev(group_of_grasp % self.spec.scenes_per_batch),
+            scene_of_grasp=dev(plan.place_in_batch()[group_of_grasp]),
         )
 
     def _batch(self, plan: EpochPlan, b: int, idx: EpochIndex) -> Batch:

@@ -67,25 +67,13 @@ class CacheLoader(Loader):
         progress: bool = True,
     ):
         super().__init__(dataset, split=split, spec=spec, device=device)
-        lay = self.reader.layout
-        # This rank's records, by shard then slot; cache row i holds record mine[i].
-        mine = np.flatnonzero(np.isin(self.records.shard, self.shards))
-        n = len(mine)
-        needed = n * (lay.sdf_record_bytes + lay.labels_record_bytes)
-        free = free_memory(device) if memory_budget is None else int(memory_budget)
-        check_fits(
-            needed,
-            free,
-            what=f"cache: the {split} split's {len(self.shards)} shards of rank {spec.rank} ({n:,} scenes)",
-            device=device,
-        )
-        self.sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=device)
-        self.labels = torch.empty((n, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=device)
-        self._row = np.full((self.reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)  # (shard, slot) -> row
-        self._row[self.records.shard[mine], self.records.slot[mine]] = np.arange(n)
-        self._mine = mine
+        self.memory_budget, self.progress = memory_budget, progress
+        # Cache row i holds split record resident[i]: this rank's records (by shard, then slot), then the
+        # extra records the rest of an epoch begun on another world size uses (none otherwise).
+        self.resident = np.zeros(0, dtype=np.int64)
+        self._row = np.full(self._record.shape, -1, dtype=np.int64)  # (shard, slot) -> row
         self.load_s = self.check_s = 0.0
-        self._load(progress)
+        self._hold(self.mine)
 
     @property
     def resident_bytes(self) -> int:
@@ -94,8 +82,39 @@ class CacheLoader(Loader):
     def _rows(self, plan: EpochPlan) -> np.ndarray:
         return self._row[plan.group_shard, plan.group_slot]
 
-    def _load(self, progress: bool) -> None:
-        """Shard by shard: read the rank's records into the cache rows, checking each shard's records.
+    def _begin_epoch(self, plan: EpochPlan, start: int) -> None:
+        """Hold this rank's records and those of the plan: more for the rest of an epoch begun on another
+        world size (its groups were dealt without regard to ownership), only its own again afterwards."""
+        extra = np.setdiff1d(self._record[plan.group_shard, plan.group_slot], self.mine)
+        self._hold(np.concatenate([self.mine, extra]))
+
+    def _hold(self, records: np.ndarray) -> None:
+        """Make the cache hold exactly `records` (this rank's first): rows already there stay, the rest is read."""
+        if np.array_equal(records, self.resident):
+            return
+        lay = self.reader.layout
+        keep = len(self.mine) if len(self.resident) else 0  # both begin with this rank's records
+        n = len(records)
+        check_fits(  # while the rows kept are copied over, the old cache is still held: ask for all of the new one
+            n * (lay.sdf_record_bytes + lay.labels_record_bytes),
+            free_memory(self.device) if self.memory_budget is None else int(self.memory_budget),
+            what=f"cache: the {self.split} split's records of rank {self.spec.rank} in {len(self.shards)} shards "
+            f"({n:,} scenes)",
+            device=self.device,
+        )
+        sdf = torch.empty((n,) + (lay.grid,) * 3, dtype=getattr(torch, lay.dtype), device=self.device)
+        labels = torch.empty((n, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=self.device)
+        if keep:
+            sdf[:keep].copy_(self.sdf[:keep])
+            labels[:keep].copy_(self.labels[:keep])
+        self.sdf, self.labels, self.resident = sdf, labels, records
+        self._row[:] = -1
+        self._row[self.records.shard[records], self.records.slot[records]] = np.arange(n)
+        if n > keep:
+            self._load(keep)
+
+    def _load(self, first: int) -> None:
+        """Shard by shard: read the records of rows `first`.. into the cache, checking each shard's records.
 
         CPU: one task per shard reads it straight into the cache and checks it, on as many threads as
         there are cores (reads and XXH3 release the GIL; the kernel's page zeroing of the fresh cache
@@ -103,50 +122,53 @@ class CacheLoader(Loader):
         device overlaps the next read; the records are then checked on the device.
         """
         start = time.perf_counter()
-        shard_of = self.records.shard[self._mine]
-        bounds = np.searchsorted(shard_of, np.append(self.shards, np.iinfo(np.int64).max))
-        parts = [(int(shard), int(bounds[i]), int(bounds[i + 1])) for i, shard in enumerate(self.shards)]
+        shard_of = self.records.shard[self.resident]
+        bounds = np.append(first + np.flatnonzero(np.diff(shard_of[first:], prepend=-1)), len(shard_of))
+        parts = [(int(shard_of[a]), int(a), int(z)) for a, z in zip(bounds[:-1], bounds[1:])]
+        lay = self.reader.layout
         bar = tqdm(
-            total=self.resident_bytes,
+            total=(len(shard_of) - first) * (lay.sdf_record_bytes + lay.labels_record_bytes),
             unit="B",
             unit_scale=True,
             desc=f"cache {self.split}",
-            disable=(not progress) or None,
+            disable=(not self.progress) or None,
             dynamic_ncols=True,
         )
         if self.device.type == "cuda":
-            self._load_staged(parts, bar)
+            self._load_staged(parts, bar, first)
         else:
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
                 for done in [pool.submit(self._load_shard, *part) for part in parts]:
                     bar.update(done.result())  # in shard order: the first bad record's error is raised here
         bar.close()
-        self.load_s = time.perf_counter() - start
+        took = time.perf_counter() - start
+        self.load_s += took
         log.info(
             "cache: %s scenes of split %s, rank %d of %d (%.1f MB, sdf %s) loaded into %s and checked in "
-            "%.2f s (%.0f MB/s; checks %.2f s)",
-            f"{len(self._mine):,}",
+            "%.2f s (%.0f MB/s; checks %.2f s)%s",
+            f"{len(self.resident) - first:,}",
             self.split,
             self.spec.rank,
             self.spec.world_size,
             self.resident_bytes / 1e6,
             self.reader.layout.dtype,
             self.device,
-            self.load_s,
-            self.resident_bytes / 1e6 / max(self.load_s, 1e-9),
+            took,
+            self.resident_bytes / 1e6 / max(took, 1e-9),
             self.check_s,
+            f", besides its own {first:,}: the rest of an epoch begun on another world size" if first else "",
         )
 
     def _load_shard(self, shard: int, a: int, z: int) -> int:
         """Read one shard's records into cache rows a..z and check them; returns the bytes read."""
         dest = (self.sdf[a:z], self.labels[a:z])
-        slots = self.records.slot[self._mine[a:z]]
+        slots = self.records.slot[self.resident[a:z]]
         for kind, part in zip(("sdf", "labels"), dest):
             self.reader.read_records(kind, shard, slots, part.numpy())
-        self._timed_check(*dest, self._mine[a:z])
+        self._timed_check(*dest, self.resident[a:z])
         return dest[0].nbytes + dest[1].nbytes
 
-    def _load_staged(self, parts: list[tuple[int, int, int]], bar: tqdm) -> None:
+    def _load_staged(self, parts: list[tuple[int, int, int]], bar: tqdm, first: int) -> None:
         """CUDA: read each shard into one of two pinned buffers and copy it to the device while the next is read."""
         r = self.reader.layout.records_per_shard
         staging = [
@@ -161,7 +183,7 @@ class CacheLoader(Loader):
             if copied[i % 2] is not None:
                 copied[i % 2].synchronize()  # this buffer's last copy to the device has finished
             stage = (staging[i % 2][0][: z - a], staging[i % 2][1][: z - a])
-            slots = self.records.slot[self._mine[a:z]]
+            slots = self.records.slot[self.resident[a:z]]
             for kind, part in zip(("sdf", "labels"), stage):
                 self.reader.read_records(kind, shard, slots, part.numpy())
             for dest, part in zip((self.sdf[a:z], self.labels[a:z]), stage):
@@ -170,7 +192,7 @@ class CacheLoader(Loader):
             copied[i % 2].record()
             bar.update(stage[0].nbytes + stage[1].nbytes)
         torch.cuda.synchronize(self.device)
-        self._timed_check(self.sdf, self.labels, self._mine)
+        self._timed_check(self.sdf[first:], self.labels[first:], self.resident[first:])
 
     def _timed_check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
         t = time.perf_counter()

@@ -57,11 +57,9 @@ class DaliLoader(Loader):
         self._capacity = 0  # shards in the ring
         self._pipe = self._iter = None
         self._loaded = 0  # shards of the current epoch's order read into the ring so far
-        self._next = None  # (epoch, position in its shard order) of the pipeline's next shard
-        self._left = 0  # shards the pipeline has yet to deliver
-        # Split record number of each (shard, slot), to check the records of an arriving shard.
-        self._record = np.full((self.reader.num_shards, lay.records_per_shard), -1, dtype=np.int64)
-        self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
+        self._listed: list[tuple[int, int]] = []  # (epoch, position in its shard order) of each shard listed
+        self._delivered = 0  # shards of `_listed` the pipeline has delivered
+        self._used = np.zeros(self._record.shape, dtype=bool)  # (shard, slot) records the current plan uses
 
     @property
     def resident_bytes(self) -> int:
@@ -91,23 +89,31 @@ class DaliLoader(Loader):
         self.labels = torch.empty((rows, lay.max_grasps, LABEL_DIM), dtype=torch.float32, device=self.device)
         self._capacity = capacity
 
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._release()  # the pipeline listed the shard orders of another position
+
     def _begin_epoch(self, plan: EpochPlan, start: int) -> None:
         """Position the pipeline at the first shard batch `start` needs: keep it if it is there already."""
         first = plan.shard_span(start)[0]
         self._loaded = first
-        if self._pipe is None or self._next != (plan.epoch, first) or self._left == 0:
-            self._open(plan.epoch, first)
+        self._used[:] = False
+        self._used[plan.group_shard, plan.group_slot] = True  # a shared shard is read whole; its other records unused
+        listed = self._listed[self._delivered] if self._delivered < len(self._listed) else None
+        if self._pipe is None or listed != (plan.epoch, first):
+            self._open(plan, first)
 
-    def _open(self, epoch: int, first: int) -> None:
-        """A pipeline over the shard orders of `epoch` (from position `first`) and the epochs after it."""
+    def _open(self, plan: EpochPlan, first: int) -> None:
+        """A pipeline over `plan`'s shard order (from position `first`) and those of the epochs after it."""
         self._release()
-        order = np.concatenate(
-            [
-                shard_order(self.records, self.spec, e)[first if e == epoch else 0 :]
-                for e in range(epoch, epoch + EPOCHS_PER_PIPELINE)
-            ]
-        )
-        self._next, self._left = (epoch, first), len(order)
+        orders = [plan.shard_order[first:]] + [
+            shard_order(self.records, self.spec, e) for e in range(plan.epoch + 1, plan.epoch + EPOCHS_PER_PIPELINE)
+        ]
+        order = np.concatenate(orders)
+        self._listed = [
+            (plan.epoch + i, k + (first if i == 0 else 0)) for i, o in enumerate(orders) for k in range(len(o))
+        ]
+        self._delivered = 0
         on_gpu = self.device.type == "cuda"
 
         # exec_dynamic: outputs are reference-counted, so DALIGenericIterator hands them to torch
@@ -145,18 +151,16 @@ class DaliLoader(Loader):
         r = self.reader.layout.records_per_shard
         last = plan.shard_span(b)[1]
         while self._loaded <= last:
-            if self._left == 0:  # the pipeline's epochs are used up: list the next ones
-                self._open(plan.epoch, self._loaded)
+            if self._delivered == len(self._listed):  # the pipeline's epochs are used up: list the next ones
+                self._open(plan, self._loaded)
             out = next(self._iter)[0]
-            self._left -= 1
-            epoch, pos = self._next
-            self._next = (epoch, pos + 1) if pos + 1 < len(self.shards) else (epoch + 1, 0)
+            self._delivered += 1
             ring = self._loaded % self._capacity * r
             sdf, labels = self.sdf[ring : ring + r], self.labels[ring : ring + r]
             sdf.copy_(out["sdf"][0])
             labels.copy_(out["labels"][0])
             shard = int(plan.shard_order[self._loaded])
-            used = np.flatnonzero(self._record[shard] >= 0)
+            used = np.flatnonzero(self._used[shard])
             # Used records are a prefix of the shard unless scenes were skipped: then select them.
             pick = slice(0, len(used)) if len(used) == 0 or used[-1] == len(used) - 1 else torch.from_numpy(used)
             self._check(sdf[pick], labels[pick], self._record[shard, used])
@@ -166,7 +170,7 @@ class DaliLoader(Loader):
         """Stop DALI's threads: drop the iterator and pipeline and collect them now."""
         if self._pipe is not None:
             self._iter = self._pipe = None
-            self._next, self._left = None, 0
+            self._listed, self._delivered = [], 0
             gc.collect()
 
     def close(self) -> None:

@@ -1,11 +1,15 @@
 """The epoch plan: one pure function gives every loader the same batches.
 
-(seed, epoch, split, rank, world size, S, G, shuffle window, drop_last) -> this rank's batches.
+(seed, epoch, split, rank, world size, S, G, shuffle window, drop_last[, past]) -> this rank's batches.
 
 * **Shards per rank.** The split's shards (consecutive, in storage order) are dealt round-robin:
   rank r owns shards r, r + W, r + 2W, ... of the split, the same set every epoch, so a cache holds
   only its own part and ranks never read each other's. When the shards do not divide evenly, the
   first ranks own one shard more (and one rank may own the split's padded last shard).
+* **Ranks sharing shards.** When a split has fewer shards n than ranks W, rank r owns the records
+  whose place in the split, counted in shards (shard + the fraction of its shard's grasps before the
+  record's middle), lies in [r n / W, (r + 1) n / W): a contiguous part of one or two shards, about
+  n / W of a shard's grasps. When W is a multiple of n every part lies within one shard.
 * **Windows.** Each epoch a rank takes its shards in a seeded order, `window` shards at a time
   (`window=None`: all of them, a full shuffle over the rank's data). Within a window each scene's
   grasps are shuffled and cut into groups of G (a scene with fewer than G grasps left gets a shorter
@@ -13,10 +17,18 @@
   windows' groups follow each other, and S consecutive groups make a batch, so a batch may span two
   (or, with tiny windows, more) consecutive windows: a loader keeps every window a batch touches
   resident (`EpochPlan.shard_span`). Two groups of one scene may share a batch; each carries its SDF.
-* **Coverage.** Without drop_last every grasp of the rank's shards is visited exactly once per
+* **Coverage.** Without drop_last every grasp of the rank's records is visited exactly once per
   epoch, so every grasp of the split once across ranks. With drop_last (DDP) every rank gets the
   same number of full batches, B = min over ranks of its groups // S; a rank drops its groups past
   B * S (at most its share beyond the smallest rank's: about one shard when shards divide unevenly).
+* **The rest of an epoch on another world size** (`past`). A run interrupted after `k` steps of an
+  epoch on W ranks has trained, on every rank, the first k batches of that rank's plan: what was
+  trained is a function of (epoch, W, drop_last, k) alone. Resumed on W' ranks, the groups no rank
+  had trained (the W ranks' untrained groups, rank after rank, in plan order) are dealt in
+  contiguous parts to the W' ranks, as the same number of batches on every rank with near-equal
+  scene counts (at most S), so each is trained exactly once. Each part's shards are read in windows
+  in the order they are first used. Later epochs follow the plan for W'. Resuming again within the
+  same epoch adds a segment to `past`.
 
 Stored scene order is already a seeded shuffle of the split (shards/placement.py), so any window of
 shards is a random sample of the split.
@@ -83,9 +95,24 @@ class SplitRecords:
         """The split's shards, ascending."""
         return np.unique(self.shard)
 
+    def owner(self, world_size: int) -> np.ndarray:
+        """The rank owning each record: whole shards round-robin, or parts of shards when ranks outnumber them."""
+        shards = self.shards()
+        index = np.searchsorted(shards, self.shard)
+        n = len(shards)
+        if n >= world_size:
+            return index % world_size
+        # The fraction of its shard's grasps before each record's middle (records are in storage order).
+        grasps = self.num_grasps.astype(np.float64)
+        before = np.cumsum(grasps) - grasps
+        first = np.searchsorted(index, np.arange(n))
+        total = np.bincount(index, weights=grasps, minlength=n)
+        within = (before - before[first][index] + grasps / 2) / np.maximum(total, 1)[index]
+        return np.minimum(np.floor((index * world_size + within * world_size) / n), world_size - 1).astype(np.int64)
+
     def rank_shards(self, rank: int, world_size: int) -> np.ndarray:
-        """The shards rank `rank` owns, ascending (round-robin over the split's shards)."""
-        return self.shards()[rank::world_size]
+        """The shards holding records of rank `rank`, ascending."""
+        return np.unique(self.shard[self.owner(world_size) == rank])
 
 
 @dataclass(frozen=True)
@@ -102,14 +129,14 @@ class EpochPlan:
     group_pos: np.ndarray  # int64 [groups]: position of that shard in `shard_order`
     group_start: np.ndarray  # int64 [groups + 1]: offsets of each group's grasps in `slots`
     slots: np.ndarray  # int64 [grasps]: grasp slot within its scene's record
+    batch_start: np.ndarray  # int64 [batches + 1]: offsets of each batch's groups (S each, but the rest of an epoch)
 
     def __len__(self) -> int:
-        return -(-len(self.group_scene) // self.spec.scenes_per_batch)
+        return len(self.batch_start) - 1
 
     def groups(self, batch: int) -> tuple[int, int]:
         """Range of group indices in batch `batch`."""
-        s = self.spec.scenes_per_batch
-        return batch * s, min((batch + 1) * s, len(self.group_scene))
+        return int(self.batch_start[batch]), int(self.batch_start[batch + 1])
 
     def grasp_range(self, batch: int) -> tuple[int, int]:
         """Range of `slots` indices in batch `batch`."""
@@ -117,8 +144,13 @@ class EpochPlan:
         return int(self.group_start[g0]), int(self.group_start[g1])
 
     def group_of_grasp(self) -> np.ndarray:
-        """For every grasp, the index of its group; modulo S, its position within its batch."""
+        """For every grasp, the index of its group."""
         return np.repeat(np.arange(len(self.group_scene), dtype=np.int64), np.diff(self.group_start))
+
+    def place_in_batch(self) -> np.ndarray:
+        """For every group, its position within its batch."""
+        sizes = np.diff(self.batch_start)
+        return np.arange(len(self.group_scene), dtype=np.int64) - np.repeat(self.batch_start[:-1], sizes)
 
     def shard_span(self, batch: int) -> tuple[int, int]:
         """Positions [first, last] in `shard_order` of the windows batch `batch` touches: what must be resident."""
@@ -132,9 +164,8 @@ class EpochPlan:
         """The most shards any batch of the epoch needs resident at once (`shard_span` of every batch)."""
         if not len(self):
             return 0
-        s, w = self.spec.scenes_per_batch, self.window
-        g0 = np.arange(len(self), dtype=np.int64) * s
-        g1 = np.minimum(g0 + s, len(self.group_scene)) - 1
+        w = self.window
+        g0, g1 = self.batch_start[:-1], self.batch_start[1:] - 1
         first = self.group_pos[g0] // w * w
         last = np.minimum((self.group_pos[g1] // w + 1) * w, len(self.shard_order)) - 1
         return int((last - first + 1).max())
@@ -157,9 +188,9 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
 
 
 def _groups_per_rank(records: SplitRecords, spec: PlanSpec) -> np.ndarray:
-    """Groups of G each rank's shards make: the same every epoch."""
+    """Groups of G each rank's records make: the same every epoch."""
     groups = -(-records.num_grasps.astype(np.int64) // spec.grasps_per_scene)
-    owner = np.searchsorted(records.shards(), records.shard) % spec.world_size
+    owner = records.owner(spec.world_size)
     return np.bincount(owner, weights=groups, minlength=spec.world_size).astype(np.int64)
 
 
@@ -184,9 +215,15 @@ def shard_order(records: SplitRecords, spec: PlanSpec, epoch: int) -> np.ndarray
     return rng.permutation(records.rank_shards(spec.rank, spec.world_size))
 
 
-def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int) -> EpochPlan:
-    """The epoch's batches for `spec.rank`; a pure function of its arguments."""
+def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Segment, ...] = ()) -> EpochPlan:
+    """The epoch's batches for `spec.rank`; a pure function of its arguments.
+
+    `past`: the segments of this epoch already trained on other world sizes (oldest first); the plan is
+    then this rank's part of the groups they left.
+    """
     spec.check()
+    if past:
+        return _deal(left_after(records, spec, epoch, past), spec, epoch)
     rng = np.random.default_rng([spec.seed, epoch, spec.rank])
     order = shard_order(records, spec, epoch)
     w = max(1, len(order) if spec.window is None else min(spec.window, len(order)))
@@ -194,7 +231,7 @@ def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int) -> EpochPlan:
     pos[order] = np.arange(len(order))
 
     # This rank's records in epoch order: by the position of their shard, then by slot.
-    mine = np.flatnonzero(pos[records.shard] >= 0) if len(order) else np.zeros(0, np.int64)
+    mine = np.flatnonzero(records.owner(spec.world_size) == spec.rank)
     mine = mine[np.lexsort((records.slot[mine], pos[records.shard[mine]]))]
     n = records.num_grasps[mine].astype(np.int64)
     g = spec.grasps_per_scene
@@ -237,4 +274,111 @@ def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int) -> EpochPlan:
         group_pos=pos[records.shard[rec]],
         group_start=starts,
         slots=shuffled_slot[flat],
+        batch_start=np.minimum(
+            np.arange(-(-len(perm) // spec.scenes_per_batch) + 1) * spec.scenes_per_batch, len(perm)
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of an epoch trained on one world size: its first `batches` batches on each of `world_size` ranks."""
+
+    world_size: int
+    drop_last: bool
+    batches: int
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Groups in a fixed order, as flat arrays: what a plan's batches are cut from."""
+
+    scene: np.ndarray  # int64 [groups]
+    shard: np.ndarray  # int64 [groups]
+    slot: np.ndarray  # int64 [groups]
+    start: np.ndarray  # int64 [groups + 1]: offsets of each group's grasps in `slots`
+    slots: np.ndarray  # int64 [grasps]
+
+    def __len__(self) -> int:
+        return len(self.scene)
+
+    @classmethod
+    def of(cls, plan: EpochPlan, *, first: int = 0) -> Groups:
+        """The plan's groups from group `first` on."""
+        a = int(plan.group_start[first])
+        return cls(
+            plan.group_scene[first:], plan.group_shard[first:], plan.group_slot[first:],
+            plan.group_start[first:] - a, plan.slots[a:],
+        )  # fmt: skip
+
+    def take(self, index: np.ndarray) -> Groups:
+        """The groups `index` (an array of group numbers), in that order."""
+        lengths = np.diff(self.start)[index]
+        start = _exclusive_cumsum(lengths)
+        flat = np.repeat(self.start[index] - start[:-1], lengths) + np.arange(start[-1], dtype=np.int64)
+        return Groups(self.scene[index], self.shard[index], self.slot[index], start, self.slots[flat])
+
+    @staticmethod
+    def concat(parts: list[Groups]) -> Groups:
+        """The groups of `parts`, one part after the other."""
+        starts = [p.start[:-1] + off for p, off in zip(parts, _exclusive_cumsum([p.start[-1] for p in parts]))]
+        return Groups(
+            *(np.concatenate([getattr(p, k) for p in parts]) for k in ("scene", "shard", "slot")),
+            np.append(np.concatenate(starts), sum(int(p.start[-1]) for p in parts)),
+            np.concatenate([p.slots for p in parts]),
+        )
+
+
+def left_after(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Segment, ...]) -> Groups:
+    """The groups of `epoch` that no rank had trained after the segments `past`: every rank's untrained
+    groups of the last segment, rank after rank, in the order of its plan. Depends on no rank's own record."""
+    *before, last = past
+    parts = []
+    for rank in range(last.world_size):
+        seg = PlanSpec(
+            spec.scenes_per_batch, spec.grasps_per_scene, spec.seed, rank, last.world_size, last.drop_last, spec.window
+        )
+        plan = make_plan(records, seg, epoch, tuple(before))
+        if not 0 <= last.batches <= len(plan):
+            raise ValueError(f"epoch {epoch}: {last.batches} batches trained on {last.world_size} ranks, "
+                             f"but rank {rank}'s plan has {len(plan)}")  # fmt: skip
+        parts.append(Groups.of(plan, first=int(plan.batch_start[last.batches])))
+    return Groups.concat(parts)
+
+
+def _deal(left: Groups, spec: PlanSpec, epoch: int) -> EpochPlan:
+    """`spec.rank`'s plan for the groups `left`: a contiguous part of them, as the same number of batches on
+    every rank with near-equal scene counts (at most S, or 2 when S = 1 and the groups do not divide evenly)."""
+    t, w, s = len(left), spec.world_size, spec.scenes_per_batch
+    batches = -(-t // (w * s))
+    if t < w * batches:  # some batch would be empty: fewer, fuller batches
+        batches = t // w
+    if batches == 0:
+        raise ValueError(
+            f"epoch {epoch} has {t} groups left to train, fewer than the {w} ranks; resume on at most {t} ranks"
+        )
+    sizes = np.full(w * batches, t // (w * batches), dtype=np.int64)
+    sizes[: t % (w * batches)] += 1
+    sizes = sizes.reshape(w, batches)
+    first = int(sizes[: spec.rank].sum())
+    mine = left.take(np.arange(first, first + int(sizes[spec.rank].sum()), dtype=np.int64))
+    # Shards in the order first used, read a window at a time; a stable sort by window keeps the order otherwise.
+    used, first_use = np.unique(mine.shard, return_index=True)
+    order = used[np.argsort(first_use)]
+    window = max(1, len(order) if spec.window is None else min(spec.window, len(order)))
+    pos = np.zeros(int(order.max()) + 1 if len(order) else 0, dtype=np.int64)
+    pos[order] = np.arange(len(order))
+    mine = mine.take(np.argsort(pos[mine.shard] // window, kind="stable"))
+    return EpochPlan(
+        spec=spec,
+        epoch=epoch,
+        shard_order=order,
+        window=window,
+        group_scene=mine.scene,
+        group_shard=mine.shard,
+        group_slot=mine.slot,
+        group_pos=pos[mine.shard],
+        group_start=mine.start,
+        slots=mine.slots,
+        batch_start=_exclusive_cumsum(sizes[spec.rank]),
     )

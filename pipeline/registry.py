@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from .base import Loader, LoaderError
 from .dataset import ShardDataset, open_dataset
 from .device import resolve_device
-from .plan import DEFAULT_WINDOW, PlanSpec, num_batches
+from .plan import DEFAULT_WINDOW, PlanSpec, SplitRecords, num_batches
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,24 @@ LOADER_MODES: dict[str, LoaderMode] = {
     "dali": LoaderMode(".dali_loader", "DaliLoader", ("prefetch", "num_threads")),
 }
 MODES = tuple(LOADER_MODES)
+
+
+def _what_would_give_batches(records: SplitRecords, spec: PlanSpec) -> str:
+    """Which change of S, G or the number of ranks would give batches (ranks share shards, so shards do not matter)."""
+
+    def fits(**change) -> bool:
+        return num_batches(records, replace(spec, rank=0, **change), all_ranks=True) > 0
+
+    s = next((s for s in range(spec.scenes_per_batch - 1, 0, -1) if fits(scenes_per_batch=s)), None)
+    g = next((g for g in range(spec.grasps_per_scene - 1, 0, -1) if fits(grasps_per_scene=g)), None)
+    w = next(
+        (w for w in range(spec.world_size - 1, 0, -1) if fits(world_size=w, drop_last=spec.drop_last and w > 1)), None
+    )
+    ways = [f"-S {s}" if s else "", f"-G {g}" if g else "", f"{w} rank{'s' if w > 1 else ''}" if w else ""]
+    ways = [x for x in ways if x]
+    if not ways:
+        return "no setting gives a batch: add scenes to the split (gq shards build; for val, a larger --val-fraction)"
+    return f"{' or '.join(ways)} would give some, as would more scenes in the split"
 
 
 def open_loader(
@@ -81,9 +99,10 @@ def open_loader(
     # A rank may get no batch (a small split, many ranks, no drop_last); the split as a whole must.
     if num_batches(records, spec, all_ranks=True) == 0:
         raise LoaderError(
-            f"split {split!r} of {root} ({len(records.shards())} shards) gives no batches with "
-            f"scenes_per_batch {scenes_per_batch}, grasps_per_scene {grasps_per_scene}, world_size "
-            f"{world_size}, drop_last {drop_last}"
+            f"split {split!r} of {root} ({len(records.scene)} scenes in {len(records.shards())} shards) gives no "
+            f"batches with scenes_per_batch (-S) {scenes_per_batch}, grasps_per_scene (-G) {grasps_per_scene} on "
+            f"{world_size} rank{'s' if world_size > 1 else ''}{' (each needs a full batch)' if drop_last else ''}; "
+            f"{_what_would_give_batches(records, spec)}"
         )
     dev = resolve_device(device)
     options = {"memory_budget": memory_budget, "progress": progress, "prefetch": prefetch, "num_threads": num_threads}

@@ -118,8 +118,17 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
     assert all(t["met"] is None for t in summary["targets"])  # a CPU run measures, but judges nothing
 
     md = (out / "summary.md").read_text()
-    for heading in ("## Steps", "## CUDA tests", "## Loaders", "## Training", "## compare", "## Targets"):
+    for heading in (
+        "## Steps",
+        "## CUDA tests",
+        "## Loaders",
+        "## Training",
+        "## compare",
+        "## Scale-out",
+        "## Targets",
+    ):
         assert heading in md
+    assert "NCCL multi-GPU: not measured (no GPU on this machine)" in md
     assert "| bench_train_compile_large |" in md and "would need ~" in md
     for s in summary["steps"][:-2]:
         assert (out / s["log"]).stat().st_size > 0
@@ -155,3 +164,17 @@ def test_help() -> None:
         ["bash", str(REPO / "benchmarks" / "stage_wheels.sh"), "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--piece-mib" in result.stdout
+
+
+def test_the_torchrun_step_uses_every_gpu_and_one_gpu_leaves_nccl_unmeasured(tmp_path: Path) -> None:
+    from gq.benchmarks.gpu_check import QUICK, plan_steps, scale_out_line
+
+    for gpus in (1, 4):
+        (step,) = [s for s in plan_steps(tmp_path, "cuda", QUICK, True, 1, True, gpus) if s.name == "torchrun"]
+        assert step.cmd[step.cmd.index("--nproc-per-node") + 1] == str(gpus) and "cuda" in step.cmd
+        assert ("(NCCL)" in step.what) == (gpus > 1)
+    assert not [s for s in plan_steps(tmp_path, "cpu", QUICK, True, 1, True, 0) if s.name == "torchrun"]
+    run = {"world_size": 1, "samples_per_s": 1234.0}
+    one = scale_out_line({"device": "cuda", "gpus": 1}, run=run)
+    assert one.endswith("NCCL multi-GPU: not measured (one GPU on this machine)") and "1,234 samples/s" in one
+    assert scale_out_line({"device": "cuda", "gpus": 2}, run={**run, "world_size": 2}).endswith("measured on 2 GPUs")

@@ -29,6 +29,7 @@ from gq.pipeline import (
 from gq.shards import BuildOptions, DatasetError, ShardReader, build_shards
 
 GRID = 16
+ONE_RANK = {"world_size": 1, "drop_last": False, "past": []}  # a loader state's world: one rank, no earlier ones
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_resume_mid_epoch_continues_with_the_same_batches(dataset, mode: str) ->
         for _ in range(3):
             next(it)
         state = loader.state_dict()
-    assert state == {"seed": 9, "epoch": 4, "position": 3}
+    assert state == {"seed": 9, "epoch": 4, "position": 3, **ONE_RANK}
     with open_loader(shards, mode=mode, **kwargs) as again:
         again.load_state_dict(json.loads(json.dumps(state)))
         rest = _epoch(again)
@@ -218,8 +219,13 @@ def test_the_loader_rolls_on_to_the_next_epoch(dataset, mode: str) -> None:
     with open_loader(shards, mode=mode, **kwargs) as loader:
         loader.set_epoch(2)
         states = [loader.state_dict() for _ in loader]  # the state while each batch is in the caller's hands
-        assert states[-2] == {"seed": 9, "epoch": 2, "position": len(loader) - 1}
-        assert states[-1] == {"seed": 9, "epoch": 3, "position": 0}  # a checkpoint here resumes at epoch 3's start
+        assert states[-2] == {"seed": 9, "epoch": 2, "position": len(loader) - 1, **ONE_RANK}
+        assert states[-1] == {
+            "seed": 9,
+            "epoch": 3,
+            "position": 0,
+            **ONE_RANK,
+        }  # a checkpoint here resumes at epoch 3's start
         pipe = getattr(loader, "_pipe", None)
         rolled = _epoch(loader)
         assert getattr(loader, "_pipe", None) is pipe  # DALI's pipeline lists the next epochs: not rebuilt

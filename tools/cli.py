@@ -39,6 +39,7 @@ COMMANDS: dict = {
         "scenes": "gq.benchmarks.bench_scenes:main",
         "import": "gq.benchmarks.bench_import:main",
         "generalisation": "gq.benchmarks.bench_generalisation:main",
+        "scale": "gq.benchmarks.bench_scale:main",
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -32,7 +32,7 @@ from gq.shards import DatasetError
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import BASE_CHANNELS, ConfigError, FitConfig
-from .distributed import Distributed
+from .distributed import Distributed, resume_on_restart, world_change_note
 from .logs import TrainLog
 from .plots import plot_curves
 from .rundir import RunDir, run_lock
@@ -149,6 +149,7 @@ class FitRecipe:
     """One training run of `cfg`. Use as a context manager: `with FitRecipe(cfg) as r: r.setup(); r.train()`."""
 
     def __init__(self, cfg: FitConfig) -> None:
+        cfg = resume_on_restart(cfg)  # under torchrun --max-restarts, a restarted worker continues from last.pt
         cfg.check()
         self.cfg = cfg
         self._stack = ExitStack()
@@ -282,6 +283,12 @@ class FitRecipe:
             torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
         self.progress = Progress.from_dict(resumed["state"])
         self.run.truncate_metrics(self.progress.step)
+        if not self.cfg.max_steps:  # epochs on another number of ranks have another number of steps
+            self.total_steps = self.progress.step + self.train_loader.batches_left(self.cfg.epochs)
+        rest = len(self.train_loader.plan()) - self.train_loader.position
+        note = world_change_note(resumed["loader"], cfg=self.cfg, world_size=self.dist.world_size, rest=rest)
+        if note and self.dist.is_main:
+            log.warning(note)
 
     # -- one step, one validation, one checkpoint ---------------------------------------------------
     def train_step(self, batch: Batch) -> float:
