@@ -122,6 +122,8 @@ def report(result: dict) -> str:
         [name, r["first_batch_s"], r["samples_per_s"], r["data_wait"], r["peak_memory_bytes"] / 1e9, r["val_mse"]]
         for name, r in result["runs"].items()
     ]
+    # None: a rate a run of one step does not have (its only step carries start-up and is left out)
+    rows = [["-" if value is None else value for value in row] for row in rows]
     lines = format_table(columns, rows, indent="")
     verdict = (
         "loss curves identical step for step (both loaders gave the same batches)"
