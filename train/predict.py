@@ -22,7 +22,7 @@ from gq.common.files import write_atomically
 from gq.models import GRASP_DIM, GQEstimatorBase
 from gq.pipeline import open_dataset, open_loader, resolve_device
 
-from .checkpoint import load_model
+from .checkpoint import Trained, load_model
 from .metrics import Metrics
 from .scores import Standardiser
 
@@ -62,7 +62,7 @@ class Predictions:
 class Estimator:
     """A trained model with its score units, ready to score grasps on a device."""
 
-    def __init__(self, model: GQEstimatorBase, stats: dict | None, device: str | torch.device = "cpu"):
+    def __init__(self, model: GQEstimatorBase, stats: Trained | None, device: str | torch.device = "cpu"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.units = Standardiser.of_checkpoint(stats)
