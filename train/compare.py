@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from gq.common.files import check_writable
 from gq.common.table import format_table
 from gq.pipeline import MODES
 
@@ -72,6 +73,7 @@ def compare(base: FitConfig, out: Path) -> dict:
         raise ConfigError(
             f"--out {out}: holds {foreign[0]!r}, which compare did not write; choose a new or empty directory"
         )
+    check_writable(out, flag="--out")
     out.mkdir(parents=True, exist_ok=True)
     runs, table = {}, {}
     for loader in LOADERS:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from gq.common.files import check_writable
 from gq.common.options import click_options, one_line_errors
 from gq.common.table import format_table
 from gq.pipeline import MODES
@@ -139,6 +140,7 @@ def predict_cmd(
     from gq.train.predict import (
         Estimator,
         best_grasps,
+        check_mesh_max_extent,
         predict_mesh,
         predict_scenes,
         predict_shards,
@@ -153,6 +155,11 @@ def predict_cmd(
         raise PredictError("--mesh and --grasps go together")
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: must be at least 1")
+    check_mesh_max_extent(mesh_max_extent)
+    # --out is checked before any work: its folder must exist (predict makes none) and take a file.
+    if not out.parent.is_dir():
+        raise PredictError(f"--out {out}: no folder {out.parent} to write it in; create it or choose another --out")
+    check_writable(out, flag="--out")
     if out.exists():  # never replace a file that is not a Parquet file (someone else's), nor any without --overwrite
         with open(out, "rb") as f:
             parquet = f.read(4) == b"PAR1"
