@@ -54,8 +54,10 @@ def fit_cmd(**options) -> None:
         for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
         if isinstance(summary.get(k), float)
     )
+    rate = summary["samples_per_s"]  # None: no step was timed here (one step, or a run that had ended)
     click.echo(
-        f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
+        f"fit: {summary['steps']} steps ({summary['stopped']}), "
+        f"{'no steady-state rate' if rate is None else f'{rate:,.0f} samples/s'}; "
         f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
         f"outputs in {options['out']} (curves.png)"
     )
