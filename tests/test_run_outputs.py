@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,11 +99,11 @@ def test_a_signal_while_the_last_outputs_are_written_waits_for_them(data: Path, 
 # -- item 9: a refused dataset ends the process with its line, never an abort ----------------------------------------
 
 
-@pytest.mark.slow  # 8 processes, each importing torch
+@pytest.mark.slow  # 8 processes one after another, each importing torch
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_a_dataset_failing_its_quick_verify_exits_with_one_line(data: Path, tmp_path: Path, command: str) -> None:
     """A Parquet reader thread used to release a Python buffer during interpreter shutdown: exit 134, "terminate
-    called without an active exception", in most runs. Eight runs side by side all end with the one line."""
+    called without an active exception", in about half the runs. Eight runs all end with the one line."""
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in data.iterdir():
@@ -116,12 +115,8 @@ def test_a_dataset_failing_its_quick_verify_exits_with_one_line(data: Path, tmp_
     extra = ["--out", tmp_path / "p.parquet"] if command == "predict" else []
     cmd = [sys.executable, str(REPO / "train" / "run.py"), command, str(ckpt), "--shards", str(bad), *map(str, extra)]
 
-    def once(_: int) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(once, range(8)))
-    for result in results:
+    for _ in range(8):  # one after another: side by side, on a busy machine, the race is rarely lost
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr[-500:]
         assert "not a usable dataset: sdf-00000.npy" in one_line(result.stderr)
 
