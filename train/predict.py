@@ -98,9 +98,9 @@ class Estimator:
         """
         sdf, grasps = np.asarray(sdf), np.asarray(grasps)
         self.check(sdf, grasps, "scores()")
-        x = torch.from_numpy(np.ascontiguousarray(sdf, dtype=np.float32)).to(self.device)
+        x = torch.from_numpy(np.array(sdf, dtype=np.float32))  # a copy: read-only arrays welcome.to(self.device)
         features = self.model.encode_sdf(x[None, None])
-        g = torch.from_numpy(np.ascontiguousarray(grasps, dtype=np.float32)).to(self.device)
+        g = torch.from_numpy(np.array(grasps, dtype=np.float32)).to(self.device)
         out = [
             self.model.score_features(features.expand(len(chunk), -1), chunk) for chunk in torch.split(g, GRASP_CHUNK)
         ]
