@@ -98,7 +98,8 @@ class Estimator:
         """
         sdf, grasps = np.asarray(sdf), np.asarray(grasps)
         self.check(sdf, grasps, "scores()")
-        x = torch.from_numpy(np.array(sdf, dtype=np.float32))  # a copy: read-only arrays welcome.to(self.device)
+        # np.array copies: a scene read from a file is a read-only array, which torch does not take as it is
+        x = torch.from_numpy(np.array(sdf, dtype=np.float32)).to(self.device)
         features = self.model.encode_sdf(x[None, None])
         g = torch.from_numpy(np.array(grasps, dtype=np.float32)).to(self.device)
         out = [
