@@ -89,6 +89,7 @@ def _edit(payload: dict, case: str) -> None:
         ("base-channels-0", "no valid model_config.base_channels (0, but the weights are of base_channels 2)"),
         ("string-model-config", "no valid model_config (str 'small', expected dict)"),
     ],
+    ids=["std-negative", "std-zero", "std-nan", "no-model-config", "kind-huge", "base-channels-0", "string-model-config"],
 )
 @pytest.mark.parametrize("command", ["predict", "eval"])
 def test_an_edited_checkpoint_is_refused_naming_the_key(
@@ -170,6 +171,7 @@ def _damage(scenes: Path, case: str) -> Path:
         ),
         ("non-utf8-name", "scene folder b'scene_\\xff' is not a UTF-8 name"),
     ],
+    ids=["truncated", "flipped-byte", "string-dtype", "petabyte-header", "non-utf8-name"],
 )
 def test_predict_scenes_refuses_a_bad_scene_before_predicting(
     trained, tmp_path: Path, no_scoring: list, case: str, message: str
