@@ -89,7 +89,7 @@ def _edit(payload: dict, case: str) -> None:
         ("base-channels-0", "no valid model_config.base_channels (0, but the weights are of base_channels 2)"),
         ("string-model-config", "no valid model_config (str 'small', expected dict)"),
     ],
-    ids=["std-negative", "std-zero", "std-nan", "no-model-config", "kind-huge", "base-channels-0", "string-model-config"],
+    ids=["std-negative", "std-zero", "std-nan", "no-model-config", "kind-huge", "base-channels-0", "str-model-config"],
 )
 @pytest.mark.parametrize("command", ["predict", "eval"])
 def test_an_edited_checkpoint_is_refused_naming_the_key(
