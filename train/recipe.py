@@ -113,8 +113,8 @@ def build_fit_model(
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary (and are only noted
-    once it has: the last checkpoint, summary and plot are finished, not cut short)."""
+    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary. Held for the recipe's
+    whole life: once the run has ended they are only noted, so its last outputs are never cut short."""
 
     def __init__(self):
         self.signal: int | None = None
