@@ -29,10 +29,6 @@ from gq.common.table import format_table
 from gq.pipeline import MODES
 from gq.train import run as fit_script
 
-# A CPU rank sometimes aborts in torch's C++ teardown with this line, after its run is complete; such a
-# run is started once more (and said so) rather than reported as a failure.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
 
 def _ints(text: str, what: str) -> list[int]:
     try:
@@ -51,18 +47,11 @@ def run_fit(shards: Path, *, out: Path, ranks: int, loader: str, flags: list[str
         fit_script.__file__, "fit", "--shards", str(shards), "--out", str(out), "--loader", loader, "--device", "cpu",
         "--quiet", "--overwrite", *flags,
     ]  # fmt: skip
-    for attempt in (1, 2):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if done.returncode == 0:
-            return json.loads((out / "summary.json").read_text())
-        if attempt == 1 and TEARDOWN_ABORT in done.stderr:
-            click.echo(
-                f"bench_scale: {loader} on {ranks} ranks aborted in torch's teardown; running it again", err=True
-            )
-            continue
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise click.ClickException(f"fit on {ranks} ranks with the {loader} loader failed ({done.returncode}): {last}")
-    raise AssertionError("unreachable")
+    return json.loads((out / "summary.json").read_text())
 
 
 def scaling(rows: list[dict]) -> list[dict]:

@@ -2,7 +2,8 @@
 
 `write_atomically` is the one temp-file-and-rename write of the project (manifests, indexes, run
 files, checkpoints, JSON reports); `swap_in_dir` puts a directory built beside its destination in
-place (make_shards' staging directory, make_scenes' temporary dataset).
+place (make_shards' staging directory, make_scenes' temporary dataset); `check_writable` finds a read-only
+output place before a command starts its work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import GQError
 
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then put back
 os.umask(_UMASK)
@@ -97,3 +100,24 @@ def swap_in_dir(
         os.rename(old, out)
         raise
     remove_old(old)
+
+
+class UnwritableError(GQError):
+    """An output place where nothing can be written (a read-only file system, no permission): exit code 1."""
+
+
+def check_writable(target: str | os.PathLike, *, flag: str) -> None:
+    """UnwritableError unless a file can be created where `target` will be written: in it (an existing folder)
+    or in its nearest existing parent folder. Commands call it before any work, so a read-only --out ends
+    with one line at once, not with a traceback after the work is done."""
+    folder = Path(target)
+    while not folder.is_dir() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        fd, probe = temporary_file(folder / ".write-check")
+    except OSError as err:
+        raise UnwritableError(
+            f"{flag} {target}: nothing can be written in {folder} ({err.strerror}); choose another {flag}"
+        ) from None
+    os.close(fd)
+    probe.unlink()

@@ -45,7 +45,7 @@ def write_index(path: Path, rows: list[dict]) -> None:
 def read_index(path: Path, *, data: bytes | None = None) -> dict[str, np.ndarray]:
     """The index as NumPy columns (translation as (n,3) float32 with NaN rows where null); `data`: the
     file's bytes when the caller has read them already (verify checks their CRC first)."""
-    table = pq.read_table(path if data is None else pa.BufferReader(data))
+    table = pq.read_table(path if data is None else pa.BufferReader(_arrow_owned(data)))
     if tuple(table.schema.names) != COLUMNS:
         raise ValueError(f"{path}: columns {table.schema.names}, expected {list(COLUMNS)}")
     cols = {
@@ -60,3 +60,12 @@ def read_index(path: Path, *, data: bytes | None = None) -> dict[str, np.ndarray
     ).reshape(-1, 3)
     cols["global_scale"] = table.column("global_scale").to_numpy(zero_copy_only=False).astype(np.float32)
     return cols
+
+
+def _arrow_owned(data: bytes) -> pa.Buffer:
+    """A copy of `data` in Arrow's own memory. Parquet's reader threads drop their last reference to the
+    buffer after `read_table` returns; a buffer over a Python object then needs the GIL to be released,
+    and during interpreter shutdown that ends the process with "terminate called without an active exception"."""
+    stream = pa.BufferOutputStream()
+    stream.write(data)
+    return stream.getvalue()

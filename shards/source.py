@@ -6,6 +6,7 @@ or substituted. A scene that passes becomes a `Record`: its bytes exactly as the
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -92,7 +93,7 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
 
 
 def _header_of(path: Path, f, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran order, dtype) of one npz member from its NPY header; `f` is left at the data."""
+    """(shape, fortran order, dtype) of one NPY array (an npz member, or a .npy file); `f` is left at the data."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         header = np.lib.format.read_array_header_1_0(f)
@@ -105,9 +106,15 @@ def _header_of(path: Path, f, key: str) -> tuple[tuple[int, ...], bool, np.dtype
     return header
 
 
-def _read_data(path: Path, f, key: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> np.ndarray:
-    """The array whose header `_header_of` read (and whose shape was checked): exactly its bytes, or an error."""
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+def _read_data(
+    path: Path, f, key: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, *, total: int
+) -> np.ndarray:
+    """The array whose header `_header_of` read (and whose shape was checked), from an npz member or file of
+    `total` bytes: exactly its bytes, or an error. More bytes than the member holds is refused before any
+    is read, so a header claiming petabytes costs nothing."""
+    size, held = math.prod(shape) * dtype.itemsize, total - f.tell()
+    if size > held:
+        raise SceneError(path, f"corrupt or truncated: '{key}' claims shape {shape}, {size:,} bytes; it holds {held:,}")
     data = f.read(size)
     if len(data) != size:
         raise SceneError(path, f"unreadable or corrupt npz ('{key}' holds {len(data)} of its {size} bytes)")
@@ -135,13 +142,8 @@ def read_npz(
             try:
                 headers = {k: _header_of(path, members[k], k) for k in keys}
                 check_shapes({k: h[0] for k, h in headers.items()})
-                for k in keys:  # a header's size against its member's, before anything that size is read
-                    claimed = int(np.prod(headers[k][0], dtype=object)) * headers[k][2].itemsize
-                    if claimed > archive.getinfo(f"{k}.npy").file_size:
-                        raise SceneError(
-                            path, f"'{k}' claims {claimed:,} bytes in its header, more than the file holds"
-                        )
-                return {k: finite(path, k, _read_data(path, members[k], k, *headers[k])) for k in keys}
+                sizes = {k: archive.getinfo(f"{k}.npy").file_size for k in keys}
+                return {k: finite(path, k, _read_data(path, members[k], k, *headers[k], total=sizes[k])) for k in keys}
             finally:
                 for member in members.values():
                     member.close()
@@ -151,24 +153,25 @@ def read_npz(
         raise SceneError(path, f"unreadable or corrupt npz ({type(err).__name__}: {err})") from None
 
 
-def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], *, grid: int, max_grasps: int) -> int:
-    """Check the arrays' shapes against the grid and --max-grasps before any is loaded; returns N."""
+def _check_shapes(
+    path: Path, shapes: dict[str, tuple[int, ...]], *, grid: int, max_grasps: int | None, grid_of: str
+) -> None:
+    """Check the arrays' shapes against the grid and --max-grasps before any is loaded."""
     if shapes["sdf"] != (grid,) * 3:
-        raise SceneError(path, f"'sdf' has shape {shapes['sdf']}, expected {(grid,) * 3} (--grid {grid})")
+        raise SceneError(path, f"'sdf' has shape {shapes['sdf']}, expected {(grid,) * 3} ({grid_of})")
     grasps = shapes["grasps"]
     if len(grasps) != 2 or grasps[1] != GRASP_DIM:
         raise SceneError(path, f"'grasps' has shape {grasps}, expected (N, {GRASP_DIM})")
     n = grasps[0]
-    if n > max_grasps:
+    if max_grasps is not None and n > max_grasps:
         raise SceneError(path, f"has {n} grasps, more than --max-grasps {max_grasps}")
-    if shapes["scores"] != (n,):
+    if "scores" in shapes and shapes["scores"] != (n,):
         raise SceneError(path, f"'scores' has shape {shapes['scores']}, expected ({n},) to match 'grasps'")
     if n == 0:
         raise SceneError(path, "has no grasps (N = 0)")
     for key, shape in (("translation", (3,)), ("global_scale", ())):
         if key in shapes and shapes[key] != shape:
             raise SceneError(path, f"'{key}' has shape {shapes[key]}, expected {shape}")
-    return n
 
 
 def finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) -> np.ndarray:
@@ -186,14 +189,40 @@ def finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) -> 
     return array
 
 
-def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int) -> Record:
-    """Load `source/name/scene.npz`, check it (headers first, then values as stored), convert it to a record."""
-    path = source / name / SCENE_FILE
+def read_scene(
+    path: Path,
+    *,
+    grid: int,
+    max_grasps: int | None = None,
+    required: tuple[str, ...] = REQUIRED_KEYS,
+    grid_of: str | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays of one scene.npz (`required` keys and whichever of the others it has), checked: headers
+    first (float dtypes, shapes for `grid` and `max_grasps`, sizes the file holds), then finite values.
+    Every problem is a one-line SceneError naming the file; `grid_of` says where the grid comes from."""
     if not path.exists():
         raise SceneError(path, f"missing {SCENE_FILE}")
-    check = partial(_check_shapes, path, grid=grid, max_grasps=max_grasps)
-    arrays = read_npz(path, REQUIRED_KEYS, OPTIONAL_KEYS, check)
-    n = arrays["grasps"].shape[0]
+    check = partial(_check_shapes, path, grid=grid, max_grasps=max_grasps, grid_of=grid_of or f"--grid {grid}")
+    optional = tuple(k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k not in required)
+    return read_npz(path, required, optional, check)
+
+
+def read_npy(path: Path, *, key: str) -> np.ndarray:
+    """A floating-point .npy file, read through the same header checks as a scene's arrays (one-line SceneError)."""
+    try:
+        with open(path, "rb") as f:
+            return _read_data(path, f, key, *_header_of(path, f, key), total=os.fstat(f.fileno()).st_size)
+    except SceneError:
+        raise
+    except (OSError, ValueError, EOFError) as err:
+        raise SceneError(path, f"unreadable .npy ({type(err).__name__}: {err})") from None
+
+
+def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int) -> Record:
+    """Load `source/name/scene.npz`, check it (`read_scene`: headers first, then values), convert it to a record."""
+    path = source / name / SCENE_FILE
+    arrays = read_scene(path, grid=grid, max_grasps=max_grasps)
+    n = len(arrays["grasps"])
     sdf = arrays["sdf"]
 
     if dtype == "float16":

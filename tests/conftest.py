@@ -6,7 +6,6 @@ import importlib
 import logging
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -73,11 +72,6 @@ def fit_command(shards: Path, out: Path, *flags) -> list[str]:
     return [str(REPO / "train" / "run.py"), "fit", "--shards", str(shards), "--out", str(out), *map(str, flags)]
 
 
-# On a loaded 2-core machine a CPU rank sometimes aborts in torch's C++ teardown with this line (seen about 1 run
-# in 20 under load, never reproduced alone).
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def torchrun(ranks: int, *launcher: str) -> list[str]:
     """The interpreter's arguments that start `ranks` processes per node under torchrun: `launcher` options
     (multi-node rendezvous, --max-restarts), or a standalone rendezvous on a free local port by default."""
@@ -85,33 +79,17 @@ def torchrun(ranks: int, *launcher: str) -> list[str]:
     return ["-m", "torch.distributed.run", *nodes, "--nproc-per-node", str(ranks)]
 
 
-def once_more_on_teardown_abort(start: Callable[[], list[subprocess.CompletedProcess]]) -> list:
-    """Run `start` (torchrun launchers, to completion); again once if one failed only by TEARDOWN_ABORT.
-
-    One rerun tells that known abort apart from a failure of ours; the launchers must be safe to rerun
-    (a fresh run with --overwrite, or a --resume that finds the run finished).
-    """
-    results = start()
-    if any(r.returncode != 0 and TEARDOWN_ABORT in r.stderr for r in results):
-        results = start()
-    return results
-
-
 def fit_process(
     shards: Path, out: Path, *flags, ranks: int = 1, launcher: tuple[str, ...] = (), timeout: float
 ) -> subprocess.CompletedProcess:
     """fit_command run as its own process (ranks=1) or as `ranks` processes under torchrun (with `launcher`
-    options), capturing text output; under torchrun it is run once more on TEARDOWN_ABORT."""
+    options), capturing text output."""
     cmd = [
         sys.executable,
         *(torchrun(ranks, *launcher) if ranks > 1 or launcher else []),
         *fit_command(shards, out, *flags),
     ]
-    if not (ranks > 1 or launcher):
-        return _run_process(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    return once_more_on_teardown_abort(
-        lambda: [_run_process(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)]
-    )[0]
+    return _run_process(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def script_path(script: str) -> Path:

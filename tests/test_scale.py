@@ -20,7 +20,6 @@ from conftest import (
     fit_process,
     make_dataset,
     make_source,
-    once_more_on_teardown_abort,
     run_tool,
     torchrun,
 )
@@ -322,7 +321,7 @@ def test_two_nodes_train_as_one_node_of_two_ranks(tiny: Path, tmp_path: Path) ->
         nodes = [torchrun(1, "--nnodes", "2", "--node-rank", str(node), *rendezvous) for node in (0, 1)]
         return [_finish(p) for p in [_start([sys.executable, *node, *fit]) for node in nodes]]
 
-    for result in once_more_on_teardown_abort(two_nodes):
+    for result in two_nodes():
         assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
@@ -367,7 +366,7 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny: P
         os.kill(victim, signal.SIGKILL)  # a real worker dies, as on a failed machine
         return [_finish(proc)]
 
-    (result,) = once_more_on_teardown_abort(killed_once)
+    (result,) = killed_once()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "restart 1 of the job's workers: resuming from" in result.stderr
     summary = json.loads((out / "summary.json").read_text())

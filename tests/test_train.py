@@ -222,7 +222,7 @@ def test_non_finite_loss_names_the_step_and_scenes(shards: Path, tmp_path: Path)
 def test_torchrun_two_ranks_on_cpu_split_the_data(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     args = ("--max-steps", 6, "-S", 2, "-G", 8, *SMALL, "--overwrite")
-    result = fit_process(shards, out, *args, ranks=2, timeout=300)  # run once more on the known teardown abort
+    result = fit_process(shards, out, *args, ranks=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from gq.common.files import check_writable
 from gq.common.ownership import Owned, check_replaceable, write_record
 from gq.common.table import format_table
 from gq.pipeline import MODES
@@ -82,6 +83,7 @@ def compare(base: FitConfig, out: Path) -> dict:
     # Each run folder is fit's own (its record; fit --overwrite clears it); compare owns the rest. Anything
     # else, or a folder without a record that is not an older comparison, is refused untouched.
     check_replaceable(out, tool=TOOL, overwrite=True, legacy=_legacy_compare, ignore=(LOCK,))
+    check_writable(out, flag="--out")
     out.mkdir(parents=True, exist_ok=True)
     write_record(out, tool=TOOL, entries=OUTPUTS)
     runs, table = {}, {}
@@ -133,6 +135,8 @@ def report(result: dict) -> str:
         [name, r["first_batch_s"], r["samples_per_s"], r["data_wait"], r["peak_memory_bytes"] / 1e9, r["val_mse"]]
         for name, r in result["runs"].items()
     ]
+    # None: a rate a run of one step does not have (its only step carries start-up and is left out)
+    rows = [["-" if value is None else value for value in row] for row in rows]
     lines = format_table(columns, rows, indent="")
     verdict = (
         "loss curves identical step for step (both loaders gave the same batches)"

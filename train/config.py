@@ -36,6 +36,9 @@ IDENTITIES = {"shards", "out"}
 # The seed README's values (lr 1e-4, weight decay 1e-4, c=16) learn far less in the same steps.
 BASE_CHANNELS = {"small": 8}  # a fresh model's width where it differs from the model class's own default
 
+# torch.manual_seed and the epoch plan's generators take a seed as a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
 # Options that count things: each must be at least 1 (None, where allowed, means "not set").
 POSITIVE = ("scenes_per_batch", "grasps_per_scene", "epochs", "log_every", "ckpt_every", "val_scenes_per_batch",
             "max_steps", "val_every", "base_channels", "threads")  # fmt: skip
@@ -140,6 +143,8 @@ class FitConfig:
             parse_window(self.shuffle_window)
         except ValueError as err:
             raise ConfigError(f"{name('shuffle_window')}: {err}") from None
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"{name('seed')} {self.seed}: must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
         if self.max_time is not None and self.max_time <= 0:
             raise ConfigError(f"{name('max_time')} {self.max_time}: must be > 0 seconds")
         if self.lr <= 0:

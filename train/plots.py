@@ -55,10 +55,13 @@ def plot_compare(runs: dict[str, list[dict]], *, table: dict[str, dict], path: P
     left.legend(title="loader")
     left.set_title("loss curves (identical batches coincide)", fontsize=10)
     names = list(table)
-    bars = right.bar(names, [table[n]["samples_per_s"] for n in names], color=["#4c72b0", "#dd8452"][: len(names)])
+    # A run of one step has no steady state (its first step is left out of the rates): no bar, "n/a".
+    rates = [table[n]["samples_per_s"] or 0 for n in names]
+    bars = right.bar(names, rates, color=["#4c72b0", "#dd8452"][: len(names)])
     for bar, n in zip(bars, names):
+        wait = "n/a" if table[n]["data_wait"] is None else f"{table[n]['data_wait']:.0%}"
         right.annotate(
-            f"wait {table[n]['data_wait']:.0%}\nfirst {table[n]['first_batch_s']:.2f}s",
+            f"wait {wait}\nfirst {table[n]['first_batch_s']:.2f}s",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",

@@ -8,6 +8,7 @@ are known; `write_parquet` saves them and `best_grasps` picks each object's K be
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from gq.common.errors import UsageError
-from gq.common.files import write_atomically
+from gq.common.files import check_writable, write_atomically
 from gq.common.ownership import check_file_replaceable
 from gq.models import GRASP_DIM, GQEstimatorBase
 from gq.pipeline import open_dataset, open_loader, resolve_device
+from gq.shards.source import SCENE_FILE, list_scenes, read_npy, read_scene
 
-from .checkpoint import load_model
+from .checkpoint import Trained, load_model
 from .metrics import Metrics
 from .scores import Standardiser
 
@@ -66,7 +68,7 @@ class Predictions:
 class Estimator:
     """A trained model with its score units, ready to score grasps on a device."""
 
-    def __init__(self, model: GQEstimatorBase, stats: dict | None, device: str | torch.device = "cpu"):
+    def __init__(self, model: GQEstimatorBase, stats: Trained | None, device: str | torch.device = "cpu"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.units = Standardiser.of_checkpoint(stats)
@@ -82,16 +84,15 @@ class Estimator:
         return self.model.input_size
 
     def check(self, sdf: np.ndarray, grasps: np.ndarray, where: str) -> None:
-        """PredictError naming `where` unless sdf is (D,D,D) for this model and grasps are (N,19)."""
+        """PredictError naming `where` unless sdf is (D,D,D) for this model and grasps are (N,19), all finite."""
         d = self.grid
         if sdf.shape != (d, d, d):
             raise PredictError(
                 f"{where}: SDF of shape {sdf.shape}, the model reads ({d}, {d}, {d}); use data made at the model's grid"
             )
-        if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM or len(grasps) == 0:
-            raise PredictError(f"{where}: grasps of shape {grasps.shape}, expected (N, {GRASP_DIM}) with N >= 1")
-        if not (np.isfinite(sdf).all() and np.isfinite(grasps).all()):
-            raise PredictError(f"{where}: non-finite SDF or grasp values")
+        if sdf.dtype.kind != "f" or not np.isfinite(sdf).all():
+            raise PredictError(f"{where}: SDF of dtype {sdf.dtype} with non-finite or non-numeric values")
+        check_grasps(grasps, where)
 
     @torch.no_grad()
     def scores(self, sdf: np.ndarray, grasps: np.ndarray) -> np.ndarray:
@@ -101,40 +102,56 @@ class Estimator:
         """
         sdf, grasps = np.asarray(sdf), np.asarray(grasps)
         self.check(sdf, grasps, "scores()")
-        x = torch.from_numpy(np.ascontiguousarray(sdf, dtype=np.float32)).to(self.device)
+        # np.array copies: a scene read from a file is a read-only array, which torch does not take as it is
+        x = torch.from_numpy(np.array(sdf, dtype=np.float32)).to(self.device)
         features = self.model.encode_sdf(x[None, None])
-        g = torch.from_numpy(np.ascontiguousarray(grasps, dtype=np.float32)).to(self.device)
+        g = torch.from_numpy(np.array(grasps, dtype=np.float32)).to(self.device)
         out = [
             self.model.score_features(features.expand(len(chunk), -1), chunk) for chunk in torch.split(g, GRASP_CHUNK)
         ]
         return self.units.decode(torch.cat(out).float()).cpu().numpy()
 
 
+def check_grasps(grasps: np.ndarray, where: str) -> None:
+    """PredictError naming `where` unless `grasps` are (N,19) finite floating-point values, N >= 1."""
+    if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM or len(grasps) == 0:
+        raise PredictError(f"{where}: grasps of shape {grasps.shape}, expected (N, {GRASP_DIM}) with N >= 1")
+    if grasps.dtype.kind != "f" or not np.isfinite(grasps).all():
+        raise PredictError(f"{where}: grasps of dtype {grasps.dtype} with non-finite or non-numeric values")
+
+
+def check_mesh_max_extent(extent: float | None) -> None:
+    """PredictError unless `extent` is None (the mesh's own) or a finite length > 0: it divides every coordinate."""
+    if extent is not None and not (math.isfinite(extent) and extent > 0):
+        raise PredictError(
+            f"--mesh-max-extent {extent}: must be a finite length > 0 (the training data's mesh_max_extent.txt), "
+            "or left out for the mesh's own extent"
+        )
+
+
 def predict_scenes(estimator: Estimator, scenes_dir: str | Path, progress: bool = False) -> Predictions:
-    """Every `<name>/scene.npz` of a processed directory (the seed's layout); `scores` are optional there."""
+    """Every `<name>/scene.npz` of a processed directory (the seed's layout); `scores` are optional there.
+
+    Scenes are listed and read with make_shards' checks (`gq.shards.source`), and every one is checked
+    before the first is scored: a bad file ends the command at once, not after the predictions.
+    """
     root = Path(scenes_dir)
     if not root.is_dir():
         raise PredictError(f"--scenes {root}: not a directory")
-    names = sorted(p.name for p in root.iterdir() if (p / "scene.npz").is_file())
-    if not names:
+    paths = {name: root / name / SCENE_FILE for name in list_scenes(root)}
+    if not paths:
         raise PredictError(f"--scenes {root}: no <scene>/scene.npz inside")
+
+    def read(path: Path) -> dict[str, np.ndarray]:
+        return read_scene(path, grid=estimator.grid, required=("sdf", "grasps"), grid_of="the model's grid")
+
+    for path in tqdm(paths.values(), unit="scene", desc="check", disable=not progress or None):
+        read(path)
     parts = []
-    for name in tqdm(names, unit="scene", disable=not progress or None):
-        path = root / name / "scene.npz"
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "sdf" not in z.files or "grasps" not in z.files:
-                    raise PredictError(f"{path}: needs keys sdf and grasps (has {', '.join(z.files)})")
-                sdf, grasps = z["sdf"], z["grasps"]
-                score = z["scores"] if "scores" in z.files else None
-        except PredictError:
-            raise
-        except (OSError, ValueError, EOFError) as err:
-            raise PredictError(f"{path}: unreadable scene file ({type(err).__name__}: {err})") from None
-        if score is not None and score.shape != (len(grasps),):
-            raise PredictError(f"{path}: scores of shape {score.shape} do not match {len(grasps)} grasps")
-        estimator.check(sdf, grasps, str(path))
-        parts.append(Predictions.of_scene(name, estimator.scores(sdf, grasps), score))
+    for name, path in tqdm(paths.items(), unit="scene", desc="predict", disable=not progress or None):
+        arrays = read(path)
+        scores = estimator.scores(arrays["sdf"], arrays["grasps"])
+        parts.append(Predictions.of_scene(name, scores, arrays.get("scores")))
     return Predictions.concat(parts)
 
 
@@ -199,14 +216,14 @@ def predict_mesh(
     largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale)."""
     from gq.meshes import MeshError, is_closed, load_mesh, mesh_sdf
 
+    check_mesh_max_extent(mesh_max_extent)
+    grasps = read_npy(Path(grasps_path), key="grasps")
+    check_grasps(grasps, str(grasps_path))
     try:
         mesh = load_mesh(mesh_path)
-        grasps = np.load(grasps_path, allow_pickle=False)
     except MeshError as err:
         raise PredictError(str(err)) from None
-    except (OSError, ValueError) as err:
-        raise PredictError(f"{grasps_path}: unreadable .npy ({type(err).__name__}: {err})") from None
-    extent = mesh_max_extent or float(mesh.extents.max())
+    extent = float(mesh.extents.max()) if mesh_max_extent is None else mesh_max_extent
     if mesh.extents.max() > extent:
         raise PredictError(f"{mesh_path}: extent {mesh.extents.max():.6g} exceeds --mesh-max-extent {extent:.6g}")
     translation, scale = mesh.bounds.mean(axis=0), 2.0 / extent
@@ -254,7 +271,11 @@ def written_by(path: Path) -> str | None:
 
 
 def check_out(path: Path, *, overwrite: bool) -> None:
-    """`--out` may be written: absent, or a predictions file of ours with `overwrite` (gq.common.ownership)."""
+    """`--out` may be written: its folder exists and takes files, and it is absent, or a predictions file of ours
+    with `overwrite` (gq.common.ownership). Checked before any work; predict makes no folder."""
+    if not path.parent.is_dir():
+        raise PredictError(f"--out {path}: no folder {path.parent} to write it in; create it or choose another --out")
+    check_writable(path, flag="--out")
     check_file_replaceable(path, tool=TOOL, overwrite=overwrite, written_by=written_by, kind="Parquet file")
 
 

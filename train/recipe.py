@@ -70,6 +70,9 @@ class Progress:
     bad_validations: int = 0
     train_time: float = 0.0  # seconds of training steps, validation excluded
     window: LogWindow = field(default_factory=LogWindow)
+    # Why the run ended (epochs, max_steps, max_time, early_stopping), recorded in its last checkpoint:
+    # a resume after a kill during the last outputs then rewrites them and trains nothing. None: not ended.
+    finished: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +113,8 @@ def build_fit_model(
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary."""
+    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary. Held for the recipe's
+    whole life: once the run has ended they are only noted, so its last outputs are never cut short."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -155,12 +159,17 @@ class FitRecipe:
         self._stack = ExitStack()
         self.progress = Progress()
         self.first_batch_s: float | None = None
+        self._stop = _StopFlag()
 
     def __enter__(self) -> FitRecipe:
+        self._stop.__enter__()  # for the whole run: a signal never cuts the last checkpoint or outputs short
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cleanup()
+        try:
+            self.cleanup()
+        finally:
+            self._stop.__exit__()
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -365,24 +374,25 @@ class FitRecipe:
     # -- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Train until --epochs / --max-steps / --max-time / early stopping / a signal; returns the summary."""
-        cfg, p = self.cfg, self.progress
+        cfg, p, stop = self.cfg, self.progress, self._stop
+        last_val = self._validation_at(p.step)  # a resumed run's validation of its last step is not repeated
+        if p.finished and not self._more_to_train():  # resumed after it ended: its outputs only
+            return self._finish(p.finished, last_val, Throughput(), 0)
+        p.finished = None
         total = self.total_steps
         val_every = cfg.val_every or len(self.train_loader)
         steps_at_start = p.step
         totals = Throughput()
-        stopped, last_val = "max_steps" if cfg.max_steps else "epochs", None
+        stopped = "max_steps" if cfg.max_steps else "epochs"
         progress = cfg.progress and self.dist.is_main
-        with (
-            TrainLog(
-                total=total,
-                initial=p.step,
-                steps_per_epoch=len(self.train_loader),
-                log_every=cfg.log_every,
-                score_std=self.scores.std,
-                enabled=progress,
-            ) as report,
-            _StopFlag() as stop,
-        ):
+        with TrainLog(
+            total=total,
+            initial=p.step,
+            steps_per_epoch=len(self.train_loader),
+            log_every=cfg.log_every,
+            score_std=self.scores.std,
+            enabled=progress,
+        ) as report:
             self.run.sinks.append(report)  # rows reach it as they are logged: its bar, its validation lines
             batches = iter(self.train_loader)
             while p.step < total:
@@ -419,21 +429,37 @@ class FitRecipe:
                     last_val = self.validate()
                     if cfg.early_stopping and p.bad_validations >= cfg.early_stopping:
                         stopped = "early_stopping"
+                if step == total or stopped == "early_stopping":
+                    p.finished = stopped  # the checkpoint below is the run's last
                 if step % cfg.ckpt_every == 0 or last_val and last_val["step"] == step:
                     self.save_checkpoint(self.run.path / "last.pt")
                 if stopped in ("early_stopping", "max_time"):
                     break
-                if stop.requested(self.dist, self.device):
+                if p.finished is None and stop.requested(self.dist, self.device):  # an ended run just ends
                     stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
                     self.save_checkpoint(self.run.path / "last.pt")
                     break
         if stopped.startswith("signal"):
             resume = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]] + ([] if cfg.resume else ["--resume"]))
             log.warning("stopped by %s at step %d; last.pt saved. Resume with: %s", stopped[7:], p.step, resume)
-        elif last_val is None or last_val["step"] != p.step:
-            last_val = self.validate()
+        elif p.finished is None:  # the budget was spent before this process trained (resumed with fewer steps)
+            p.finished = stopped
+            if last_val is None or last_val["step"] != p.step:
+                last_val = self.validate()
             self.save_checkpoint(self.run.path / "last.pt")
         return self._finish(stopped, last_val, self._job_throughput(totals), p.step - steps_at_start)
+
+    def _validation_at(self, step: int) -> dict | None:
+        """The logged validation of `step`, if any (after a resume: so it is neither repeated nor counted twice)."""
+        rows = [row for row in self.run.rows() if "val_mse" in row and row["step"] == step]
+        return rows[-1] if rows else None
+
+    def _more_to_train(self) -> bool:
+        """Whether a run that ended is given more by the resumed options (a larger --max-steps, --epochs or
+        --max-time); an early-stopped run has ended for good."""
+        p, cfg = self.progress, self.cfg
+        out_of_time = cfg.max_time is not None and p.train_time >= cfg.max_time
+        return p.finished != "early_stopping" and p.step < self.total_steps and not out_of_time
 
     def _job_throughput(self, totals: Throughput) -> Throughput:
         """Throughput of the whole job: all ranks' samples over the slowest rank's time."""

@@ -89,8 +89,10 @@ def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
         for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
         if isinstance(summary.get(k), float)
     )
+    rate = summary["samples_per_s"]  # None: no step was timed here (one step, or a run that had ended)
     click.echo(
-        f"fit: {summary['steps']} steps ({summary['stopped']}), {summary['samples_per_s'] or 0:,.0f} samples/s; "
+        f"fit: {summary['steps']} steps ({summary['stopped']}), "
+        f"{'no steady-state rate' if rate is None else f'{rate:,.0f} samples/s'}; "
         f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
         f"outputs in {cfg.out} (curves.png)"
     )
@@ -185,6 +187,7 @@ def predict_cmd(
     from gq.train.predict import (
         Estimator,
         best_grasps,
+        check_mesh_max_extent,
         check_out,
         predict_mesh,
         predict_scenes,
@@ -200,7 +203,10 @@ def predict_cmd(
         raise PredictError("--mesh and --grasps go together")
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: must be at least 1")
-    check_out(out, overwrite=overwrite)  # only a predictions file this command wrote is ever replaced
+    check_mesh_max_extent(mesh_max_extent)
+    check_out(
+        out, overwrite=overwrite
+    )  # before any work: a folder to write in; only a predictions file of ours replaced
     estimator = Estimator.load(checkpoint, device)
     if scenes:
         predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())

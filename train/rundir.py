@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gq.common.errors import GQError
+from gq.common.files import check_writable
 from gq.common.files import write_atomically as shards_write_atomically
 from gq.common.ownership import Owned, check_replaceable, remove_owned, write_record
 
@@ -105,6 +106,7 @@ def run_lock(path: Path) -> Iterator[None]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path}: is a file, not a directory; choose a directory for the run")
+    check_writable(path, flag="--out")
     if path.is_dir() and not _is_run_dir(path) and any(p.name != LOCK for p in path.iterdir()):
         raise ConfigError(f"--out {path}: not empty and not a run directory; choose a new directory")
     created = not path.exists()

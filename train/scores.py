@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from gq.models import GQEstimatorBase
+
+if TYPE_CHECKING:
+    from .checkpoint import Trained
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,9 @@ class Standardiser:
         return cls(float(mean), float(std))
 
     @classmethod
-    def of_checkpoint(cls, trained: dict | None) -> Standardiser:
+    def of_checkpoint(cls, trained: Trained | None) -> Standardiser:
         """The units a loaded model predicts in: `load_model`'s second value (None: a seed model, raw scores)."""
-        return cls() if trained is None else cls(trained["mean"], trained["std"])
+        return cls() if trained is None else trained.units
 
     def encode(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores - self.mean) / self.std
