@@ -181,7 +181,7 @@ def _make_bad(raw: Path, case: str) -> None:
         ("norec", "missing recording.npz"),
         ("grasps_1e39", "'grasps' has 1 values that are finite in the file but not as stored (float32"),
         ("scores_1e39", "'scores' has 1 values that are finite in the file but not as stored (float32"),
-        ("petabytes", "bytes in its header, more than the file holds"),
+        ("petabytes", "3,940,649,673,949,144 bytes; it holds 64"),
     ],
     ids=["empty", "garbage", "open", "nokeys", "shape", "zero", "norec", "grasps_1e39", "scores_1e39", "petabytes"],
 )
