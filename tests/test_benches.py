@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_dataset, run_tool
+from helpers import make_dataset, run_tool
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 trimesh = pytest.importorskip("trimesh")
 mesh2sdf = pytest.importorskip("mesh2sdf")
 
-from conftest import run_tool, tree_bytes  # noqa: E402
+from helpers import run_tool, tree_bytes  # noqa: E402
 
 from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
 from gq.synth import score_grasps  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_source, random_scene, run_tool, tree_bytes, write_scene
+from helpers import make_source, random_scene, run_tool, tree_bytes, write_scene
 
 from gq.shards import Manifest, ShardReader, verify
 from gq.shards.format import HEADER_BYTES, read_npy_header
