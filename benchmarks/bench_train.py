@@ -130,6 +130,10 @@ def run_study(
                     shards=str(shards), out=f"{tmp}/s{seed}r{i}", device=device, seed=seed, progress=False, **options
                 )
                 summary = fit(cfg)
+                if "val_mse" not in summary:  # stopped by a signal before its last validation
+                    raise click.ClickException(
+                        f"{name!r} (seed {seed}) stopped ({summary['stopped']}) before validating"
+                    )
                 shown = {k: v for k, v in overrides.items() if k != "zero_sdf"}
                 rows.append(
                     {"recipe": name, "seed": seed, **shown, "steps": summary["steps"], "val_mse": summary["val_mse"],
