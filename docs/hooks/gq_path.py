@@ -23,8 +23,11 @@ def package_dirs(setup_cfg: Path) -> dict[str, str]:
     return dict((part.strip() for part in line.split("=", 1)) for line in lines if "=" in line)
 
 
-def on_config(config, **kwargs):
-    """Make build/docs-path/gq/<name> -> <repo>/<folder> for every mapped package (links replaced each build)."""
+def on_startup(**kwargs) -> None:
+    """Make build/docs-path/gq/<name> -> <repo>/<folder> for every mapped package (links replaced each build).
+
+    At startup, not on_config: mkdocstrings reads its search paths in its own on_config, which runs first.
+    """
     root = SEARCH_PATH / "gq"
     root.mkdir(parents=True, exist_ok=True)
     for package, folder in package_dirs(REPO / "setup.cfg").items():
@@ -32,4 +35,3 @@ def on_config(config, **kwargs):
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(REPO / folder, target_is_directory=True)
-    return config
