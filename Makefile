@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
-# The demo learns in under two minutes on 2 CPU cores (21 s when they are idle): 16^3 grids, 256 grasps per scene, 64 grasps per SDF
-# in each batch, lr 3e-3 decayed linearly over 500 steps (docs/benchmarks.md, "The demo", has the figures).
+# The demo learns in under two minutes on 2 CPU cores (21 s when they are idle): 16^3 grids, 256 grasps per
+# scene, 64 grasps per SDF in each batch, lr 3e-3 decayed linearly over 500 steps (docs/benchmarks.md, "The demo").
 DEMO_SCENES ?= 400
 DEMO_GRID ?= 16
 DEMO_GRASPS ?= 256
