@@ -377,7 +377,7 @@ def main(
     for row in plan:
         loader, s, g = row.pop("loader"), row.pop("s"), row.pop("g")
         tries = []
-        for _ in range(repeat):  # each try a fresh process; the best of them is the row (a noisy VM only slows)
+        for _ in range(repeat):  # each try a fresh process; the best of them is the row (a noisy machine only slows)
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 tries.append(
                     pool.submit(

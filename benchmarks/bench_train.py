@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark training: samples/s per model, loader and grouping, time-to-quality of G=16 vs G=1,
-and (--window-study) val MSE after a fixed number of steps for several shuffle windows.
+(--window-study) val MSE after a fixed number of steps for several shuffle windows, and (--time-study)
+val quality after a fixed wall-clock budget for several batch shapes and learning rates.
 
 Throughput rows time whole training steps (batch fetch, forward, backward, optimizer) with the
 trainer's own `train_step`, after warm-up steps. Time-to-quality runs the real trainer (`fit`):
@@ -8,13 +9,15 @@ G=1 (S=128) trains for --budget-s seconds and its final val MSE becomes the targ
 the same 128 grasps per batch) then trains, validating every --val-every steps, and the training
 time (validation excluded) at which its val MSE first reaches the target is reported. The window
 study runs the real trainer once per window, same seed, steps and settings, and reports each final
-val MSE against the full shuffle's (`all`).
+val MSE against the full shuffle's (`all`). The time study runs fit as a user does, stopping on time
+(`--max-time`), because a recipe that learns more per step may still learn less per second.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -102,7 +105,7 @@ def _write_json(path: Path | None, result: dict) -> None:
         write_atomically(path, json.dumps(result, indent=2) + "\n")
 
 
-# The defaults study (README, "Choosing fit's defaults"): FitConfig overrides, each run on the same data and steps.
+# The defaults study per step (docs/benchmarks.md): FitConfig overrides, each run on the same data and steps.
 RECIPES = {
     "seed README": dict(lr=1e-4, weight_decay=1e-4, base_channels=16, lr_schedule="plateau"),
     "train_gq.py": dict(lr=1e-3, weight_decay=1e-5, base_channels=8, lr_schedule="linear"),
@@ -113,27 +116,76 @@ ZERO_SDF = " + zero SDF"  # a control run: the recipe fed zeros instead of SDFs 
 
 
 def run_study(
-    shards: Path, device: str, recipes: dict[str, dict], seeds: list[int], steps: int, **common
+    shards: Path, device: str, recipes: dict[str, dict], seeds: list[int], limit: dict, **common
 ) -> list[dict]:
-    """Final val metrics after `steps` steps of the real trainer for each recipe (FitConfig overrides) and seed,
-    every other option the same (`common`, then fit's defaults)."""
+    """Final val metrics of the real trainer for each recipe (FitConfig overrides) and seed, each run stopped by
+    `limit` ({"max_steps": N} or {"max_time": seconds}), every other option the same (`common`, then fit's
+    defaults)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_study_") as tmp:
         for seed in seeds:
             for i, (name, overrides) in enumerate(recipes.items()):
-                options = {**common, **overrides}
+                options = {**common, **limit, **overrides}
                 cfg = FitConfig(
-                    shards=str(shards), out=f"{tmp}/s{seed}r{i}", device=device, seed=seed, max_steps=steps,
-                    progress=False, **options,
-                )  # fmt: skip
+                    shards=str(shards), out=f"{tmp}/s{seed}r{i}", device=device, seed=seed, progress=False, **options
+                )
                 summary = fit(cfg)
+                if "val_mse" not in summary:  # stopped by a signal before its last validation
+                    raise click.ClickException(
+                        f"{name!r} (seed {seed}) stopped ({summary['stopped']}) before validating"
+                    )
                 shown = {k: v for k, v in overrides.items() if k != "zero_sdf"}
                 rows.append(
                     {"recipe": name, "seed": seed, **shown, "steps": summary["steps"], "val_mse": summary["val_mse"],
                      "val_r2": summary.get("val_r2"), "val_spearman": summary.get("val_spearman"),
-                     "train_time_s": summary["train_time_s"]}
+                     "val_mse_mean_baseline": summary.get("val_mse_mean_baseline"),
+                     "samples_per_s": summary["samples_per_s"], "train_time_s": summary["train_time_s"]}
                 )  # fmt: skip
     return rows
+
+
+# The time study's recipes name only what they change from fit's defaults: "S16 G64 lr3e-3 c8".
+RECIPE_KEYS = {"S": ("scenes_per_batch", int), "G": ("grasps_per_scene", int), "lr": ("lr", float),
+               "c": ("base_channels", int)}  # fmt: skip
+
+
+def parse_recipe(text: str) -> dict:
+    """'S16 G64 lr3e-3' -> {"scenes_per_batch": 16, "grasps_per_scene": 64, "lr": 0.003}."""
+    overrides = {}
+    for token in text.split():
+        match = re.fullmatch(r"(S|G|lr|c)([0-9.eE+-]+)", token)
+        if not match:
+            raise click.BadParameter(
+                f"{token!r} in {text!r}: use S<scenes> G<grasps> lr<rate> c<channels>, e.g. 'S16 G64 lr3e-3'",
+                param_hint="--time-study",
+            )
+        name, kind = RECIPE_KEYS[match.group(1)]
+        try:
+            overrides[name] = kind(match.group(2))
+        except ValueError:
+            raise click.BadParameter(
+                f"{token!r}: {match.group(2)!r} is not a number", param_hint="--time-study"
+            ) from None
+    return overrides
+
+
+def print_time_study(title: str, rows: list[dict]) -> None:
+    """One row per recipe, budget and seed; then each budget's best recipe by mean val R2 over seeds."""
+    click.echo(title)
+    columns = [("recipe", "<22"), ("budget s", ">8.0f"), ("seed", ">4"), ("steps", ">6"), ("samples/s", ">10,.0f"),
+               ("val MSE", ">9.3f"), ("R2", ">7.3f"), ("Spearman", ">9.3f")]  # fmt: skip
+    keys = ("recipe", "budget_s", "seed", "steps", "samples_per_s", "val_mse", "val_r2", "val_spearman")
+    for line in format_table(columns, [[r[k] for k in keys] for r in rows]):
+        click.echo(line)
+    for budget in dict.fromkeys(r["budget_s"] for r in rows):
+        mine = [r for r in rows if r["budget_s"] == budget]
+        means = {
+            name: sum(r["val_r2"] for r in mine if r["recipe"] == name) / sum(r["recipe"] == name for r in mine)
+            for name in dict.fromkeys(r["recipe"] for r in mine)
+        }
+        best = max(means, key=means.get)
+        click.echo(f"  {budget:.0f} s: best mean val R2 {means[best]:.3f} with {best!r} (mean-predictor MSE "
+                   f"{mine[0]['val_mse_mean_baseline']:.3f})")  # fmt: skip
 
 
 def relative_mse(rows: list[dict], key: str, reference: Callable[[str], str]) -> None:
@@ -197,6 +249,16 @@ def print_study(title: str, rows: list[dict], *, ratio_key: str, column: str, ve
     default=None,
     help=f"Instead of everything else: val metrics after --study-steps for these recipes ({', '.join(RECIPES)}).",
 )
+@click.option(
+    "--time-study",
+    default=None,
+    help="Instead of everything else: val metrics after each of --study-budgets seconds of training for these "
+    "recipes, e.g. 'S8 G16,S8 G64,S16 G64 lr3e-3' (S, G, lr, c: scenes and grasps per batch, learning rate, "
+    "channels; fit's defaults otherwise).",
+)
+@click.option(
+    "--study-budgets", default="60,120", show_default=True, help="Time study: training budgets in seconds (--max-time)."
+)
 @click.option("--study-controls", default=None, help="Defaults study: recipes to also run with zero SDFs (control).")
 @click.option("--study-steps", default=600, show_default=True, help="Studies: training steps per run.")
 @click.option(
@@ -226,6 +288,8 @@ def main(
     shuffle_window: str,
     window_study: str | None,
     defaults_study: str | None,
+    time_study: str | None,
+    study_budgets: str,
     study_controls: str | None,
     study_steps: int,
     study_seeds: str,
@@ -247,12 +311,30 @@ def main(
     if window_study:
         # Validation only at the end (val_every huge): the windows differ in shuffling, nothing else.
         recipes = {w: {"shuffle_window": w} for w in window_study.split(",")}
-        rows = run_study(shards, device, recipes, seeds, study_steps, base_channels=base_channels, fc_dims=dims, lr=lr,
-                         val_every=10**9, early_stopping=0, ckpt_every=10**9)  # fmt: skip
+        rows = run_study(shards, device, recipes, seeds, {"max_steps": study_steps}, base_channels=base_channels,
+                         fc_dims=dims, lr=lr, val_every=10**9, early_stopping=0, ckpt_every=10**9)  # fmt: skip
         relative_mse(rows, "val_mse_vs_all", lambda recipe: "all")
         print_study(f"bench_train window study: {shards}, device {dev}, S=8 G=16, {study_steps} steps, lr {lr}",
                     rows, ratio_key="val_mse_vs_all", column="x all", versus="all's", label="window ")  # fmt: skip
         _write_json(json_path, {"window_study": rows})
+        return
+    if time_study:
+        # As a new user runs fit, stopping on time: fit's defaults for everything a recipe does not name.
+        recipes = {name.strip(): parse_recipe(name) for name in time_study.split(",")}
+        try:
+            budgets = [float(b) for b in study_budgets.split(",")]
+        except ValueError:
+            raise click.BadParameter(
+                f"{study_budgets!r}: seconds, comma-separated", param_hint="--study-budgets"
+            ) from None
+        rows = [
+            {**row, "budget_s": budget}
+            for budget in budgets
+            for row in run_study(shards, device, recipes, seeds, {"max_time": budget})
+        ]
+        print_time_study(f"bench_train time study: {shards}, device {dev}, fit's defaults but for each recipe's "
+                         f"options, stopped by --max-time", rows)  # fmt: skip
+        _write_json(json_path, {"time_study": rows})
         return
     if defaults_study:
         # As a new user runs fit: its defaults for everything the recipe does not set (validation every epoch,
@@ -266,7 +348,7 @@ def main(
             if n not in recipes:
                 raise click.BadParameter(f"{n}: not one of --defaults-study's recipes", param_hint="--study-controls")
             recipes[n + ZERO_SDF] = {**RECIPES[n], "zero_sdf": True}
-        rows = run_study(shards, device, recipes, seeds, study_steps, early_stopping=0)
+        rows = run_study(shards, device, recipes, seeds, {"max_steps": study_steps}, early_stopping=0)
         relative_mse(rows, "val_mse_vs_control", lambda recipe: recipe.removesuffix(ZERO_SDF) + ZERO_SDF)
         print_study(f"bench_train defaults study: {shards}, device {dev}, {study_steps} steps per run, fit's defaults "
                     "otherwise", rows, ratio_key="val_mse_vs_control", column="x zero",

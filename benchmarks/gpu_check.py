@@ -665,7 +665,7 @@ def main(
     env = probe_environment(device)
     if env["missing"]:
         raise click.ClickException(
-            f"{sys.executable} lacks {', '.join(env['missing'])}; install or stage them (see the README's GPU section)"
+            f"{sys.executable} lacks {', '.join(env['missing'])}; install or stage them (see docs/gpu-check.md)"
         )
     if device == "cuda" and not env["cuda_available"]:
         raise click.ClickException(

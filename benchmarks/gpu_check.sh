@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (README, "GPU check"): every CUDA path tested and measured in one command.
+# The GPU check (docs/gpu-check.md): every CUDA path tested and measured in one command.
 #
 #   benchmarks/gpu_check.sh OUTDIR [--wheels DIR] [--device cuda|cpu] [--quick] [--budget-s 540] [--overwrite] ...
 #
@@ -53,7 +53,7 @@ install_dali() {
         dali_site=$site note="already installed in $site (tar $expect)"; return 0
     fi
     if ! (cd "$wheels" && awk '$2 != "dali-wheels.tar"' SHA256SUMS | sha256sum --check --quiet); then
-        note="not installed: a piece in $wheels fails its SHA256SUMS line; stage and carry it again"; return 0
+        note="not installed: a piece in $wheels fails its SHA256SUMS line; stage and copy it again"; return 0
     fi
     tmp=$(mktemp -d)
     (cd "$wheels" && cat "${pieces[@]}") >"$tmp/dali-wheels.tar"

@@ -60,7 +60,30 @@ class ShardDataset:
 
 
 def open_dataset(path: str | Path) -> ShardDataset:
-    """Open a dataset directory, failing before any work when it is not usable (the quick verify)."""
+    """Open a dataset directory, failing before any work when it is not usable (the quick verify).
+
+    The manifest and index are read once; pass the result to several `open_loader` calls (a run's
+    train and val loaders) instead of the path, so they are not read again.
+
+    Args:
+        path: A dataset directory written by `build_shards` (`gq shards build`).
+
+    Returns:
+        The opened dataset, read-only.
+
+    Raises:
+        DatasetError: The directory is missing, has no manifest, fails the quick verify (sizes, headers,
+            index) or holds another format version; the message names the first problem.
+
+    Example:
+        ```python
+        from gq.pipeline import open_dataset, open_loader
+
+        dataset = open_dataset("data/shards")
+        train = open_loader(dataset, split="train", scenes_per_batch=8, grasps_per_scene=64)
+        val = open_loader(dataset, split="val", scenes_per_batch=8, grasps_per_scene=480)
+        ```
+    """
     root = Path(path)
     problems = verify(root, quick=True).problems
     if problems:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Shards per shuffle window when none is given; chosen by measurement (README, "Shuffle window").
+# Shards per shuffle window when none is given; chosen by measurement (docs/benchmarks.md, "Shuffle window").
 DEFAULT_WINDOW = 4
 
 

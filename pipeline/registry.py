@@ -74,11 +74,47 @@ def open_loader(
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
-    `dataset` is a directory, or a `ShardDataset` from `open_dataset` that several loaders share
-    (the train and val loaders of a run). mode "cache" reads this rank's shards of the split once
-    into one device tensor (pass `memory_budget` to cap it); mode "dali" streams them, whole shards
-    at a time, a window ahead (`prefetch` shards; default one window). `shuffle_window` is in shards
-    (None: all of the rank's shards). Both yield bit-identical batches for the same settings.
+    Both modes follow the same epoch plan and yield bit-identical batches for the same settings; every
+    record is checked against its checksum before a batch uses it. Iterating the loader yields one
+    epoch; the next pass is the next epoch. Use it as a context manager (or call `close()`).
+
+    Args:
+        dataset: A dataset directory, or a `ShardDataset` from `open_dataset` that several loaders share.
+        mode: "cache" reads this rank's shards of the split once into one device tensor; "dali" streams
+            them with DALI, whole shards at a time, a window ahead.
+        split: "train", "val" or "test".
+        scenes_per_batch: S, the SDFs per batch.
+        grasps_per_scene: G, the grasps of each SDF per batch (1: the seed's independent grasps).
+        seed: Seed of the epoch plan (shard order, grasp shuffles).
+        device: Where batches are delivered ("cpu", "cuda", "cuda:1", or a torch.device).
+        rank: This process's rank among `world_size`; it reads only its own shards.
+        world_size: Number of ranks sharing the split.
+        drop_last: Give every rank the same number of full batches (what DDP needs).
+        shuffle_window: Shards per shuffle window; None shuffles all of the rank's shards.
+        memory_budget: cache: bytes it may use at most [default: the free device memory].
+        prefetch: dali: shards read ahead [default: one window].
+        num_threads: dali: DALI's CPU threads.
+        progress: Show a progress bar while the cache loads.
+
+    Returns:
+        A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
+        `state_dict` / `load_state_dict` (resume mid-epoch), `score_stats` and `resident_bytes`.
+
+    Raises:
+        LoaderError: An unknown mode, settings that cannot work (S = 0, G above the dataset's grasp
+            slots, a split with no scenes or no batches), or a cache that does not fit in memory.
+        DatasetError: The directory is not a usable dataset, or a record fails its checksum.
+
+    Example:
+        ```python
+        from gq.pipeline import open_loader
+
+        with open_loader("data/shards", mode="cache", split="train", scenes_per_batch=8,
+                         grasps_per_scene=64, device="cuda") as loader:
+            for batch in loader:  # one epoch
+                features = model.encode_sdf(batch.sdf)  # [S, ...]: each SDF encoded once
+                ...  # batch.grasps [S*G, 19], batch.scores [S*G], batch.scene_of_grasp [S*G]
+        ```
     """
     if mode not in LOADER_MODES:
         raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")

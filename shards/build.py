@@ -329,10 +329,39 @@ def build_shards(
     """Build a dataset in `out` from `source/<name>/scene.npz`; returns the build summary.
 
     The build runs in a staging directory beside `out` under a lock and replaces `out` only when
-    complete. Raises SceneError for the first bad scene (unless `opts.skip_bad`), BuildError,
-    SplitError or SourceError for unusable arguments, sources or output (a full disk included);
-    in all cases `out` is as it was and no staging is left. A KeyboardInterrupt keeps the staged
-    complete shards for `--resume`. `allow_missing_scenes` accepts a splits file naming absent scenes.
+    complete; the same source and options give byte-identical files for any number of workers. When it
+    raises, `out` is as it was and no staging is left; a KeyboardInterrupt keeps the staged complete
+    shards for `resume`.
+
+    Args:
+        source: A processed directory in the seed's layout: `<name>/scene.npz` with `sdf`, `grasps`, `scores`.
+        out: The dataset directory to create (or replace, with `overwrite`).
+        opts: The format and split options (`BuildOptions`: grid, dtype, records per shard, max grasps,
+            splits file or fractions, shuffle seed, skip_bad, limit).
+        workers: Processes that decode and write scenes [default: the CPU count].
+        resume: Continue an interrupted build of the same source and options.
+        overwrite: Replace an existing dataset in `out` (only files the format names are removed).
+        progress: Show a progress bar.
+        allow_missing_scenes: Accept a splits file that names scenes absent from `source`.
+
+    Returns:
+        The build summary: scene, grasp and shard counts per split, skipped scenes, score statistics,
+        bytes written and timings (what `gq shards build` prints).
+
+    Raises:
+        SceneError: The first bad scene (unreadable, wrong shape or dtype, non-finite values), unless
+            `opts.skip_bad`.
+        BuildError: Unusable options or output (a foreign file in `out`, another build holding the lock,
+            a full disk).
+        SplitError: A splits file that is unreadable or disagrees with the scenes.
+        SourceError: An unusable source directory (a dangling link, a name that is not UTF-8).
+
+    Example:
+        ```python
+        from gq.shards import BuildOptions, build_shards
+
+        summary = build_shards("data/processed", "data/shards", BuildOptions(splits="splits.json"), workers=4)
+        ```
     """
     start = time.perf_counter()
     opts.check()
@@ -428,7 +457,7 @@ def _write_all(
     shard = _Shard(len(done), header_crcs)
     first = len(done) * r
     record_bytes = layout.sdf_record_bytes + layout.labels_record_bytes
-    # Progress in bytes of scene records written (MB/s, decimal like the README's figures).
+    # Progress in bytes of scene records written (MB/s, decimal like the documented figures).
     bar = tqdm(
         total=len(names) * record_bytes,
         initial=int((scene_at[:first] >= 0).sum()) * record_bytes,

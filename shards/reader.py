@@ -17,6 +17,25 @@ class ShardReader:
 
     Scenes are addressed by id (`scenes.parquet`'s `scene` column); the index gives each its
     record (shard, slot). Index rows are in storage order, so a split's rows are its shards' records.
+    NumPy and pyarrow only: usable without torch or DALI.
+
+    Args:
+        root: A dataset directory written by `build_shards`.
+
+    Raises:
+        DatasetError: No readable manifest (or another format version), or no index. The reader does not
+            check contents: `verify` (`gq shards verify`) does, and `open_dataset` runs its quick form.
+
+    Example:
+        ```python
+        from gq.shards import ShardReader
+
+        reader = ShardReader("data/shards")
+        scene = int(reader.index["scene"][0])
+        sdf = reader.sdf(scene)  # (D, D, D), float16 as stored
+        labels = reader.labels(scene)  # (num_grasps, 20): 19 grasp values, then the score
+        grasps, scores = labels[:, :19], labels[:, 19]
+        ```
     """
 
     def __init__(self, root: str | Path):

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_dataset, run_tool
+from helpers import make_dataset, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,28 @@ def test_bench_train_window_study(tiny, tmp_path: Path) -> None:
     assert all(r["steps"] == 2 and r["val_mse"] > 0 for r in rows)
     assert [r["val_mse_vs_all"] for r in rows][1::2] == [1.0, 1.0]
     assert "window 1: val MSE / all's, mean over 2 seed(s)" in result.stdout
+
+
+@pytest.mark.slow  # four fits stopped on time
+def test_bench_train_time_study(tiny, tmp_path: Path) -> None:
+    _, shards = tiny
+    out = tmp_path / "ts.json"
+    study = ["--time-study", "S2 G8,S2 G8 lr3e-3", "--study-budgets", "1,2"]
+    result = bench("bench_train.py", out, "--shards", shards, *study, "--base-channels", 2, "--fc-dims", 8)
+    rows = json.loads(out.read_text())["time_study"]
+    assert [(r["recipe"], r["budget_s"]) for r in rows] == [
+        ("S2 G8", 1.0),
+        ("S2 G8 lr3e-3", 1.0),
+        ("S2 G8", 2.0),
+        ("S2 G8 lr3e-3", 2.0),
+    ]
+    for row in rows:  # each run is fit stopped by its budget, with the recipe's batch shape and lr
+        assert row["scenes_per_batch"] == 2 and row["grasps_per_scene"] == 8
+        assert row["train_time_s"] >= row["budget_s"] and row["steps"] > 0 and row["val_mse_mean_baseline"] > 0
+    assert rows[1]["lr"] == 3e-3 and "lr" not in rows[0]
+    assert "1 s: best mean val R2" in result.stdout and "2 s: best mean val R2" in result.stdout
+
+
+def test_bench_train_time_study_refuses_an_unknown_recipe_token(tmp_path: Path) -> None:
+    result = run_tool("bench_train.py", "--shards", tmp_path, "--time-study", "S8 X3")
+    assert result.returncode == 2 and "'X3' in 'S8 X3'" in result.stderr and "S<scenes> G<grasps>" in result.stderr

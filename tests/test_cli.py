@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-from conftest import REPO, invoke, make_dataset, write_scene
+from helpers import REPO, invoke, make_dataset, write_scene
 
 from gq.tools.cli import main
 from gq.train.checkpoint import load_checkpoint

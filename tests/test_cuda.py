@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_process, make_dataset
+from helpers import fit_process, make_dataset
 
 from gq.pipeline import Batch, open_loader
 from gq.train import fit

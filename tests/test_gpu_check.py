@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, load_tool, make_source, random_scene, run_tool, tree_bytes, write_scene
+from helpers import REPO, load_tool, make_source, random_scene, run_tool, tree_bytes, write_scene
 
 from gq.shards import ShardReader, fingerprint, verify
 from gq.shards.outdir import lock_path, staging_dir

@@ -13,7 +13,7 @@ import pytest
 trimesh = pytest.importorskip("trimesh")
 mesh2sdf = pytest.importorskip("mesh2sdf")
 
-from conftest import run_tool, tree_bytes  # noqa: E402
+from helpers import run_tool, tree_bytes  # noqa: E402
 
 from gq.common.ownership import RECORD  # noqa: E402
 from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
@@ -79,7 +79,7 @@ def test_winding_sign_recovers_the_closed_signs_of_an_open_box():
     assert sdf.dtype == np.float32 and sdf.shape == (GRID,) * 3
     assert np.mean(np.sign(sdf) == np.sign(closed)) > 0.98
     # mesh2sdf's own repair (fix=True) cannot close a hole this wide: it wraps a shell through it,
-    # so the box's inside comes out positive (why the measurements in the README pick "winding").
+    # so the box's inside comes out positive (why the measurements in docs/benchmarks.md pick "winding").
     repaired = mesh_sdf(hole.vertices, hole.faces, GRID, closed=False, open_meshes="repair")
     assert repaired.shape == (GRID,) * 3 and repaired[GRID // 2, GRID // 2, GRID // 2] > 0
 

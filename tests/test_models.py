@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FIXTURES
 
 from gq.models import (
     CheckpointError,
@@ -18,11 +19,8 @@ from gq.models import (
     strip_compile_prefix,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SEED_C4 = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
 SEED_C8_COMPILED = FIXTURES / "seed_gqestimator_c8_fc256-128-64_compiled.pth"
-
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"seed fixtures directory {FIXTURES} is absent")
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -95,7 +93,6 @@ def test_state_dict_keys_follow_the_seed_layout():
     assert "gq_head.1.running_mean" in large and "gq_head.4.weight" in large
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     ("path", "base_channels", "fc_dims"),
     [(SEED_C4, 4, (32, 16)), (SEED_C8_COMPILED, 8, (256, 128, 64))],

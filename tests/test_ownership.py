@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, load_tool, make_dataset, tree_bytes
+from helpers import REPO, load_tool, make_dataset, tree_bytes
 
 from gq.common.ownership import RECORD, Owned, OwnershipError, check_replaceable, remove_owned, write_record
 from gq.train.run import cli

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_source
+from helpers import REPO, make_source
 
 from gq.pipeline import (
     EpochIndex,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_dataset
+from helpers import make_dataset
 
 from gq.common.options import flag
 from gq.train import FitConfig, FitRecipe, Progress, Standardiser, TrainError, fit

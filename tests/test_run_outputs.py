@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import REPO, fit_command, make_dataset, run_tool
+from helpers import REPO, fit_command, make_dataset, run_tool
 
 from gq.models import build_model
 from gq.train.checkpoint import load_checkpoint

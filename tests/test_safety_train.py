@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import REPO, fit_command, make_dataset
+from helpers import REPO, fit_command, make_dataset
 
 from gq.models import build_model
 from gq.pipeline import Batch

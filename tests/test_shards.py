@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
+from helpers import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
 
 from gq.common.ownership import RECORD
 from gq.shards import Manifest, ShardReader, verify

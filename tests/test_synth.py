@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import load_tool
+from helpers import load_tool
 
 import gq.synth as synth
 from gq.common.ownership import RECORD

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO, fit_command, fit_process, invoke, make_dataset
+from helpers import FIXTURES, REPO, fit_command, fit_process, invoke, make_dataset
 
 from gq.models import from_seed_checkpoint
 from gq.train.checkpoint import load_checkpoint, load_model
@@ -149,9 +149,14 @@ def test_compare_runs_both_loaders_and_finds_identical_curves(shards: Path, tmp_
     assert "loss curves identical" in result.stdout
     for row in report["runs"].values():
         assert row["samples_per_s"] > 0 and 0 <= row["data_wait"] <= 1 and row["peak_memory_bytes"] > 0
+        # R2 = 1 - MSE / (val variance) and the mean-predictor's MSE = val variance + (val mean - train mean)^2,
+        # from the same validation: so R2 <= 1 - MSE / baseline, equal when the two means agree
+        assert row["val_mse_mean_baseline"] > 0
+        assert row["val_r2"] <= 1 - row["val_mse"] / row["val_mse_mean_baseline"] + 1e-9
+    header = result.stdout.splitlines()[0]
+    assert "val MSE" in header and "mean-predictor MSE" in header and "val R2" in header
 
 
-@pytest.mark.skipif(not FIXTURES.exists(), reason="../shared/fixtures is not beside the repository")
 def test_init_from_a_seed_checkpoint_keeps_its_predictions() -> None:
     path = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
     seed = from_seed_checkpoint(path).eval()

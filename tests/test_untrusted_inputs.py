@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import make_dataset
+from helpers import make_dataset
 
 from gq.train.predict import Estimator
 from gq.train.run import cli
@@ -127,7 +127,7 @@ def _damage(scenes: Path, case: str) -> Path:
     if copy.exists():
         return copy
     os.makedirs(copy)
-    for scene in sorted(scenes.iterdir()):
+    for scene in sorted(p for p in scenes.iterdir() if p.is_dir()):  # the scenes, not make_scenes' record
         (copy / scene.name).mkdir()
         (copy / scene.name / "scene.npz").write_bytes((scene / "scene.npz").read_bytes())
     last = copy / sorted(p.name for p in copy.iterdir())[-1] / "scene.npz"

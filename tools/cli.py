@@ -7,6 +7,7 @@ verify` start without torch or DALI. `tools/*.py` and `train/run.py` remain entr
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
 import importlib.util
 import logging
@@ -69,7 +70,11 @@ class LazyGroup(click.Group):
         if isinstance(spec, dict):
             return with_version(LazyGroup(name, specs=spec, help=spec.get("_help"), context_settings=CONTEXT))
         module, attr = spec.split(":")
-        return with_version(getattr(importlib.import_module(module), attr))
+        command = getattr(importlib.import_module(module), attr)
+        if command.name != name:  # the module's own name for it (main, cli): under gq it is called `name`
+            command = copy.copy(command)
+            command.name = name
+        return with_version(command)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help without importing the commands' modules (torch, DALI: seconds): their docstrings, read as text.

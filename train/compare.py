@@ -69,11 +69,12 @@ def in_child(fn: Callable, *args: Any) -> Any:
 
 
 def _fit_and_rows(options: dict) -> tuple[dict, list[dict]]:
-    """One loader's run: its summary and its training rows (for the loss curves)."""
+    """One loader's run: its summary and its training and validation rows (for the curves)."""
     from .recipe import fit
 
     summary = fit(FitConfig.from_dict(options))
-    return summary, [r for r in RunDir(Path(options["out"]), writer=False).rows() if "train_mse" in r]
+    rows = RunDir(Path(options["out"]), writer=False).rows()
+    return summary, [r for r in rows if "train_mse" in r or "val_mse" in r]
 
 
 def compare(base: FitConfig, out: Path) -> dict:
@@ -103,10 +104,12 @@ def compare(base: FitConfig, out: Path) -> dict:
                 "peak_memory_kind",
                 "steps",
                 "val_mse",
+                "val_r2",
+                "val_mse_mean_baseline",
                 "device",
             )
         }
-    a, b = ([r["loss"] for r in runs[name]] for name in LOADERS)
+    a, b = ([r["loss"] for r in runs[name] if "loss" in r] for name in LOADERS)
     max_diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
     identical = len(a) == len(b) and max_diff == 0.0
     result = {
@@ -120,6 +123,7 @@ def compare(base: FitConfig, out: Path) -> dict:
     plot_compare(
         runs,
         table=table,
+        baseline=table["cache"]["val_mse_mean_baseline"],
         path=out / "compare.png",
         title=f"S={base.scenes_per_batch} G={base.grasps_per_scene}, {table['cache']['steps']} steps, "
         f"{table['cache']['device']}: loss curves {'identical' if identical else 'DIFFER'}",
@@ -128,16 +132,24 @@ def compare(base: FitConfig, out: Path) -> dict:
 
 
 def report(result: dict) -> str:
-    """compare's table (one row per loader) and its verdict on the loss curves."""
+    """compare's table (one row per loader: speed, memory, and how much the model learned against predicting
+    the train mean) and its verdict on the loss curves."""
     columns = [("loader", "<8"), ("first batch s", ">13.2f"), ("samples/s", ">11,.0f"), ("data wait", ">10.1%"),
-               ("peak memory GB", ">14.2f"), ("val MSE", ">9.4f")]  # fmt: skip
+               ("peak memory GB", ">14.2f"), ("val MSE", ">9.4f"), ("mean-predictor MSE", ">18.4f"),
+               ("val R2", ">7.3f")]  # fmt: skip
     rows = [
-        [name, r["first_batch_s"], r["samples_per_s"], r["data_wait"], r["peak_memory_bytes"] / 1e9, r["val_mse"]]
+        [name, r["first_batch_s"], r["samples_per_s"], r["data_wait"], r["peak_memory_bytes"] / 1e9, r["val_mse"],
+         r["val_mse_mean_baseline"], r["val_r2"]]
         for name, r in result["runs"].items()
-    ]
+    ]  # fmt: skip
     # None: a rate a run of one step does not have (its only step carries start-up and is left out)
     rows = [["-" if value is None else value for value in row] for row in rows]
     lines = format_table(columns, rows, indent="")
+    first = next(iter(result["runs"].values()))
+    lines.append(
+        f"val R2 {first['val_r2']:.3f}: the model's val MSE is {first['val_mse'] / first['val_mse_mean_baseline']:.0%} "
+        "of the mean-predictor's (predicting the train mean for every grasp: R2 0)"
+    )
     verdict = (
         "loss curves identical step for step (both loaders gave the same batches)"
         if result["loss_curves_identical"]

@@ -30,10 +30,12 @@ ACTIONS = ("resume", "overwrite")
 IDENTITIES = {"shards", "out"}
 
 
-# fit's defaults were chosen by measurement (`bench_train --defaults-study`; README, "Choosing fit's defaults"):
-# the seed's train_gq.py values (lr 1e-3, weight decay 1e-5, c=8 for the small model) with the plateau schedule,
-# which beat train_gq.py's linear decay at the same budget and needs no planned length (--max-time runs).
-# The seed README's values (lr 1e-4, weight decay 1e-4, c=16) learn far less in the same steps.
+# fit's defaults were chosen by measurement (docs/benchmarks.md, "Choosing fit's defaults"): the seed's train_gq.py
+# values (lr 1e-3, weight decay 1e-5, c=8 for the small model) with the plateau schedule, which beat train_gq.py's
+# linear decay at the same budget and needs no planned length (--max-time runs); the seed README's values (lr 1e-4,
+# weight decay 1e-4, c=16) learn far less in the same steps. Users stop on time, so the batch shape was chosen by
+# quality per second (`bench_train --time-study`): G=64 grasps per SDF trains ~3x the grasps per second of G=16 at
+# S=8, and S=16 gives fewer steps for no gain at these budgets.
 BASE_CHANNELS = {"small": 8}  # a fresh model's width where it differs from the model class's own default
 
 # torch.manual_seed and the epoch plan's generators take a seed as a signed 64-bit integer.
@@ -64,7 +66,7 @@ class FitConfig:
     )
     fc_dims: tuple[int, ...] | None = option(None, help="Head sizes, comma-separated, e.g. 256,128,64.")
     scenes_per_batch: int = option(8, short="-S", help="SDFs per batch.")
-    grasps_per_scene: int = option(16, short="-G", help="Grasps per SDF per batch (1 = the seed's independent grasps).")
+    grasps_per_scene: int = option(64, short="-G", help="Grasps per SDF per batch (1 = the seed's independent grasps).")
     shuffle_window: int | str = option(
         DEFAULT_WINDOW, help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'."
     )

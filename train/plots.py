@@ -12,6 +12,8 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from .rundir import write_atomically  # noqa: E402  (a full disk: one-line WriteError, as for run files)
 
+COLORS = ["#4c72b0", "#dd8452"]  # one colour per loader, in the curves and the bars
+
 
 def _log_y(ax) -> None:
     """Log scale with plain numbers (12, 20, 40), not 1.2x10^1."""
@@ -43,31 +45,37 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_compare(runs: dict[str, list[dict]], *, table: dict[str, dict], path: Path, title: str) -> None:
-    """compare.png: both loaders' train loss curves overlaid, and their throughput side by side."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    for (name, rows), style in zip(runs.items(), ("-", "--")):
-        left.plot(*_series(rows, "train_mse"), style, label=f"{name}", lw=1.6)
-    left.set_xlabel("step")
-    left.set_ylabel("train MSE (score units)")
+def plot_compare(
+    runs: dict[str, list[dict]], *, table: dict[str, dict], baseline: float, path: Path, title: str
+) -> None:
+    """compare.png: both loaders' train and val MSE over steps with the mean-predictor's val MSE as a line (what
+    learning nothing scores), and their throughput side by side."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    for (name, rows), style, color in zip(runs.items(), ("-", "--"), COLORS):
+        left.plot(*_series(rows, "train_mse"), style, color=color, label=f"{name}: train (window mean)", lw=1.6)
+        left.plot(*_series(rows, "val_mse"), "o" + style, color=color, label=f"{name}: val", lw=1.2, ms=4)
+    left.axhline(baseline, color="grey", ls=":", lw=1.5, label=f"val, predicting the train mean ({baseline:.2f})")
+    left.set_xlabel("training step")
+    left.set_ylabel("MSE (score units², log scale)")
     _log_y(left)
     left.grid(alpha=0.3)
-    left.legend(title="loader")
-    left.set_title("loss curves (identical batches coincide)", fontsize=10)
+    left.legend(fontsize=8)
+    left.set_title("learning: below the grey line the model beats the mean (identical batches coincide)", fontsize=9)
     names = list(table)
     # A run of one step has no steady state (its first step is left out of the rates): no bar, "n/a".
     rates = [table[n]["samples_per_s"] or 0 for n in names]
-    bars = right.bar(names, rates, color=["#4c72b0", "#dd8452"][: len(names)])
+    bars = right.bar(names, rates, color=COLORS[: len(names)])
     for bar, n in zip(bars, names):
         wait = "n/a" if table[n]["data_wait"] is None else f"{table[n]['data_wait']:.0%}"
         right.annotate(
-            f"wait {wait}\nfirst {table[n]['first_batch_s']:.2f}s",
+            f"wait {wait}\nfirst batch {table[n]['first_batch_s']:.2f} s",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
             fontsize=8,
         )
-    right.set_ylabel("steady-state samples/s")
+    right.set_xlabel("loader")
+    right.set_ylabel("training samples/s (steady state)")
     right.set_title("throughput", fontsize=10)
     right.margins(y=0.25)
     fig.suptitle(title, fontsize=10)

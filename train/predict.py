@@ -66,7 +66,25 @@ class Predictions:
 
 
 class Estimator:
-    """A trained model with its score units, ready to score grasps on a device."""
+    """A trained model with its score units, ready to score grasps on a device.
+
+    Made with `Estimator.load` from one of our checkpoints (which record the score statistics the model
+    was trained with) or from a seed state_dict (which predicts raw scores).
+
+    Args:
+        model: A GQEstimator or GQEstimatorLarge.
+        stats: The checkpoint's score statistics (`mean`, `std`), or None for a model of raw scores.
+        device: Where the model runs ("cpu", "cuda", "auto").
+
+    Example:
+        ```python
+        from gq.train.predict import Estimator
+
+        est = Estimator.load("runs/a/best.pt", device="cuda")
+        scores = est.scores(sdf, candidate_grasps)  # (N,) float32, lower is better
+        best = candidate_grasps[scores.argmin()]
+        ```
+    """
 
     def __init__(self, model: GQEstimatorBase, stats: Trained | None, device: str | torch.device = "cpu"):
         self.device = resolve_device(device)
@@ -75,7 +93,18 @@ class Estimator:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Estimator:
-        """From one of our checkpoints (best.pt, last.pt) or a seed state_dict."""
+        """From one of our checkpoints (best.pt, last.pt) or a seed state_dict (torch.compile'd ones too).
+
+        Args:
+            checkpoint: The checkpoint file.
+            device: Where the model runs ("cpu", "cuda", "auto").
+
+        Returns:
+            The estimator, in eval mode on `device`.
+
+        Raises:
+            CheckpointError: The file is missing, is not a checkpoint, or its weights do not fit a model.
+        """
         model, stats = load_model(checkpoint)
         return cls(model, stats, device)
 
@@ -96,9 +125,17 @@ class Estimator:
 
     @torch.no_grad()
     def scores(self, sdf: np.ndarray, grasps: np.ndarray) -> np.ndarray:
-        """Predicted scores (N,) float32, in score units (lower is better), of grasps (N,19) on one SDF (D,D,D).
+        """Predicted scores of candidate grasps on one object; the SDF is encoded once for all of them.
 
-        The SDF is encoded once for all the grasps.
+        Args:
+            sdf: The object's (D, D, D) SDF in the training data's frame and scale (D: the model's grid).
+            grasps: (N, 19) grasps in the same frame: position, quaternion xyzw, 12 joint angles.
+
+        Returns:
+            (N,) float32 predicted scores in score units; lower is better.
+
+        Raises:
+            PredictError: Shapes that do not fit the model, no grasps, or non-finite values.
         """
         sdf, grasps = np.asarray(sdf), np.asarray(grasps)
         self.check(sdf, grasps, "scores()")

@@ -150,7 +150,31 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 class FitRecipe:
-    """One training run of `cfg`. Use as a context manager: `with FitRecipe(cfg) as r: r.setup(); r.train()`."""
+    """One training run of `cfg`, in steps a caller can drive: setup, train_step, validate, save_checkpoint, cleanup.
+
+    `fit` is `setup()` then `train()`; a benchmark or a custom loop calls the steps itself. Every resource
+    (loaders, the run folder's lock, TensorBoard, the process group) is released by `cleanup()`, which the
+    context manager calls even when a step raises.
+
+    Args:
+        cfg: The run's options (`FitConfig`, every `gq fit` option); checked on construction.
+
+    Raises:
+        ConfigError: An option value that cannot work, naming its flag.
+
+    Example:
+        ```python
+        from gq.train import FitConfig, FitRecipe
+
+        with FitRecipe(FitConfig(shards="data/shards", out="runs/a", max_steps=100)) as recipe:
+            recipe.setup()  # device, run folder (locked), data, model, optimizer; restored on resume
+            for batch in recipe.train_loader:
+                loss = recipe.train_step(batch)
+                if recipe.progress.step == 100:
+                    break
+            print(recipe.validate()["val_r2"])
+        ```
+    """
 
     def __init__(self, cfg: FitConfig) -> None:
         cfg = resume_on_restart(cfg)  # under torchrun --max-restarts, a restarted worker continues from last.pt
@@ -517,7 +541,36 @@ class FitRecipe:
 
 
 def fit(cfg: FitConfig) -> dict:
-    """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json)."""
+    """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json).
+
+    What `gq fit` runs: the run folder `cfg.out` gets config.json, metrics.jsonl, last.pt, best.pt,
+    summary.json and curves.png. It stops at `epochs`, `max_steps`, `max_time`, early stopping or
+    SIGTERM/SIGINT (after saving last.pt); `resume=True` continues from last.pt with the same batches.
+
+    Args:
+        cfg: The run's options (`FitConfig`, one field per `gq fit` option, with the same defaults).
+
+    Returns:
+        The summary: steps, why it stopped, train time, samples/s, data-wait fraction, the last
+        validation's metrics (`val_mse`, `val_r2`, `val_spearman`, `val_mse_mean_baseline`, ranking
+        metrics), the best val MSE and its step, peak memory, device, model and parameters.
+
+    Raises:
+        ConfigError: An option value that cannot work, or a run folder that cannot be used (another
+            run holds it, it is not a run, resumed options differ).
+        DatasetError: `cfg.shards` is not a usable dataset, or resumes on another dataset.
+        LoaderError: Settings that give no batches.
+        TrainError: A non-finite loss (naming the step and the batch's scenes).
+        WriteError: A run file could not be written (a full disk); last.pt stays as it was.
+
+    Example:
+        ```python
+        from gq.train import FitConfig, fit
+
+        summary = fit(FitConfig(shards="data/shards", out="runs/a", grasps_per_scene=64, max_time=600))
+        print(summary["val_r2"], summary["val_spearman"])
+        ```
+    """
     with FitRecipe(cfg) as recipe:
         recipe.setup()
         return recipe.train()
