@@ -262,6 +262,16 @@ def test_two_ranks_train_on_a_one_shard_split(tiny: Path, tmp_path: Path, loader
             assert 0.3 * whole.resident_bytes <= summary["resident_bytes"] <= 0.7 * whole.resident_bytes
 
 
+@pytest.mark.slow  # a torchrun job of two ranks
+def test_ranks_stop_on_the_time_budget_at_the_same_step(tiny: Path, tmp_path: Path) -> None:
+    # Each rank's clock is its own: unless they agree, one leaves the loop while the other waits in a collective.
+    out = tmp_path / "timed"
+    flags = ["--max-time", 2, "--epochs", 1000, "--val-every", 5, "--early-stopping", 0]
+    _fit(tiny, out, *flags, *SMALL, "--overwrite", ranks=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "max_time" and summary["world_size"] == 2 and summary["steps"] >= 1
+
+
 def _steps_left(shards: Path, world: int, *, was: int, done: int) -> int:
     """Steps of the rest of epoch 0 on `world` ranks after `done` steps on `was`, from the plan."""
     records, _ = open_dataset(shards).split("train")

@@ -133,14 +133,16 @@ class _StopFlag:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
-    def requested(self, dist: Distributed, device: torch.device) -> bool:
-        """Whether any rank was asked to stop (all ranks agree, so they stop at the same step)."""
-        flag = self.signal is not None
+    def poll(self, dist: Distributed, device: torch.device, *, out_of_time: bool) -> tuple[bool, bool]:
+        """(a signal asked to stop, the time budget is spent), as all ranks agree: either on any rank counts for
+        every rank (one all-reduce), so all stop at the same step (ranks' clocks differ; a lone stop would hang
+        or break the others' next collective)."""
+        flags = (self.signal is not None, out_of_time)
         if dist.enabled:
-            t = torch.tensor([float(flag)], device=device)
-            torch.distributed.all_reduce(t)
-            flag = bool(t.item())
-        return flag
+            t = torch.tensor([float(f) for f in flags], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flags = tuple(bool(v) for v in t.tolist())
+        return flags
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -445,7 +447,10 @@ class FitRecipe:
                     lr=self.optimizer.param_groups[0]["lr"],
                 )
                 step = p.step
-                if cfg.max_time and p.train_time >= cfg.max_time:
+                asked, out_of_time = stop.poll(
+                    self.dist, self.device, out_of_time=bool(cfg.max_time) and p.train_time >= cfg.max_time
+                )
+                if out_of_time:
                     stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
                 if step % cfg.log_every == 0 or step == total:
                     self._log_row()
@@ -459,7 +464,7 @@ class FitRecipe:
                     self.save_checkpoint(self.run.path / "last.pt")
                 if stopped in ("early_stopping", "max_time"):
                     break
-                if p.finished is None and stop.requested(self.dist, self.device):  # an ended run just ends
+                if p.finished is None and asked:  # an ended run just ends
                     stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
                     self.save_checkpoint(self.run.path / "last.pt")
                     break
