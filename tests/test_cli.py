@@ -19,6 +19,7 @@ from helpers import REPO, invoke, make_dataset, write_scene
 
 from gq.tools.cli import main
 from gq.train.checkpoint import load_checkpoint
+from gq.train.config import FitConfig
 from gq.train.logs import TrainLog
 from gq.train.run import eval_cmd
 
@@ -80,7 +81,7 @@ def test_flags_override_the_config_file_and_print_config_round_trips(shards: Pat
     resolved = json.loads(printed)
     assert resolved["scenes_per_batch"] == 3 and resolved["fc_dims"] == [16, 8] and resolved["model"] == "large"
     assert resolved["lr"] == 5e-4  # the flag given wins over the file
-    assert resolved["grasps_per_scene"] == 16 and resolved["out"] == str(tmp_path / "r")  # defaults, flags
+    assert resolved["grasps_per_scene"] == FitConfig.grasps_per_scene and resolved["out"] == str(tmp_path / "r")
     assert not (tmp_path / "r").exists()  # --print-config trains nothing
     (tmp_path / "printed.json").write_text(printed)
     assert gq("fit", "--config", tmp_path / "printed.json", "--print-config").stdout == printed
