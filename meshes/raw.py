@@ -53,7 +53,7 @@ GRASP_DIM = 19
 
 @dataclass(frozen=True)
 class ImportOptions:
-    """How to import: see tools/import_meshes.py --help for each option."""
+    """How to import: see gq import-meshes --help for each option."""
 
     grid: int = 48
     mesh_max_extent: float | None = None  # None: the largest extent of the dataset's accepted meshes

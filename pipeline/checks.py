@@ -72,6 +72,6 @@ def check_records(
         more = f" (and {len(bad) - 1} more records)" if len(bad) > 1 else ""
         raise DatasetError(
             f"{where(i)}: record checksum {int(got[i]):016x}, the index says {int(want[i]):016x}"
-            f"{more}: the data on disk is corrupt or not this dataset's; run tools/verify_shards.py "
-            "on the dataset and rebuild it with tools/make_shards.py"
+            f"{more}: the data on disk is corrupt or not this dataset's; run gq shards verify "
+            "on the dataset and rebuild it with gq shards build"
         )

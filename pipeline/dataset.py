@@ -90,6 +90,6 @@ def open_dataset(path: str | Path) -> ShardDataset:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise DatasetError(
             f"{root}: not a usable dataset: {problems[0]}{more}; "
-            "run tools/verify_shards.py on it, or rebuild it with tools/make_shards.py"
+            "run gq shards verify on it, or rebuild it with gq shards build"
         )
     return ShardDataset(ShardReader(root))

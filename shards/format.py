@@ -153,7 +153,7 @@ class Layout:
 # place they are spelled), `from_dict` checks every key's presence and JSON type, and `to_dict` gives
 # back exactly the object it was read from, so a written manifest's bytes do not depend on the typing.
 
-_REBUILD = "rebuild the dataset with tools/make_shards.py"
+_REBUILD = "rebuild the dataset with gq shards build"
 
 
 def _bad(where: str, key: str, why: str) -> DatasetError:
@@ -327,7 +327,7 @@ class Manifest:
         path = Path(path)
         root = path.parent
         if not root.is_dir():
-            raise DatasetError(f"{root}: no such dataset directory; build one with tools/make_shards.py")
+            raise DatasetError(f"{root}: no such dataset directory; build one with gq shards build")
         if not path.exists():
             hint = " (an unfinished build: rerun make_shards with --resume)" if (root / BUILD_DIR).exists() else ""
             raise DatasetError(f"{path}: missing, so {root} is not a finished dataset{hint}")
@@ -346,7 +346,7 @@ class Manifest:
         if data.get("version") != FORMAT_VERSION:
             raise DatasetError(
                 f"{where}: format version {data.get('version')}, this reader reads version "
-                f"{FORMAT_VERSION}; rebuild the dataset with tools/make_shards.py SOURCE --out DIR"
+                f"{FORMAT_VERSION}; rebuild the dataset with gq shards build SOURCE --out DIR"
             )
         plain = {key: _take(data, key, kind, where) for key, kind in _MANIFEST_KINDS.items()}
         grid = _take(data, "grid", "array", where)

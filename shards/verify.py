@@ -1,7 +1,7 @@
 """Verification: manifest, files and index agree; headers are right; every record's bytes match.
 
 `verify(DIR)` returns a `VerifyResult`: one line per problem naming the file, shard, slot and scene,
-or none and a one-line summary (`tools/verify_shards.py` prints them). The full check also
+or none and a one-line summary (`gq shards verify` prints them). The full check also
 recomputes the train score statistics from the stored labels and compares them with the manifest's.
 """
 

@@ -339,7 +339,7 @@ def test_bad_directories_fail_before_any_work(dataset, tmp_path: Path) -> None:
         open_loader(copy)
     manifest["version"] = 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DatasetError, match="format version 1, .* rebuild the dataset with tools/make_shards.py"):
+    with pytest.raises(DatasetError, match="format version 1, .* rebuild the dataset with gq shards build"):
         open_loader(copy, mode="dali")
 
 

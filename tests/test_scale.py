@@ -286,12 +286,15 @@ def test_a_run_resumes_on_another_number_of_ranks(tiny: Path, tmp_path: Path, wa
     _fit(tiny, out, "--epochs", 1, "--max-steps", 5, *SMALL, "--overwrite", ranks=was)
     saved = load_checkpoint(out / "last.pt")["loader"]
     assert (saved["epoch"], saved["position"], saved["world_size"]) == (0, 5, was)
-    result = _fit(tiny, out, "--epochs", 1, *SMALL, "--resume", ranks=now)
+    # The first run ended at its --max-steps, which a resume keeps unless given another: the rest of the epoch
+    left = _steps_left(tiny, now, was=was, done=5)
+    result = _fit(tiny, out, "--max-steps", 5 + left, *SMALL, "--resume", ranks=now)
     assert f"resuming a run saved on {was} ranks on {now}" in result.stderr
     assert "the rest of epoch 0 trains the groups no rank had trained yet" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    # the rest of the epoch is the plan's: exactly the groups the first world had left, dealt to the new one
-    assert summary["steps"] == 5 + _steps_left(tiny, now, was=was, done=5) and summary["world_size"] == now
+    assert summary["steps"] == 5 + left and summary["world_size"] == now
+    # the plan's rest of the epoch (the groups the first world had left, dealt to the new one) ends exactly
+    # there: the loader has rolled over to epoch 1 with nothing of epoch 0 left over
     final = load_checkpoint(out / "last.pt")["loader"]
     assert (final["epoch"], final["position"], final["past"], final["world_size"]) == (1, 0, [], now)
 

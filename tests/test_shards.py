@@ -135,11 +135,11 @@ def test_version_1_dataset_is_refused_with_the_rebuild_command(small_source: Pat
     (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
     with pytest.raises(
         DatasetError,
-        match="format version 1, this reader reads version 2; rebuild the dataset with tools/make_shards.py",
+        match="format version 1, this reader reads version 2; rebuild the dataset with gq shards build",
     ):
         read_manifest(out)
     result = run_tool("verify_shards.py", out)
-    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1 and "make_shards.py" in result.stdout
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1 and "gq shards build" in result.stdout
 
 
 def test_two_builds_byte_identical_whatever_the_workers(small_source: Path, tmp_path: Path) -> None:

@@ -295,7 +295,7 @@ class FitRecipe:
         try:
             self.scores = Standardiser.from_stats(self.train_loader.score_stats, str(dataset.root / "manifest.json"))
         except ValueError as err:
-            raise DatasetError(f"{err}; run tools/verify_shards.py on the dataset") from None
+            raise DatasetError(f"{err}; run gq shards verify on the dataset") from None
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
         cfg = self.cfg

@@ -86,7 +86,7 @@ def _check_inputs(batch: Batch, step: int) -> None:
     if found:
         raise TrainError(
             f"non-finite loss at step {step}: non-finite input data ({'; '.join(found)} hold NaN or "
-            f"inf); the dataset is damaged: check it with tools/verify_shards.py and rebuild it"
+            f"inf); the dataset is damaged: check it with gq shards verify and rebuild it"
         )
 
 
