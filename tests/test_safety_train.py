@@ -293,7 +293,7 @@ def test_a_non_finite_loss_from_non_finite_data_names_the_data(field: str, where
             scores=Standardiser(0.0, 1.0), step=3,
         )  # fmt: skip
     assert f"non-finite loss at step 3: non-finite input data ({where} hold NaN or inf)" in str(err.value)
-    assert "verify_shards" in str(err.value) and "--lr" not in str(err.value)
+    assert "gq shards verify" in str(err.value) and "--lr" not in str(err.value)
 
 
 # -- 9. datasets compared by identity, not by path ---------------------------------------------------------
