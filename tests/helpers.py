@@ -4,15 +4,18 @@ Imported by the tests as `from helpers import ...`; tests/conftest.py keeps only
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import click
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from gq.shards import BuildOptions, build_shards
@@ -173,3 +176,20 @@ def run_tool(
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under root (relative name -> bytes), for byte-identity checks."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str, *, skip: str) -> Iterator[Path]:
+    """A tmpfs mounted on `folder` with `options` (e.g. "ro,size=1m") for the block; the test is skipped,
+    `skip` and the reason saying so, where none can be mounted (no mount command, not root)."""
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        why = mounted.stderr.decode().strip() if mounted.returncode else None
+    except OSError as err:  # no mount command at all
+        why = str(err)
+    if why is not None:
+        pytest.skip(f"{skip} ({why})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from helpers import REPO, fit_command, make_dataset, run_tool
+from helpers import REPO, fit_command, make_dataset, run_tool, tmpfs
 
 from gq.models import build_model
 from gq.train.checkpoint import load_checkpoint
@@ -129,18 +129,8 @@ def read_only(tmp_path: Path):
     """A folder on a read-only file system (a tmpfs mounted read-only; root can write through chmod)."""
     folder = tmp_path / "ro"
     folder.mkdir()
-    try:
-        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]
-        mounted = subprocess.run(mount, capture_output=True)
-        why = mounted.stderr.decode().strip() if mounted.returncode else None
-    except OSError as err:  # no mount command at all
-        why = str(err)
-    if why is not None:
-        pytest.skip(f"cannot mount a read-only file system here ({why})")
-    try:
+    with tmpfs(folder, "ro,size=1m", skip="cannot mount a read-only file system here"):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.mark.parametrize("command", ["fit", "compare", "predict", "import_meshes"])

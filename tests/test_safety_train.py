@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from helpers import REPO, fit_command, make_dataset
+from helpers import REPO, fit_command, make_dataset, tmpfs
 
 from gq.models import build_model
 from gq.pipeline import Batch
@@ -161,17 +161,8 @@ def small_disk(request, tmp_path: Path):
     if request.param == "rlimit":
         yield folder, _file_size_limit
         return
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
-        why = mounted.stderr.decode().strip() if mounted.returncode else None
-    except OSError as err:  # no mount command at all
-        why = str(err)
-    if why is not None:
-        pytest.skip(f"cannot mount a tmpfs here ({why}); the rlimit case stands in")
-    try:
+    with tmpfs(folder, "size=2m", skip="cannot mount a tmpfs here; the rlimit case stands in"):
         yield folder, _tmpfs_full
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_a_full_disk_during_fit_keeps_the_last_checkpoint_and_says_so(data_a: Path, small_disk) -> None:
