@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GQError, UsageError
-from .files import _UMASK, swap_in_dir, write_atomically
+from .files import _UMASK, check_writable, swap_in_dir, write_atomically
 
 RECORD = ".gq-owned.json"
 
@@ -247,10 +247,10 @@ class BesideBuild:
     """A new output built in a temporary sibling `.<name>.<random>.tmp` that carries its record from the start,
     swapped in (files.swap_in_dir) only when complete, under `Lock`; the old output loses only what it owned.
 
-    Construct it to check `out` early (before slow work); `with` it to lock and re-check, remove what killed
-    runs of the same tool left beside `out` (`stale_temporaries`), and create missing parents; `create(entries)`
-    makes the temporary folder; `commit()` swaps it in. Leaving the block on an error removes the temporary
-    folder and the parents it made.
+    Construct it to check `out` early, its ownership and that it can be written (before slow work); `with` it to
+    lock and re-check, remove what killed runs of the same tool left beside `out` (`stale_temporaries`), and
+    create missing parents; `create(entries)` makes the temporary folder; `commit()` swaps it in. Leaving the
+    block on an error removes the temporary folder and the parents it made.
     """
 
     def __init__(
@@ -265,6 +265,7 @@ class BesideBuild:
         self.out, self.tool, self.flag = Path(out).absolute(), tool, flag
         self._check = lambda: check_replaceable(self.out, tool=tool, overwrite=overwrite, flag=flag, legacy=legacy)
         self.old = self._check()
+        check_writable(self.out, flag=flag)  # a read-only place ends the command now, not after its slow work
         self.tmp: Path | None = None
         self._made: list[Path] = []
         self._lock: Lock | None = None

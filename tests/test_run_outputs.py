@@ -137,8 +137,10 @@ def read_only(tmp_path: Path):
 def test_out_on_a_read_only_file_system_is_one_line(data: Path, tmp_path: Path, read_only: Path, command: str) -> None:
     target = read_only / ("p.parquet" if command == "predict" else "out")
     if command == "import_meshes":
-        (tmp_path / "raw").mkdir()
-        result = run_tool("import_meshes.py", tmp_path / "raw", "--out", target)
+        trimesh = pytest.importorskip("trimesh")  # the meshes extra
+        (tmp_path / "raw" / "box").mkdir(parents=True)  # a good mesh: only the place to write is wrong
+        trimesh.creation.box(extents=(1.0, 0.6, 0.8)).export(tmp_path / "raw" / "box" / "mesh.obj")
+        result = run_tool("import_meshes.py", tmp_path / "raw", "--out", target, "--label", "synth")
         code, stderr = result.returncode, result.stderr
     else:
         ckpt = tmp_path / "seed.pth"

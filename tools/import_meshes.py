@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 
-from gq.common.files import check_writable
 from gq.common.options import one_line_errors
 from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
 
@@ -82,7 +81,6 @@ def main(
         skip_bad=skip_bad,
     )
     with one_line_errors(((MeshError, ValueError), 2), interrupted="nothing was written"):
-        check_writable(out, flag="--out")  # before the meshes are read: a read-only --out fails at once
         summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)
     click.echo(format_summary(summary))
 
