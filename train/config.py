@@ -184,10 +184,14 @@ class FitConfig:
             d["fc_dims"] = tuple(d["fc_dims"])
         return cls(**d)
 
-    def differences(self, other: FitConfig) -> list[str]:
-        """Options (other than RESUMABLE ones and IDENTITIES) whose values differ, as 'name: a != b'."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in RESUMABLE | IDENTITIES and a[k] != b[k]]
+    def differences(self, run: FitConfig) -> list[str]:
+        """Options (other than RESUMABLE ones and IDENTITIES) set otherwise than in `run`, as flags would spell
+        them: '--lr 0.01 (the run: 0.001)'."""
+        return [
+            f"{_flag(f.name)} {_shown(getattr(self, f.name))} (the run: {_shown(getattr(run, f.name))})"
+            for f in fields(self)
+            if f.name not in RESUMABLE | IDENTITIES and getattr(self, f.name) != getattr(run, f.name)
+        ]
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -283,12 +287,7 @@ def resolve_config(given: dict, *, config_file: str | Path | None = None) -> Fit
     values = {**(read_config_file(config_file) if config_file else {}), **given}
     if values.get("resume") and values.get("out"):
         run = _run_options(Path(values["out"]))
-        ran, wanted = FitConfig(**run), FitConfig(**{**run, **values})
-        clash = [
-            f"{_flag(k)} {_shown(getattr(wanted, k))} (the run: {_shown(getattr(ran, k))})"
-            for k in values
-            if k not in RESUMABLE | IDENTITIES and getattr(wanted, k) != getattr(ran, k)
-        ]
+        clash = FitConfig(**{**run, **values}).differences(FitConfig(**run))
         if clash:
             raise ConfigError(
                 f"--resume: {', '.join(clash)} {'differs' if len(clash) == 1 else 'differ'} from the run in "

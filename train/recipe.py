@@ -264,7 +264,7 @@ class FitRecipe:
         check_resumable(last, resumed)
         diff = self.cfg.differences(FitConfig.from_dict(resumed["config"]))
         if diff:
-            raise ConfigError(f"--resume: options differ from the run in {self.run.path}: {'; '.join(diff)}")
+            raise ConfigError(f"--resume: {', '.join(diff)} differ from the run in {self.run.path}")
         old = resumed.get("dataset", {}).get("fingerprint")
         if old != self.identity:
             was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
