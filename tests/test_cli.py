@@ -18,10 +18,10 @@ import pytest
 from helpers import REPO, invoke, make_dataset, write_scene
 
 from gq.tools.cli import main
+from gq.tools.training import eval_cmd
 from gq.train.checkpoint import load_checkpoint
 from gq.train.config import FitConfig
 from gq.train.logs import TrainLog
-from gq.train.run import eval_cmd
 
 TINY = ["-S", 2, "-G", 4, "--base-channels", 2, "--fc-dims", 8, "--threads", 1]
 

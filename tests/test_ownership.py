@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from helpers import REPO, load_tool, make_dataset, tree_bytes
 
 from gq.common.ownership import RECORD, Owned, OwnershipError, check_replaceable, remove_owned, write_record
-from gq.train.run import cli
+from gq.tools.training import cli
 
 trimesh = pytest.importorskip("trimesh")
 pytest.importorskip("mesh2sdf")

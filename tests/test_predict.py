@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from gq.shards import BuildOptions, ShardReader, build_shards
 from gq.synth import write_scenes
+from gq.tools.training import cli
 from gq.train.predict import Estimator, PredictError, best_grasps, predict_scenes
-from gq.train.run import cli
 
 GRID, GRASPS = 16, 40
 

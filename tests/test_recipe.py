@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from helpers import make_dataset
 
 from gq.common.options import flag
+from gq.tools.training import cli
 from gq.train import FitConfig, FitRecipe, Progress, Standardiser, TrainError, fit
 from gq.train.checkpoint import load_checkpoint
 from gq.train.config import ConfigError
-from gq.train.run import cli
 from gq.train.rundir import LOCK
 
 GRID, GRASPS = 32, 48

@@ -16,8 +16,8 @@ from click.testing import CliRunner, Result
 from helpers import REPO, fit_command, make_dataset, run_tool, tmpfs
 
 from gq.models import build_model
+from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
-from gq.train.run import cli
 
 GRID, GRASPS = 16, 32
 TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4"]

@@ -27,9 +27,9 @@ from helpers import REPO, fit_command, make_dataset, tmpfs
 from gq.models import build_model
 from gq.pipeline import Batch
 from gq.shards import read_manifest
+from gq.tools.training import cli
 from gq.train import Forward, Standardiser, TrainError, train_step
 from gq.train.checkpoint import load_checkpoint, save_checkpoint
-from gq.train.run import cli
 from gq.train.rundir import LOCK
 
 GRID, GRASPS = 16, 32

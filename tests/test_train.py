@@ -16,10 +16,10 @@ import torch
 from helpers import FIXTURES, REPO, fit_command, fit_process, invoke, make_dataset
 
 from gq.models import from_seed_checkpoint
+from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint, load_model
 from gq.train.config import FitConfig
 from gq.train.recipe import build_fit_model
-from gq.train.run import cli
 from gq.train.scores import Standardiser
 
 GRID, GRASPS = 32, 96

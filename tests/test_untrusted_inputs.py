@@ -20,8 +20,8 @@ import torch
 from click.testing import CliRunner, Result
 from helpers import make_dataset
 
+from gq.tools.training import cli
 from gq.train.predict import Estimator
-from gq.train.run import cli
 
 GRID, GRASPS = 16, 24
 PETABYTE_GRASPS = int(3.5 * 2**50) // 76  # grasps of 19 float32 values in 3.5 PiB

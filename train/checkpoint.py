@@ -18,7 +18,7 @@ import torch
 
 from gq.models import MODEL_KINDS, CheckpointError, GQEstimatorBase, from_seed_checkpoint, load_torch_file
 
-from .rundir import write_atomically
+from .files import write_atomically
 from .scores import Standardiser
 
 FORMAT = "gq-train-checkpoint"
@@ -30,7 +30,7 @@ RESUME_KEYS = ("optimizer", "scheduler", "scaler", "loader", "rng", "state")
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically (rundir.write_atomically): WriteError names the file when the disk is full."""
+    """Write atomically (files.write_atomically): WriteError names the file when the disk is full."""
     write_atomically(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 

@@ -22,8 +22,9 @@ from gq.common.table import format_table
 from gq.pipeline import MODES
 
 from .config import ConfigError, FitConfig
+from .files import write_atomically
 from .plots import plot_compare
-from .rundir import LOCK, RunDir, _legacy_run, write_atomically
+from .rundir import LOCK, RunDir, _legacy_run
 from .step import TrainError
 
 LOADERS = MODES

@@ -52,7 +52,7 @@ class ConfigError(UsageError):
 
 @dataclass
 class FitConfig:
-    """A run's options; each field with help text is a `fit` / `compare` option (train/run.py derives them)."""
+    """A run's options; each field with help text is a `fit` / `compare` option (gq.tools.training derives them)."""
 
     shards: str = option(help="Shard dataset directory.")
     out: str = option(help="Run directory.")

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from .rundir import write_atomically  # noqa: E402  (a full disk: one-line WriteError, as for run files)
+from .files import write_atomically  # noqa: E402  (a full disk: one-line WriteError, as for run files)
 
 COLORS = ["#4c72b0", "#dd8452"]  # one colour per loader, in the curves and the bars
 

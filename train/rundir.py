@@ -15,20 +15,18 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from gq.common.errors import GQError
 from gq.common.files import check_writable
-from gq.common.files import write_atomically as shards_write_atomically
 from gq.common.ownership import Owned, check_replaceable, remove_owned, write_record
 
 from .config import ConfigError, FitConfig
+from .files import WriteError, write_atomically
 from .tracking import Trackers
 
 OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "tensorboard", "wandb")
@@ -38,30 +36,6 @@ RUN_ENTRIES = tuple(name + "/" if name in FOLDERS else name for name in OUTPUTS)
 TB_EVENTS = "events.out.tfevents."  # the name TensorBoard's writer gives its files
 LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unlocked: the next run takes it)
 log = logging.getLogger("train")
-
-
-class WriteError(GQError, RuntimeError):
-    """A run file could not be written (full disk, quota, read-only); `str()` names it and what to do."""
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` atomically (`shards.write_atomically`: a unique temporary beside it, fsync'd, renamed
-    over it): readers see the old file or the whole new one. On failure the temporary is removed,
-    `path` is left as it was, and WriteError names the file."""
-    path = Path(path)
-    try:
-        shards_write_atomically(path, write)
-    except (OSError, RuntimeError) as err:  # torch.save's RuntimeError ("unexpected pos") follows an OSError
-        cause = err
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__
-        if cause is None:
-            raise
-        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise WriteError(
-            f"{path}: could not be written ({cause.strerror or cause}); {kept}. Free disk space "
-            f"(or choose another --out), then rerun; --resume continues from last.pt"
-        ) from None
 
 
 def _holder(lock: Path) -> str:
