@@ -7,9 +7,10 @@ channel width, head sizes and SDF grid size are all read back from the tensors.
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -83,29 +84,91 @@ def infer_config(state_dict: StateDict, source: str = "state_dict") -> dict[str,
 
 
 def load_torch_file(path: str | Path) -> Any:
-    """The one torch.load of the project (weights-only, on the CPU); every failure is a one-line CheckpointError."""
+    """The one torch.load of the project (weights-only, on the CPU); every failure is a one-line CheckpointError.
+
+    Nothing damaged is used: every entry of torch.save's zip archive must match the CRC-32 recorded when it was
+    written (torch.load does not check them, so a flipped bit would load as a wrong weight), and every
+    floating-point tensor in the file (weights, optimizer state) must be finite.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file (not found, or not a file); check the path")
     with open(path, "rb") as f:
         head = f.read(8)
-    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
+        if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint: not a PyTorch checkpoint file (it begins {head!r}, torch.save files "
+                f"are zip archives), so it cannot be read; give a .pt/.pth file written by torch.save"
+            )
+        f.seek(0)
+        try:
+            if head.startswith(b"PK"):  # a legacy pickle (before torch 1.6) carries no checksums
+                _check_archive(f, path)
+                f.seek(0)
+            loaded = torch.load(f, map_location="cpu", weights_only=True)  # the bytes just checked
+        except CheckpointError:
+            raise
+        # torch.load and zipfile signal bad bytes with many types (UnpicklingError, RuntimeError, EOFError, ...).
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint: it cannot be read as a weights-only torch checkpoint "
+                f"({_first_sentence(exc)}); it is corrupt, truncated or not a checkpoint file: use another checkpoint"
+            ) from None
+    if where := _first_non_finite(loaded):
         raise CheckpointError(
-            f"{path}: unreadable checkpoint: not a PyTorch checkpoint file (it begins {head!r}, torch.save files "
-            f"are zip archives), so it cannot be read; give a .pt/.pth file written by torch.save"
+            f"{path}: non-finite value (NaN or inf) in {where}: the run diverged or the file was damaged; "
+            f"use another checkpoint (best.pt, an earlier copy) or retrain"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    # torch.load signals bad bytes with many types (UnpicklingError, RuntimeError, EOFError, ...).
-    except Exception as exc:
-        # First sentence only: torch's full text is long and may advise weights_only=False.
-        reason = type(exc).__name__
-        if first := str(exc).strip().split("\n")[0].split(". ")[0][:160]:
-            reason += f": {first}"
-        raise CheckpointError(
-            f"{path}: unreadable checkpoint: it cannot be read as a weights-only torch checkpoint ({reason}); it is "
-            f"corrupt, truncated or not a checkpoint file: use another checkpoint"
-        ) from None
+    return loaded
+
+
+def _first_sentence(exc: Exception) -> str:
+    """The exception's type and first sentence: torch's full text is long and may advise weights_only=False."""
+    first = str(exc).strip().split("\n")[0].split(". ")[0][:160]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _check_archive(f: BinaryIO, path: Path) -> None:
+    """CheckpointError unless every entry of the zip archive `f` reads back with the CRC-32 written with it.
+
+    torch.save stores entries uncompressed and, unless told not to (`torch.serialization.set_crc32_options`),
+    records each one's CRC-32: a file whose CRCs are all zero records none, and has nothing to check.
+    """
+    with zipfile.ZipFile(f) as archive:
+        entries = archive.infolist()
+        if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint: a compressed zip archive, which torch.save never writes; "
+                f"give a .pt/.pth file written by torch.save"
+            )
+        if any(entry.CRC for entry in entries) and (bad := archive.testzip()) is not None:
+            raise CheckpointError(
+                f"{path}: damaged checkpoint: its entry {bad} fails its CRC-32 check (the bytes changed after "
+                f"torch.save wrote them: a disk, copy or transfer error); use another checkpoint (best.pt, an "
+                f"earlier copy) or retrain"
+            )
+
+
+def _first_non_finite(loaded: Any) -> str | None:
+    """Where (`model.gq_head.0.weight`) a floating-point tensor of a loaded checkpoint holds NaN or inf, or None.
+
+    Walked with a stack, not recursion: a hostile file may nest containers deeper than Python's recursion limit.
+    """
+    stack: list[tuple[str, Any]] = [("", loaded)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+                return where or "the file's tensor"
+            continue
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, list | tuple):
+            items = list(enumerate(value))
+        else:
+            continue
+        stack.extend((f"{where}.{key}" if where else str(key), item) for key, item in reversed(items))
+    return None
 
 
 def _check_state_dict(loaded: Any, source: str) -> StateDict:

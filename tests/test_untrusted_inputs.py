@@ -11,6 +11,9 @@ import io
 import json
 import math
 import os
+import re
+import shutil
+import struct
 import zipfile
 from pathlib import Path
 
@@ -18,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from helpers import make_dataset
+from helpers import FIXTURES, make_dataset
 
+from gq.models import CheckpointError
 from gq.tools.training import cli
 from gq.train.predict import Estimator
 
@@ -238,3 +242,137 @@ def test_fit_takes_the_largest_seed(trained, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
+
+
+# -- issue 22, item 2: a checkpoint with one flipped bit, or with non-finite values, is never used -----------------
+
+
+def _entry_holding(path: Path, tensor: torch.Tensor) -> zipfile.ZipInfo:
+    """The entry of torch.save's archive `path` that stores `tensor`'s data (torch writes one per storage)."""
+    data = tensor.contiguous().numpy().tobytes()
+    with zipfile.ZipFile(path) as archive:
+        return next(i for i in archive.infolist() if i.file_size == len(data) and archive.read(i) == data)
+
+
+def _flip_exponent(path: Path, tensor: torch.Tensor, out: Path) -> Path:
+    """A copy of checkpoint `path` at `out` with one bit flipped in `tensor`'s stored data: the top exponent bit of
+    its first element of magnitude in (0, 1), which makes that value finite and ~1e38 times larger."""
+    entry = _entry_holding(path, tensor)
+    values = tensor.flatten().numpy()
+    element = int(np.flatnonzero((values != 0) & (np.abs(values) < 1))[0])
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length  # the local header's length: the data follows
+    data[start + 4 * element + 3] ^= 0x40  # little-endian float32: byte 3 holds the sign and the top exponent bits
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _flipped_best(trained, tmp_path: Path) -> Path:
+    """best.pt of the trained run with an exponent bit flipped in a model weight, a file torch loads (finite values)."""
+    best = trained[2].parent / "best.pt"
+    weight = torch.load(best, weights_only=True)["model"]["conv_block.0.weight"]
+    flipped = _flip_exponent(best, weight, tmp_path / "best.pt")
+    loaded = torch.load(flipped, weights_only=True)["model"]["conv_block.0.weight"]  # torch takes it as it is
+    assert torch.isfinite(loaded).all() and loaded.abs().max() > 1e30
+    return flipped
+
+
+def _refusal(result: Result, path: Path, problem: str) -> None:
+    line = one_line(result, 2)
+    assert f"{path}: " in line and problem in line, line
+
+
+CRC = "fails its CRC-32 check"
+
+
+def test_resume_refuses_a_last_pt_with_a_flipped_bit_in_its_optimizer_state(trained, tmp_path: Path) -> None:
+    run = shutil.copytree(trained[2].parent, tmp_path / "run", symlinks=True)
+    exp_avg = torch.load(run / "last.pt", weights_only=True)["optimizer"]["state"][0]["exp_avg"]
+    damaged = _flip_exponent(run / "last.pt", exp_avg, tmp_path / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(damaged)
+    _refusal(invoke("fit", "--out", run, "--resume", "--max-steps", 4), run / "last.pt", CRC)
+    assert (run / "last.pt").read_bytes() == damaged  # kept as it was, for the user to judge
+
+
+def test_resume_refuses_non_finite_optimizer_state(trained, tmp_path: Path) -> None:
+    run = shutil.copytree(trained[2].parent, tmp_path / "run", symlinks=True)
+    payload = torch.load(run / "last.pt", weights_only=True)
+    payload["optimizer"]["state"][1]["exp_avg_sq"].view(-1)[0] = math.inf
+    torch.save(payload, run / "last.pt")
+    line = one_line(invoke("fit", "--out", run, "--resume", "--max-steps", 4), 2)
+    assert f"{run / 'last.pt'}: non-finite value (NaN or inf) in optimizer.state.1.exp_avg_sq" in line
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "init-from"])
+def test_a_checkpoint_with_a_flipped_exponent_bit_is_refused(
+    trained, tmp_path: Path, no_scoring: list, command: str
+) -> None:
+    scenes, shards, _ = trained
+    flipped = _flipped_best(trained, tmp_path)
+    if command == "eval":
+        result = invoke("eval", flipped, "--shards", shards, "--device", "cpu")
+    elif command == "predict":
+        result = invoke("predict", flipped, "--scenes", scenes, "--out", tmp_path / "p.parquet")
+    else:
+        result = invoke("fit", "--shards", shards, "--out", tmp_path / "run", "--init-from", flipped, *TINY)
+    _refusal(result, flipped, CRC)
+    assert no_scoring == [] and not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_estimator_load_refuses_a_flipped_bit_in_ours_and_in_a_seed_file(trained, tmp_path: Path) -> None:
+    flipped = _flipped_best(trained, tmp_path)
+    seed = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
+    flipped_seed = _flip_exponent(seed, torch.load(seed, weights_only=True)["gq_head.0.weight"], tmp_path / "s.pth")
+    for path in (flipped, flipped_seed):
+        with pytest.raises(CheckpointError) as err:
+            Estimator.load(path)
+        assert str(err.value).startswith(f"{path}: ") and CRC in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "init-from", "Estimator.load"])
+def test_non_finite_weights_are_refused(trained, tmp_path: Path, no_scoring: list, command: str) -> None:
+    scenes, shards, _ = trained
+    payload = torch.load(trained[2].parent / "best.pt", weights_only=True)
+    payload["model"]["gq_head.0.weight"][0, 1] = math.nan
+    torch.save(payload, ckpt := tmp_path / "nan.pt")
+    problem = "non-finite value (NaN or inf) in model.gq_head.0.weight"
+    if command == "Estimator.load":
+        with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: {problem}")):
+            Estimator.load(ckpt)
+        return
+    if command == "eval":
+        result = invoke("eval", ckpt, "--shards", shards, "--device", "cpu")
+    elif command == "predict":
+        result = invoke("predict", ckpt, "--scenes", scenes, "--out", tmp_path / "p.parquet")
+    else:
+        result = invoke("fit", "--shards", shards, "--out", tmp_path / "run", "--init-from", ckpt, *TINY)
+    _refusal(result, ckpt, problem)
+    assert no_scoring == [] and not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_checkpoint_saved_without_crcs_still_loads(tmp_path: Path) -> None:
+    """torch.save can be told to write no CRC-32s (all zero): such a file has nothing to check, it is not damaged."""
+    state_dict = torch.load(FIXTURES / "seed_gqestimator_c4_fc32-16.pth", weights_only=True)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state_dict, tmp_path / "no-crc.pth")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(tmp_path / "no-crc.pth") as archive:
+        assert {i.CRC for i in archive.infolist()} == {0}
+    assert Estimator.load(tmp_path / "no-crc.pth").model.config["base_channels"] == 4
+
+
+# -- issue 22: a model too large to build is refused by its size, before anything is allocated -----------------
+
+
+def test_fit_refuses_a_model_too_large_to_build(trained, tmp_path: Path) -> None:
+    _, shards, _ = trained
+    line = one_line(invoke("fit", "--shards", shards, "--out", tmp_path / "run", "-G", 4, "--base-channels", 100000), 2)
+    assert "--base-channels 100000: " in line and "parameters" in line and "GiB" in line
+    (tmp_path / "big.yaml").write_text("fc_dims: [100000000000]\n")
+    config = ["--config", tmp_path / "big.yaml"]
+    line = one_line(invoke("fit", "--shards", shards, "--out", tmp_path / "run", "-G", 4, *config), 2)
+    assert f"--config {tmp_path / 'big.yaml'}: fc_dims 100000000000: " in line and "parameters" in line
+    assert not (tmp_path / "run").exists()
