@@ -6,12 +6,15 @@ Layer order and attribute names follow the seed exactly, so the seed's state_dic
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from gq.common.errors import UsageError
 
 GRASP_DIM = 19  # palm position (3) + quaternion xyzw (4) + 12 joint angles
 NUM_STAGES = 4  # conv stages, each halving the grid: a D^3 SDF leaves as (D/16)^3
@@ -60,8 +63,60 @@ def gq_head(in_features: int, fc_dims: Sequence[int], layout: Layout) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-def _check_config(input_size: int, base_channels: int, fc_dims: Sequence[int]) -> None:
-    """Refuse sizes that would otherwise surface later as an opaque shape error."""
+# Far above any model worth training here (the seed's large one has 7.2M), and what a GPU can hold with the
+# optimizer's state: 2**30 parameters are 4 GiB of float32 weights, 16 GiB with gradients and Adam's two moments.
+MAX_PARAMETERS = 2**30
+
+
+class ModelSizeError(UsageError, ValueError):
+    """Sizes that would build a model above MAX_PARAMETERS; `option` is the size to blame ("base_channels" or
+    "fc_dims") and `str()` says how many parameters it would have."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def parameter_count(kind: str, input_size: int, base_channels: int, fc_dims: Sequence[int]) -> int:
+    """The parameters a `kind` model of these sizes has (computed, nothing allocated)."""
+    layout = MODEL_KINDS[kind].layout
+    count, in_channels = 0, 1
+    for stage in range(NUM_STAGES):
+        out_channels = base_channels * 2**stage
+        for _ in range(layout.convs_per_stage):  # Conv3d weight and bias, BatchNorm3d weight and bias
+            count += in_channels * out_channels * 27 + out_channels + 2 * out_channels * layout.batch_norm
+            in_channels = out_channels
+    in_features = in_channels * (input_size // GRID_DIVISOR) ** 3 + GRASP_DIM
+    for dim in fc_dims:  # Linear weight and bias, BatchNorm1d weight and bias
+        count += in_features * dim + dim + 2 * dim * layout.batch_norm
+        in_features = dim
+    return count + in_features + 1  # the output Linear
+
+
+def check_model_size(
+    kind: str, *, input_size: int, base_channels: int | None = None, fc_dims: Sequence[int] | None = None
+) -> None:
+    """ModelSizeError unless a `kind` model of these sizes (None: the kind's default, as in `build_model`) has at
+    most MAX_PARAMETERS parameters: checked before anything is allocated."""
+    defaults = inspect.signature(MODEL_KINDS[kind]).parameters
+    base_channels = base_channels or defaults["base_channels"].default
+    fc_dims = tuple(defaults["fc_dims"].default if fc_dims is None else fc_dims)
+    count = parameter_count(kind, input_size, base_channels, fc_dims)
+    if count <= MAX_PARAMETERS:
+        return
+    # The encoder's size depends on base_channels alone: blame it when the encoder is too large by itself.
+    encoder_alone = parameter_count(kind, GRID_DIVISOR, base_channels, ())
+    option = "base_channels" if encoder_alone > MAX_PARAMETERS else "fc_dims"
+    raise ModelSizeError(
+        option,
+        f"a {kind} model of base_channels {base_channels}, fc_dims {tuple(fc_dims)} on a {input_size}^3 grid would "
+        f"have {count:,} parameters ({count * 4 / 2**30:,.1f} GiB of float32 weights), above the limit of "
+        f"{MAX_PARAMETERS:,} (4 GiB); choose smaller sizes",
+    )
+
+
+def _check_config(kind: str, input_size: int, base_channels: int, fc_dims: Sequence[int]) -> None:
+    """Refuse sizes that would otherwise surface later as an opaque shape or allocator error."""
     if not isinstance(input_size, int) or input_size < GRID_DIVISOR or input_size % GRID_DIVISOR:
         raise ValueError(
             f"input_size must be a positive multiple of {GRID_DIVISOR} (the encoder halves the "
@@ -71,6 +126,7 @@ def _check_config(input_size: int, base_channels: int, fc_dims: Sequence[int]) -
         raise ValueError(f"base_channels must be a positive int, got {base_channels!r}")
     if not all(isinstance(dim, int) and dim >= 1 for dim in fc_dims):
         raise ValueError(f"fc_dims must be positive ints, got {tuple(fc_dims)!r}")
+    check_model_size(kind, input_size=input_size, base_channels=base_channels, fc_dims=fc_dims)
 
 
 class GQEstimatorBase(nn.Module):
@@ -81,7 +137,7 @@ class GQEstimatorBase(nn.Module):
     def __init__(self, input_size: int, base_channels: int, fc_dims: Sequence[int]) -> None:
         super().__init__()
         fc_dims = tuple(fc_dims)
-        _check_config(input_size, base_channels, fc_dims)
+        _check_config(self.layout.kind, input_size, base_channels, fc_dims)
         self.input_size = input_size
         self.base_channels = base_channels
         self.fc_dims = fc_dims

@@ -10,12 +10,15 @@ import torch.nn.functional as F
 from helpers import FIXTURES
 
 from gq.models import (
+    MAX_PARAMETERS,
     CheckpointError,
     GQEstimator,
     GQEstimatorLarge,
+    ModelSizeError,
     build_model,
     from_seed_checkpoint,
     infer_config,
+    parameter_count,
     strip_compile_prefix,
 )
 
@@ -260,3 +263,22 @@ def test_wrong_layout_checkpoint(tmp_path, mutate):
     with pytest.raises(CheckpointError) as exc:
         from_seed_checkpoint(path)
     assert_one_line_naming(exc, path)
+
+
+@pytest.mark.parametrize("kind", ["small", "large"])
+@pytest.mark.parametrize("sizes", [(48, None, None), (16, 3, (7, 5)), (32, 5, (9,)), (16, 2, ())])
+def test_parameter_count_is_the_models(kind: str, sizes: tuple) -> None:
+    input_size, base_channels, fc_dims = sizes
+    model = build_model(kind, input_size=input_size, base_channels=base_channels, fc_dims=fc_dims)
+    assert parameter_count(kind, input_size, model.base_channels, model.fc_dims) == n_params(model)
+
+
+@pytest.mark.parametrize(
+    "sizes,option",
+    [({"base_channels": 100000}, "base_channels"), ({"fc_dims": (100000000000,)}, "fc_dims")],
+    ids=["base-channels", "fc-dims"],
+)
+def test_a_model_too_large_is_refused_by_its_size_before_allocating(sizes: dict, option: str) -> None:
+    with pytest.raises(ModelSizeError, match=r"would have [\d,]+ parameters \([\d,.]+ GiB of float32") as err:
+        build_model("small", **sizes)  # the allocator would fail (or take the machine's memory) first
+    assert err.value.option == option and f"above the limit of {MAX_PARAMETERS:,}" in str(err.value)

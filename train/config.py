@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gq.common.errors import UsageError
 from gq.common.options import flag, option
-from gq.models import MODEL_KINDS
+from gq.models import GRID_DIVISOR, MODEL_KINDS, ModelSizeError, check_model_size
 from gq.pipeline import DEFAULT_WINDOW, MODES, parse_window
 
 from .tracking import missing_extra
@@ -162,9 +162,20 @@ class FitConfig:
             raise ConfigError(f"{name('plateau_factor')} {self.plateau_factor}: must be in (0, 1)")
         if self.fc_dims is not None and (not self.fc_dims or min(self.fc_dims) < 1):
             raise ConfigError(f"{name('fc_dims')} {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
+        self._check_model_size(name)
         for key in ("tensorboard", "wandb"):  # before any data is read: a missing extra fails at once
             if getattr(self, key) and (install := missing_extra(key)):
                 raise ConfigError(f"{name(key)}: the {key} package is not installed; {install}")
+
+    def _check_model_size(self, name: Callable[[str], str]) -> None:
+        """ConfigError naming --base-channels or --fc-dims when the model would be too large to build even on the
+        smallest grid (the dataset's grid is checked when the model is built)."""
+        kind = self.model or "small"
+        channels = self.base_channels or BASE_CHANNELS.get(kind)
+        try:
+            check_model_size(kind, input_size=GRID_DIVISOR, base_channels=channels, fc_dims=self.fc_dims)
+        except ModelSizeError as err:
+            raise ConfigError(f"{name(err.option)} {_shown(getattr(self, err.option))}: {err}") from None
 
     @property
     def window(self) -> int | None:
