@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from gq.models import build_model
 from gq.shards import BuildOptions, ShardReader, build_shards
 from gq.synth import write_scenes
 from gq.tools.training import cli
@@ -199,3 +200,19 @@ def test_best_grasps_orders_by_prediction(trained):
     preds = predict_scenes(Estimator.load(ckpt), scenes)
     rows = best_grasps(preds, 2)
     assert len(rows) == 48 and [r[1] for r in rows[:2]] == [1, 2] and rows[0][3] <= rows[1][3]
+
+
+def test_eval_baseline_is_the_train_mean_whatever_the_checkpoint(trained, tmp_path: Path):
+    """The baseline is the MSE of predicting the train split's mean (the manifest's), for a seed state_dict (which
+    records no score statistics) as for ours: not the MSE of predicting 0."""
+    _, shards, ckpt = trained
+    seed = tmp_path / "seed.pth"
+    torch.save(build_model("small", input_size=GRID, base_channels=2, fc_dims=(8,)).state_dict(), seed)
+    reader = ShardReader(shards)
+    test = np.concatenate([np.asarray(reader.labels(s))[:, 19] for s in reader.split_scenes("test")]).astype(float)
+    train_mean = reader.manifest.score_stats.mean
+    expected = float(np.mean((test - train_mean) ** 2))
+    assert abs(expected - float(np.mean(test**2))) > 0.1 * expected  # predicting 0 would be far from it
+    for checkpoint in (ckpt, seed):
+        out = json.loads(run("eval", checkpoint, "--shards", shards, "--device", "cpu").stdout)
+        assert out["test_mse_mean_baseline"] == pytest.approx(expected, rel=1e-4), checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def evaluate_checkpoint(
     """Metrics (score units) of CHECKPOINT (ours, or a seed state_dict) over every grasp of `split`.
 
     Keys are prefixed `prefix` (default: the split's name and "_"); a checkpoint trained on another
-    dataset is evaluated with a warning (to `warn`), a model of another grid size is refused.
+    dataset is evaluated with a warning (to `warn`), a model of another grid size is refused. The baseline
+    (`<split>_mse_mean_baseline`) predicts the dataset's train mean (its manifest's score statistics), whatever
+    the checkpoint's own units: a seed state_dict's are raw scores (mean 0), which is no baseline.
     """
     dev = resolve_device(device)
     model, trained = load_model(checkpoint)
@@ -51,4 +54,5 @@ def evaluate_checkpoint(
             data,
             scores=Standardiser.of_checkpoint(trained),
             prefix=f"{split}_" if prefix is None else prefix,
+            baseline=math.nan if (mean := dataset.score_stats.mean) is None else mean,  # None: no train scores
         )

@@ -97,8 +97,12 @@ def evaluate(
     scores: Standardiser,
     forward: Forward | None = None,
     prefix: str = "val_",
+    baseline: float | None = None,
 ) -> dict[str, float]:
-    """Metrics in score units over every grasp of the loader's split (whole scenes per group, epoch 0's order)."""
+    """Metrics in score units over every grasp of the loader's split (whole scenes per group, epoch 0's order).
+
+    `baseline` is the train split's mean score, whose MSE is reported beside the model's (default: `scores.mean`,
+    which it is when the model was trained on this dataset)."""
     forward = forward or Forward()
     was_training = model.training
     model.eval()
@@ -108,4 +112,4 @@ def evaluate(
         for batch in loader:
             metrics.add(scores.decode(forward(model, batch)), batch.scores, batch.scene_of_grasp, batch.num_scenes)
     model.train(was_training)
-    return metrics.result(baseline=scores.mean, prefix=prefix)
+    return metrics.result(baseline=scores.mean if baseline is None else baseline, prefix=prefix)
