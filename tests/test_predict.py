@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,45 @@ def test_eval_baseline_is_the_train_mean_whatever_the_checkpoint(trained, tmp_pa
     for checkpoint in (ckpt, seed):
         out = json.loads(run("eval", checkpoint, "--shards", shards, "--device", "cpu").stdout)
         assert out["test_mse_mean_baseline"] == pytest.approx(expected, rel=1e-4), checkpoint
+
+
+def test_an_estimator_in_a_planner_loads_no_plotting_parquet_or_dali(trained):
+    """Importing, loading and scoring in a new interpreter, as a grasp planner does: no matplotlib, pyarrow or DALI."""
+    scenes, _, ckpt = trained
+    code = f"""
+import sys
+import numpy as np
+from gq.train.predict import Estimator
+est = Estimator.load({str(ckpt)!r})
+with np.load({str(scenes / "scene_000001" / "scene.npz")!r}) as z:
+    assert est.scores(z["sdf"], z["grasps"]).shape == (len(z["grasps"]),)
+print([name for name in ("matplotlib", "pyarrow", "nvidia.dali") if name in sys.modules])  # or any submodule
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_scores_of_no_candidates_is_empty_and_a_nan_names_its_row(trained):
+    scenes, _, ckpt = trained
+    est = Estimator.load(ckpt)
+    with np.load(scenes / "scene_000001" / "scene.npz") as z:
+        sdf, grasps = z["sdf"], z["grasps"].copy()
+    none = est.scores(sdf, np.empty((0, 19), np.float32))
+    assert none.shape == (0,) and none.dtype == np.float32
+    grasps[7, 4] = np.nan
+    with pytest.raises(PredictError, match=r"^scores\(\): grasps row 7 holds NaN or inf"):
+        est.scores(sdf, grasps)
+    with pytest.raises(PredictError, match=r"SDF of shape \(8, 8, 8\)"):  # an empty set is still checked
+        est.scores(np.zeros((8, 8, 8), np.float32), np.empty((0, 19), np.float32))
+
+
+def test_eval_on_the_train_split_is_refused_in_one_line(trained):
+    _, shards, ckpt = trained
+    result = run("eval", ckpt, "--shards", shards, "--split", "train", check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith(
+        " eval: error: --split train: the model was fitted on the train split, so it does not measure it; "
+        "use --split test (held out) or --split val"
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from gq.common.errors import UsageError
 from gq.common.options import click_options, one_line_errors
 from gq.common.table import format_table
 from gq.pipeline import MODES
@@ -117,8 +118,9 @@ def compare_cmd(**options) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard dataset directory.")
 @click.option(
-    "--split", type=click.Choice(SPLITS[1:]), default="test", show_default=True,
-    help="test: held out, how good a finished model is; val: what training chose its best.pt by (biased upward).",
+    "--split", type=click.Choice(SPLITS), default="test", show_default=True,
+    help="test: held out, how good a finished model is; val: what training chose its best.pt by (biased upward); "
+    "train is refused (the model was fitted on it).",
 )  # fmt: skip
 @click.option(
     "--loader", type=click.Choice(MODES), default="cache", show_default=True,
@@ -133,6 +135,11 @@ def compare_cmd(**options) -> None:
 @_errors
 def eval_cmd(checkpoint: Path, **options) -> None:
     """Metrics of CHECKPOINT (ours, or a seed state_dict) on a split, as JSON on stdout."""
+    if options["split"] == "train":  # a choice for click, so that it reaches this one line rather than a usage error
+        raise UsageError(
+            "--split train: the model was fitted on the train split, so it does not measure it; "
+            "use --split test (held out) or --split val"
+        )
     metrics = evaluate_checkpoint(checkpoint, **options, warn=lambda line: click.echo(line, err=True))
     click.echo(json.dumps({"checkpoint": str(checkpoint), "split": options["split"], **metrics}, indent=2))
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -113,7 +111,7 @@ class Estimator:
         return self.model.input_size
 
     def check(self, sdf: np.ndarray, grasps: np.ndarray, where: str) -> None:
-        """PredictError naming `where` unless sdf is (D,D,D) for this model and grasps are (N,19), all finite."""
+        """PredictError naming `where` unless sdf is (D,D,D) for this model and grasps are (N,19) (N >= 0), finite."""
         d = self.grid
         if sdf.shape != (d, d, d):
             raise PredictError(
@@ -121,7 +119,7 @@ class Estimator:
             )
         if sdf.dtype.kind != "f" or not np.isfinite(sdf).all():
             raise PredictError(f"{where}: SDF of dtype {sdf.dtype} with non-finite or non-numeric values")
-        check_grasps(grasps, where)
+        check_grasps(grasps, where, allow_empty=True)
 
     @torch.no_grad()
     def scores(self, sdf: np.ndarray, grasps: np.ndarray) -> np.ndarray:
@@ -132,13 +130,15 @@ class Estimator:
             grasps: (N, 19) grasps in the same frame: position, quaternion xyzw, 12 joint angles.
 
         Returns:
-            (N,) float32 predicted scores in score units; lower is better.
+            (N,) float32 predicted scores in score units; lower is better. Empty for no candidates (N = 0).
 
         Raises:
-            PredictError: Shapes that do not fit the model, no grasps, or non-finite values.
+            PredictError: Shapes that do not fit the model, or non-finite values (naming the first bad grasp row).
         """
         sdf, grasps = np.asarray(sdf), np.asarray(grasps)
         self.check(sdf, grasps, "scores()")
+        if not len(grasps):
+            return np.empty(0, np.float32)
         # np.array copies: a scene read from a file is a read-only array, which torch does not take as it is
         x = torch.from_numpy(np.array(sdf, dtype=np.float32)).to(self.device)
         features = self.model.encode_sdf(x[None, None])
@@ -149,12 +149,18 @@ class Estimator:
         return self.units.decode(torch.cat(out).float()).cpu().numpy()
 
 
-def check_grasps(grasps: np.ndarray, where: str) -> None:
-    """PredictError naming `where` unless `grasps` are (N,19) finite floating-point values, N >= 1."""
-    if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM or len(grasps) == 0:
-        raise PredictError(f"{where}: grasps of shape {grasps.shape}, expected (N, {GRASP_DIM}) with N >= 1")
-    if grasps.dtype.kind != "f" or not np.isfinite(grasps).all():
-        raise PredictError(f"{where}: grasps of dtype {grasps.dtype} with non-finite or non-numeric values")
+def check_grasps(grasps: np.ndarray, where: str, *, allow_empty: bool = False) -> None:
+    """PredictError naming `where` (and the first bad row) unless `grasps` are (N,19) finite floating-point values,
+    N >= 1 unless `allow_empty`."""
+    if grasps.ndim != 2 or grasps.shape[1] != GRASP_DIM or (len(grasps) == 0 and not allow_empty):
+        least = "" if allow_empty else " with N >= 1"
+        raise PredictError(f"{where}: grasps of shape {grasps.shape}, expected (N, {GRASP_DIM}){least}")
+    if grasps.dtype.kind != "f":
+        raise PredictError(f"{where}: grasps of dtype {grasps.dtype}, expected floating-point values")
+    bad = np.flatnonzero(~np.isfinite(grasps).all(axis=1))
+    if len(bad):
+        rows = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise PredictError(f"{where}: grasps row {bad[0]} holds NaN or inf{rows}; give finite grasps")
 
 
 def check_mesh_max_extent(extent: float | None) -> None:
@@ -282,6 +288,9 @@ def predict_mesh(
 
 def write_parquet(predictions: Predictions, path: str | Path) -> None:
     """Columns scene, grasp, prediction, and score when any is known; written to a temporary file and renamed."""
+    import pyarrow as pa  # here, not above: an Estimator inside a planner never loads pyarrow
+    import pyarrow.parquet as pq
+
     path = Path(path)
     columns = {
         "scene": pa.array(predictions.scene.astype(str)),
@@ -297,6 +306,9 @@ def write_parquet(predictions: Predictions, path: str | Path) -> None:
 def written_by(path: Path) -> str | None:
     """The tool that wrote a predictions file: its Parquet metadata says; a Parquet file of exactly our columns
     from before the record is predict's; None for anything else (not Parquet, other columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
