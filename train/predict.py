@@ -101,7 +101,8 @@ class Estimator:
             The estimator, in eval mode on `device`.
 
         Raises:
-            CheckpointError: The file is missing, is not a checkpoint, or its weights do not fit a model.
+            CheckpointError: The file is missing, is not a checkpoint, fails its CRC-32 check (damaged since it
+                was written), holds NaN or inf, or its weights do not fit a model.
         """
         model, stats = load_model(checkpoint)
         return cls(model, stats, device)
