@@ -102,7 +102,7 @@ def load_torch_file(path: str | Path) -> Any:
             )
         f.seek(0)
         try:
-            if head.startswith(b"PK"):  # a legacy pickle (before torch 1.6) carries no checksums
+            if head.startswith(b"PK"):  # a zip archive; a legacy pickle (before torch 1.6) carries no checksums
                 _check_archive(f, path)
                 f.seek(0)
             loaded = torch.load(f, map_location="cpu", weights_only=True)  # the bytes just checked
