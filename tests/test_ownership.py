@@ -368,7 +368,8 @@ def test_the_lock_holder_text_left_by_a_killed_run_is_replaced_whole(tmp_path: P
     hold_and_die = (
         "import os, signal, sys\n"
         "from gq.train.rundir import run_lock\n"
-        "run_lock(sys.argv[1]).__enter__()\n"
+        "held = run_lock(sys.argv[1])\n"
+        "held.__enter__()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     killed = subprocess.run([sys.executable, "-c", hold_and_die, str(out), "x" * 4000], cwd=REPO)
