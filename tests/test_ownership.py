@@ -407,6 +407,9 @@ def test_predict_replaces_only_a_predictions_file(tmp_path: Path) -> None:
     pq.write_table(pa.table({"scene": ["a"], "loss": [1.0]}), theirs)
     with pytest.raises(OwnershipError, match="is not a Parquet file that predict wrote"):
         check_out(theirs, overwrite=True)
+    pq.write_table(pq.read_table(ours).replace_schema_metadata(None), theirs)  # predict's columns, no record
+    with pytest.raises(OwnershipError, match="is not a Parquet file that predict wrote"):
+        check_out(theirs, overwrite=True)
     (tmp_path / "link.parquet").symlink_to(ours)
     with pytest.raises(OwnershipError, match="not a plain file"):
         check_out(tmp_path / "link.parquet", overwrite=True)
