@@ -398,7 +398,7 @@ def test_compare_and_predict_never_replace_someone_elses_files(data_a: Path, tmp
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     line = one_line(invoke("compare", "--shards", data_a, "--out", folder, "--overwrite", "--max-steps", 1), 2)
-    assert "holds 'notes.txt', which compare did not write" in line
+    assert "holds 'notes.txt' and no .gq-owned.json says compare wrote it" in line
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     line = one_line(
         invoke(
