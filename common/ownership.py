@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -95,10 +96,21 @@ class Owned:
     def unchanged(self, rel: str, path: Path) -> bool:
         """`path` is as the record claims (or the record claims nothing of it: written when the command stopped)."""
         claim = self.files.get(rel)
+        if claim is None:
+            return True
         try:
-            return claim is None or fingerprint(path) == claim
+            st = os.lstat(path)
+            return _fingerprint_of(str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == claim
         except OSError:
             return False
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _fingerprint_of(path: str, *identity: int) -> str:
+    """`fingerprint`, once per file version in this process: a command checks an output several times (before
+    its work, under the lock, at the swap) and a hash of every scene each time would cost more than the check.
+    The identity includes ctime, which no one can set back, so a file written in between is hashed again."""
+    return fingerprint(Path(path))
 
 
 def write_record(folder: Path, *, tool: str, entries: Iterable[str], files: Mapping[str, str] | None = None) -> Owned:

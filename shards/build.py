@@ -316,9 +316,9 @@ def build_shards(
 ) -> dict:
     """Build a dataset in `out` from `source/<name>/scene.npz`; returns the build summary.
 
-    The build runs in a staging directory beside `out` under a lock and replaces `out` only when
+    The build runs in a build folder beside `out` under a lock and replaces `out` only when
     complete; the same source and options give byte-identical files for any number of workers. When it
-    raises, `out` is as it was and no staging is left; a KeyboardInterrupt keeps the staged complete
+    raises, `out` is as it was and no build folder is left; a KeyboardInterrupt keeps the complete
     shards for `resume`.
 
     Args:
@@ -328,7 +328,7 @@ def build_shards(
             splits file or fractions, shuffle seed, skip_bad, limit).
         workers: Processes that decode and write scenes [default: the CPU count].
         resume: Continue an interrupted build of the same source and options.
-        overwrite: Replace an existing dataset in `out` (only files the format names are removed).
+        overwrite: Replace an existing dataset in `out` (only the files its record names are removed).
         progress: Show a progress bar.
         allow_missing_scenes: Accept a splits file that names scenes absent from `source`.
 
