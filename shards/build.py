@@ -174,7 +174,9 @@ def _convert(source: Path, out: Path, opts: BuildOptions, task: tuple[int, str])
     return dataclasses.replace(record, sdf=b"", labels=b""), stat
 
 
-def _prepare(build: BesideBuild, resume: bool, overwrite: bool, header: dict, source: Path, num_shards: int):
+def _prepare(
+    build: BesideBuild, resume: bool, overwrite: bool, header: dict, source: Path, num_shards: int
+) -> tuple[Path, list[dict]]:
     """Ready the build folder for this build: the unfinished one (`resume`) or a new one.
 
     Returns it and the shards kept from the unfinished build. Nothing is removed before every check has
