@@ -2,7 +2,7 @@
 
 `write_atomically` is the one temp-file-and-rename write of the project (manifests, indexes, run
 files, checkpoints, JSON reports); `swap_in_dir` puts a directory built beside its destination in
-place (make_shards' staging directory, make_scenes' temporary dataset); `check_writable` finds a read-only
+place (the build folder of `gq.common.ownership.BesideBuild`); `check_writable` finds a read-only
 output place before a command starts its work.
 """
 

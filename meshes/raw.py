@@ -33,12 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from gq.common.files import write_atomically
-from gq.common.ownership import BesideBuild, Owned
+from gq.common.ownership import BesideBuild
 from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
 from gq.synth.scenes import check_grid
 from gq.synth.score import score_grasps
-from gq.synth.writer import legacy_scenes, save_npz, scene_files
+from gq.synth.writer import save_npz, scene_files
 
 from .sdf import OPEN_MESH_MODES, OPEN_MESH_REASON, MeshError, is_closed, load_mesh, mesh_sdf
 
@@ -184,14 +184,6 @@ def list_raw(raw: Path) -> list[str]:
     return names
 
 
-def _legacy_import(out: Path) -> Owned | None:
-    """An import written before ownership records: mesh_max_extent.txt, scene folders holding only scene.npz,
-    perhaps skipped.jsonl; None for anything else."""
-    if not (out / EXTENT_FILE).is_file():
-        return None
-    return legacy_scenes(out, tool="import_meshes", names=r".+", extra=(EXTENT_FILE, SKIPPED_FILE))
-
-
 def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
     """fn over tasks in order, in `workers` processes (in-process for one), with a progress bar."""
     with contextlib.ExitStack() as stack:
@@ -258,7 +250,7 @@ def import_meshes(
     raw, out = Path(raw), Path(out).absolute()
     names = list_raw(raw)
     workers = min(workers or len(os.sched_getaffinity(0)), len(names))
-    build = BesideBuild(out, tool="import_meshes", overwrite=overwrite, legacy=_legacy_import)
+    build = BesideBuild(out, tool="import_meshes", overwrite=overwrite)
     start = time.perf_counter()
 
     surveyed, refused = [], {}

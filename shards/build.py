@@ -9,7 +9,7 @@ files into place and appends a line to `.build/journal.jsonl` (its files, its in
 size and mtime_ns of each of its source files). `--resume` keeps the journalled shards whose files
 still match and rebuilds the rest, so a resumed build writes the same bytes as an uninterrupted
 one; a kept shard whose source file changed since is an error. The manifest is last. All of it
-happens in a staging directory beside `--out`, under a lock, swapped in when complete (`outdir.py`).
+happens in a build folder beside `--out`, under a lock, swapped in when complete (`outdir.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from gq.common.files import write_atomically
 from gq.common.options import option
-from gq.common.ownership import RECORD
+from gq.common.ownership import RECORD, BesideBuild
 
 from . import __version__
 from .crc import CRCAppender
@@ -57,7 +57,7 @@ from .format import (
 )
 from .index import write_index
 from .manifest import write_manifest
-from .outdir import JOURNAL, TOOL, BuildError, Lock, check_ours, record_build, remove_ours, replace, staging_dir
+from .outdir import JOURNAL, TOOL, BuildError, dataset_entries, unfinished_build
 from .placement import Placement, place_scenes
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
 from .splits import assign_splits
@@ -174,42 +174,32 @@ def _convert(source: Path, out: Path, opts: BuildOptions, task: tuple[int, str])
     return dataclasses.replace(record, sdf=b"", labels=b""), stat
 
 
-def _prepare(out: Path, resume: bool, overwrite: bool, header: dict, source: Path) -> tuple[Path, list[dict]]:
-    """Check --out and its staging directory, and ready the staging directory for this build.
+def _prepare(
+    build: BesideBuild, resume: bool, overwrite: bool, header: dict, source: Path, num_shards: int
+) -> tuple[Path, list[dict]]:
+    """Ready the build folder for this build: the unfinished one (`resume`) or a new one.
 
-    Returns it and the shards kept from an unfinished build (`--resume`). Nothing is removed or
-    moved before every check has passed; a refused resume leaves the unfinished build as it was.
+    Returns it and the shards kept from the unfinished build. Nothing is removed before every check has
+    passed; a refused resume leaves the unfinished build as it was (the lock file still names it).
     """
-    staging = staging_dir(out)
-    if out.exists() and out.is_dir() and out.stat().st_dev != out.parent.stat().st_dev:
-        raise BuildError(
-            f"--out {out}: a mount point; choose a directory inside it (make_shards builds "
-            "beside --out and renames the result into place)"
-        )
-    state, staged = check_ours(out, "--out"), check_ours(staging, "staging directory")
+    entries = dataset_entries(num_shards)
     if resume:
-        if staged == "unfinished" or state == "unfinished":
-            where = staging if staged == "unfinished" else out
-            done = _read_journal(where, header, source)
-            if where == out:  # an unfinished build made in place by an older make_shards
-                remove_ours(staging)
-                os.rename(out, staging)
-            return staging, done
-        if state == "dataset":
+        if build.unfinished is not None:
+            done = _read_journal(build.unfinished, header, source)
+            return build.resume(entries), done
+        if build.old is not None:
             raise BuildError(
-                f"--out {out}: already a finished dataset, nothing to resume; pass --overwrite to rebuild it"
+                f"--out {build.out}: already a finished dataset, nothing to resume; pass --overwrite to rebuild it"
             )
-    elif not overwrite and (state in ("dataset", "unfinished") or staged == "unfinished"):
+    elif not overwrite and (build.old is not None or build.unfinished is not None):
         raise BuildError(
-            f"--out {out}: already holds a dataset or an unfinished build; "
+            f"--out {build.out}: already holds a dataset or an unfinished build; "
             "pass --resume to continue it or --overwrite to replace it"
         )
-    remove_ours(staging)
-    if staging.exists():
-        raise BuildError(f"staging directory {staging}: could not be emptied; remove it")
-    (staging / BUILD_DIR).mkdir(parents=True)
-    (staging / BUILD_DIR / JOURNAL).write_text(json.dumps(header, sort_keys=True) + "\n")  # marks it ours
-    return staging, []
+    work = build.create(entries)
+    (work / BUILD_DIR).mkdir()
+    (work / BUILD_DIR / JOURNAL).write_text(json.dumps(header, sort_keys=True) + "\n")
+    return work, []
 
 
 def _read_journal(work: Path, header: dict, source: Path) -> list[dict]:
@@ -328,9 +318,9 @@ def build_shards(
 ) -> dict:
     """Build a dataset in `out` from `source/<name>/scene.npz`; returns the build summary.
 
-    The build runs in a staging directory beside `out` under a lock and replaces `out` only when
+    The build runs in a build folder beside `out` under a lock and replaces `out` only when
     complete; the same source and options give byte-identical files for any number of workers. When it
-    raises, `out` is as it was and no staging is left; a KeyboardInterrupt keeps the staged complete
+    raises, `out` is as it was and no build folder is left; a KeyboardInterrupt keeps the complete
     shards for `resume`.
 
     Args:
@@ -340,7 +330,7 @@ def build_shards(
             splits file or fractions, shuffle seed, skip_bad, limit).
         workers: Processes that decode and write scenes [default: the CPU count].
         resume: Continue an interrupted build of the same source and options.
-        overwrite: Replace an existing dataset in `out` (only files the format names are removed).
+        overwrite: Replace an existing dataset in `out` (only the files its record names are removed).
         progress: Show a progress bar.
         allow_missing_scenes: Accept a splits file that names scenes absent from `source`.
 
@@ -368,7 +358,7 @@ def build_shards(
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.is_dir():
         raise BuildError(f"SOURCE {source}: no such directory (expected <name>/scene.npz inside)")
-    listed = list_scenes(source, exclude=(out, staging_dir(out)))
+    listed = list_scenes(source, exclude=(out, unfinished_build(out)))
     names = listed[: opts.limit]
     if not names:
         raise BuildError(f"SOURCE {source}: no scene directories found (expected <name>/scene.npz)")
@@ -392,29 +382,25 @@ def build_shards(
 
     if not out.parent.is_dir():
         raise BuildError(f"--out {out}: its parent directory does not exist; create it first")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
+    if out.is_dir() and out.stat().st_dev != out.parent.stat().st_dev:
         raise BuildError(
-            f"--out {out}: its parent directory is not writable (the build is made beside --out); choose another --out"
+            f"--out {out}: a mount point; choose a directory inside it (make_shards builds "
+            "beside --out and renames the result into place)"
         )
-    lock = Lock(out, tool=TOOL)
-    try:
-        work, done = _prepare(out, resume, overwrite, header, source)
+    # make_shards words its own refusal of an existing dataset (it offers --resume too): checked in _prepare.
+    build = BesideBuild(out, tool=TOOL, overwrite=True, resumable=True)
+    with build:
+        work, done = _prepare(build, resume, overwrite, header, source, placement.num_shards)
         try:
-            record_build(work, placement.num_shards)
             _restart_journal(work, header, done)
             summary = _write_all(source, work, opts, names, splits, placement, done, workers, progress)
-            replace(out, work)
-        except (SceneError, BuildError, OSError, MemoryError) as err:
-            remove_ours(work)
-            if isinstance(err, OSError):
-                raise _disk_error(err, out) from None
-            raise
-        except BaseException:  # KeyboardInterrupt, SystemExit: keep complete shards for --resume
+            build.commit()
+        except OSError as err:
+            raise _disk_error(err, out) from None
+        except (KeyboardInterrupt, SystemExit):  # the complete shards stay for --resume, half-filled ones go
             for tmp in work.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
             raise
-    finally:
-        lock.release()
     summary["out"] = str(out)
     summary["wall_s"] = time.perf_counter() - start
     return summary

@@ -66,7 +66,7 @@ class Record:
 
 def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
     """Scene names of a processed directory: its subdirectories, sorted by name, minus `exclude`
-    (the dataset being written and its staging directory, when they sit inside SOURCE).
+    (the dataset being written and its build folder, when they sit inside SOURCE).
 
     A dangling symlink or a name that is not UTF-8 is an error, never silently dropped.
     """

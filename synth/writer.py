@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gq.common.files import write_atomically
-from gq.common.ownership import BesideBuild, Owned
+from gq.common.ownership import BesideBuild
 
 from .scenes import check_grid, check_int, make_scene
 
@@ -77,24 +76,6 @@ def scene_files(names: list[str]) -> list[str]:
     return [f"{name}/{SCENE_FILE}" for name in names]
 
 
-def legacy_scenes(
-    out: Path, *, tool: str = "make_scenes", names: str = rf"{SCENE_PREFIX}\d{{6}}", extra: tuple[str, ...] = ()
-) -> Owned | None:
-    """A folder written before ownership records: exactly scene folders (named as `names` matches) each
-    holding only scene.npz, and the files `extra`, recognised as `tool`'s; None for anything else."""
-    entries = []
-    for path in out.iterdir():
-        if path.name in extra and path.is_file() and not path.is_symlink():
-            entries.append(path.name)
-            continue
-        if not re.fullmatch(names, path.name) or path.is_symlink() or not path.is_dir():
-            return None
-        if [p.name for p in path.iterdir()] != [SCENE_FILE]:
-            return None
-        entries.append(f"{path.name}/{SCENE_FILE}")
-    return Owned(tool, frozenset(entries))
-
-
 def _generate(
     tmp: Path, scenes: int, grid: int, num_grasps: int, seed: int, workers: int, progress: bool, compress: bool
 ) -> np.ndarray:
@@ -141,7 +122,7 @@ def write_scenes(
     Scene files are zlib-compressed npz like the seed's (`compress=False`: np.savez's format).
     `workers` processes (default: the CPUs available) share the work; the bytes written do not
     depend on it. An existing non-empty `out_dir` is replaced only with `overwrite`, and only if
-    it holds nothing but what an earlier make_scenes wrote (its record, or scene folders only). Bad
+    it holds nothing but what an earlier make_scenes wrote, as its record says. Bad
     arguments raise ValueError before anything is written. Summary keys: out, scenes, grasps, grid,
     seed, workers, wall_s, scenes_per_s, score (mean, std, min, max, quantiles {percent: value}).
     """
@@ -153,7 +134,7 @@ def write_scenes(
         workers = len(os.sched_getaffinity(0))
     check_int("workers", workers, 1)
     workers = min(workers, scenes)
-    build = BesideBuild(Path(out_dir), tool="make_scenes", overwrite=overwrite, legacy=legacy_scenes)
+    build = BesideBuild(Path(out_dir), tool="make_scenes", overwrite=overwrite)
     out = build.out
 
     start = time.perf_counter()

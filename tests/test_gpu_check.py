@@ -147,7 +147,7 @@ def test_missing_pieces_non_empty_outdir_and_absent_cuda_are_refused(tmp_path: P
     assert f"(missing {first.name})" in result.stdout and not (tmp_path / "s").exists()
     # --overwrite empties only a folder of earlier check outputs: someone else's file is refused, and kept
     result = check(out, "--device", "cpu", "--quick", "--overwrite", "--wheels", tmp_path / "none")
-    assert result.returncode == 2 and "holds 'keep.txt', which gpu_check did not write" in result.stderr
+    assert result.returncode == 2 and "holds 'keep.txt' and no .gq-owned.json says gpu_check wrote it" in result.stderr
     assert (out / "keep.txt").read_text() == "x"
     if not torch.cuda.is_available():
         result = check(tmp_path / "other", "--device", "cuda", "--wheels", tmp_path / "none")

@@ -24,8 +24,9 @@ import pytest
 from click.testing import CliRunner
 from helpers import REPO, load_tool, make_source, random_scene, run_tool, tree_bytes, write_scene
 
+from gq.common.ownership import lock_path
 from gq.shards import ShardReader, fingerprint, verify
-from gq.shards.outdir import lock_path, staging_dir
+from gq.shards.outdir import unfinished_build
 
 GRID = 16
 
@@ -50,7 +51,14 @@ def one_line(result) -> str:
 
 
 def leftovers(out: Path) -> list[Path]:
-    return [p for p in (staging_dir(out), lock_path(out)) if p.exists()]
+    return [p for p in (unfinished_build(out), lock_path(out)) if p is not None and p.exists()]
+
+
+def staging(out: Path) -> Path:
+    """The build folder that the lock beside `out` names (a running or killed build's)."""
+    work = unfinished_build(out)
+    assert work is not None, "the lock beside --out should name the unfinished build"
+    return work
 
 
 # --- what --overwrite and --resume may remove --------------------------------------------------
@@ -83,14 +91,14 @@ def test_only_our_datasets_are_removed_or_resumed(kind: str, flag: str, small_so
     out = _foreign(kind, tmp_path, small_source)
     before = tree_bytes(out)
     line = one_line(make(small_source, out, flag))
-    assert str(out) in line and ("not a dataset" in line or "not of the dataset" in line)
     named = {
         "web_project_manifest": "manifest.json",
         "build_folder_and_thesis": ".build",
         "dataset_plus_notes": "notes.txt",
-        "unfinished_build_plus_notes": "notes.txt",
+        "unfinished_build_plus_notes": ".build",  # a folder without a record: never removed, whatever it holds
     }[kind]
-    assert f"'{named}'" in line or ("not a dataset" in line and "'" in line)
+    assert f"--out {out}: holds '{named}'" in line
+    assert "which make_shards did not write" in line or f"rm -r {out}) if you no longer need it" in line
     assert tree_bytes(out) == before and (kind != "build_folder_and_thesis" or (out / ".build").is_dir())
     assert leftovers(out) == []
 
@@ -119,7 +127,7 @@ def test_overwrite_where_the_file_system_cannot_exchange(
 ) -> None:
     out = tmp_path / "ds"
     assert make(small_source, out, "--limit", 4).exit_code == 0
-    monkeypatch.setattr("gq.shards.outdir._exchange", lambda a, b: False)  # as on a file system without RENAME_EXCHANGE
+    monkeypatch.setattr("gq.common.ownership._exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
     assert make(small_source, out, "--overwrite").exit_code == 0
     assert ShardReader(out).num_scenes == 11 and verify(out).problems == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "src"]
@@ -149,10 +157,12 @@ def _stalled_build(src: Path, out: Path, *args) -> subprocess.Popen:
         *map(str, args),
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = staging_dir(out) / ".build" / "journal.jsonl"
+    journal = None
     lines, stable_since, deadline = 0, time.time(), time.time() + 60
     while time.time() < deadline and (lines < 3 or time.time() - stable_since < 1.0):
-        now = len(journal.read_text().splitlines()) if journal.exists() else 0
+        work = unfinished_build(out)
+        journal = work / ".build" / "journal.jsonl" if work is not None else None
+        now = len(journal.read_text().splitlines()) if journal is not None and journal.exists() else 0
         if now != lines:
             lines, stable_since = now, time.time()
         time.sleep(0.02)
@@ -180,7 +190,7 @@ def test_killed_rebuild_keeps_old_dataset_and_resumes_byte_identical(tmp_path: P
     data = (src / "scene_025" / "scene.npz").read_bytes()
     _kill(_stalled_build(src, out, "--overwrite"), src, data)
     assert tree_bytes(out) == old and verify(out).problems == []  # SIGKILL mid-rebuild: the old dataset is whole
-    assert list(staging_dir(out).glob(".*.tmp"))
+    assert list(staging(out).glob(".*.tmp"))
     refused = one_line(make(src, out, "--records-per-shard", 4))
     assert "--resume" in refused
     resumed = make(src, out, "--records-per-shard", 4, "--resume")
@@ -194,32 +204,15 @@ def test_resume_refuses_a_changed_source_scene(tmp_path: Path) -> None:
     out = tmp_path / "out"
     data = (src / "scene_025" / "scene.npz").read_bytes()
     _kill(_stalled_build(src, out), src, data)
-    journal = (staging_dir(out) / ".build" / "journal.jsonl").read_text().splitlines()
+    journal = (staging(out) / ".build" / "journal.jsonl").read_text().splitlines()
     kept = json.loads(journal[1])["sources"][0]["name"]  # a scene of the first journalled shard
     write_scene(src, kept, **random_scene(np.random.default_rng(7), GRID, 5))
-    before = tree_bytes(staging_dir(out))
+    before = tree_bytes(staging(out))
     line = one_line(make(src, out, "--records-per-shard", 4, "--resume"))
     assert str(src / kept / "scene.npz") in line and "changed since" in line and "--overwrite" in line
-    assert tree_bytes(staging_dir(out)) == before  # the refused resume left the unfinished build alone
+    assert tree_bytes(staging(out)) == before  # the refused resume left the unfinished build alone
     assert make(src, out, "--records-per-shard", 4, "--overwrite").exit_code == 0
     assert ShardReader(out).num_scenes == 30 and leftovers(out) == []
-
-
-def test_resume_continues_an_unfinished_build_left_inside_out(small_source: Path, tmp_path: Path) -> None:
-    """An unfinished build made in place by an older make_shards (journal in OUT/.build) is resumed too."""
-    from dataclasses import asdict
-
-    from gq.shards import BuildOptions
-
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert make(small_source, ref, "--records-per-shard", 4).exit_code == 0
-    opts = BuildOptions(grid=GRID, records_per_shard=4)
-    header = {"format": "gq-shards", "version": 2, "source": str(small_source.resolve()), "args": asdict(opts)}
-    (out / ".build").mkdir(parents=True)
-    (out / ".build" / "journal.jsonl").write_text(json.dumps(header, sort_keys=True) + "\n")
-    (out / ".sdf-00000.npy.tmp").write_bytes(b"half a shard")
-    assert make(small_source, out, "--records-per-shard", 4, "--resume").exit_code == 0
-    assert tree_bytes(out) == tree_bytes(ref) and leftovers(out) == []
 
 
 def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: Path) -> None:
@@ -228,7 +221,7 @@ def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: 
     data = (src / "scene_025" / "scene.npz").read_bytes()
     holder = _stalled_build(src, out)
     try:
-        staged = tree_bytes(staging_dir(out))
+        staged = tree_bytes(staging(out))
         for flags in ([], ["--resume"], ["--overwrite"]):
             second = run_tool(
                 "make_shards.py", src, "--out", out, "--grid", GRID, "--records-per-shard", 4, "--quiet", *flags
@@ -237,7 +230,7 @@ def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: 
             assert second.returncode == 2 and len(lines) == 1, second.stderr
             assert f"pid {holder.pid} on {socket.gethostname()}" in lines[0] and "make_shards.py" in lines[0]
             assert "started 20" in lines[0] and str(out) in lines[0]
-            assert tree_bytes(staging_dir(out)) == staged and holder.poll() is None
+            assert tree_bytes(staging(out)) == staged and holder.poll() is None
     finally:
         _kill(holder, src, data)
     resumed = make(src, out, "--records-per-shard", 4, "--resume")  # a killed holder's lock is free again
@@ -445,7 +438,7 @@ def test_resume_refuses_a_changed_scene_list_or_splits_file(change: str, tmp_pat
     old = tree_bytes(out)
     data = (src / "scene_025" / "scene.npz").read_bytes()
     _kill(_stalled_build(src, out, "--splits", splits, "--overwrite"), src, data)
-    journal = (staging_dir(out) / ".build" / "journal.jsonl").read_text().splitlines()
+    journal = (staging(out) / ".build" / "journal.jsonl").read_text().splitlines()
     read = {s["name"] for line in journal[1:] for s in json.loads(line)["sources"]}
     if change == "scene_added":
         write_scene(src, "scene_030", **random_scene(np.random.default_rng(5), GRID, 4))
@@ -462,10 +455,10 @@ def test_resume_refuses_a_changed_scene_list_or_splits_file(change: str, tmp_pat
         text["train"][0], text["test"][0] = text["test"][0], text["train"][0]  # two scenes change splits
         splits.write_text(json.dumps(text))
         expected = f"the content of the splits file {splits} changed"
-    staged = tree_bytes(staging_dir(out))
+    staged = tree_bytes(staging(out))
     line = one_line(make(src, out, *flags, "--resume"))
     assert expected in line and "cannot resume" in line and "--overwrite" in line, line
-    assert tree_bytes(out) == old and tree_bytes(staging_dir(out)) == staged
+    assert tree_bytes(out) == old and tree_bytes(staging(out)) == staged
     assert verify(out).problems == []
     assert make(src, out, *flags, "--overwrite").exit_code == 0  # rebuilding from scratch is the way on
     assert verify(out).problems == [] and leftovers(out) == []

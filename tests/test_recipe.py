@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from helpers import make_dataset
 
 from gq.common.options import flag
+from gq.common.ownership import lock_path
 from gq.tools.training import cli
 from gq.train import FitConfig, FitRecipe, Progress, Standardiser, TrainError, fit
 from gq.train.checkpoint import load_checkpoint
 from gq.train.config import ConfigError
-from gq.train.rundir import LOCK
 
 GRID, GRASPS = 32, 48
 TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per_batch=2, grasps_per_scene=4)
@@ -37,7 +37,7 @@ def test_a_failing_run_called_as_a_library_closes_what_it_opened(shards: Path, t
         recipe.train()
     # cleanup ran on the error: loaders released, the run folder's lock gone, so the folder is usable again
     assert recipe.train_loader.sdf is None and recipe.val_loader.sdf is None
-    assert not (out / LOCK).exists()
+    assert not lock_path(out).exists()
     summary = fit(FitConfig(shards=str(shards), out=str(out), overwrite=True, max_steps=2, **TINY))
     assert summary["steps"] == 2
 

@@ -24,13 +24,13 @@ import torch
 from click.testing import CliRunner, Result
 from helpers import REPO, fit_command, make_dataset, tmpfs
 
+from gq.common.ownership import lock_path
 from gq.models import build_model
 from gq.pipeline import Batch
 from gq.shards import read_manifest
 from gq.tools.training import cli
 from gq.train import Forward, Standardiser, TrainError, train_step
 from gq.train.checkpoint import load_checkpoint, save_checkpoint
-from gq.train.rundir import LOCK
 
 GRID, GRASPS = 16, 32
 TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4"]
@@ -94,7 +94,7 @@ def test_a_second_fit_into_a_busy_run_folder_is_refused_naming_the_holder(data_a
         assert (out / "last.pt").exists(), "the first run should be training by now"
         for flags in ([], ["--overwrite"], ["--resume"]):  # --overwrite would have deleted the live run's files
             line = one_line(fit(data_a, out, "--max-steps", 2, *flags, ok=False), 2)
-            assert f"--out {out}: in use by another run (pid {holder.pid} on {socket.gethostname()}" in line
+            assert f"--out {out}: in use by another fit (pid {holder.pid} on {socket.gethostname()}" in line
             assert "train/run.py fit" in line and "choose another --out" in line
             assert (out / "last.pt").exists() and (out / "config.json").exists()
     finally:
@@ -104,7 +104,7 @@ def test_a_second_fit_into_a_busy_run_folder_is_refused_naming_the_holder(data_a
     rows = [(row["step"], "loss" in row) for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert rows == sorted(rows, key=lambda r: r[0]) and len(rows) == len(set(rows)), "one run's rows only"
     assert load_checkpoint(out / "last.pt")["state"]["step"] >= 5
-    assert not (out / LOCK).exists() and temporaries(out) == []
+    assert not lock_path(out).exists() and temporaries(out) == []
 
 
 def test_a_checkpoint_write_never_touches_another_writers_temporary(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_fit_removes_the_temporaries_a_killed_run_left(data_a: Path, tmp_path: P
     for name in (".last.pt.tmp", ".last.pt.k9x_2ab.tmp", ".metrics.jsonl.q1w2e3.tmp"):  # kill -9 mid-write
         (out / name).write_bytes(b"torn")
     fit(data_a, out, "--max-steps", 4, "--resume")
-    assert temporaries(out) == [] and not (out / LOCK).exists()
+    assert temporaries(out) == [] and not lock_path(out).exists()
 
 
 # -- 2. full disk during fit -----------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_a_full_disk_during_fit_keeps_the_last_checkpoint_and_says_so(data_a: Pa
     assert line.startswith(f"run.py fit: error: {out}/") and "could not be written" in line
     assert "is kept" in line and "Free disk space" in line and "--resume" in line
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert temporaries(out) == [] and not (out / LOCK).exists()
+    assert temporaries(out) == [] and not lock_path(out).exists()
     fit(data_a, out, "--max-steps", 8, "--resume")  # space freed: the run goes on from step 4
     assert load_checkpoint(out / "last.pt")["state"]["step"] == 8
 
@@ -398,7 +398,7 @@ def test_compare_and_predict_never_replace_someone_elses_files(data_a: Path, tmp
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     line = one_line(invoke("compare", "--shards", data_a, "--out", folder, "--overwrite", "--max-steps", 1), 2)
-    assert "holds 'notes.txt', which compare did not write" in line
+    assert "holds 'notes.txt' and no .gq-owned.json says compare wrote it" in line
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     line = one_line(
         invoke(

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from helpers import REPO, make_source, random_scene, run_tool, tree_bytes, write_scene
 
-from gq.common.ownership import RECORD
+from gq.common.ownership import RECORD, BesideBuild
 from gq.shards import Manifest, ShardReader, verify
 from gq.shards.format import HEADER_BYTES, DatasetError, read_npy_header
+from gq.shards.outdir import dataset_entries
 
 GRID = 16
 
@@ -277,7 +278,7 @@ def test_existing_dataset_needs_overwrite(small_source: Path, tmp_path: Path) ->
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     foreign = build(small_source, tmp_path / "other", "--overwrite")
-    assert foreign.returncode == 2 and "not empty and not a dataset" in foreign.stderr
+    assert foreign.returncode == 2 and "holds 'notes.txt' and no .gq-owned.json says make_shards" in foreign.stderr
     assert (tmp_path / "other" / "notes.txt").exists()
 
 
@@ -319,8 +320,11 @@ def test_verify_reports_missing_manifest_and_truncated_file(small_source: Path, 
 def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", scenes=6)
     out = tmp_path / "out"
-    (out / ".build").mkdir(parents=True)
-    (out / ".build" / "journal.jsonl").write_text(json.dumps({"format": "gq-shards", "version": 2, "args": {}}) + "\n")
+    with pytest.raises(KeyboardInterrupt), BesideBuild(out, tool="make_shards", overwrite=True, resumable=True) as b:
+        work = b.create(dataset_entries(1))  # an interrupted build, its journal of other options
+        (work / ".build").mkdir()
+        (work / ".build" / "journal.jsonl").write_text(json.dumps({"format": "gq-shards", "version": 2, "args": {}}))
+        raise KeyboardInterrupt
     result = build(src, out, "--resume")
     assert result.returncode == 2 and f"cannot resume: option --grid changed (None -> {GRID})" in result.stderr
 

@@ -17,29 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from gq.common.files import check_writable
-from gq.common.ownership import Owned, check_replaceable, write_record
+from gq.common.ownership import check_replaceable, lock_path, write_record
 from gq.common.table import format_table
 from gq.pipeline import MODES
 
 from .config import ConfigError, FitConfig
 from .files import write_atomically
 from .plots import plot_compare
-from .rundir import LOCK, RunDir, _legacy_run
+from .rundir import RunDir
 from .step import TrainError
 
 LOADERS = MODES
 OUTPUTS = (*LOADERS, "compare.json", "compare.png")  # all that compare writes into --out: its ownership record
 TOOL = "compare"
-
-
-def _legacy_compare(out: Path) -> Owned | None:
-    """A comparison written before ownership records: only compare's outputs, each run folder an older run."""
-    if any(p.name not in OUTPUTS for p in out.iterdir()):
-        return None
-    runs = [name for name in LOADERS if (out / name).is_dir()]
-    if any(_legacy_run(out / name) is None for name in runs):
-        return None
-    return Owned(TOOL, frozenset([*OUTPUTS[len(LOADERS) :], *(name + "/" for name in runs)]))  # fit clears a run
 
 
 def _child(send: Connection, fn: Callable, args: tuple) -> None:
@@ -82,9 +72,9 @@ def compare(base: FitConfig, out: Path) -> dict:
     """Run `base` with each loader into out/<loader>; returns the comparison table."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a directory; choose a directory for the runs")
-    # Each run folder is fit's own (its record; fit --overwrite clears it); compare owns the rest. Anything
-    # else, or a folder without a record that is not an older comparison, is refused untouched.
-    check_replaceable(out, tool=TOOL, overwrite=True, legacy=_legacy_compare, ignore=(LOCK,))
+    # Each run folder is fit's own (its record; fit --overwrite clears it) and so is its lock beside it; compare
+    # owns the rest. Anything else, or a folder without a record, is refused untouched.
+    check_replaceable(out, tool=TOOL, overwrite=True, ignore=[lock_path(out / name).name for name in LOADERS])
     check_writable(out, flag="--out")
     out.mkdir(parents=True, exist_ok=True)
     write_record(out, tool=TOOL, entries=OUTPUTS)

@@ -30,7 +30,6 @@ from .scores import Standardiser
 GRASP_CHUNK = 8192  # grasps per forward pass of one SDF
 TOOL = "predict"
 OWNER_KEY = "gq.written_by"  # Parquet metadata key: which command wrote the file
-COLUMNS = ["scene", "grasp", "prediction", "score"]  # score only when any is known
 
 
 class PredictError(UsageError):
@@ -305,8 +304,8 @@ def write_parquet(predictions: Predictions, path: str | Path) -> None:
 
 
 def written_by(path: Path) -> str | None:
-    """The tool that wrote a predictions file: its Parquet metadata says; a Parquet file of exactly our columns
-    from before the record is predict's; None for anything else (not Parquet, other columns)."""
+    """The tool that wrote a predictions file: its Parquet metadata says; None for anything else (not Parquet, no
+    such key: a file without the record is never replaced, whatever its columns)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -315,9 +314,7 @@ def written_by(path: Path) -> str | None:
     except (OSError, pa.ArrowException):
         return None
     owner = (schema.metadata or {}).get(OWNER_KEY.encode())
-    if owner is not None:
-        return owner.decode(errors="replace")
-    return TOOL if schema.names in (COLUMNS[:3], COLUMNS) else None
+    return None if owner is None else owner.decode(errors="replace")
 
 
 def check_out(path: Path, *, overwrite: bool) -> None:

@@ -535,6 +535,7 @@ class FitRecipe:
                 f"{model.config['kind']} model, {cfg.loader} loader, S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}"
             )
             plot_curves(self.run.rows(), self.run.path / "curves.png", title)
+            self.run.seal()
         # Ranks leave together: none tears its process group down while rank 0 still writes and plots.
         self.dist.barrier()
         return summary

@@ -5,16 +5,10 @@ RUN_DIR records what a run writes (`gq.common.ownership`): `--overwrite` removes
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import contextlib
 import json
 import logging
-import os
 import platform
-import shlex
-import socket
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +17,7 @@ import numpy as np
 import torch
 
 from gq.common.files import check_writable
-from gq.common.ownership import Owned, check_replaceable, remove_owned, write_record
+from gq.common.ownership import Lock, check_replaceable, read_record, remove_owned, seal_record, write_record
 
 from .config import ConfigError, FitConfig
 from .files import WriteError, write_atomically
@@ -33,98 +27,49 @@ OUTPUTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json",
 FOLDERS = ("tensorboard", "wandb")  # owned with everything in them
 TOOL = "fit"
 RUN_ENTRIES = tuple(name + "/" if name in FOLDERS else name for name in OUTPUTS)  # its ownership record
-TB_EVENTS = "events.out.tfevents."  # the name TensorBoard's writer gives its files
-LOCK = ".run.lock"  # exists while a run holds RUN_DIR (and after a kill -9, unlocked: the next run takes it)
 log = logging.getLogger("train")
-
-
-def _holder(lock: Path) -> str:
-    try:
-        return lock.read_text().strip() or "a run still starting"
-    except OSError:
-        return "a run that just ended"
-
-
-def _legacy_run(path: Path) -> Owned | None:
-    """A run folder written before ownership records, recognised exactly: a config.json of ours (options,
-    resolved, versions), only run files besides, a tensorboard/ holding only event files; else None."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not (isinstance(config, dict) and set(config) == {"options", "resolved", "versions"}):
-        return None
-    board = path / "tensorboard"
-    if (
-        board.is_dir()
-        and not board.is_symlink()
-        and not all(e.name.startswith(TB_EVENTS) and e.is_file() and not e.is_symlink() for e in board.iterdir())
-    ):
-        return None
-    return Owned(TOOL, frozenset(RUN_ENTRIES))
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.json").exists() or (path / "last.pt").exists()
 
 
 @contextmanager
 def run_lock(path: Path) -> Iterator[None]:
-    """Hold RUN_DIR for one run: an exclusive flock on RUN_DIR/.run.lock, taken before anything else is
-    written there, so a second run into the same --out is refused naming the holder (pid, host, command).
+    """Hold RUN_DIR for one run with the ownership lock beside it (`.<name>.lock`, `gq.common.ownership.Lock`),
+    taken before anything is written there, so a second run into the same --out is refused naming the holder
+    (pid, host, command, start).
 
-    A file, or a folder holding other things than a run, is refused before anything is created. Under
-    the lock, temporaries left by a killed run are removed; on exit the lock file (and the folder, when
-    this call made it and nothing was written) goes again.
+    A file, or a folder holding anything without fit's record, is refused before anything is created. Under
+    the lock, temporaries of the run's files that a killed run left are removed; on exit the lock file (and
+    the parent folders this call made, if still empty) goes again.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path}: is a file, not a directory; choose a directory for the run")
     check_writable(path, flag="--out")
-    if path.is_dir() and not _is_run_dir(path) and any(p.name != LOCK for p in path.iterdir()):
-        raise ConfigError(f"--out {path}: not empty and not a run directory; choose a new directory")
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    lock = path / LOCK
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConfigError(
-                f"--out {path}: in use by another run ({_holder(lock)}); wait for it to end or choose another --out"
-            ) from None
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break  # else the previous holder removed the file between our open and flock: take the new one
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    if path.is_dir() and read_record(path) is None:
+        check_replaceable(path, tool=TOOL, overwrite=True)  # anything there without a record is never ours
+    made = [p for p in reversed(path.parents) if not p.exists()]
     try:
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {started}: {shlex.join(sys.argv)}"
-        try:
-            os.write(fd, holder.encode() + b"\n")
-        except OSError as err:
-            raise WriteError(
-                f"{lock}: could not be written ({err.strerror}); free disk space or choose another --out"
-            ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = Lock(path, tool=TOOL)
+    except OSError as err:
+        _remove_empty(made)
+        raise WriteError(
+            f"--out {path}: cannot write in {path.parent} ({err.strerror}); choose another --out"
+        ) from None
+    try:
         for name in OUTPUTS:  # no other run can be writing these: they were left by a killed one
-            for stale in path.glob(f".{name}*.tmp"):
-                stale.unlink()
+            for stale in path.glob(f".{name}.*tmp"):
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
         yield
     finally:
-        try:  # removed while still held, so an opener that raced us sees the inode change and retries
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                os.unlink(lock)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-        if created and not any(path.iterdir()):
-            path.rmdir()
+        lock.release()
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty: the run wrote there
+            folder.rmdir()
 
 
 def versions() -> dict:
@@ -162,14 +107,14 @@ class RunDir:
             if not (p / "last.pt").exists():
                 raise ConfigError(f"--resume: {p / 'last.pt'} not found; start the run without --resume")
             return
-        # Only what an earlier fit recorded (or an older fit's exact layout) is ever removed: anything else, a
-        # config.json of another tool included, refuses the folder untouched.
-        owned = check_replaceable(p, tool=TOOL, overwrite=True, legacy=_legacy_run, ignore=(LOCK,))
+        # Only what an earlier fit recorded, unchanged, is ever removed: anything else (a config.json of another
+        # tool, a folder with its own record inside tensorboard/, a changed file) refuses the folder untouched.
+        owned = check_replaceable(p, tool=TOOL, overwrite=True)
         if owned is not None and owned.entries:
             if not cfg.overwrite:
                 raise ConfigError(f"--out {p}: already holds a run; pass --resume to continue it or --overwrite")
             if self.writer:
-                remove_owned(p, owned, ignore=(LOCK,))
+                remove_owned(p, owned)
 
     def write_config(self, cfg: FitConfig, resolved: dict) -> None:
         if self.writer:
@@ -177,6 +122,12 @@ class RunDir:
             write_record(self.path, tool=TOOL, entries=RUN_ENTRIES)  # before the first run file: what it owns
             text = json.dumps({"options": cfg.to_dict(), "resolved": resolved, "versions": versions()}, indent=2)
             write_atomically(self.path / "config.json", lambda f: f.write((text + "\n").encode()))
+
+    def seal(self) -> None:
+        """At the end of a run: its record claims each run file as now written (size and hash), so `--overwrite`
+        keeps one changed later. A run that starts again (`--resume`) rewrites the record without claims."""
+        if self.writer and (owned := read_record(self.path)) is not None:
+            seal_record(self.path, owned)
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, so the file reads as one run.
