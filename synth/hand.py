@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from gq.common.grasps import GRASP_DIM
+
 from .rotations import quaternion_to_matrix
 
-NUM_VALUES = 19
+NUM_VALUES = GRASP_DIM  # the seed's grasp vector
 FINGERS = ("ring", "middle", "fore", "thumb")
 
 # Joint limits (radians) of the seed data, per joint kind: rows abduction, proximal, distal.

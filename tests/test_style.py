@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -22,3 +23,23 @@ def _ruff() -> str:
 def test_ruff_is_clean(args: list[str]) -> None:
     result = subprocess.run([_ruff(), *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, f"ruff {' '.join(args)} (fix: ruff check --fix . && ruff format .):\n{result.stdout}"
+
+
+# The packages (not benchmarks, whose sizes are the experiment's own): each grasp count has one definition.
+PACKAGES = ("common", "shards", "synth", "meshes", "models", "pipeline", "train", "tools")
+
+
+def grasp_counts(root: Path) -> list[str]:
+    """'file:line' of each definition of GRASP_DIM and each literal 480 (the seed's grasps per scene) under root."""
+    found = []
+    for path in sorted(p for folder in PACKAGES for p in (root / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            defines = any(isinstance(t, ast.Name) and t.id == "GRASP_DIM" for t in targets)
+            if defines or (isinstance(node, ast.Constant) and type(node.value) is int and node.value == 480):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_each_grasp_count_has_one_definition() -> None:
+    assert [where.split(":")[0] for where in grasp_counts(REPO)] == ["common/grasps.py"] * 2  # GRASP_DIM, 480
