@@ -54,7 +54,7 @@ def _assert_same(a: list[Batch], b: list[Batch]) -> None:
 
 @pytest.mark.parametrize("s,g", [(3, 5), (8, 16), (32, 1)])
 def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None:
-    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_scene=g, seed=7, progress=False)
+    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_sdf=g, seed=7, progress=False)
     with (
         open_loader(shards, mode="cache", device="cpu", **kwargs) as cpu,
         open_loader(shards, mode="cache", device="cuda", **kwargs) as gpu,
@@ -70,7 +70,7 @@ def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None
 
     if backend.GetCUDADeviceCount() < 1:
         pytest.skip("this DALI build sees no CUDA device")
-    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_scene=g, seed=7, device="cuda", progress=False)
+    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_sdf=g, seed=7, device="cuda", progress=False)
     with (
         open_loader(shards, mode="cache", **kwargs) as cache,
         open_loader(shards, mode="dali", **kwargs) as dali,

@@ -20,7 +20,7 @@ from gq.train.config import ConfigError
 from gq.train.rundir import LOCK
 
 GRID, GRASPS = 32, 48
-TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per_batch=2, grasps_per_scene=4)
+TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per_batch=2, grasps_per_sdf=4)
 
 
 @pytest.fixture(scope="module")

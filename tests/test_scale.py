@@ -169,7 +169,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_two_ranks_share_one_shard_and_the_loaders_agree(one_shard: Path, mode: str) -> None:
-    kwargs = dict(scenes_per_batch=2, grasps_per_scene=4, seed=1, world_size=2, drop_last=True, progress=False)
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=4, seed=1, world_size=2, drop_last=True, progress=False)
     seen, resident = [], []
     for rank in range(2):
         with (
@@ -182,13 +182,13 @@ def test_two_ranks_share_one_shard_and_the_loaders_agree(one_shard: Path, mode: 
             resident.append(cache.resident_bytes)
             seen += [(s, tuple(g)) for b in got for s, g in zip(b[0][b[4]].tolist(), b[2].tolist())]
     assert len(seen) == len(set(seen))
-    with open_loader(one_shard, mode="cache", scenes_per_batch=2, grasps_per_scene=4, progress=False) as whole:
+    with open_loader(one_shard, mode="cache", scenes_per_batch=2, grasps_per_sdf=4, progress=False) as whole:
         assert sum(resident) == whole.resident_bytes and max(resident) < 0.65 * whole.resident_bytes
 
 
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_a_two_rank_state_resumes_on_one_rank_with_the_rest_of_its_epoch(one_shard: Path, mode: str) -> None:
-    common = dict(scenes_per_batch=2, grasps_per_scene=4, seed=1, shuffle_window=1, progress=False)
+    common = dict(scenes_per_batch=2, grasps_per_sdf=4, seed=1, shuffle_window=1, progress=False)
     with open_loader(one_shard, mode=mode, world_size=2, drop_last=True, **common) as rank0:
         rank0.set_epoch(2)
         it = iter(rank0)
@@ -215,7 +215,7 @@ def test_a_two_rank_state_resumes_on_one_rank_with_the_rest_of_its_epoch(one_sha
 
 def test_no_batches_names_what_would_give_some(one_shard: Path) -> None:
     with pytest.raises(LoaderError) as err:
-        open_loader(one_shard, scenes_per_batch=500, grasps_per_scene=4, world_size=2, drop_last=True, progress=False)
+        open_loader(one_shard, scenes_per_batch=500, grasps_per_sdf=4, world_size=2, drop_last=True, progress=False)
     message = str(err.value)
     assert "gives no batches" in message and "-S " in message and "1 rank would give some" in message
     assert "\n" not in message
@@ -258,7 +258,7 @@ def test_two_ranks_train_on_a_one_shard_split(tiny: Path, tmp_path: Path, loader
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     if loader == "cache":  # rank 0 holds its half of the one shard
-        with open_loader(tiny, scenes_per_batch=2, grasps_per_scene=8, progress=False) as whole:
+        with open_loader(tiny, scenes_per_batch=2, grasps_per_sdf=8, progress=False) as whole:
             assert 0.3 * whole.resident_bytes <= summary["resident_bytes"] <= 0.7 * whole.resident_bytes
 
 
