@@ -101,7 +101,8 @@ def open_loader(
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
-        `state_dict` / `load_state_dict` (resume mid-epoch), `score_stats` and `resident_bytes`.
+        `state_dict` / `load_state_dict` (resume mid-epoch), `score_stats` (the train split's score statistics
+        from the manifest, whatever the split served: what scores are standardised with) and `resident_bytes`.
 
     Raises:
         LoaderError: An unknown mode, settings that cannot work (S = 0, G above the dataset's grasp

@@ -363,6 +363,18 @@ def test_the_old_grasps_per_scene_keyword_gives_the_same_batches_with_a_deprecat
         open_loader(shards, grasps_per_sdf=4, grasps_per_scene=5, **kwargs)
 
 
+def test_score_stats_are_the_train_splits_as_docs_loading_says_for_every_split(dataset) -> None:
+    _, shards = dataset
+    reader = ShardReader(shards)
+    scores = np.concatenate([reader.labels(s)[:, 19] for s in reader.split_scenes("train")]).astype(np.float64)
+    for split in ("train", "val"):
+        with open_loader(shards, split=split, grasps_per_sdf=8, progress=False) as loader:
+            stats = loader.score_stats
+        assert stats.split == "train" and stats.count == len(scores)
+        assert stats.min == scores.min() and stats.max == scores.max()
+        np.testing.assert_allclose([stats.mean, stats.std], [scores.mean(), scores.std(ddof=0)], rtol=1e-12)
+
+
 def test_fit_and_open_loader_share_one_default_g() -> None:
     default = inspect.signature(open_loader).parameters["grasps_per_sdf"].default
     assert default == FitConfig.grasps_per_sdf == DEFAULT_GRASPS_PER_SDF
