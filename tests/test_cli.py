@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-from helpers import REPO, invoke, make_dataset, write_scene
+from helpers import REPO, invoke, write_scene
 
 from gq.tools.cli import main
 from gq.tools.training import eval_cmd
@@ -27,10 +27,10 @@ TINY = ["-S", 2, "-G", 4, "--base-channels", 2, "--fc-dims", 8, "--threads", 1]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(shared_dataset) -> Path:
     """24 scenes on a 16^3 grid: every split has a few shards."""
-    root = tmp_path_factory.mktemp("cli")
-    return make_dataset(root, 24, grid=16, grasps=32, seed=3, records_per_shard=4, val_fraction=0.25, test_fraction=0.2)
+    options = dict(records_per_shard=4, val_fraction=0.25, test_fraction=0.2)
+    return shared_dataset(24, grid=16, grasps=32, seed=3, **options)
 
 
 def gq(*args, ok: bool = True) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fit_process, make_dataset
+from helpers import fit_process
 
 from gq.pipeline import Batch, open_loader
 from gq.train import fit
@@ -27,10 +27,9 @@ TINY = ["--base-channels", "4", "--fc-dims", "32,16", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cuda")
+def shards(shared_dataset) -> Path:
     options = dict(records_per_shard=16, val_fraction=0.2, test_fraction=0.1)
-    return make_dataset(root, 80, grid=GRID, grasps=GRASPS, seed=3, scene_workers=2, **options)
+    return shared_dataset(80, grid=GRID, grasps=GRASPS, seed=3, scene_workers=2, **options)
 
 
 def _epochs(loader, epochs: int = 2) -> list[Batch]:

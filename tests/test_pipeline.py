@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, make_source
+from helpers import REPO
 
 from gq.pipeline import (
     DEFAULT_GRASPS_PER_SDF,
@@ -36,19 +36,12 @@ ONE_RANK = {"world_size": 1, "drop_last": False, "past": []}  # a loader state's
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
+def dataset(shared_dataset) -> tuple[Path, Path]:
     """(source dir, shards dir): 26 scenes of 3..24 grasps, 4 records per shard, hash splits."""
-    root = tmp_path_factory.mktemp("pipeline")
-    src = make_source(root / "src", scenes=26, grid=GRID, grasps=(3, 24), seed=3)
-    out = root / "shards"
-    build_shards(
-        src,
-        out,
-        BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2, test_fraction=0.0),
-        workers=1,
-        progress=False,
+    shards = shared_dataset(
+        26, grid=GRID, grasps=(3, 24), seed=3, records_per_shard=4, val_fraction=0.2, test_fraction=0.0
     )
-    return src, out
+    return shards.parent / "scenes", shards
 
 
 def _records(shards: int = 10, per_shard: int = 4, seed: int = 0) -> SplitRecords:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_dataset
 
 from gq.common.options import flag
 from gq.tools.training import cli
@@ -24,9 +23,9 @@ TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(shared_dataset) -> Path:
     options = dict(records_per_shard=8, val_fraction=0.2, test_fraction=0.1)
-    return make_dataset(tmp_path_factory.mktemp("recipe"), 40, grid=GRID, grasps=GRASPS, seed=3, **options)
+    return shared_dataset(40, grid=GRID, grasps=GRASPS, seed=3, **options)
 
 
 def test_a_failing_run_called_as_a_library_closes_what_it_opened(shards: Path, tmp_path: Path) -> None:

@@ -18,15 +18,12 @@ from helpers import (
     REPO,
     fit_command,
     fit_process,
-    make_dataset,
-    make_source,
     run_tool,
     torchrun,
 )
 
 from gq.pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_dataset, open_loader
 from gq.pipeline.plan import Segment, left_after
-from gq.shards import BuildOptions, build_shards
 from gq.train.checkpoint import load_checkpoint
 
 GRID = 16
@@ -147,13 +144,11 @@ def test_too_few_groups_left_for_the_ranks_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def one_shard(tmp_path_factory) -> Path:
+def one_shard(shared_dataset) -> Path:
     """A dataset whose train split is one shard: 30 scenes, 64 records per shard."""
-    root = tmp_path_factory.mktemp("scale")
-    src = make_source(root / "src", scenes=30, grid=GRID, grasps=(3, 24), seed=5)
-    options = BuildOptions(grid=GRID, records_per_shard=64, max_grasps=24, val_fraction=0.2, test_fraction=0.0)
-    build_shards(src, root / "shards", options, workers=1, progress=False)
-    return root / "shards"
+    return shared_dataset(
+        30, grid=GRID, grasps=(3, 24), seed=5, records_per_shard=64, val_fraction=0.2, test_fraction=0.0
+    )
 
 
 def _batches(loader) -> list[tuple]:
@@ -226,10 +221,9 @@ SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quie
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def tiny(shared_dataset) -> Path:
     """40 scenes built with the default 256 records per shard: every split is one shard."""
-    root = tmp_path_factory.mktemp("tiny")
-    return make_dataset(root, 40, grid=GRID, grasps=32, seed=2, val_fraction=0.2, test_fraction=0.1)
+    return shared_dataset(40, grid=GRID, grasps=32, seed=2, val_fraction=0.2, test_fraction=0.1)
 
 
 def _fit(
