@@ -20,7 +20,7 @@ from helpers import REPO, invoke, write_scene
 from gq.tools.cli import main
 from gq.tools.training import eval_cmd
 from gq.train.checkpoint import load_checkpoint, save_checkpoint
-from gq.train.config import FitConfig
+from gq.train.config import ConfigError, FitConfig
 from gq.train.logs import TrainLog
 
 TINY = ["-S", 2, "-G", 4, "--base-channels", 2, "--fc-dims", 8, "--threads", 1]
@@ -173,6 +173,15 @@ def test_a_config_file_with_the_old_key_is_read_with_one_note(shards: Path, tmp_
         gq("fit", "--config", tmp_path / "c.yaml", "--shards", shards, "--out", tmp_path / "r", ok=False)
     )
     assert "'grasps_per_sdf' sets grasps_per_sdf a second time; keep one" in line
+
+
+def test_fit_config_takes_the_old_keyword_with_a_deprecation_warning() -> None:
+    with pytest.warns(DeprecationWarning, match=r"FitConfig\(grasps_per_scene=...\) is deprecated") as caught:
+        old = FitConfig(shards="s", out="o", grasps_per_scene=8)
+    assert len(caught) == 1 and caught[0].filename == __file__  # one warning, pointing at the caller's line
+    assert old.to_dict() == FitConfig(shards="s", out="o", grasps_per_sdf=8).to_dict()
+    with pytest.raises(ConfigError, match="one option by two names"):
+        FitConfig(shards="s", out="o", grasps_per_sdf=4, grasps_per_scene=8)
 
 
 def test_a_run_recorded_under_the_old_name_resumes_with_its_own_g(shards: Path, tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ import logging
 import math
 import types
 import typing
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
 
 from gq.common.errors import UsageError
@@ -119,8 +120,21 @@ class FitConfig:
         None,
         help="Log to this Weights & Biases project (needs the wandb extra; offline unless WANDB_MODE says otherwise).",
     )
+    grasps_per_scene: InitVar[int | None] = None  # the old name of grasps_per_sdf (deprecated; not an option)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, grasps_per_scene: int | None) -> None:
+        if grasps_per_scene is not None:
+            if self.grasps_per_sdf not in (DEFAULT_GRASPS_PER_SDF, grasps_per_scene):
+                raise ConfigError(
+                    f"grasps_per_scene {grasps_per_scene} and grasps_per_sdf {self.grasps_per_sdf}: one option by two "
+                    "names (grasps_per_scene is its old name); give grasps_per_sdf only"
+                )
+            warnings.warn(
+                "FitConfig(grasps_per_scene=...) is deprecated: it is grasps_per_sdf, the grasps of each SDF per batch",
+                DeprecationWarning,
+                stacklevel=3,  # the caller of the dataclass's __init__
+            )
+            self.grasps_per_sdf = grasps_per_scene
         # The command line gives text: "4" is the number 4, "256,128" the head sizes (256, 128).
         if isinstance(self.shuffle_window, str) and self.shuffle_window.isdigit():
             self.shuffle_window = int(self.shuffle_window)
