@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gq.common.grasps import GRASP_DIM
-
 from .rotations import quaternion_to_matrix
 
-NUM_VALUES = GRASP_DIM  # the seed's grasp vector
 FINGERS = ("ring", "middle", "fore", "thumb")
 
 # Joint limits (radians) of the seed data, per joint kind: rows abduction, proximal, distal.
