@@ -20,6 +20,7 @@ from gq.pipeline import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_win
 from .tracking import missing_extra
 
 log = logging.getLogger(__name__)
+
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("plateau", "linear")
 DEVICES = ("auto", "cpu", "cuda")
@@ -342,7 +343,8 @@ def resolve_config(given: dict, *, config_file: str | Path | None = None) -> Fit
     for name in ("shards", "out"):
         if values.get(name) is None:
             raise ConfigError(f"{_flag(name)}: missing; give it on the command line or in --config")
-    _note(notes, None)
+    for line in notes:
+        log.warning(line)
     return FitConfig(**values)
 
 
