@@ -124,7 +124,7 @@ def main(
                     max_time=None if max_steps else max_time,
                     max_steps=max_steps,
                     scenes_per_batch=8,
-                    grasps_per_scene=64,
+                    grasps_per_sdf=64,
                     base_channels=base_channels,
                     lr=1e-3,
                     early_stopping=0,

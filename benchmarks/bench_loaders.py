@@ -182,7 +182,7 @@ def measure(
                 mode=loader,
                 split=split,
                 scenes_per_batch=s,
-                grasps_per_scene=g,
+                grasps_per_sdf=g,
                 seed=0,
                 device=dev,
                 rank=rank,

@@ -70,7 +70,7 @@ def scaling(rows: list[dict]) -> list[dict]:
 @click.option("--loaders", default=",".join(MODES), show_default=True, help="Comma-separated loader modes.")
 @click.option("--steps", default=40, show_default=True, help="Training steps per run (the first is not timed).")
 @click.option("-S", "--scenes-per-batch", default=8, show_default=True, help="SDFs per batch, per rank.")
-@click.option("-G", "--grasps-per-scene", default=16, show_default=True)
+@click.option("-G", "--grasps-per-sdf", default=16, show_default=True, help="Grasps per SDF per batch.")
 @click.option("--threads", default=1, show_default=True, help="torch threads per rank.")
 @click.option("--base-channels", default=8, show_default=True)
 @click.option("--fc-dims", default="256,128,64", show_default=True)
@@ -83,7 +83,7 @@ def main(
     loaders: str,
     steps: int,
     scenes_per_batch: int,
-    grasps_per_scene: int,
+    grasps_per_sdf: int,
     threads: int,
     base_channels: int,
     fc_dims: str,
@@ -101,7 +101,7 @@ def main(
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: choose from {', '.join(MODES)}", param_hint="--loaders")
-    flags = ["--max-steps", str(steps), "-S", str(scenes_per_batch), "-G", str(grasps_per_scene),
+    flags = ["--max-steps", str(steps), "-S", str(scenes_per_batch), "-G", str(grasps_per_sdf),
              "--threads", str(threads), "--base-channels", str(base_channels), "--fc-dims", fc_dims,
              "--early-stopping", "0", "--log-every", str(steps)]  # fmt: skip
     rows = []
@@ -131,7 +131,7 @@ def main(
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
     click.echo(
-        f"scale-out on {machine}: {steps} steps of S={scenes_per_batch} x G={grasps_per_scene} per rank, "
+        f"scale-out on {machine}: {steps} steps of S={scenes_per_batch} x G={grasps_per_sdf} per rank, "
         f"{threads} thread(s) per rank, gloo" + (f", best of {repeat} runs per row" if repeat > 1 else "")
     )
     columns = [("loader", "<6"), ("ranks", ">5"), ("samples/s", ">10,.0f"), ("per rank", ">9,.0f"),
@@ -141,7 +141,7 @@ def main(
         click.echo(line)
     if json_path is not None:
         result = {"machine": machine, "steps": steps, "repeat": repeat, "scenes_per_batch": scenes_per_batch,
-                  "grasps_per_scene": grasps_per_scene, "threads_per_rank": threads, "rows": rows}  # fmt: skip
+                  "grasps_per_scene": grasps_per_sdf, "threads_per_rank": threads, "rows": rows}  # fmt: skip
         write_atomically(json_path, json.dumps(result, indent=2) + "\n")
 
 

@@ -44,7 +44,7 @@ def throughput(cfg: FitConfig, *, steps: int, warmup: int) -> float:
         loader, device = recipe.train_loader, recipe.device
         if len(loader) < warmup + steps:
             raise click.UsageError(
-                f"{cfg.model}/{cfg.loader} S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}: an epoch has "
+                f"{cfg.model}/{cfg.loader} S={cfg.scenes_per_batch} G={cfg.grasps_per_sdf}: an epoch has "
                 f"{len(loader)} batches, fewer than the {warmup + steps} needed; use a larger dataset or fewer --steps"
             )
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -84,9 +84,9 @@ def time_to_quality(
             progress=False,
             shuffle_window=window,
         )
-        g1 = fit(FitConfig(out=f"{tmp}/g1", scenes_per_batch=128, grasps_per_scene=1, val_every=10**9, **common))
+        g1 = fit(FitConfig(out=f"{tmp}/g1", scenes_per_batch=128, grasps_per_sdf=1, val_every=10**9, **common))
         target = g1["val_mse"]
-        fit(FitConfig(out=f"{tmp}/g16", scenes_per_batch=8, grasps_per_scene=16, val_every=val_every, **common))
+        fit(FitConfig(out=f"{tmp}/g16", scenes_per_batch=8, grasps_per_sdf=16, val_every=val_every, **common))
         rows = [json.loads(x) for x in Path(f"{tmp}/g16/metrics.jsonl").read_text().splitlines()]
         reached = [r for r in rows if "val_mse" in r and r["val_mse"] <= target]
         return {
@@ -145,12 +145,12 @@ def run_study(
 
 
 # The time study's recipes name only what they change from fit's defaults: "S16 G64 lr3e-3 c8".
-RECIPE_KEYS = {"S": ("scenes_per_batch", int), "G": ("grasps_per_scene", int), "lr": ("lr", float),
+RECIPE_KEYS = {"S": ("scenes_per_batch", int), "G": ("grasps_per_sdf", int), "lr": ("lr", float),
                "c": ("base_channels", int)}  # fmt: skip
 
 
 def parse_recipe(text: str) -> dict:
-    """'S16 G64 lr3e-3' -> {"scenes_per_batch": 16, "grasps_per_scene": 64, "lr": 0.003}."""
+    """'S16 G64 lr3e-3' -> {"scenes_per_batch": 16, "grasps_per_sdf": 64, "lr": 0.003}."""
     overrides = {}
     for token in text.split():
         match = re.fullmatch(r"(S|G|lr|c)([0-9.eE+-]+)", token)
@@ -364,7 +364,7 @@ def main(
             for s, g in CONFIGS:
                 cfg = FitConfig(
                     shards=str(shards), out="-", device=str(dev), loader=mode, model=kind, scenes_per_batch=s,
-                    grasps_per_scene=g, base_channels=base_channels, fc_dims=dims, amp=amp,
+                    grasps_per_sdf=g, base_channels=base_channels, fc_dims=dims, amp=amp,
                     channels_last=channels_last, compile=compile_model, shuffle_window=shuffle_window, progress=False,
                 )  # fmt: skip
                 rate = throughput(cfg, steps=large_steps if kind == "large" else steps, warmup=warmup)

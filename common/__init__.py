@@ -7,10 +7,13 @@ __version__ = "0.2.0"
 
 from .errors import GQError, UsageError  # noqa: E402
 from .files import swap_in_dir, write_atomically  # noqa: E402
+from .grasps import GRASP_DIM, SEED_MAX_GRASPS  # noqa: E402
 from .options import click_options, flag, one_line_errors, option  # noqa: E402
 from .table import format_table  # noqa: E402
 
 __all__ = [
+    "GRASP_DIM",
+    "SEED_MAX_GRASPS",
     "GQError",
     "UsageError",
     "click_options",

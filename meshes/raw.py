@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gq.common.files import write_atomically
+from gq.common.grasps import GRASP_DIM, SEED_MAX_GRASPS
 from gq.common.ownership import BesideBuild
 from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
@@ -48,7 +49,6 @@ SCENE_FILE = "scene.npz"
 EXTENT_FILE = "mesh_max_extent.txt"
 SKIPPED_FILE = "skipped.jsonl"
 LABELS = ("recording", "synth")
-GRASP_DIM = 19
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ImportOptions:
     grid: int = 48
     mesh_max_extent: float | None = None  # None: the largest extent of the dataset's accepted meshes
     label: str = "recording"  # recording: every scene needs one; synth: scenes without one get synth labels
-    grasps_per_scene: int = 480  # synth labels only
+    grasps_per_scene: int = SEED_MAX_GRASPS  # synth labels only
     seed: int = 0  # synth labels only
     open_meshes: str = "refuse"
     skip_bad: bool = False

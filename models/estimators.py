@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from gq.common.errors import UsageError
+from gq.common.grasps import GRASP_DIM
 
-GRASP_DIM = 19  # palm position (3) + quaternion xyzw (4) + 12 joint angles
 NUM_STAGES = 4  # conv stages, each halving the grid: a D^3 SDF leaves as (D/16)^3
 GRID_DIVISOR = 2**NUM_STAGES
 

@@ -11,7 +11,16 @@ from .batch import Batch
 from .dataset import ShardDataset, open_dataset
 from .device import resolve_device
 from .host_memory import keep_freed_host_memory
-from .plan import DEFAULT_WINDOW, EpochPlan, PlanSpec, SplitRecords, make_plan, num_batches, parse_window
+from .plan import (
+    DEFAULT_GRASPS_PER_SDF,
+    DEFAULT_WINDOW,
+    EpochPlan,
+    PlanSpec,
+    SplitRecords,
+    make_plan,
+    num_batches,
+    parse_window,
+)
 from .registry import LOADER_MODES, MODES, LoaderMode, open_loader
 
 __all__ = [
@@ -27,6 +36,7 @@ __all__ = [
     "open_dataset",
     "open_loader",
     "resolve_device",
+    "DEFAULT_GRASPS_PER_SDF",
     "DEFAULT_WINDOW",
     "EpochPlan",
     "PlanSpec",

@@ -73,7 +73,8 @@ class Loader:
 
     @property
     def score_stats(self) -> ScoreStats:
-        """The train split's score statistics (count, mean, std, min, max): what scores are standardised with."""
+        """The dataset's train split score statistics from its manifest (count, mean, population std, min, max),
+        whatever split this loader serves: what scores are standardised with (docs/loading.md)."""
         return self.dataset.score_stats
 
     @property

@@ -80,8 +80,9 @@ def open_dataset(path: str | Path) -> ShardDataset:
         from gq.pipeline import open_dataset, open_loader
 
         dataset = open_dataset("data/shards")
-        train = open_loader(dataset, split="train", scenes_per_batch=8, grasps_per_scene=64)
-        val = open_loader(dataset, split="val", scenes_per_batch=8, grasps_per_scene=480)
+        train = open_loader(dataset, split="train", scenes_per_batch=8, grasps_per_sdf=64)
+        val = open_loader(dataset, split="val", scenes_per_batch=8,
+                          grasps_per_sdf=dataset.reader.layout.max_grasps)  # every grasp of a scene
         ```
     """
     root = Path(path)

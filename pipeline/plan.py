@@ -42,6 +42,9 @@ import numpy as np
 
 # Shards per shuffle window when none is given; chosen by measurement (docs/benchmarks.md, "Shuffle window").
 DEFAULT_WINDOW = 4
+# Grasps per SDF in a batch (G) when none is given, for `gq fit` and `open_loader` alike: G = 64 trains ~3x the
+# grasps per second of G = 16 at S = 8 (docs/benchmarks.md, "Choosing fit's defaults").
+DEFAULT_GRASPS_PER_SDF = 64
 
 
 def parse_window(value: int | str | None) -> int | None:
@@ -73,7 +76,7 @@ class PlanSpec:
         if self.scenes_per_batch < 1:
             raise ValueError(f"scenes_per_batch {self.scenes_per_batch}: a batch needs at least one scene")
         if self.grasps_per_scene < 1:
-            raise ValueError(f"grasps_per_scene {self.grasps_per_scene}: a group needs at least one grasp")
+            raise ValueError(f"grasps per SDF (G) {self.grasps_per_scene}: a group needs at least one grasp")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} of world size {self.world_size}: need 0 <= rank < world_size")
         if self.seed < 0:

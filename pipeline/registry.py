@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from .base import Loader, LoaderError
 from .dataset import ShardDataset, open_dataset
 from .device import resolve_device
-from .plan import DEFAULT_WINDOW, PlanSpec, SplitRecords, num_batches
+from .plan import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, PlanSpec, SplitRecords, num_batches
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def open_loader(
     mode: str = "cache",
     split: str = "train",
     scenes_per_batch: int = 8,
-    grasps_per_scene: int = 16,
+    grasps_per_sdf: int = DEFAULT_GRASPS_PER_SDF,
     seed: int = 0,
     device: str | torch.device = "cpu",
     rank: int = 0,
@@ -71,6 +72,7 @@ def open_loader(
     prefetch: int | None = None,
     num_threads: int | None = None,
     progress: bool = True,
+    grasps_per_scene: int | None = None,
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
@@ -84,7 +86,7 @@ def open_loader(
             them with DALI, whole shards at a time, a window ahead.
         split: "train", "val" or "test".
         scenes_per_batch: S, the SDFs per batch.
-        grasps_per_scene: G, the grasps of each SDF per batch (1: the seed's independent grasps).
+        grasps_per_sdf: G, the grasps of each SDF per batch (1: the seed's independent grasps).
         seed: Seed of the epoch plan (shard order, grasp shuffles).
         device: Where batches are delivered ("cpu", "cuda", "cuda:1", or a torch.device).
         rank: This process's rank among `world_size`; it reads only its own shards.
@@ -95,10 +97,12 @@ def open_loader(
         prefetch: dali: shards read ahead [default: one window].
         num_threads: dali: DALI's CPU threads.
         progress: Show a progress bar while the cache loads.
+        grasps_per_scene: The old name of `grasps_per_sdf` (deprecated: a DeprecationWarning says so).
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
-        `state_dict` / `load_state_dict` (resume mid-epoch), `score_stats` and `resident_bytes`.
+        `state_dict` / `load_state_dict` (resume mid-epoch), `score_stats` (the train split's score statistics
+        from the manifest, whatever the split served: what scores are standardised with) and `resident_bytes`.
 
     Raises:
         LoaderError: An unknown mode, settings that cannot work (S = 0, G above the dataset's grasp
@@ -110,24 +114,36 @@ def open_loader(
         from gq.pipeline import open_loader
 
         with open_loader("data/shards", mode="cache", split="train", scenes_per_batch=8,
-                         grasps_per_scene=64, device="cuda") as loader:
+                         grasps_per_sdf=64, device="cuda") as loader:
             for batch in loader:  # one epoch
                 features = model.encode_sdf(batch.sdf)  # [S, ...]: each SDF encoded once
                 ...  # batch.grasps [S*G, 19], batch.scores [S*G], batch.scene_of_grasp [S*G]
         ```
     """
+    if grasps_per_scene is not None:
+        if grasps_per_sdf != DEFAULT_GRASPS_PER_SDF and grasps_per_sdf != grasps_per_scene:
+            raise LoaderError(
+                f"grasps_per_scene {grasps_per_scene} and grasps_per_sdf {grasps_per_sdf}: one option by two names "
+                "(grasps_per_scene is its old name); give grasps_per_sdf only"
+            )
+        warnings.warn(
+            "open_loader(grasps_per_scene=...) is deprecated: it is grasps_per_sdf, the grasps of each SDF per batch",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        grasps_per_sdf = grasps_per_scene
     if mode not in LOADER_MODES:
         raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    spec = PlanSpec(scenes_per_batch, grasps_per_scene, seed, rank, world_size, drop_last, shuffle_window)
+    spec = PlanSpec(scenes_per_batch, grasps_per_sdf, seed, rank, world_size, drop_last, shuffle_window)
     try:
         spec.check()
     except ValueError as err:
         raise LoaderError(str(err)) from None
     data = dataset if isinstance(dataset, ShardDataset) else open_dataset(dataset)
     root, max_grasps = data.root, data.reader.layout.max_grasps
-    if grasps_per_scene > max_grasps:
+    if grasps_per_sdf > max_grasps:
         raise LoaderError(
-            f"grasps_per_scene {grasps_per_scene}: more than the {max_grasps} grasp slots per scene of {root}"
+            f"grasps_per_sdf {grasps_per_sdf}: more than the {max_grasps} grasp slots per scene of {root}"
         )
     records, _ = data.split(split)
     if len(records.scene) == 0:
@@ -136,7 +152,7 @@ def open_loader(
     if num_batches(records, spec, all_ranks=True) == 0:
         raise LoaderError(
             f"split {split!r} of {root} ({len(records.scene)} scenes in {len(records.shards())} shards) gives no "
-            f"batches with scenes_per_batch (-S) {scenes_per_batch}, grasps_per_scene (-G) {grasps_per_scene} on "
+            f"batches with scenes_per_batch (-S) {scenes_per_batch}, grasps_per_sdf (-G) {grasps_per_sdf} on "
             f"{world_size} rank{'s' if world_size > 1 else ''}{' (each needs a full batch)' if drop_last else ''}; "
             f"{_what_would_give_batches(records, spec)}"
         )

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gq.common.files import write_atomically
+from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.options import option
 from gq.common.ownership import RECORD, BesideBuild
 
@@ -75,7 +76,7 @@ class BuildOptions:
     grid: int = option(48, help="SDF grid size D (every scene must be D^3).")
     dtype: str = option("float16", choices=SDF_DTYPES, help="Stored SDF dtype.")
     records_per_shard: int = option(256, help="Records R in every shard file.")
-    max_grasps: int = option(480, help="Grasp slots per record.")
+    max_grasps: int = option(SEED_MAX_GRASPS, help="Grasp slots per record.")
     splits: str | None = option(
         None, help="The seed's splits.json; every scene must be in it. Default: split by a hash of the name."
     )
@@ -104,7 +105,7 @@ class BuildOptions:
                 f"--grid {self.grid} --max-grasps {self.max_grasps}: one record would take "
                 f"{record:,} bytes (SDF {layout.sdf_record_bytes:,} + labels "
                 f"{layout.labels_record_bytes:,}), over the {MAX_RECORD_BYTES >> 20} MiB limit; "
-                "the seed's scenes have 48^3 grids and at most 480 grasps"
+                f"the seed's scenes have 48^3 grids and at most {SEED_MAX_GRASPS} grasps"
             )
         if record * self.records_per_shard > MAX_SHARD_BYTES:
             raise BuildError(

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from gq.common.errors import UsageError
+from gq.common.grasps import GRASP_DIM
 
 FORMAT_NAME = "gq-shards"
 FORMAT_VERSION = 2
 HEADER_BYTES = 4096
-GRASP_DIM = 19
 LABEL_DIM = GRASP_DIM + 1  # the 19 grasp values, then the score
 SCORE_COLUMN = GRASP_DIM
 SDF_DTYPES = ("float16", "float32")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .hand import JOINT_LIMITS, NUM_VALUES, TIPS, forward_kinematics
+from gq.common.grasps import GRASP_DIM
+
+from .hand import JOINT_LIMITS, TIPS, forward_kinematics
 from .primitives import grid_axis
 from .rotations import matrix_to_quaternion
 from .score import interpolate, normals
@@ -72,7 +74,7 @@ def _contact_flexion(sdf: np.ndarray, grasps: np.ndarray, rng: np.random.Generat
     joints = trial[..., 7:].reshape(len(grasps), CLOSURE_STEPS, 4, 3)
     joints[..., 1:] = (lo + steps[:, None] * (hi - lo))[:, None, :]
     trial[..., 7:] = joints.reshape(len(grasps), CLOSURE_STEPS, 12)
-    tips = forward_kinematics(trial.reshape(-1, NUM_VALUES))[:, TIPS]
+    tips = forward_kinematics(trial.reshape(-1, GRASP_DIM))[:, TIPS]
     d = interpolate(sdf, tips).reshape(len(grasps), CLOSURE_STEPS, 4)
     inside = d <= 0
     k = np.where(inside.any(1), inside.argmax(1), CLOSURE_STEPS - 1)  # (count, 4)
@@ -100,7 +102,7 @@ def sample_grasps(sdf: np.ndarray, rng: np.random.Generator, num: int) -> np.nda
             break
     else:
         raise RuntimeError(f"could not place {num} palms above the table at z={TABLE_Z}")
-    grasps = np.empty((num, NUM_VALUES))
+    grasps = np.empty((num, GRASP_DIM))
     grasps[:, :3] = np.concatenate(positions)[:num]
     grasps[:, 3:7] = np.concatenate(quaternions)[:num]
     lo, hi = JOINT_LIMITS[:, 0], JOINT_LIMITS[:, 1]

@@ -24,7 +24,6 @@ import numpy as np
 
 from .rotations import quaternion_to_matrix
 
-NUM_VALUES = 19
 FINGERS = ("ring", "middle", "fore", "thumb")
 
 # Joint limits (radians) of the seed data, per joint kind: rows abduction, proximal, distal.

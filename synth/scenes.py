@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gq.common.grasps import SEED_MAX_GRASPS
+
 from .grasps import sample_grasps
 from .objects import normalise, random_object
 from .primitives import sample_grid
@@ -31,7 +33,7 @@ def check_int(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def make_scene(seed: int, index: int, grid: int = 48, num_grasps: int = 480) -> dict[str, np.ndarray]:
+def make_scene(seed: int, index: int, grid: int = 48, num_grasps: int = SEED_MAX_GRASPS) -> dict[str, np.ndarray]:
     """The scene `index` of the dataset `seed`, as the seed's scene.npz arrays (all float32).
 
     Keys: `sdf` (grid, grid, grid), `grasps` (num_grasps, 19), `scores` (num_grasps,),

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gq.common.files import write_atomically
+from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.ownership import BesideBuild
 
 from .scenes import check_grid, check_int, make_scene
@@ -109,7 +110,7 @@ def write_scenes(
     out_dir: str | os.PathLike,
     scenes: int,
     *,
-    grasps_per_scene: int = 480,
+    grasps_per_scene: int = SEED_MAX_GRASPS,
     grid: int = 48,
     seed: int = 0,
     workers: int | None = None,

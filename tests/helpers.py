@@ -60,13 +60,18 @@ def make_source(root: Path, scenes: int, grid: int = 16, grasps: tuple[int, int]
 
 
 def make_dataset(
-    root: Path, scenes: int, *, grid: int, grasps: int, seed: int, scene_workers: int = 1, **options
+    root: Path, scenes: int, *, grid: int, grasps: int | tuple[int, int], seed: int, scene_workers: int = 1, **options
 ) -> Path:
-    """Synthetic scenes in root/scenes built into root/shards (returned): `options` go to BuildOptions."""
-    write_scenes(
-        root / "scenes", scenes, grasps_per_scene=grasps, grid=grid, seed=seed, workers=scene_workers, progress=False
-    )
-    build = BuildOptions(grid=grid, max_grasps=grasps, **options)
+    """Scenes in root/scenes built into root/shards (returned); `options` go to BuildOptions. `grasps` G: generated
+    scenes (gq.synth) of exactly G grasps; a pair (lo, hi): random scenes of lo to hi grasps (make_source, the
+    seed's short scenes), built with max_grasps hi. Tests that only read a dataset take conftest's shared_dataset.
+    """
+    if isinstance(grasps, tuple):
+        make_source(root / "scenes", scenes, grid=grid, grasps=grasps, seed=seed)
+    else:
+        write_scenes(root / "scenes", scenes, grasps_per_scene=grasps, grid=grid, seed=seed, workers=scene_workers,
+                     progress=False)  # fmt: skip
+    build = BuildOptions(grid=grid, max_grasps=grasps[1] if isinstance(grasps, tuple) else grasps, **options)
     build_shards(root / "scenes", root / "shards", build, workers=1, progress=False)
     return root / "shards"
 

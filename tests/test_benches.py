@@ -10,13 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset, run_tool
+from helpers import run_tool
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bench")
-    return root / "scenes", make_dataset(root, 60, grid=16, grasps=64, seed=2, records_per_shard=8)
+def tiny(shared_dataset) -> tuple[Path, Path]:
+    shards = shared_dataset(60, grid=16, grasps=64, seed=2, records_per_shard=8)
+    return shards.parent / "scenes", shards
 
 
 def bench(script: str, out: Path, *args) -> subprocess.CompletedProcess:
@@ -118,7 +118,7 @@ def test_bench_train_time_study(tiny, tmp_path: Path) -> None:
         ("S2 G8 lr3e-3", 2.0),
     ]
     for row in rows:  # each run is fit stopped by its budget, with the recipe's batch shape and lr
-        assert row["scenes_per_batch"] == 2 and row["grasps_per_scene"] == 8
+        assert row["scenes_per_batch"] == 2 and row["grasps_per_sdf"] == 8  # the recipe's FitConfig fields
         assert row["train_time_s"] >= row["budget_s"] and row["steps"] > 0 and row["val_mse_mean_baseline"] > 0
     assert rows[1]["lr"] == 3e-3 and "lr" not in rows[0]
     assert "1 s: best mean val R2" in result.stdout and "2 s: best mean val R2" in result.stdout

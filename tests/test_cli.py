@@ -15,22 +15,22 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-from helpers import REPO, invoke, make_dataset, write_scene
+from helpers import REPO, invoke, write_scene
 
 from gq.tools.cli import main
 from gq.tools.training import eval_cmd
-from gq.train.checkpoint import load_checkpoint
-from gq.train.config import FitConfig
+from gq.train.checkpoint import load_checkpoint, save_checkpoint
+from gq.train.config import ConfigError, FitConfig
 from gq.train.logs import TrainLog
 
 TINY = ["-S", 2, "-G", 4, "--base-channels", 2, "--fc-dims", 8, "--threads", 1]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(shared_dataset) -> Path:
     """24 scenes on a 16^3 grid: every split has a few shards."""
-    root = tmp_path_factory.mktemp("cli")
-    return make_dataset(root, 24, grid=16, grasps=32, seed=3, records_per_shard=4, val_fraction=0.25, test_fraction=0.2)
+    options = dict(records_per_shard=4, val_fraction=0.25, test_fraction=0.2)
+    return shared_dataset(24, grid=16, grasps=32, seed=3, **options)
 
 
 def gq(*args, ok: bool = True) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def test_flags_override_the_config_file_and_print_config_round_trips(shards: Pat
     resolved = json.loads(printed)
     assert resolved["scenes_per_batch"] == 3 and resolved["fc_dims"] == [16, 8] and resolved["model"] == "large"
     assert resolved["lr"] == 5e-4  # the flag given wins over the file
-    assert resolved["grasps_per_scene"] == FitConfig.grasps_per_scene and resolved["out"] == str(tmp_path / "r")
+    assert resolved["grasps_per_sdf"] == FitConfig.grasps_per_sdf and resolved["out"] == str(tmp_path / "r")
     assert not (tmp_path / "r").exists()  # --print-config trains nothing
     (tmp_path / "printed.json").write_text(printed)
     assert gq("fit", "--config", tmp_path / "printed.json", "--print-config").stdout == printed
@@ -132,6 +132,76 @@ def test_resume_needs_only_the_run_folder_and_names_a_flag_that_differs(shards: 
     (run / "config.json").unlink()  # lost: last.pt holds the options too
     gq("fit", "--out", run, "--resume", "--max-steps", 8)
     assert json.loads((run / "config.json").read_text())["options"] == {**options, "max_steps": 8, "resume": True}
+
+
+# -- -G is grasps per SDF: --grasps-per-sdf, once --grasps-per-scene (gq scenes' count of grasps made) ----------
+
+NOTE = "is deprecated"
+
+
+def _printed(shards: Path, tmp_path: Path, *flags) -> tuple[dict, list[str]]:
+    """fit's resolved options for `flags`, and the deprecation notes it logged."""
+    result = gq("fit", "--shards", shards, "--out", tmp_path / "r", *flags, "--print-config")
+    return json.loads(result.stdout), [line for line in result.stderr.splitlines() if NOTE in line]
+
+
+def test_grasps_per_sdf_is_fits_flag_and_the_old_flag_still_works_with_one_note(shards: Path, tmp_path: Path) -> None:
+    new, quiet = _printed(shards, tmp_path, "--grasps-per-sdf", 8)
+    assert new["grasps_per_sdf"] == 8 and "grasps_per_scene" not in new and quiet == []
+    assert _printed(shards, tmp_path, "-G", 8) == (new, [])
+    old, notes = _printed(shards, tmp_path, "--grasps-per-scene", 8)
+    assert old == new  # the same options, so the same batches
+    assert notes == ["--grasps-per-scene is deprecated: give --grasps-per-sdf, its new name"]
+    both = gq("fit", "--shards", shards, "--out", tmp_path / "r", "-G", 8, "--grasps-per-scene", 4, ok=False)
+    assert "--grasps-per-scene and --grasps-per-sdf: one option by two names" in one_line_error(both)
+    helps = {cmd: gq(cmd, "--help").stdout for cmd in ("fit", "compare")}
+    assert all("-G, --grasps-per-sdf" in h and "--grasps-per-scene" not in h for h in helps.values()), helps
+    refused = gq("compare", "--shards", shards, "--out", tmp_path / "c", "-G", 8, "--grasps-per-scene", 4, ok=False)
+    assert refused.returncode == 2 and "one option by two names" in refused.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("key", ["grasps_per_scene", "grasps-per-scene"])
+def test_a_config_file_with_the_old_key_is_read_with_one_note(shards: Path, tmp_path: Path, key: str) -> None:
+    (tmp_path / "c.yaml").write_text(f"{key}: 8\n")
+    resolved, notes = _printed(shards, tmp_path, "--config", tmp_path / "c.yaml")
+    assert resolved["grasps_per_sdf"] == 8 and "grasps_per_scene" not in resolved
+    assert notes == [
+        f"--config {tmp_path / 'c.yaml'}: key {key!r} {NOTE}: write grasps_per_sdf, its new name (read as it)"
+    ]
+    (tmp_path / "c.yaml").write_text(f"{key}: 8\ngrasps_per_sdf: 4\n")
+    line = one_line_error(
+        gq("fit", "--config", tmp_path / "c.yaml", "--shards", shards, "--out", tmp_path / "r", ok=False)
+    )
+    assert "'grasps_per_sdf' sets grasps_per_sdf a second time; keep one" in line
+
+
+def test_fit_config_takes_the_old_keyword_with_a_deprecation_warning() -> None:
+    with pytest.warns(DeprecationWarning, match=r"FitConfig\(grasps_per_scene=...\) is deprecated") as caught:
+        old = FitConfig(shards="s", out="o", grasps_per_scene=8)
+    assert len(caught) == 1 and caught[0].filename == __file__  # one warning, pointing at the caller's line
+    assert old.to_dict() == FitConfig(shards="s", out="o", grasps_per_sdf=8).to_dict()
+    with pytest.raises(ConfigError, match="one option by two names"):
+        FitConfig(shards="s", out="o", grasps_per_sdf=4, grasps_per_scene=8)
+
+
+def test_a_run_recorded_under_the_old_name_resumes_with_its_own_g(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    gq("fit", "--shards", shards, "--out", run, "--max-steps", 2, "--quiet", *TINY)  # TINY: -G 4, not the default
+    # As an older gq wrote it: config.json and last.pt's copy of the options say grasps_per_scene.
+    config = json.loads((run / "config.json").read_text())
+    config["options"] = {k.replace("grasps_per_sdf", "grasps_per_scene"): v for k, v in config["options"].items()}
+    (run / "config.json").write_text(json.dumps(config, indent=2))
+    last = load_checkpoint(run / "last.pt")
+    last["config"] = {k.replace("grasps_per_sdf", "grasps_per_scene"): v for k, v in last["config"].items()}
+    save_checkpoint(run / "last.pt", last)
+    resumed = gq("fit", "--out", run, "--resume", "--max-steps", 4)
+    note = f"key 'grasps_per_scene' {NOTE}: write grasps_per_sdf, its new name (read as it)"
+    assert [line for line in resumed.stderr.splitlines() if NOTE in line] == [f"--config {run / 'config.json'}: {note}"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    options = json.loads((run / "config.json").read_text())["options"]  # rewritten under the new name
+    assert options["grasps_per_sdf"] == 4 and "grasps_per_scene" not in options
+    again = gq("fit", "--out", run, "--resume", "--max-steps", 5)
+    assert NOTE not in again.stderr
 
 
 # -- logs a batch job can read ----------------------------------------------------------------------------

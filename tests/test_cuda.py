@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fit_process, make_dataset
+from helpers import fit_process
 
 from gq.pipeline import Batch, open_loader
 from gq.train import fit
@@ -27,10 +27,9 @@ TINY = ["--base-channels", "4", "--fc-dims", "32,16", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cuda")
+def shards(shared_dataset) -> Path:
     options = dict(records_per_shard=16, val_fraction=0.2, test_fraction=0.1)
-    return make_dataset(root, 80, grid=GRID, grasps=GRASPS, seed=3, scene_workers=2, **options)
+    return shared_dataset(80, grid=GRID, grasps=GRASPS, seed=3, scene_workers=2, **options)
 
 
 def _epochs(loader, epochs: int = 2) -> list[Batch]:
@@ -54,7 +53,7 @@ def _assert_same(a: list[Batch], b: list[Batch]) -> None:
 
 @pytest.mark.parametrize("s,g", [(3, 5), (8, 16), (32, 1)])
 def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None:
-    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_scene=g, seed=7, progress=False)
+    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_sdf=g, seed=7, progress=False)
     with (
         open_loader(shards, mode="cache", device="cpu", **kwargs) as cpu,
         open_loader(shards, mode="cache", device="cuda", **kwargs) as gpu,
@@ -70,7 +69,7 @@ def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None
 
     if backend.GetCUDADeviceCount() < 1:
         pytest.skip("this DALI build sees no CUDA device")
-    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_scene=g, seed=7, device="cuda", progress=False)
+    kwargs = dict(split="train", scenes_per_batch=s, grasps_per_sdf=g, seed=7, device="cuda", progress=False)
     with (
         open_loader(shards, mode="cache", **kwargs) as cache,
         open_loader(shards, mode="dali", **kwargs) as dali,

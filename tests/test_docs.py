@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,22 @@ def test_the_api_page_shows_each_public_function_with_its_sections(site: Path) -
         assert f'id="{name}"' in page, name
     for section in ("Parameters:", "Returns:", "Raises:", "Example"):
         assert page.count(section) >= 4, section
+
+
+# A script run as a command (`python train/run.py`, `torchrun ... tools/x.py`); naming a module's file is not one.
+SCRIPT_RUN = re.compile(r"(python3?|torchrun\b.*) (train|tools)/\w+\.py")
+
+
+def test_the_docs_name_gq_commands_and_the_scripts_only_where_they_are_the_point() -> None:
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    runs = [
+        f"{p.name}: {line.strip()}" for p in pages for line in p.read_text().splitlines() if SCRIPT_RUN.search(line)
+    ]
+    # the reference's one sentence that the seed's scripts remain entry points; torchrun, which takes a script path
+    assert [r.split(":")[0] for r in runs] == ["reference.md", "scale-out.md"], runs
+
+
+def test_the_readme_says_how_to_install_from_a_clone_and_into_an_existing_cuda_environment() -> None:
+    install = (REPO / "README.md").read_text().split("## Install")[1].split("\n## ")[0]
+    assert "not on a package index" in install and "git clone" in install
+    assert "pip install -e '.[meshes]'" in install and "torch must not be in that list" in install

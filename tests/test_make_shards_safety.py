@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REPO, load_tool, make_source, random_scene, run_tool, tree_bytes, write_scene
+from helpers import REPO, load_tool, make_source, random_scene, run_tool, tmpfs, tree_bytes, write_scene
 
 from gq.common.ownership import lock_path
 from gq.shards import ShardReader, fingerprint, verify
@@ -329,10 +329,8 @@ def small_disk(tmp_path: Path):
     """A 120 kB tmpfs (needs root); skipped where mounting is not allowed (the simulated case still runs)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
+    with tmpfs(disk, "size=120k", skip="cannot mount a tmpfs here"):
+        yield disk
 
 
 def _full_disk_rebuild(src: Path, out: Path) -> None:

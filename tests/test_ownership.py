@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REPO, load_tool, make_dataset, tree_bytes
+from helpers import REPO, load_tool, tree_bytes
 
 from gq.common.ownership import (
     RECORD,
@@ -288,8 +288,8 @@ def test_gpu_check_overwrite_refuses_what_it_did_not_write(case: str, tmp_path: 
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("d"), 24, grid=GRID, grasps=16, seed=1, records_per_shard=8)
+def shards(shared_dataset) -> Path:
+    return shared_dataset(24, grid=GRID, grasps=16, seed=1, records_per_shard=8)
 
 
 def fit(shards: Path, out: Path, *flags):

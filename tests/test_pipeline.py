@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import os
 import re
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, make_source
+from helpers import REPO
 
 from gq.pipeline import (
+    DEFAULT_GRASPS_PER_SDF,
     EpochIndex,
     LoaderError,
     PlanSpec,
@@ -27,25 +29,19 @@ from gq.pipeline import (
     open_loader,
 )
 from gq.shards import BuildOptions, DatasetError, ShardReader, build_shards
+from gq.train.config import FitConfig
 
 GRID = 16
 ONE_RANK = {"world_size": 1, "drop_last": False, "past": []}  # a loader state's world: one rank, no earlier ones
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
+def dataset(shared_dataset) -> tuple[Path, Path]:
     """(source dir, shards dir): 26 scenes of 3..24 grasps, 4 records per shard, hash splits."""
-    root = tmp_path_factory.mktemp("pipeline")
-    src = make_source(root / "src", scenes=26, grid=GRID, grasps=(3, 24), seed=3)
-    out = root / "shards"
-    build_shards(
-        src,
-        out,
-        BuildOptions(grid=GRID, records_per_shard=4, max_grasps=24, val_fraction=0.2, test_fraction=0.0),
-        workers=1,
-        progress=False,
+    shards = shared_dataset(
+        26, grid=GRID, grasps=(3, 24), seed=3, records_per_shard=4, val_fraction=0.2, test_fraction=0.0
     )
-    return src, out
+    return shards.parent / "scenes", shards
 
 
 def _records(shards: int = 10, per_shard: int = 4, seed: int = 0) -> SplitRecords:
@@ -154,7 +150,7 @@ def _same(x, y) -> bool:
 @pytest.mark.parametrize("s,g,window", [(3, 5, 2), (4, 1, 2), (2, 24, 2), (3, 5, None), (4, 1, 1)])
 def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int, window: int | None) -> None:
     _, shards = dataset
-    kwargs = dict(scenes_per_batch=s, grasps_per_scene=g, seed=5, shuffle_window=window)
+    kwargs = dict(scenes_per_batch=s, grasps_per_sdf=g, seed=5, shuffle_window=window)
     with (
         open_loader(shards, mode="cache", progress=False, **kwargs) as cache,
         open_loader(shards, mode="dali", **kwargs) as dali,
@@ -174,7 +170,7 @@ def test_cache_and_dali_give_identical_batches(dataset, s: int, g: int, window: 
 def test_batches_match_the_source_scene_files(dataset, mode: str) -> None:
     src, shards = dataset
     reader = ShardReader(shards)
-    with open_loader(shards, mode=mode, scenes_per_batch=3, grasps_per_scene=4, seed=1, progress=False) as loader:
+    with open_loader(shards, mode=mode, scenes_per_batch=3, grasps_per_sdf=4, seed=1, progress=False) as loader:
         for batch in loader:
             assert batch.sdf.dtype == torch.float32 and batch.sdf.shape[1:] == (1, GRID, GRID, GRID)
             assert batch.grasps.shape == (batch.num_grasps, 19) and batch.scores.shape == (batch.num_grasps,)
@@ -191,7 +187,7 @@ def test_batches_match_the_source_scene_files(dataset, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_resume_mid_epoch_continues_with_the_same_batches(dataset, mode: str) -> None:
     _, shards = dataset
-    kwargs = dict(scenes_per_batch=2, grasps_per_scene=3, seed=9, progress=False)
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=3, seed=9, progress=False)
     with open_loader(shards, mode=mode, **kwargs) as loader:
         loader.set_epoch(4)
         full = _epoch(loader)
@@ -210,7 +206,7 @@ def test_resume_mid_epoch_continues_with_the_same_batches(dataset, mode: str) ->
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_the_loader_rolls_on_to_the_next_epoch(dataset, mode: str) -> None:
     _, shards = dataset
-    kwargs = dict(scenes_per_batch=2, grasps_per_scene=3, seed=9, shuffle_window=2, progress=False)
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=3, seed=9, shuffle_window=2, progress=False)
     with open_loader(shards, mode=mode, **kwargs) as reference:
         expected = []
         for epoch in (2, 3):
@@ -237,7 +233,7 @@ def test_loaders_share_one_opened_dataset(dataset) -> None:
     _, shards = dataset
     data = open_dataset(shards)
     assert data.fingerprint == json.loads((shards / "manifest.json").read_text())["fingerprint"]
-    kwargs = dict(scenes_per_batch=2, grasps_per_scene=3, progress=False)
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=3, progress=False)
     with (
         open_loader(data, split="train", **kwargs) as train,
         open_loader(data, split="val", **kwargs) as val,
@@ -265,7 +261,7 @@ def test_ranks_split_the_epoch(dataset) -> None:
             shards,
             mode="cache",
             scenes_per_batch=2,
-            grasps_per_scene=5,
+            grasps_per_sdf=5,
             seed=2,
             rank=rank,
             world_size=3,
@@ -280,13 +276,13 @@ def test_ranks_split_the_epoch(dataset) -> None:
 def test_memory_check_names_both_numbers_and_suggests_dali(dataset) -> None:
     _, shards = dataset
     with pytest.raises(LoaderError) as err:
-        open_loader(shards, mode="cache", memory_budget=10_000, progress=False)
+        open_loader(shards, mode="cache", grasps_per_sdf=8, memory_budget=10_000, progress=False)
     message = str(err.value)
     assert re.search(r"needs 0\.\d{3} GB on cpu, but only 0\.000 GB are free", message), message
     assert "mode='dali'" in message
     n = len(ShardReader(shards).split_scenes("train"))
     needed = n * (GRID**3 * 2 + 24 * 20 * 4)  # the records, not the shards' padding
-    with open_loader(shards, mode="cache", memory_budget=needed, progress=False) as loader:
+    with open_loader(shards, mode="cache", grasps_per_sdf=8, memory_budget=needed, progress=False) as loader:
         assert loader.resident_bytes == needed
 
 
@@ -310,7 +306,7 @@ def test_dali_teardown_leaves_no_threads_or_processes(dataset) -> None:
     _, shards = dataset
     gc.collect()
     threads, children = _threads(), _children()
-    loader = open_loader(shards, mode="dali", scenes_per_batch=2, grasps_per_scene=4, num_threads=3)
+    loader = open_loader(shards, mode="dali", scenes_per_batch=2, grasps_per_sdf=4, num_threads=3)
     it = iter(loader)
     next(it)
     assert _threads() > threads  # DALI's workers are running
@@ -343,12 +339,46 @@ def test_bad_directories_fail_before_any_work(dataset, tmp_path: Path) -> None:
         open_loader(copy, mode="dali")
 
 
+def test_the_old_grasps_per_scene_keyword_gives_the_same_batches_with_a_deprecation_warning(dataset) -> None:
+    _, shards = dataset
+    kwargs = dict(scenes_per_batch=3, seed=2, progress=False)
+    with open_loader(shards, grasps_per_sdf=5, **kwargs) as new:
+        expected = _epoch(new)
+    with pytest.warns(
+        DeprecationWarning, match=r"grasps_per_scene=...\) is deprecated: it is grasps_per_sdf"
+    ) as caught:
+        old = open_loader(shards, grasps_per_scene=5, **kwargs)
+    with old:
+        got = _epoch(old)
+    assert len(caught) == 1 and caught[0].filename == __file__  # one warning, pointing at the caller's line
+    assert len(got) == len(expected) and all(_same(x, y) for x, y in zip(got, expected))
+    with pytest.raises(LoaderError, match="one option by two names"):
+        open_loader(shards, grasps_per_sdf=4, grasps_per_scene=5, **kwargs)
+
+
+def test_score_stats_are_the_train_splits_as_docs_loading_says_for_every_split(dataset) -> None:
+    _, shards = dataset
+    reader = ShardReader(shards)
+    scores = np.concatenate([reader.labels(s)[:, 19] for s in reader.split_scenes("train")]).astype(np.float64)
+    for split in ("train", "val"):
+        with open_loader(shards, split=split, grasps_per_sdf=8, progress=False) as loader:
+            stats = loader.score_stats
+        assert stats.split == "train" and stats.count == len(scores)
+        assert stats.min == scores.min() and stats.max == scores.max()
+        np.testing.assert_allclose([stats.mean, stats.std], [scores.mean(), scores.std(ddof=0)], rtol=1e-12)
+
+
+def test_fit_and_open_loader_share_one_default_g() -> None:
+    default = inspect.signature(open_loader).parameters["grasps_per_sdf"].default
+    assert default == FitConfig.grasps_per_sdf == DEFAULT_GRASPS_PER_SDF
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         ({"scenes_per_batch": 0}, "scenes_per_batch 0"),
-        ({"grasps_per_scene": 25}, "more than the 24 grasp slots"),
-        ({"grasps_per_scene": 0}, "grasps_per_scene 0"),
+        ({"grasps_per_sdf": 25}, "more than the 24 grasp slots"),
+        ({"grasps_per_sdf": 0}, r"grasps per SDF \(G\) 0"),
         ({"mode": "stream"}, "mode 'stream'"),
         ({"split": "test"}, "split 'test' of .* has no scenes"),
         ({"rank": 3, "world_size": 3}, "rank 3 of world size 3"),
@@ -358,13 +388,13 @@ def test_bad_directories_fail_before_any_work(dataset, tmp_path: Path) -> None:
 def test_settings_that_cannot_work_are_refused(dataset, kwargs: dict, message: str) -> None:
     _, shards = dataset
     with pytest.raises(LoaderError, match=message):
-        open_loader(shards, **kwargs)
+        open_loader(shards, **{"grasps_per_sdf": 8, **kwargs})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")
 def test_cuda_request_without_cuda_is_refused(dataset) -> None:
     with pytest.raises(LoaderError, match="CUDA is not available"):
-        open_loader(dataset[1], device="cuda")
+        open_loader(dataset[1], grasps_per_sdf=8, device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -372,8 +402,8 @@ def test_cuda_request_without_cuda_is_refused(dataset) -> None:
 def test_cuda_batches_equal_cpu_batches(dataset, mode: str) -> None:
     _, shards = dataset
     with (
-        open_loader(shards, mode="cache", scenes_per_batch=3, grasps_per_scene=5, progress=False) as cpu,
-        open_loader(shards, mode=mode, scenes_per_batch=3, grasps_per_scene=5, device="cuda", progress=False) as gpu,
+        open_loader(shards, mode="cache", scenes_per_batch=3, grasps_per_sdf=5, progress=False) as cpu,
+        open_loader(shards, mode=mode, scenes_per_batch=3, grasps_per_sdf=5, device="cuda", progress=False) as gpu,
     ):
         for x, y in zip(cpu, gpu):
             assert y.sdf.is_cuda and _same(x, type(x)(**{k: v.cpu() for k, v in vars(y).items()}))
@@ -409,9 +439,9 @@ def test_a_flipped_byte_is_refused_before_any_batch_uses_it(dataset, tmp_path: P
     _flip(path, HEADER_BYTES + slot * record + record // 2)
     expected = rf"shard {shard} slot {slot} scene {scene} \({name}\): record checksum"
     with pytest.raises(DatasetError, match=expected):  # the cache checks every record as it loads
-        open_loader(copy, mode="cache", scenes_per_batch=2, grasps_per_scene=4, progress=False)
+        open_loader(copy, mode="cache", scenes_per_batch=2, grasps_per_sdf=4, progress=False)
     for window in (1, None):
-        with open_loader(copy, mode="dali", scenes_per_batch=2, grasps_per_scene=4, shuffle_window=window) as loader:
+        with open_loader(copy, mode="dali", scenes_per_batch=2, grasps_per_sdf=4, shuffle_window=window) as loader:
             served = []
             with pytest.raises(DatasetError, match=expected):
                 for batch in loader:
@@ -428,7 +458,10 @@ def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) 
     b.write_bytes(data_a)
     for mode in ("cache", "dali"):
         match = "record checksum .* the data on disk is corrupt or not this dataset's"
-        with pytest.raises(DatasetError, match=match), open_loader(swapped, mode=mode, progress=False) as loader:
+        with (
+            pytest.raises(DatasetError, match=match),
+            open_loader(swapped, mode=mode, grasps_per_sdf=8, progress=False) as loader,
+        ):
             next(iter(loader))
     # an index from another build of the same scenes (another shuffle seed: other records) is refused up front
     other = tmp_path / "other"
@@ -444,7 +477,7 @@ def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) 
     foreign = _copy_dataset(shards, tmp_path / "foreign")
     (foreign / "scenes.parquet").write_bytes((other / "scenes.parquet").read_bytes())
     with pytest.raises(DatasetError, match="scenes.parquet: "):
-        open_loader(foreign)
+        open_loader(foreign, grasps_per_sdf=8)
     # the same index with a train and a val scene's splits exchanged: same size, other checksum
     import pyarrow.parquet as pq
 
@@ -457,13 +490,13 @@ def test_swapped_shards_and_a_foreign_index_are_caught(dataset, tmp_path: Path) 
     rows[i]["split"], rows[j]["split"] = "val", "train"
     write_index(moved / "scenes.parquet", rows)
     with pytest.raises(DatasetError, match="scenes.parquet: "):
-        open_loader(moved)
+        open_loader(moved, grasps_per_sdf=8)
 
 
 def test_each_rank_caches_only_its_own_shards(dataset) -> None:
     _, shards = dataset
     reader = ShardReader(shards)
-    kwargs = dict(scenes_per_batch=2, grasps_per_scene=5, seed=2, progress=False)
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=5, seed=2, progress=False)
     with open_loader(shards, mode="cache", **kwargs) as whole:
         single = whole.resident_bytes
     seen, resident = [], []

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_dataset
 
 from gq.common.options import flag
 from gq.common.ownership import lock_path
@@ -20,13 +19,13 @@ from gq.train.checkpoint import load_checkpoint
 from gq.train.config import ConfigError
 
 GRID, GRASPS = 32, 48
-TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per_batch=2, grasps_per_scene=4)
+TINY = dict(base_channels=2, fc_dims=(8,), threads=1, progress=False, scenes_per_batch=2, grasps_per_sdf=4)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(shared_dataset) -> Path:
     options = dict(records_per_shard=8, val_fraction=0.2, test_fraction=0.1)
-    return make_dataset(tmp_path_factory.mktemp("recipe"), 40, grid=GRID, grasps=GRASPS, seed=3, **options)
+    return shared_dataset(40, grid=GRID, grasps=GRASPS, seed=3, **options)
 
 
 def test_a_failing_run_called_as_a_library_closes_what_it_opened(shards: Path, tmp_path: Path) -> None:

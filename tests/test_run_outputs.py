@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from helpers import REPO, fit_command, make_dataset, run_tool, tmpfs
+from helpers import REPO, fit_command, run_tool, tmpfs
 
 from gq.models import build_model
 from gq.tools.training import cli
@@ -40,9 +40,8 @@ def one_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("outputs")
-    return make_dataset(root, 40, grid=GRID, grasps=GRASPS, seed=1, records_per_shard=8, val_fraction=0.2)
+def data(shared_dataset) -> Path:
+    return shared_dataset(40, grid=GRID, grasps=GRASPS, seed=1, records_per_shard=8, val_fraction=0.2)
 
 
 # -- item 5: a run is finished when its last checkpoint says so ---------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from helpers import REPO, fit_command, make_dataset, tmpfs
+from helpers import REPO, fit_command, tmpfs
 
 from gq.common.ownership import lock_path
 from gq.models import build_model
@@ -36,20 +36,18 @@ GRID, GRASPS = 16, 32
 TINY = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4"]
 
 
-def _dataset(root: Path, seed: int) -> Path:
-    options = dict(records_per_shard=8, val_fraction=0.2, test_fraction=0.1)
-    return make_dataset(root, 40, grid=GRID, grasps=GRASPS, seed=seed, **options)
+OPTIONS = dict(records_per_shard=8, val_fraction=0.2, test_fraction=0.1)
 
 
 @pytest.fixture(scope="module")
-def data_a(tmp_path_factory) -> Path:
-    return _dataset(tmp_path_factory.mktemp("a"), seed=1)
+def data_a(shared_dataset) -> Path:
+    return shared_dataset(40, grid=GRID, grasps=GRASPS, seed=1, **OPTIONS)
 
 
 @pytest.fixture(scope="module")
-def data_b(tmp_path_factory) -> Path:
+def data_b(shared_dataset) -> Path:
     """Same layout as data_a, other scenes: another dataset."""
-    return _dataset(tmp_path_factory.mktemp("b"), seed=2)
+    return shared_dataset(40, grid=GRID, grasps=GRASPS, seed=2, **OPTIONS)
 
 
 def invoke(*args) -> Result:

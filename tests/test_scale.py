@@ -18,15 +18,12 @@ from helpers import (
     REPO,
     fit_command,
     fit_process,
-    make_dataset,
-    make_source,
     run_tool,
     torchrun,
 )
 
 from gq.pipeline import LoaderError, PlanSpec, SplitRecords, make_plan, num_batches, open_dataset, open_loader
 from gq.pipeline.plan import Segment, left_after
-from gq.shards import BuildOptions, build_shards
 from gq.train.checkpoint import load_checkpoint
 
 GRID = 16
@@ -147,13 +144,11 @@ def test_too_few_groups_left_for_the_ranks_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def one_shard(tmp_path_factory) -> Path:
+def one_shard(shared_dataset) -> Path:
     """A dataset whose train split is one shard: 30 scenes, 64 records per shard."""
-    root = tmp_path_factory.mktemp("scale")
-    src = make_source(root / "src", scenes=30, grid=GRID, grasps=(3, 24), seed=5)
-    options = BuildOptions(grid=GRID, records_per_shard=64, max_grasps=24, val_fraction=0.2, test_fraction=0.0)
-    build_shards(src, root / "shards", options, workers=1, progress=False)
-    return root / "shards"
+    return shared_dataset(
+        30, grid=GRID, grasps=(3, 24), seed=5, records_per_shard=64, val_fraction=0.2, test_fraction=0.0
+    )
 
 
 def _batches(loader) -> list[tuple]:
@@ -169,7 +164,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_two_ranks_share_one_shard_and_the_loaders_agree(one_shard: Path, mode: str) -> None:
-    kwargs = dict(scenes_per_batch=2, grasps_per_scene=4, seed=1, world_size=2, drop_last=True, progress=False)
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=4, seed=1, world_size=2, drop_last=True, progress=False)
     seen, resident = [], []
     for rank in range(2):
         with (
@@ -182,13 +177,13 @@ def test_two_ranks_share_one_shard_and_the_loaders_agree(one_shard: Path, mode: 
             resident.append(cache.resident_bytes)
             seen += [(s, tuple(g)) for b in got for s, g in zip(b[0][b[4]].tolist(), b[2].tolist())]
     assert len(seen) == len(set(seen))
-    with open_loader(one_shard, mode="cache", scenes_per_batch=2, grasps_per_scene=4, progress=False) as whole:
+    with open_loader(one_shard, mode="cache", scenes_per_batch=2, grasps_per_sdf=4, progress=False) as whole:
         assert sum(resident) == whole.resident_bytes and max(resident) < 0.65 * whole.resident_bytes
 
 
 @pytest.mark.parametrize("mode", ["cache", "dali"])
 def test_a_two_rank_state_resumes_on_one_rank_with_the_rest_of_its_epoch(one_shard: Path, mode: str) -> None:
-    common = dict(scenes_per_batch=2, grasps_per_scene=4, seed=1, shuffle_window=1, progress=False)
+    common = dict(scenes_per_batch=2, grasps_per_sdf=4, seed=1, shuffle_window=1, progress=False)
     with open_loader(one_shard, mode=mode, world_size=2, drop_last=True, **common) as rank0:
         rank0.set_epoch(2)
         it = iter(rank0)
@@ -215,7 +210,7 @@ def test_a_two_rank_state_resumes_on_one_rank_with_the_rest_of_its_epoch(one_sha
 
 def test_no_batches_names_what_would_give_some(one_shard: Path) -> None:
     with pytest.raises(LoaderError) as err:
-        open_loader(one_shard, scenes_per_batch=500, grasps_per_scene=4, world_size=2, drop_last=True, progress=False)
+        open_loader(one_shard, scenes_per_batch=500, grasps_per_sdf=4, world_size=2, drop_last=True, progress=False)
     message = str(err.value)
     assert "gives no batches" in message and "-S " in message and "1 rank would give some" in message
     assert "\n" not in message
@@ -226,10 +221,9 @@ SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quie
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def tiny(shared_dataset) -> Path:
     """40 scenes built with the default 256 records per shard: every split is one shard."""
-    root = tmp_path_factory.mktemp("tiny")
-    return make_dataset(root, 40, grid=GRID, grasps=32, seed=2, val_fraction=0.2, test_fraction=0.1)
+    return shared_dataset(40, grid=GRID, grasps=32, seed=2, val_fraction=0.2, test_fraction=0.1)
 
 
 def _fit(
@@ -258,7 +252,7 @@ def test_two_ranks_train_on_a_one_shard_split(tiny: Path, tmp_path: Path, loader
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     if loader == "cache":  # rank 0 holds its half of the one shard
-        with open_loader(tiny, scenes_per_batch=2, grasps_per_scene=8, progress=False) as whole:
+        with open_loader(tiny, scenes_per_batch=2, grasps_per_sdf=8, progress=False) as whole:
             assert 0.3 * whole.resident_bytes <= summary["resident_bytes"] <= 0.7 * whole.resident_bytes
 
 

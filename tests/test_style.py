@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -22,3 +23,52 @@ def _ruff() -> str:
 def test_ruff_is_clean(args: list[str]) -> None:
     result = subprocess.run([_ruff(), *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, f"ruff {' '.join(args)} (fix: ruff check --fix . && ruff format .):\n{result.stdout}"
+
+
+# The packages (not benchmarks, whose sizes are the experiment's own): each grasp count has one definition.
+PACKAGES = ("common", "shards", "synth", "meshes", "models", "pipeline", "train", "tools")
+
+
+def grasp_counts(root: Path) -> list[str]:
+    """'file:line' of each definition of GRASP_DIM and each literal 480 (the seed's grasps per scene) under root."""
+    found = []
+    for path in sorted(p for folder in PACKAGES for p in (root / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            defines = any(isinstance(t, ast.Name) and t.id == "GRASP_DIM" for t in targets)
+            if defines or (isinstance(node, ast.Constant) and type(node.value) is int and node.value == 480):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_each_grasp_count_has_one_definition() -> None:
+    assert [where.split(":")[0] for where in grasp_counts(REPO)] == ["common/grasps.py"] * 2  # GRASP_DIM, 480
+
+
+BUILDERS = {"make_dataset", "make_source", "write_scenes", "build_shards"}
+
+
+def _shared_fixtures_that_build(path: Path) -> list[str]:
+    """Module- or session-scoped fixtures of a test file that build scenes or datasets themselves."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        decorators = [d for d in node.decorator_list if isinstance(d, ast.Call)]
+        scopes = [getattr(k.value, "value", None) for d in decorators for k in d.keywords if k.arg == "scope"]
+        calls = {
+            getattr(c.func, "id", getattr(c.func, "attr", None)) for c in ast.walk(node) if isinstance(c, ast.Call)
+        }
+        if {"module", "session"} & set(scopes) and calls & BUILDERS:
+            found.append(f"{path.name}::{node.name}")
+    return found
+
+
+def test_tests_share_one_dataset_factory_and_one_tmpfs_helper() -> None:
+    tests = sorted((REPO / "tests").glob("test_*.py"))
+    building = [f for path in tests for f in _shared_fixtures_that_build(path)]
+    # conftest's shared_dataset builds the shared ones; predict's own has scenes cut shorter than the others
+    assert building == ["test_predict.py::trained"], building
+    others = [p for p in tests if p.name != "test_style.py"]  # this file names the commands it looks for
+    mounting = [p.name for p in others if '"mount"' in p.read_text() or '"umount"' in p.read_text()]
+    assert mounting == [], f"mount through helpers.tmpfs: {mounting}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, REPO, fit_command, fit_process, invoke, make_dataset
+from helpers import FIXTURES, REPO, fit_command, fit_process, invoke
 
 from gq.models import from_seed_checkpoint
 from gq.tools.training import cli
@@ -28,10 +28,9 @@ SMALL = ["--base-channels", "4", "--fc-dims", "32,16", "--threads", "1", "--quie
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
+def shards(shared_dataset) -> Path:
     options = dict(records_per_shard=16, val_fraction=0.2, test_fraction=0.1)
-    return make_dataset(root, 200, grid=GRID, grasps=GRASPS, seed=1, scene_workers=2, **options)
+    return shared_dataset(200, grid=GRID, grasps=GRASPS, seed=1, scene_workers=2, **options)
 
 
 def run(*args, check: bool = True, subprocess: bool = False) -> subprocess.CompletedProcess:

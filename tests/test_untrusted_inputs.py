@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from helpers import FIXTURES, make_dataset
+from helpers import FIXTURES
 
 from gq.models import CheckpointError
 from gq.tools.training import cli
@@ -45,13 +45,14 @@ def one_line(result: Result, code: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(scenes, shards, last.pt of a 2-step run on them)."""
+def trained(shared_dataset, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(scenes, shards, last.pt of a 2-step run on them): the scenes a copy the tests damage copies of beside it."""
     root = tmp_path_factory.mktemp("untrusted")
-    shards = make_dataset(root, 16, grid=GRID, grasps=GRASPS, seed=3, records_per_shard=4, val_fraction=0.25)
+    shards = shared_dataset(16, grid=GRID, grasps=GRASPS, seed=3, records_per_shard=4, val_fraction=0.25)
+    scenes = shutil.copytree(shards.parent / "scenes", root / "scenes")
     result = invoke("fit", "--shards", shards, "--out", root / "run", "--max-steps", 2, *TINY)
     assert result.exit_code == 0, result.stderr
-    return root / "scenes", shards, root / "run" / "last.pt"
+    return scenes, shards, root / "run" / "last.pt"
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.options import one_line_errors
 from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
 
@@ -35,7 +36,9 @@ from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_
     help="recording: every scene needs recording.npz; synth: scenes without one get grasps "
     "sampled and scored by our hand model.",
 )
-@click.option("--grasps-per-scene", default=480, show_default=True, help="Synthetic grasps per scene (--label synth).")
+@click.option(
+    "--grasps-per-scene", default=SEED_MAX_GRASPS, show_default=True, help="Synthetic grasps per scene (--label synth)."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic labels.")
 @click.option(
     "--open-meshes",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.options import one_line_errors
 from gq.synth import format_summary, write_scenes
 
@@ -21,7 +22,13 @@ from gq.synth import format_summary, write_scenes
     required=True,
     help="Output directory; gets one <scene>/scene.npz per scene.",
 )
-@click.option("--grasps-per-scene", type=int, default=480, show_default=True)
+@click.option(
+    "--grasps-per-scene",
+    type=int,
+    default=SEED_MAX_GRASPS,
+    show_default=True,
+    help="Grasps generated and scored per scene.",
+)
 @click.option("--grid", type=int, default=48, show_default=True, help="SDF grid size per axis (a multiple of 16).")
 @click.option(
     "--seed",

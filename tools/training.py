@@ -27,7 +27,7 @@ from gq.shards import SPLITS
 from gq.train import evaluate_checkpoint, fit
 from gq.train.compare import compare as run_compare
 from gq.train.compare import report
-from gq.train.config import DEVICES, FitConfig, resolve_config
+from gq.train.config import DEVICES, RENAMED, FitConfig, renamed_flags, resolve_config
 from gq.train.predict import PredictError
 
 
@@ -51,6 +51,20 @@ def cli() -> None:
 EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 
 
+def _old_flags(fn):
+    """fit's and compare's old flags (FitConfig's RENAMED options), hidden: still read, with a deprecation note."""
+    for old, new in RENAMED.items():
+        old_help = f"Old name of --{new.replace('_', '-')} (deprecated)."
+        fn = click.option("--" + old.replace("_", "-"), old, type=int, hidden=True, help=old_help)(fn)
+    return fn
+
+
+def _given(options: dict) -> dict:
+    """The options given on the command line (not left at their defaults); old flags by their old names."""
+    ctx = click.get_current_context()
+    return {name: value for name, value in options.items() if ctx.get_parameter_source(name) in EXPLICIT}
+
+
 # Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
 @cli.command("fit")
 @click_options(
@@ -66,6 +80,7 @@ EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.E
     help="YAML or JSON file of options (a run's config.json too); flags given override it.",
 )  # fmt: skip
 @click.option("--print-config", is_flag=True, help="Print the resolved options as JSON and exit without training.")
+@_old_flags
 @_errors
 def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
     """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png.
@@ -74,9 +89,7 @@ def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
     continues a run with its own options (RUN/config.json); flags given with it must agree with the run,
     except those that do not change what is computed (--max-steps, --max-time, --epochs, --log-every, ...).
     """
-    ctx = click.get_current_context()
-    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) in EXPLICIT}
-    cfg = resolve_config(given, config_file=config_file)
+    cfg = resolve_config(_given(options), config_file=config_file)
     if print_config:
         cfg.check()
         click.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -105,11 +118,13 @@ def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
     defaults={"max_steps": 100},  # a fixed budget: the comparison is about the loaders, not convergence
     help={"out": "Directory for both runs.", "overwrite": "Replace earlier runs in --out."},
 )
+@_old_flags
 @_errors
 def compare_cmd(**options) -> None:
     """Run fit with each loader (cache, dali) on identical settings; writes compare.json and compare.png."""
     out = Path(options["out"])
-    result = run_compare(FitConfig(**options), out)
+    defaults = {name: value for name, value in options.items() if name not in RENAMED}
+    result = run_compare(FitConfig(**{**defaults, **renamed_flags(_given(options))}), out)
     click.echo(report(result))
     click.echo(f"plot: {out / 'compare.png'}  table: {out / 'compare.json'}")
 

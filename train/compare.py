@@ -116,7 +116,7 @@ def compare(base: FitConfig, out: Path) -> dict:
         table=table,
         baseline=table["cache"]["val_mse_mean_baseline"],
         path=out / "compare.png",
-        title=f"S={base.scenes_per_batch} G={base.grasps_per_scene}, {table['cache']['steps']} steps, "
+        title=f"S={base.scenes_per_batch} G={base.grasps_per_sdf}, {table['cache']['steps']} steps, "
         f"{table['cache']['device']}: loss curves {'identical' if identical else 'DIFFER'}",
     )
     return result

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import types
 import typing
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
 
 from gq.common.errors import UsageError
 from gq.common.options import flag, option
 from gq.models import GRID_DIVISOR, MODEL_KINDS, ModelSizeError, check_model_size
-from gq.pipeline import DEFAULT_WINDOW, MODES, parse_window
+from gq.pipeline import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_window
 
 from .tracking import missing_extra
+
+log = logging.getLogger(__name__)
 
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("plateau", "linear")
@@ -28,6 +32,9 @@ RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_ever
 ACTIONS = ("resume", "overwrite")
 # Compared by identity, not spelling: the dataset by its fingerprint, the run folder by being the one resumed.
 IDENTITIES = {"shards", "out"}
+# Options renamed, by old name: the old one still works as a flag, a config key and in a run's config.json or last.pt
+# (-G counts grasps per SDF in a batch; `gq scenes --grasps-per-scene` counts the grasps a scene is made with).
+RENAMED = {"grasps_per_scene": "grasps_per_sdf"}
 
 
 # fit's defaults were chosen by measurement (docs/benchmarks.md, "Choosing fit's defaults"): the seed's train_gq.py
@@ -42,7 +49,7 @@ BASE_CHANNELS = {"small": 8}  # a fresh model's width where it differs from the 
 MAX_SEED = 2**63 - 1
 
 # Options that count things: each must be at least 1 (None, where allowed, means "not set").
-POSITIVE = ("scenes_per_batch", "grasps_per_scene", "epochs", "log_every", "ckpt_every", "val_scenes_per_batch",
+POSITIVE = ("scenes_per_batch", "grasps_per_sdf", "epochs", "log_every", "ckpt_every", "val_scenes_per_batch",
             "max_steps", "val_every", "base_channels", "threads")  # fmt: skip
 
 
@@ -66,7 +73,9 @@ class FitConfig:
     )
     fc_dims: tuple[int, ...] | None = option(None, help="Head sizes, comma-separated, e.g. 256,128,64.")
     scenes_per_batch: int = option(8, short="-S", help="SDFs per batch.")
-    grasps_per_scene: int = option(64, short="-G", help="Grasps per SDF per batch (1 = the seed's independent grasps).")
+    grasps_per_sdf: int = option(
+        DEFAULT_GRASPS_PER_SDF, short="-G", help="Grasps per SDF per batch (1 = the seed's independent grasps)."
+    )
     shuffle_window: int | str = option(
         DEFAULT_WINDOW, help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'."
     )
@@ -112,8 +121,21 @@ class FitConfig:
         None,
         help="Log to this Weights & Biases project (needs the wandb extra; offline unless WANDB_MODE says otherwise).",
     )
+    grasps_per_scene: InitVar[int | None] = None  # the old name of grasps_per_sdf (deprecated; not an option)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, grasps_per_scene: int | None) -> None:
+        if grasps_per_scene is not None:
+            if self.grasps_per_sdf not in (DEFAULT_GRASPS_PER_SDF, grasps_per_scene):
+                raise ConfigError(
+                    f"grasps_per_scene {grasps_per_scene} and grasps_per_sdf {self.grasps_per_sdf}: one option by two "
+                    "names (grasps_per_scene is its old name); give grasps_per_sdf only"
+                )
+            warnings.warn(
+                "FitConfig(grasps_per_scene=...) is deprecated: it is grasps_per_sdf, the grasps of each SDF per batch",
+                DeprecationWarning,
+                stacklevel=3,  # the caller of the dataclass's __init__
+            )
+            self.grasps_per_sdf = grasps_per_scene
         # The command line gives text: "4" is the number 4, "256,128" the head sizes (256, 128).
         if isinstance(self.shuffle_window, str) and self.shuffle_window.isdigit():
             self.shuffle_window = int(self.shuffle_window)
@@ -189,8 +211,9 @@ class FitConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FitConfig:
+        """The options a run recorded (last.pt's copy of them), old names (RENAMED) read as today's."""
         known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = {RENAMED.get(k, k): v for k, v in d.items() if RENAMED.get(k, k) in known}
         if d.get("fc_dims") is not None:
             d["fc_dims"] = tuple(d["fc_dims"])
         return cls(**d)
@@ -205,10 +228,12 @@ class FitConfig:
         ]
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, *, notes: list[str] | None = None) -> dict:
     """The options a YAML or JSON file sets (a run's own config.json included), checked: ConfigError names the
     file and the key of an unknown option or a bad value. Keys are field names (`lr_end_factor`) or flags'
-    spellings (`lr-end-factor`); `null` leaves an optional one unset; ACTIONS are ignored (command line only)."""
+    spellings (`lr-end-factor`); `null` leaves an optional one unset; ACTIONS are ignored (command line only).
+    An old name (RENAMED) is read as today's with a deprecation note: logged once the file has passed its checks,
+    or added to `notes` for the caller to log."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -223,15 +248,30 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: holds a {type(data).__name__}, not a mapping of option: value")
     hints = typing.get_type_hints(FitConfig)
-    values = {}
+    values, found = {}, []
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in RENAMED:
+            name = RENAMED[name]
+            found.append(f"--config {path}: key {key!r} is deprecated: write {name}, its new name (read as it)")
         if name not in hints:
             raise ConfigError(f"--config {path}: unknown key {key!r}; `gq fit --help` lists the options")
+        if name in values:
+            raise ConfigError(f"--config {path}: {key!r} sets {name} a second time; keep one")
         if name not in ACTIONS:
             values[name] = _checked_value(name, value, hints[name], f"--config {path}: {key}")
     FitConfig(**{"shards": "-", "out": "-", **values}).check(spell=lambda name: f"--config {path}: {name}")
+    _note(found, notes)
     return {k: v for k, v in values.items() if v is not None or k not in ("shards", "out")}
+
+
+def _note(found: list[str], notes: list[str] | None) -> None:
+    """Deprecation notes: added to `notes` (the caller logs them once its checks pass), else logged now."""
+    if notes is not None:
+        notes.extend(found)
+        return
+    for line in found:
+        log.warning(line)
 
 
 def _parse(path: Path, text: str) -> object:
@@ -293,11 +333,16 @@ def resolve_config(given: dict, *, config_file: str | Path | None = None) -> Fit
 
     With --resume the run's own options (RUN_DIR/config.json) replace the defaults and the file's and flags'
     values must agree with them, but for RESUMABLE options and IDENTITIES (a moved dataset is checked by its
-    fingerprint): ConfigError names each flag that does not.
+    fingerprint): ConfigError names each flag that does not. Old names (RENAMED: flags, keys) are read as today's,
+    with a deprecation note each, logged once the options resolve (a refusal stays one line).
     """
-    values = {**(read_config_file(config_file) if config_file else {}), **given}
+    notes: list[str] = []
+    values = {
+        **(read_config_file(config_file, notes=notes) if config_file else {}),
+        **renamed_flags(given, notes=notes),
+    }
     if values.get("resume") and values.get("out"):
-        run = _run_options(Path(values["out"]))
+        run = _run_options(Path(values["out"]), notes)
         clash = FitConfig(**{**run, **values}).differences(FitConfig(**run))
         if clash:
             raise ConfigError(
@@ -309,13 +354,30 @@ def resolve_config(given: dict, *, config_file: str | Path | None = None) -> Fit
     for name in ("shards", "out"):
         if values.get(name) is None:
             raise ConfigError(f"{_flag(name)}: missing; give it on the command line or in --config")
+    for line in notes:
+        log.warning(line)
     return FitConfig(**values)
 
 
-def _run_options(out: Path) -> dict:
+def renamed_flags(given: dict, *, notes: list[str] | None = None) -> dict:
+    """The options `given` on a command line with each old flag (RENAMED) under today's name, with a deprecation
+    note (logged, or added to `notes`); ConfigError if both names are given."""
+    given, found = dict(given), []
+    for old, new in RENAMED.items():
+        if old in given:
+            spelled = "--" + old.replace("_", "-")
+            if new in given:
+                raise ConfigError(f"{spelled} and {_flag(new)}: one option by two names; give {_flag(new)} only")
+            found.append(f"{spelled} is deprecated: give {_flag(new)}, its new name")
+            given[new] = given.pop(old)
+    _note(found, notes)
+    return given
+
+
+def _run_options(out: Path, notes: list[str]) -> dict:
     """The options of the run in `out`: its config.json, else (config.json lost) last.pt's copy of them."""
     if (out / "config.json").exists():
-        return read_config_file(out / "config.json")
+        return read_config_file(out / "config.json", notes=notes)
     if not (out / "last.pt").exists():
         raise ConfigError(f"--resume: {out / 'last.pt'} not found; start the run without --resume")
     from .checkpoint import load_checkpoint

@@ -117,7 +117,7 @@ def world_change_note(saved: dict, *, cfg: FitConfig, world_size: int, rest: int
     was = int(saved.get("world_size", world_size))
     if was == world_size:
         return ""
-    s, g = cfg.scenes_per_batch, cfg.grasps_per_scene
+    s, g = cfg.scenes_per_batch, cfg.grasps_per_sdf
     midway = saved["position"] or saved.get("past")
     then = (
         f"the rest of epoch {saved['epoch']} trains the groups no rank had trained yet, in {rest} steps; "

@@ -46,7 +46,7 @@ def evaluate_checkpoint(
     if warning := dataset_warning(checkpoint, trained, dataset.fingerprint):
         warn(warning)
     with open_loader(
-        dataset, mode=loader, split=split, scenes_per_batch=scenes_per_batch, grasps_per_scene=layout.max_grasps,
+        dataset, mode=loader, split=split, scenes_per_batch=scenes_per_batch, grasps_per_sdf=layout.max_grasps,
         device=dev, progress=False,
     ) as data:  # fmt: skip
         return evaluate(

@@ -225,7 +225,7 @@ def predict_shards(
         mode=loader,
         split=split,
         scenes_per_batch=scenes_per_batch,
-        grasps_per_scene=reader.layout.max_grasps,
+        grasps_per_sdf=reader.layout.max_grasps,
         seed=0,
         device=estimator.device,
         progress=False,

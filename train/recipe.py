@@ -285,12 +285,12 @@ class FitRecipe:
                       shuffle_window=cfg.window, progress=progress)  # fmt: skip
         self.train_loader = self._stack.enter_context(
             open_loader(dataset, split="train", scenes_per_batch=cfg.scenes_per_batch,
-                        grasps_per_scene=cfg.grasps_per_scene, seed=cfg.seed, drop_last=dist.enabled, **common)
+                        grasps_per_sdf=cfg.grasps_per_sdf, seed=cfg.seed, drop_last=dist.enabled, **common)
         )  # fmt: skip
         self.open_s += time.perf_counter() - opening  # with the first next(): the loader's time to first batch
         self.val_loader = self._stack.enter_context(
             open_loader(dataset, split="val", scenes_per_batch=cfg.val_scenes_per_batch,
-                        grasps_per_scene=self.train_loader.max_grasps, seed=0, **common)
+                        grasps_per_sdf=self.train_loader.max_grasps, seed=0, **common)
         )  # fmt: skip
         try:
             self.scores = Standardiser.from_stats(self.train_loader.score_stats, str(dataset.root / "manifest.json"))
@@ -525,14 +525,14 @@ class FitRecipe:
             "model": model.config["kind"],
             "parameters": sum(x.numel() for x in model.parameters()),
             "scenes_per_batch": cfg.scenes_per_batch,
-            "grasps_per_scene": cfg.grasps_per_scene,
+            "grasps_per_sdf": cfg.grasps_per_sdf,
             "shuffle_window": cfg.shuffle_window,
             "resident_bytes": self.train_loader.resident_bytes,
         }
         self.run.write_summary(summary)
         if self.dist.is_main:
             title = (
-                f"{model.config['kind']} model, {cfg.loader} loader, S={cfg.scenes_per_batch} G={cfg.grasps_per_scene}"
+                f"{model.config['kind']} model, {cfg.loader} loader, S={cfg.scenes_per_batch} G={cfg.grasps_per_sdf}"
             )
             plot_curves(self.run.rows(), self.run.path / "curves.png", title)
             self.run.seal()
@@ -573,7 +573,7 @@ def fit(cfg: FitConfig) -> dict:
         ```python
         from gq.train import FitConfig, fit
 
-        summary = fit(FitConfig(shards="data/shards", out="runs/a", grasps_per_scene=64, max_time=600))
+        summary = fit(FitConfig(shards="data/shards", out="runs/a", grasps_per_sdf=64, max_time=600))
         print(summary["val_r2"], summary["val_spearman"])
         ```
     """
