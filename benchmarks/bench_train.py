@@ -175,7 +175,8 @@ def print_time_study(title: str, rows: list[dict]) -> None:
     columns = [("recipe", "<22"), ("budget s", ">8.0f"), ("seed", ">4"), ("steps", ">6"), ("samples/s", ">10,.0f"),
                ("val MSE", ">9.3f"), ("R2", ">7.3f"), ("Spearman", ">9.3f")]  # fmt: skip
     keys = ("recipe", "budget_s", "seed", "steps", "samples_per_s", "val_mse", "val_r2", "val_spearman")
-    for line in format_table(columns, [[r[k] for k in keys] for r in rows]):
+    # a budget too short to time a step (a loaded machine) has no rate: "-", as in print_study
+    for line in format_table(columns, [["-" if r[k] is None else r[k] for k in keys] for r in rows]):
         click.echo(line)
     for budget in dict.fromkeys(r["budget_s"] for r in rows):
         mine = [r for r in rows if r["budget_s"] == budget]
