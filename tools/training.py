@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from gq.train import evaluate_checkpoint, fit
 from gq.train.compare import compare as run_compare
 from gq.train.compare import report
 from gq.train.config import DEVICES, FitConfig, resolve_config
+from gq.train.distributed import is_main_rank
 from gq.train.predict import PredictError
 
 
@@ -81,19 +81,27 @@ def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
     summary = fit(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # under torchrun, rank 0 speaks for the job
+    if is_main_rank():  # under torchrun, rank 0 speaks for the job
+        click.echo(fit_line(summary, cfg.out))
+
+
+def fit_line(summary: dict, out: str) -> str:
+    """fit's last line: steps and why it stopped, the rate, the last and the best validation (or that none ran)."""
     val = " ".join(
         f"{k[4:]} {summary[k]:.4f}"
         for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
         if isinstance(summary.get(k), float)
     )
     rate = summary["samples_per_s"]  # None: no step was timed here (one step, or a run that had ended)
-    click.echo(
-        f"fit: {summary['steps']} steps ({summary['stopped']}), "
-        f"{'no steady-state rate' if rate is None else f'{rate:,.0f} samples/s'}; "
-        f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
-        f"outputs in {cfg.out} (curves.png)"
+    stopped = f"stopped by {summary['signal']}" if summary.get("signal") else summary["stopped"]
+    if math.isfinite(summary["best_val_mse"]):
+        validated = f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}"
+    else:  # stopped before its first validation
+        validated = "no validation ran"
+    return (
+        f"fit: {summary['steps']} steps ({stopped}), "
+        f"{'no steady-state rate' if rate is None else f'{rate:,.0f} samples/s'}; {validated}; "
+        f"outputs in {out} (curves.png)"
     )
 
 
