@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from gq.common.errors import UsageError
 from gq.common.options import click_options, one_line_errors
 from gq.common.table import format_table
 from gq.pipeline import MODES
@@ -47,7 +50,7 @@ def cli() -> None:
 
 
 # Given on the command line (or through an environment variable click reads), not left at their defaults.
-EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 # Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
@@ -65,8 +68,13 @@ EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.E
     help="YAML or JSON file of options (a run's config.json too); flags given override it.",
 )  # fmt: skip
 @click.option("--print-config", is_flag=True, help="Print the resolved options as JSON and exit without training.")
+@click.option(
+    "--nproc-per-node", type=click.IntRange(min=1), default=None,
+    help="Train on N processes of this machine (one per GPU): starts torchrun --standalone itself. Several "
+    "machines: run torchrun on each (docs/scale-out.md).",
+)  # fmt: skip
 @_errors
-def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
+def fit_cmd(config_file: Path | None, print_config: bool, nproc_per_node: int | None, **options) -> None:
     """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png.
 
     Options come from the defaults, then --config FILE, then the flags given. `--out RUN --resume`
@@ -74,6 +82,8 @@ def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
     except those that do not change what is computed (--max-steps, --max-time, --epochs, --log-every, ...).
     """
     ctx = click.get_current_context()
+    if nproc_per_node and nproc_per_node > 1 and not print_config:
+        start_torchrun(ctx, nproc_per_node)
     given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) in EXPLICIT}
     cfg = resolve_config(given, config_file=config_file)
     if print_config:
@@ -83,6 +93,27 @@ def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
     summary = fit(cfg)
     if is_main_rank():  # under torchrun, rank 0 speaks for the job
         click.echo(fit_line(summary, cfg.out))
+
+
+def start_torchrun(ctx: click.Context, nproc: int) -> None:
+    """Replace this process by a single-node torchrun of `nproc` workers running this fit (as torchtune's
+    `tune run --nproc_per_node`): `python -m torch.distributed.run --standalone --nproc-per-node N -m
+    gq.tools.cli fit OPTIONS`, the options given here spelled back (all but --nproc-per-node)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc-per-node: already running under torchrun; give torchrun's --nproc-per-node only")
+    args = []
+    for param in ctx.command.params:
+        if param.name == "nproc_per_node" or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Option) and param.is_flag:
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
+        else:
+            args += [param.opts[0], ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *launcher, "-m", "gq.tools.cli", "fit", *args])
 
 
 def fit_line(summary: dict, out: str) -> str:

@@ -572,6 +572,15 @@ class FitRecipe:
         self._stack.close()
 
 
+# How gloo and NCCL say that a collective's peer is gone (gloo's errors reach Python as plain RuntimeErrors).
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether `err` is a collective that failed because another rank of the job is gone."""
+    return isinstance(err, torch.distributed.DistError) or any(text in str(err) for text in _LOST_PEER)
+
+
 def lost_ranks(err: BaseException) -> str:
     """What a rank says, in one line, when a collective failed under it (gloo's or NCCL's error, often a page)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -616,5 +625,7 @@ def fit(cfg: FitConfig) -> dict:
         try:
             recipe.setup()
             return recipe.train()
-        except torch.distributed.DistError as err:  # a collective failed: another rank is gone (its own line says why)
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
             raise TrainError(f"rank {env_rank()}: {lost_ranks(err)}") from None
