@@ -584,10 +584,7 @@ def lost_peer(err: RuntimeError) -> bool:
 def lost_ranks(err: BaseException) -> str:
     """What a rank says, in one line, when a collective failed under it (gloo's or NCCL's error, often a page)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (
-        f"the job's other ranks stopped answering ({first[:160]}); the failing rank's own message says why "
-        "(rank 0 speaks for the job)"
-    )
+    return f"the job's other ranks stopped answering ({first[:160]}); the rank that failed says why in its own line"
 
 
 def fit(cfg: FitConfig) -> dict:

@@ -226,10 +226,11 @@ class RunDir:
             if row["step"] <= step:
                 kept.append(line + b"\n")
         text = b"".join(kept)
-        if record is not None and (len(kept), hashlib.sha256(text).hexdigest()) != (record["rows"], record["sha256"]):
+        expected = (record.get("rows"), record.get("sha256")) if isinstance(record, dict) else (None, None)
+        if record is not None and (len(kept), hashlib.sha256(text).hexdigest()) != expected:
             state = "is missing" if not path.exists() else f"holds {len(kept)} rows up to step {step}"
             raise ConfigError(
-                f"{path}: {state}, not the {record['rows']} rows that last.pt (step {step}) recorded (deleted, "
+                f"{path}: {state}, not the {expected[0]} rows that last.pt (step {step}) recorded (deleted, "
                 f"trimmed or edited since); put the run's metrics.jsonl back, or start a new run from its weights: "
                 f"--init-from {self.path / 'last.pt'} --out NEW_DIR"
             )
