@@ -29,12 +29,36 @@ import torch
 
 from gq.common.files import write_atomically
 from gq.common.table import format_table
-from gq.models import MODEL_KINDS
-from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, parse_window, resolve_device
+from gq.models import MODEL_KINDS, build_model
+from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_dataset, parse_window, resolve_device
+from gq.pipeline.cache import free_memory
 from gq.train import FitConfig, FitRecipe, fit
 from gq.train.config import AMP_MODES, DEVICES, parse_fc_dims
 
 CONFIGS = [(128, 1), (8, 16)]
+
+
+def training_memory(cfg: FitConfig, grid: int) -> int:
+    """Bytes a training step of `cfg` needs, estimated without allocating: fp32 parameters four times
+    (weights, gradients, Adam's two moments) and every layer's output twice (kept for backward, and its
+    gradient), counted by a forward pass on torch's meta device. GQEstimatorLarge at S=128 G=1 on 48^3
+    SDFs: ~30 GB, the size a 24 GiB machine was killed at."""
+    counted = [0]
+
+    def count(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            counted[0] += output.numel()
+
+    s, g = cfg.scenes_per_batch, cfg.grasps_per_scene
+    with torch.device("meta"):
+        model = build_model(cfg.model or "small", input_size=grid, base_channels=cfg.base_channels,
+                            fc_dims=cfg.fc_dims)  # fmt: skip
+        for module in model.modules():
+            if not any(module.children()):
+                module.register_forward_hook(count)
+        model(torch.empty(s, 1, grid, grid, grid), torch.empty(s * g, 19), torch.zeros(s * g, dtype=torch.long))
+    parameters = sum(p.numel() for p in model.parameters())
+    return 4 * (4 * parameters + 2 * counted[0])
 
 
 def throughput(cfg: FitConfig, *, steps: int, warmup: int) -> float:
@@ -356,10 +380,11 @@ def main(
                     versus="its zero-SDF control's")  # fmt: skip
         _write_json(json_path, {"defaults_study": rows})
         return
-    rows = []
+    rows, skipped = [], []
     click.echo(
         f"bench_train: {shards}, device {dev}, amp {amp}, channels_last {channels_last}, compile {compile_model}"
     )
+    grid = open_dataset(shards).reader.layout.grid
     for kind in models.split(","):
         for mode in loaders.split(","):
             for s, g in CONFIGS:
@@ -368,6 +393,17 @@ def main(
                     grasps_per_sdf=g, base_channels=base_channels, fc_dims=dims, amp=amp,
                     channels_last=channels_last, compile=compile_model, shuffle_window=shuffle_window, progress=False,
                 )  # fmt: skip
+                # Checked before the row runs (as the cache checks its own size): a row that cannot fit is
+                # skipped, not left to the out-of-memory killer.
+                needed, free = training_memory(cfg, grid), free_memory(dev)
+                if needed > free:
+                    click.echo(
+                        f"  skipped {kind}/{mode} S={s} G={g}: a training step needs ~{needed / 1e9:.1f} GB on {dev} "
+                        f"(parameters, gradients, Adam state, activations), {free / 1e9:.1f} GB are free"
+                    )
+                    skipped.append({"model": kind, "loader": mode, "scenes_per_batch": s, "grasps_per_scene": g,
+                                    "needed_bytes": needed, "free_bytes": free})  # fmt: skip
+                    continue
                 rate = throughput(cfg, steps=large_steps if kind == "large" else steps, warmup=warmup)
                 rows.append(
                     {
@@ -392,8 +428,11 @@ def main(
             pick = {
                 (r["scenes_per_batch"]): r["samples_per_s"] for r in rows if r["model"] == kind and r["loader"] == mode
             }
-            click.echo(f"  {kind} / {mode}: G=16 trains {pick[8] / pick[128]:.1f} x the samples/s of G=1 (target >= 8)")
-    result = {"throughput": rows}
+            if len(pick) == 2:  # both rows ran
+                click.echo(
+                    f"  {kind} / {mode}: G=16 trains {pick[8] / pick[128]:.1f} x the samples/s of G=1 (target >= 8)"
+                )
+    result = {"throughput": rows, "skipped": skipped}
     if not skip_quality:
         ttq = time_to_quality(shards, device, budget_s, val_every, base_channels, dims, lr, shuffle_window)
         result["time_to_quality"] = ttq

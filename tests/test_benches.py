@@ -127,3 +127,17 @@ def test_bench_train_time_study(tiny, tmp_path: Path) -> None:
 def test_bench_train_time_study_refuses_an_unknown_recipe_token(tmp_path: Path) -> None:
     result = run_tool("bench_train.py", "--shards", tmp_path, "--time-study", "S8 X3")
     assert result.returncode == 2 and "'X3' in 'S8 X3'" in result.stderr and "S<scenes> G<grasps>" in result.stderr
+
+
+def test_bench_train_skips_a_row_that_cannot_fit_in_memory(tiny, tmp_path: Path) -> None:
+    """Each row's memory is estimated (parameters, Adam state, activations) before it runs: one too large for
+    the free memory is skipped with one line, not left to the out-of-memory killer or the allocator."""
+    _, shards = tiny
+    out = tmp_path / "t.json"
+    wide = ["--base-channels", 100000, "--fc-dims", 8]  # terabytes of weights
+    result = bench("bench_train.py", out, "--shards", shards, "--device", "cpu", "--models", "large",
+                   "--loaders", "cache", "--skip-quality", *wide)  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["throughput"] == []
+    assert [(r["scenes_per_batch"], r["grasps_per_scene"]) for r in figures["skipped"]] == [(128, 1), (8, 16)]
+    assert result.stdout.count("skipped large/cache") == 2 and "GB are free" in result.stdout

@@ -414,3 +414,111 @@ def test_compare_and_predict_never_replace_someone_elses_files(data_a: Path, tmp
     )
     assert "notes.txt: exists and is not a Parquet file" in line
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+# -- issue 22: a run's history and trackers checked at resume; compare checks before it changes -------------------
+
+
+@pytest.mark.parametrize("damage", ["deleted", "head-trimmed", "tail-trimmed", "edited"])
+def test_resume_refuses_a_metrics_history_other_than_last_pt_recorded(
+    data_a: Path, tmp_path: Path, damage: str
+) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 4, "--log-every", 1)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    if damage == "deleted":
+        metrics.unlink()
+    else:
+        kept = {
+            "head-trimmed": lines[2:],
+            "tail-trimmed": lines[:-2],
+            "edited": [lines[0].replace('"step": 1', '"step": 1, "note": 0'), *lines[1:]],
+        }[damage]
+        metrics.write_text("".join(kept))
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    line = one_line(fit(data_a, out, "--max-steps", 6, "--log-every", 1, "--resume", ok=False), 2)
+    assert f"{metrics}: " in line and "last.pt (step 4) recorded" in line and "--init-from" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_resume_with_metrics_jsonl_a_directory_is_one_line(data_a: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2)
+    metrics = out / "metrics.jsonl"
+    metrics.unlink()
+    metrics.mkdir()
+    line = one_line(fit(data_a, out, "--max-steps", 4, "--resume", ok=False), 2)
+    assert f"{metrics}: is not a file" in line
+
+
+@pytest.mark.parametrize("case", ["a-file", "read-only"])
+def test_a_tensorboard_folder_that_cannot_be_written_at_resume_says_what_to_fix(
+    data_a: Path, tmp_path: Path, case: str
+) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (make install installs it)")
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2, "--tensorboard")
+    board = out / "tensorboard"
+    shutil.rmtree(board)
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    if case == "a-file":
+        board.write_text("mine")
+        line = one_line(fit(data_a, out, "--max-steps", 4, "--tensorboard", "--resume", ok=False), 1)
+        board.unlink()
+    else:
+        board.mkdir()
+        with tmpfs(board, "ro,size=1m", skip="cannot mount a read-only file system here"):
+            line = one_line(fit(data_a, out, "--max-steps", 4, "--tensorboard", "--resume", ok=False), 1)
+    assert f"{board}: TensorBoard's events cannot be written" in line and "--resume" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+    fit(data_a, out, "--max-steps", 4, "--tensorboard", "--resume")  # fixed: the run goes on
+    assert load_checkpoint(out / "last.pt")["state"]["step"] == 4
+
+
+def test_compare_overwrite_checks_both_run_folders_before_it_changes_either(data_a: Path, tmp_path: Path) -> None:
+    from gq.common.ownership import write_record
+    from gq.train.compare import OUTPUTS
+
+    out = tmp_path / "cmp"
+    fit(data_a, out / "cache", "--max-steps", 2, "--loader", "cache")  # an earlier comparison's cache run
+    write_record(out, tool="compare", entries=OUTPUTS)
+    (out / "dali").mkdir()
+    (out / "dali" / "notes.txt").write_text("mine")  # since then, a folder another command owns
+    write_record(out / "dali", tool="scenes", entries=["notes.txt"])
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    line = one_line(invoke("compare", "--shards", data_a, "--out", out, "--overwrite", "--max-steps", 1, *TINY), 2)
+    assert f"--out {out / 'dali'}: written by scenes, not fit" in line
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_resume_with_overwrite_is_refused_in_one_line(data_a: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 2)
+    before = (out / "last.pt").read_bytes()
+    line = one_line(fit(data_a, out, "--max-steps", 4, "--resume", "--overwrite", ok=False), 2)
+    assert "--resume and --overwrite" in line
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_resume_says_from_which_step(data_a: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "run"
+    fit(data_a, out, "--max-steps", 3)
+    caplog.set_level("INFO")
+    fit(data_a, out, "--max-steps", 5, "--resume")
+    assert f"resuming the run in {out} from step 3 (last.pt)" in caplog.text
+
+
+def test_ctrl_c_before_the_first_validation_says_none_ran_and_how_to_resume(data_a: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    flags = ["--max-steps", 1000000, "--val-every", 1000000, "--ckpt-every", 1000000, *TINY]
+    proc = subprocess.Popen([sys.executable, *fit_command(data_a, out, *flags)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "no validation ran" in stdout and "best val MSE" not in stdout
+    assert f"Resume with: gq fit --out {out} --resume" in stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -380,6 +381,75 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny: P
     assert summary["steps"] == 60 and 0 < summary["steps_this_process"] < 60  # the restart continued the run
     assert _same_weights(out, tmp_path / "whole")
     assert _losses(out) == _losses(tmp_path / "whole")
+
+
+# A frame of the project's own code in a traceback (torchrun's own report of a failed job has frames of torch's).
+OUR_FRAME = re.compile(r'File "[^"]*/(train|tools|pipeline|common|models|shards)/[^"]*\.py"')
+
+
+def _errors(stderr: str) -> list[str]:
+    """The one-line errors the workers printed."""
+    return [line for line in stderr.splitlines() if "fit: error: " in line]
+
+
+@pytest.mark.slow  # a fit, and a torchrun job of two ranks started three times beside it
+def test_a_restart_refused_by_the_lock_is_refused_again_and_never_resumes_that_run(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    holder_flags = ["--max-time", 20, "--epochs", 1000, "--early-stopping", 0, "--ckpt-every", 5, *SMALL]
+    holder = _start([sys.executable, *fit_command(tiny, out, *holder_flags)])
+    deadline = time.time() + 120
+    while time.time() < deadline and holder.poll() is None and not (out / "last.pt").exists():
+        time.sleep(0.05)
+    assert (out / "last.pt").exists(), "the first run should be training by now"
+    started = time.time()
+    cmd = [sys.executable, *torchrun(2, "--max-restarts", "2"), *fit_command(tiny, out, "--max-steps", 3, *SMALL)]
+    second = _finish(_start(cmd), timeout=300)
+    took = time.time() - started
+    first = _finish(holder)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "max_time" and summary["steps_this_process"] == summary["steps"] > 3, "its own"
+    assert second.returncode != 0, second.stderr[-3000:]
+    errors = _errors(second.stderr)
+    assert any("in use by another run" in line for line in errors), second.stderr[-3000:]
+    assert any("the run there is not this job's" in line for line in errors), second.stderr[-3000:]
+    assert len(errors) <= 2 * 3 and not OUR_FRAME.search(second.stderr), second.stderr[-3000:]
+    # every rank ends at once when torchrun stops an attempt (not torchrun's 30 s wait for SIGKILL, each time)
+    assert took < 90, f"three attempts took {took:.0f} s"
+    # the same job once the run has ended: refused (it holds a run), and its restart never "resumes" that run
+    kept = {name: (out / name).read_bytes() for name in ("summary.json", "curves.png", "last.pt", "metrics.jsonl")}
+    again = _finish(_start(cmd), timeout=300)
+    assert again.returncode != 0 and any("the run there is not this job's" in x for x in _errors(again.stderr))
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
+@pytest.mark.slow  # a torchrun job of two ranks
+def test_when_rank_0_fails_the_other_ranks_say_one_line_each(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, *torchrun(2), *fit_command(tiny, out, "--max-steps", 100000, "--log-every", 1, *SMALL)]
+    proc = _start(cmd)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.05)
+    metrics.rename(out / "moved.jsonl")
+    metrics.mkdir()  # rank 0's next row cannot be written: it ends, and rank 1 loses its peer
+    result = _finish(proc, timeout=120)
+    assert result.returncode != 0
+    errors = _errors(result.stderr)
+    assert any(f"{metrics}: could not be written" in line for line in errors), result.stderr[-3000:]
+    assert len(errors) <= 2 and not OUR_FRAME.search(result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.slow  # gq fit starting its own torchrun job of two ranks
+def test_fit_nproc_per_node_starts_torchrun_itself(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gq.tools.cli", *fit_command(tiny, out, "--max-steps", 4, *SMALL)[1:]]
+    result = subprocess.run([*cmd, "--nproc-per-node", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert result.stdout.count("fit: 4 steps") == 1  # rank 0 speaks for the job
 
 
 def test_scaling_efficiency_is_per_rank_samples_against_one_rank() -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from gq.common.errors import UsageError
 from gq.common.options import click_options, one_line_errors
@@ -28,6 +29,7 @@ from gq.train import evaluate_checkpoint, fit
 from gq.train.compare import compare as run_compare
 from gq.train.compare import report
 from gq.train.config import DEVICES, RENAMED, FitConfig, renamed_flags, resolve_config
+from gq.train.distributed import is_main_rank
 from gq.train.predict import PredictError
 
 
@@ -48,7 +50,7 @@ def cli() -> None:
 
 
 # Given on the command line (or through an environment variable click reads), not left at their defaults.
-EXPLICIT = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 def _old_flags(fn):
@@ -81,33 +83,70 @@ def _given(options: dict) -> dict:
 )  # fmt: skip
 @click.option("--print-config", is_flag=True, help="Print the resolved options as JSON and exit without training.")
 @_old_flags
+@click.option(
+    "--nproc-per-node", type=click.IntRange(min=1), default=None,
+    help="Train on N processes of this machine (one per GPU): starts torchrun --standalone itself. Several "
+    "machines: run torchrun on each (docs/scale-out.md).",
+)  # fmt: skip
 @_errors
-def fit_cmd(config_file: Path | None, print_config: bool, **options) -> None:
+def fit_cmd(config_file: Path | None, print_config: bool, nproc_per_node: int | None, **options) -> None:
     """Train a model; writes config.json, metrics.jsonl, last.pt, best.pt, summary.json, curves.png.
 
     Options come from the defaults, then --config FILE, then the flags given. `--out RUN --resume`
     continues a run with its own options (RUN/config.json); flags given with it must agree with the run,
     except those that do not change what is computed (--max-steps, --max-time, --epochs, --log-every, ...).
     """
+    ctx = click.get_current_context()
+    if nproc_per_node and nproc_per_node > 1 and not print_config:
+        start_torchrun(ctx, nproc_per_node)
     cfg = resolve_config(_given(options), config_file=config_file)
     if print_config:
         cfg.check()
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
     summary = fit(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # under torchrun, rank 0 speaks for the job
+    if is_main_rank():  # under torchrun, rank 0 speaks for the job
+        click.echo(fit_line(summary, cfg.out))
+
+
+def start_torchrun(ctx: click.Context, nproc: int) -> None:
+    """Replace this process by a single-node torchrun of `nproc` workers running this fit (as torchtune's
+    `tune run --nproc_per_node`): `python -m torch.distributed.run --standalone --nproc-per-node N -m
+    gq.tools.cli fit OPTIONS`, the options given here spelled back (all but --nproc-per-node)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc-per-node: already running under torchrun; give torchrun's --nproc-per-node only")
+    args = []
+    for param in ctx.command.params:
+        if param.name == "nproc_per_node" or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Option) and param.is_flag:
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
+        else:
+            args += [param.opts[0], ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *launcher, "-m", "gq.tools.cli", "fit", *args])
+
+
+def fit_line(summary: dict, out: str) -> str:
+    """fit's last line: steps and why it stopped, the rate, the last and the best validation (or that none ran)."""
     val = " ".join(
         f"{k[4:]} {summary[k]:.4f}"
         for k in ("val_mse", "val_mae", "val_r2", "val_spearman")
         if isinstance(summary.get(k), float)
     )
     rate = summary["samples_per_s"]  # None: no step was timed here (one step, or a run that had ended)
-    click.echo(
-        f"fit: {summary['steps']} steps ({summary['stopped']}), "
-        f"{'no steady-state rate' if rate is None else f'{rate:,.0f} samples/s'}; "
-        f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}; "
-        f"outputs in {cfg.out} (curves.png)"
+    stopped = f"stopped by {summary['signal']}" if summary.get("signal") else summary["stopped"]
+    if math.isfinite(summary["best_val_mse"]):
+        validated = f"val {val}; best val MSE {summary['best_val_mse']:.4f} at step {summary['best_step']}"
+    else:  # stopped before its first validation
+        validated = "no validation ran"
+    return (
+        f"fit: {summary['steps']} steps ({stopped}), "
+        f"{'no steady-state rate' if rate is None else f'{rate:,.0f} samples/s'}; {validated}; "
+        f"outputs in {out} (curves.png)"
     )
 
 

@@ -24,7 +24,7 @@ from gq.pipeline import MODES
 from .config import ConfigError, FitConfig
 from .files import write_atomically
 from .plots import plot_compare
-from .rundir import RunDir
+from .rundir import RunDir, replaceable_run
 from .step import TrainError
 
 LOADERS = MODES
@@ -75,6 +75,8 @@ def compare(base: FitConfig, out: Path) -> dict:
     # Each run folder is fit's own (its record; fit --overwrite clears it) and so is its lock beside it; compare
     # owns the rest. Anything else, or a folder without a record, is refused untouched.
     check_replaceable(out, tool=TOOL, overwrite=True, ignore=[lock_path(out / name).name for name in LOADERS])
+    for loader in LOADERS:  # every run folder checked before anything is changed: no comparison of two runs' mix
+        replaceable_run(out / loader, overwrite=base.overwrite)
     check_writable(out, flag="--out")
     out.mkdir(parents=True, exist_ok=True)
     write_record(out, tool=TOOL, entries=OUTPUTS)

@@ -150,6 +150,11 @@ class FitConfig:
     def check(self, *, spell: Callable[[str], str] | None = None) -> None:
         """ConfigError naming the first option value that cannot work: by its flag, or as `spell` names a field."""
         name = spell or _flag
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                f"{name('resume')} and {name('overwrite')}: choose one ({name('resume')} continues the run in "
+                f"{name('out')}, {name('overwrite')} replaces it)"
+            )
         for key in ("lr", "weight_decay", "max_time"):
             value = getattr(self, key)
             if value is not None and not math.isfinite(value):  # NaN passes every comparison below

@@ -2,7 +2,8 @@
 
 NCCL on GPUs, gloo on CPU. Multi-node is torchrun's rendezvous, not code of ours: the device is the
 LOCAL_RANK-th GPU of its node; what only one process may do (hold the run folder, write) is global
-RANK 0's. A worker that torchrun restarts after a failure continues the run from its last.pt.
+RANK 0's. A worker that torchrun restarts after a failure continues the run from its last.pt, if that run
+is its own job's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.constants import default_pg_timeout
 
-from .config import FitConfig
+from .config import ConfigError, FitConfig
 
 log = logging.getLogger("train")
 
@@ -35,7 +36,7 @@ class Distributed:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return is_main_rank(self.rank)
 
     @classmethod
     def from_env(cls, device_type: str) -> Distributed:
@@ -43,7 +44,7 @@ class Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        dist = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        dist = cls(env_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
         if not torch_dist.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
             store = _attempt_store(world)
@@ -86,29 +87,57 @@ def _attempt_store(world_size: int) -> torch_dist.Store | None:
     return torch_dist.PrefixStore(f"gq/attempt-{restart_count()}", store)
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun gives it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_rank(rank: int | None = None) -> bool:
+    """Whether `rank` (default: this process's) is the main rank: the one that holds and writes the run
+    folder and speaks for the job. The one place that decides it."""
+    return (env_rank() if rank is None else rank) == 0
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this job's workers (0: the first start, or no torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def job_id() -> str | None:
+    """The torchrun job this process belongs to (its rendezvous run id: --standalone makes a fresh one per job,
+    multi-node jobs name theirs with --rdzv-id), the same for every attempt of the job; None without torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def resume_on_restart(cfg: FitConfig) -> FitConfig:
     """`cfg` as a restarted worker must run it: continuing from last.pt as --resume would, never --overwrite-ing it.
 
-    Without last.pt (the failure came before the first checkpoint) a folder holding this very run's
-    config.json (same options) is started over; anything else is left to the usual checks.
+    Only the run this very job holds: its config.json names the job (written when a job starts or resumes a
+    run). Anything else (a run of another job, which refused this one: a refusal is final; a folder this
+    job never wrote in) is a ConfigError, said by each rank at once, so no restart trains or rewrites another
+    job's run. Without last.pt (the failure came before the first checkpoint) this job's run is started over.
     """
-    if not restart_count() or cfg.resume:
+    if not restart_count():
         return cfg
     out = Path(cfg.out)
+    try:
+        config = json.loads((out / "config.json").read_text())
+        holder = config["resolved"]["job"]
+    except (OSError, ValueError, KeyError, TypeError):
+        config, holder = None, None
+    if config is None and not (out / "last.pt").exists():
+        return cfg  # the first attempt failed before it wrote anything of a run: the usual checks apply
+    if holder is None or holder != job_id():
+        raise ConfigError(
+            f"--out {out}: restart {restart_count()} of job {job_id()}: the run there is not this job's (another "
+            f"job's run, which refused this one, or an older run); not resumed. Resume it yourself once nothing "
+            f"else holds it: gq fit --out {out} --resume"
+        )
     if (out / "last.pt").exists():
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_rank():
             log.warning("restart %d of the job's workers: resuming from %s", restart_count(), out / "last.pt")
         return dataclasses.replace(cfg, resume=True, overwrite=False)
-    try:
-        ours = json.loads((out / "config.json").read_text())["options"] == cfg.to_dict()
-    except (OSError, ValueError, KeyError, TypeError):
-        ours = False
-    return dataclasses.replace(cfg, overwrite=True) if ours else cfg
+    return dataclasses.replace(cfg, overwrite=True) if config["options"] == cfg.to_dict() else cfg
 
 
 def world_change_note(saved: dict, *, cfg: FitConfig, world_size: int, rest: int) -> str:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import resource
 import shlex
 import signal
-import sys
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -32,12 +31,12 @@ from gq.shards import DatasetError
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
 from .config import BASE_CHANNELS, ConfigError, FitConfig
-from .distributed import Distributed, resume_on_restart, world_change_note
+from .distributed import Distributed, env_rank, is_main_rank, job_id, resume_on_restart, world_change_note
 from .logs import TrainLog
 from .plots import plot_curves
 from .rundir import RunDir, run_lock
 from .scores import Standardiser
-from .step import Forward, evaluate, train_step
+from .step import Forward, TrainError, evaluate, train_step
 
 log = logging.getLogger("train")
 
@@ -60,6 +59,16 @@ class LogWindow:
         self.time += elapsed
 
 
+class Stop(str, Enum):
+    """Why a training run ended: summary.json's "stopped", and (but SIGNAL) last.pt's "finished"."""
+
+    EPOCHS = "epochs"
+    MAX_STEPS = "max_steps"
+    MAX_TIME = "max_time"
+    EARLY_STOPPING = "early_stopping"
+    SIGNAL = "signal"  # SIGTERM / SIGINT on some rank: checkpointed, resumable
+
+
 @dataclass
 class Progress:
     """Where a run stands; last.pt holds it (as "state"), so a resumed run goes on counting."""
@@ -70,17 +79,19 @@ class Progress:
     bad_validations: int = 0
     train_time: float = 0.0  # seconds of training steps, validation excluded
     window: LogWindow = field(default_factory=LogWindow)
-    # Why the run ended (epochs, max_steps, max_time, early_stopping), recorded in its last checkpoint:
-    # a resume after a kill during the last outputs then rewrites them and trains nothing. None: not ended.
-    finished: str | None = None
+    # Why the run ended (never SIGNAL), recorded in its last checkpoint: a resume after a kill during the
+    # last outputs then rewrites them and trains nothing. None: not ended.
+    finished: Stop | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "finished": self.finished.value if self.finished else None}  # plain text in last.pt
 
     @classmethod
     def from_dict(cls, state: dict) -> Progress:
-        known = {f.name for f in fields(cls)} - {"window"}
-        return cls(**{k: v for k, v in state.items() if k in known}, window=LogWindow(**state["window"]))
+        known = {f.name for f in fields(cls)} - {"window", "finished"}
+        finished = Stop(state["finished"]) if state.get("finished") else None
+        kept = {k: v for k, v in state.items() if k in known}
+        return cls(**kept, window=LogWindow(**state["window"]), finished=finished)
 
 
 @dataclass
@@ -113,8 +124,10 @@ def build_fit_model(
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary. Held for the recipe's
-    whole life: once the run has ended they are only noted, so its last outputs are never cut short."""
+    """SIGTERM / SIGINT ask the loop to checkpoint and return at the next step boundary. Held while `train`
+    runs: once the run has ended they are only noted, so its last outputs are never cut short. Not during
+    setup: a rank waiting there for the others (a process group whose rank 0 was refused) must end at once
+    when torchrun stops the job, and nothing setup writes is left half-written by a kill."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -132,6 +145,11 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+    @property
+    def name(self) -> str:
+        """The signal received here, or what stopped a rank that received none."""
+        return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
 
     def poll(self, dist: Distributed, device: torch.device, *, out_of_time: bool) -> tuple[bool, bool]:
         """(a signal asked to stop, the time budget is spent), as all ranks agree: either on any rank counts for
@@ -188,21 +206,17 @@ class FitRecipe:
         self._stop = _StopFlag()
 
     def __enter__(self) -> FitRecipe:
-        self._stop.__enter__()  # for the whole run: a signal never cuts the last checkpoint or outputs short
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self.cleanup()
-        finally:
-            self._stop.__exit__()
+        self.cleanup()
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Device and ranks, the run folder (locked), data, model, optimizer, schedule; restored on --resume."""
         cfg, stack = self.cfg, self._stack
         self.start = time.perf_counter()
-        if int(os.environ.get("RANK", "0")) == 0:  # the rank that writes holds RUN_DIR for the whole run
+        if is_main_rank():  # the rank that writes holds RUN_DIR for the whole run
             stack.enter_context(run_lock(Path(cfg.out)))
         requested = resolve_device(cfg.device)
         self.dist = dist = Distributed.from_env(requested.type)
@@ -243,6 +257,7 @@ class FitRecipe:
         self.run.write_config(
             cfg,
             {
+                "job": job_id(),  # a torchrun restart resumes only a run its own job holds
                 "device": str(device),
                 "world_size": dist.world_size,
                 "model": self.model.config,
@@ -317,7 +332,9 @@ class FitRecipe:
         if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
         self.progress = Progress.from_dict(resumed["state"])
-        self.run.truncate_metrics(self.progress.step)
+        self.run.truncate_metrics(self.progress.step, resumed.get("metrics"))
+        if self.dist.is_main:
+            log.info("resuming the run in %s from step %d (last.pt)", self.run.path, self.progress.step)
         if not self.cfg.max_steps:  # epochs on another number of ranks have another number of steps
             self.total_steps = self.progress.step + self.train_loader.batches_left(self.cfg.epochs)
         rest = len(self.train_loader.plan()) - self.train_loader.position
@@ -377,6 +394,7 @@ class FitRecipe:
                 loader=self.train_loader.state_dict(),
                 rng={"torch": torch.get_rng_state(), "cuda": cuda},
                 trackers=self.run.tracker_state(),
+                metrics=self.run.metrics_record(),  # the history so far, checked at --resume
             )
         save_checkpoint(path, payload)
 
@@ -400,6 +418,10 @@ class FitRecipe:
     # -- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Train until --epochs / --max-steps / --max-time / early stopping / a signal; returns the summary."""
+        with self._stop:  # from here a signal stops the run at a step boundary, checkpointed
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, p, stop = self.cfg, self.progress, self._stop
         last_val = self._validation_at(p.step)  # a resumed run's validation of its last step is not repeated
         if p.finished and not self._more_to_train():  # resumed after it ended: its outputs only
@@ -409,7 +431,7 @@ class FitRecipe:
         val_every = cfg.val_every or len(self.train_loader)
         steps_at_start = p.step
         totals = Throughput()
-        stopped = "max_steps" if cfg.max_steps else "epochs"
+        stopped = Stop.MAX_STEPS if cfg.max_steps else Stop.EPOCHS
         progress = cfg.progress and self.dist.is_main
         with TrainLog(
             total=total,
@@ -447,30 +469,31 @@ class FitRecipe:
                     lr=self.optimizer.param_groups[0]["lr"],
                 )
                 step = p.step
-                asked, out_of_time = stop.poll(
-                    self.dist, self.device, out_of_time=bool(cfg.max_time) and p.train_time >= cfg.max_time
-                )
+                asked, out_of_time = stop.poll(self.dist, self.device, out_of_time=self._out_of_time())
                 if out_of_time:
-                    stopped, total = "max_time", step  # the last step: log, validate and checkpoint it
+                    stopped, total = Stop.MAX_TIME, step  # the last step: log, validate and checkpoint it
                 if step % cfg.log_every == 0 or step == total:
                     self._log_row()
                 if step % val_every == 0 or step == total:
                     last_val = self.validate()
                     if cfg.early_stopping and p.bad_validations >= cfg.early_stopping:
-                        stopped = "early_stopping"
-                if step == total or stopped == "early_stopping":
+                        stopped = Stop.EARLY_STOPPING
+                if step == total or stopped is Stop.EARLY_STOPPING:
                     p.finished = stopped  # the checkpoint below is the run's last
                 if step % cfg.ckpt_every == 0 or last_val and last_val["step"] == step:
                     self.save_checkpoint(self.run.path / "last.pt")
-                if stopped in ("early_stopping", "max_time"):
+                if stopped in (Stop.EARLY_STOPPING, Stop.MAX_TIME):
                     break
                 if p.finished is None and asked:  # an ended run just ends
-                    stopped = f"signal {signal.Signals(stop.signal).name if stop.signal else 'on another rank'}"
+                    stopped = Stop.SIGNAL
                     self.save_checkpoint(self.run.path / "last.pt")
                     break
-        if stopped.startswith("signal"):
-            resume = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]] + ([] if cfg.resume else ["--resume"]))
-            log.warning("stopped by %s at step %d; last.pt saved. Resume with: %s", stopped[7:], p.step, resume)
+        if stopped is Stop.SIGNAL:
+            if self.dist.is_main:
+                log.warning(
+                    "stopped by %s at step %d; last.pt saved. Resume with: %s",
+                    stop.name, p.step, shlex.join(["gq", "fit", "--out", str(self.run.path), "--resume"]),
+                )  # fmt: skip
         elif p.finished is None:  # the budget was spent before this process trained (resumed with fewer steps)
             p.finished = stopped
             if last_val is None or last_val["step"] != p.step:
@@ -483,12 +506,15 @@ class FitRecipe:
         rows = [row for row in self.run.rows() if "val_mse" in row and row["step"] == step]
         return rows[-1] if rows else None
 
+    def _out_of_time(self) -> bool:
+        """Whether the run has spent its --max-time (training steps only): the one place that decides it."""
+        return self.cfg.max_time is not None and self.progress.train_time >= self.cfg.max_time
+
     def _more_to_train(self) -> bool:
         """Whether a run that ended is given more by the resumed options (a larger --max-steps, --epochs or
         --max-time); an early-stopped run has ended for good."""
-        p, cfg = self.progress, self.cfg
-        out_of_time = cfg.max_time is not None and p.train_time >= cfg.max_time
-        return p.finished != "early_stopping" and p.step < self.total_steps and not out_of_time
+        p = self.progress
+        return p.finished is not Stop.EARLY_STOPPING and p.step < self.total_steps and not self._out_of_time()
 
     def _job_throughput(self, totals: Throughput) -> Throughput:
         """Throughput of the whole job: all ranks' samples over the slowest rank's time."""
@@ -500,14 +526,15 @@ class FitRecipe:
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
         return Throughput(sums[0].item(), sums[1].item() / self.dist.world_size, slowest.item())
 
-    def _finish(self, stopped: str, last_val: dict | None, totals: Throughput, steps_here: int) -> dict:
+    def _finish(self, stopped: Stop, last_val: dict | None, totals: Throughput, steps_here: int) -> dict:
         """summary.json (returned) and curves.png."""
         cfg, p, model = self.cfg, self.progress, self.model
         peak, peak_kind = _peak_memory(self.device)
         summary = {
             "steps": p.step,
             "epochs": round(p.step / len(self.train_loader), 4),
-            "stopped": stopped,
+            "stopped": stopped.value,
+            "signal": self._stop.name if stopped is Stop.SIGNAL else None,
             "train_time_s": p.train_time,
             "samples_per_s": totals.samples / totals.time if totals.time else None,
             "data_wait": totals.wait / totals.time if totals.time else None,
@@ -546,6 +573,21 @@ class FitRecipe:
         self._stack.close()
 
 
+# How gloo and NCCL say that a collective's peer is gone (gloo's errors reach Python as plain RuntimeErrors).
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether `err` is a collective that failed because another rank of the job is gone."""
+    return isinstance(err, torch.distributed.DistError) or any(text in str(err) for text in _LOST_PEER)
+
+
+def lost_ranks(err: BaseException) -> str:
+    """What a rank says, in one line, when a collective failed under it (gloo's or NCCL's error, often a page)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"the job's other ranks stopped answering ({first[:160]}); the rank that failed says why in its own line"
+
+
 def fit(cfg: FitConfig) -> dict:
     """Train a model as configured; returns the summary (also written to RUN_DIR/summary.json).
 
@@ -578,5 +620,10 @@ def fit(cfg: FitConfig) -> dict:
         ```
     """
     with FitRecipe(cfg) as recipe:
-        recipe.setup()
-        return recipe.train()
+        try:
+            recipe.setup()
+            return recipe.train()
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
+            raise TrainError(f"rank {env_rank()}: {lost_ranks(err)}") from None

@@ -6,6 +6,7 @@ RUN_DIR records what a run writes (`gq.common.ownership`): `--overwrite` removes
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import platform
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from gq.common.files import check_writable
-from gq.common.ownership import Lock, check_replaceable, read_record, remove_owned, seal_record, write_record
+from gq.common.ownership import Lock, Owned, check_replaceable, read_record, remove_owned, seal_record, write_record
 
 from .config import ConfigError, FitConfig
 from .files import WriteError, write_atomically
@@ -92,6 +93,21 @@ def versions() -> dict:
     }
 
 
+def replaceable_run(path: Path, *, overwrite: bool) -> Owned | None:
+    """What a new run into `path` removes first (None: nothing), or ConfigError / OwnershipError in one line.
+
+    Only what an earlier fit recorded, unchanged, is ever removed, and only with
+    `overwrite`: anything else, a config.json of another tool included, refuses the folder untouched. Changes
+    nothing, so a command that starts several runs (compare) checks each before any of them starts.
+    """
+    owned = check_replaceable(path, tool=TOOL, overwrite=True)
+    if owned is None or not owned.entries:
+        return None
+    if not overwrite:
+        raise ConfigError(f"--out {path}: already holds a run; pass --resume to continue it or --overwrite")
+    return owned
+
+
 class RunDir:
     """The files of one run; only the main rank writes."""
 
@@ -99,6 +115,8 @@ class RunDir:
         self.path, self.writer = Path(path), writer
         self.trackers: Trackers | None = None
         self.sinks: list = []  # each gets every logged row (`.log(row)`): the progress lines, the trackers
+        # metrics.jsonl as written so far (rows, sha256 of its bytes): last.pt records it, --resume checks it
+        self._rows, self._digest = 0, hashlib.sha256()
 
     def prepare(self, cfg: FitConfig) -> None:
         """Refuse to mix runs: a new run needs an empty (or --overwrite) directory, --resume needs last.pt."""
@@ -109,12 +127,9 @@ class RunDir:
             return
         # Only what an earlier fit recorded, unchanged, is ever removed: anything else (a config.json of another
         # tool, a folder with its own record inside tensorboard/, a changed file) refuses the folder untouched.
-        owned = check_replaceable(p, tool=TOOL, overwrite=True)
-        if owned is not None and owned.entries:
-            if not cfg.overwrite:
-                raise ConfigError(f"--out {p}: already holds a run; pass --resume to continue it or --overwrite")
-            if self.writer:
-                remove_owned(p, owned)
+        owned = replaceable_run(p, overwrite=cfg.overwrite)
+        if owned is not None and self.writer:
+            remove_owned(p, owned)
 
     def write_config(self, cfg: FitConfig, resolved: dict) -> None:
         if self.writer:
@@ -129,16 +144,21 @@ class RunDir:
         if self.writer and (owned := read_record(self.path)) is not None:
             seal_record(self.path, owned)
 
-    def truncate_metrics(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint, so the file reads as one run.
+    def truncate_metrics(self, step: int, record: dict | None) -> None:
+        """On resume: drop rows logged after the checkpoint, so the file reads as one run, and hold what is kept
+        to last.pt's `record` of it (`metrics_record`): a history deleted, trimmed or edited since is refused,
+        never continued shorter. (Checkpoints older than the record are checked by their rows' steps alone.)
 
         A torn last line is what a kill during a write leaves: it is dropped (and logged). A line
         that does not parse anywhere else means the file was damaged: ConfigError names the line.
         """
         path = self.path / "metrics.jsonl"
-        if not (self.writer and path.exists()):
+        if not self.writer:
             return
-        data = path.read_bytes()
+        if path.exists() and not path.is_file():
+            kind = "directory" if path.is_dir() else "special file"
+            raise ConfigError(f"{path}: is not a file (a {kind}); put the run's metrics.jsonl back, then --resume")
+        data = path.read_bytes() if path.exists() else b""
         lines = data.split(b"\n")
         if lines[-1] == b"":
             lines.pop()
@@ -159,20 +179,37 @@ class RunDir:
             if row["step"] <= step:
                 kept.append(line + b"\n")
         text = b"".join(kept)
-        write_atomically(path, lambda f: f.write(text))
+        expected = (record.get("rows"), record.get("sha256")) if isinstance(record, dict) else (None, None)
+        if record is not None and (len(kept), hashlib.sha256(text).hexdigest()) != expected:
+            state = "is missing" if not path.exists() else f"holds {len(kept)} rows up to step {step}"
+            raise ConfigError(
+                f"{path}: {state}, not the {expected[0]} rows that last.pt (step {step}) recorded (deleted, "
+                f"trimmed or edited since); put the run's metrics.jsonl back, or start a new run from its weights: "
+                f"--init-from {self.path / 'last.pt'} --out NEW_DIR"
+            )
+        if path.exists() or text:
+            write_atomically(path, lambda f: f.write(text))
+        self._rows, self._digest = len(kept), hashlib.sha256(text)
+
+    def metrics_record(self) -> dict:
+        """What last.pt keeps of metrics.jsonl: its rows and the sha256 of their bytes."""
+        return {"rows": self._rows, "sha256": self._digest.hexdigest()}
 
     def log(self, row: dict) -> None:
         if not self.writer:
             return
         path = self.path / "metrics.jsonl"
+        line = (json.dumps(row) + "\n").encode()
         try:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            with open(path, "ab") as f:
+                f.write(line)
         except OSError as err:  # what is left is at worst a torn last line, which --resume drops
             raise WriteError(
                 f"{path}: could not be written ({err.strerror}); free disk space (or choose "
                 f"another --out), then rerun with --resume"
             ) from None
+        self._rows += 1
+        self._digest.update(line)
         for sink in self.sinks:
             sink.log(row)
 

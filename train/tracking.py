@@ -11,6 +11,10 @@ import logging
 import os
 from pathlib import Path
 
+from gq.common.files import temporary_file
+
+from .files import WriteError
+
 log = logging.getLogger(__name__)
 
 # metrics row key -> tag. Counts (val_grasps, val_scenes), the step, epoch and time_s (every event records
@@ -47,6 +51,22 @@ def missing_extra(name: str) -> str | None:
     return None if find_spec(name) else f"pip install 'gq-pipeline[{name}]'"
 
 
+def check_folder(folder: Path, what: str) -> None:
+    """WriteError unless `folder` is, or can be made, a folder a tracker can write in: checked before the tracker
+    opens, so a file put in its place or a read-only folder is one line saying what to fix (nothing of the
+    run is changed yet, so it stays resumable)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = temporary_file(folder / ".write-check")
+    except OSError as err:
+        raise WriteError(
+            f"{folder}: {what} cannot be written ({err.strerror}); make it a writable folder (move away what is "
+            f"there), then run again: --resume continues the run"
+        ) from None
+    os.close(fd)
+    probe.unlink()
+
+
 class TensorBoard:
     """Events in RUN_DIR/tensorboard; a resumed run purges what its killed predecessor logged after last.pt."""
 
@@ -54,6 +74,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+        check_folder(folder, "TensorBoard's events")
         # purge_step: events at steps past the checkpoint, logged by the run that was killed, are hidden, so
         # the curves read as one run (metrics.jsonl is truncated the same way).
         self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
@@ -78,6 +99,7 @@ class Wandb:
     def __init__(self, folder: Path, *, project: str, options: dict, run_id: str | None) -> None:
         import wandb
 
+        check_folder(folder / "wandb", "wandb's run files")
         mode = os.environ.get("WANDB_MODE") or "offline"
         settings = wandb.Settings(console="off", silent=True, x_disable_stats=True)
         self.run = wandb.init(
