@@ -305,6 +305,16 @@ def test_resume_refuses_non_finite_optimizer_state(trained, tmp_path: Path) -> N
     assert f"{run / 'last.pt'}: non-finite value (NaN or inf) in optimizer.state.1.exp_avg_sq" in line
 
 
+@pytest.mark.parametrize("finished", ["done", 7], ids=["unknown-reason", "a-number"])
+def test_resume_refuses_an_edited_stop_reason_in_one_line(trained, tmp_path: Path, finished: object) -> None:
+    run = shutil.copytree(trained[2].parent, tmp_path / "run", symlinks=True)
+    payload = torch.load(run / "last.pt", weights_only=True)
+    payload["state"]["finished"] = finished
+    torch.save(payload, run / "last.pt")
+    line = one_line(invoke("fit", "--out", run, "--resume", "--max-steps", 4), 2)
+    assert f"{run / 'last.pt'}: no valid state" in line
+
+
 @pytest.mark.parametrize("command", ["eval", "predict", "init-from"])
 def test_a_checkpoint_with_a_flipped_exponent_bit_is_refused(
     trained, tmp_path: Path, no_scoring: list, command: str

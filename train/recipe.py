@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gq.models import GQEstimatorBase, build_model
+from gq.models import CheckpointError, GQEstimatorBase, build_model
 from gq.pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
 from gq.shards import DatasetError
 
@@ -331,7 +331,13 @@ class FitRecipe:
         torch.set_rng_state(resumed["rng"]["torch"])
         if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
-        self.progress = Progress.from_dict(resumed["state"])
+        try:
+            self.progress = Progress.from_dict(resumed["state"])
+        except (KeyError, TypeError, ValueError) as err:  # an edited state: one line, as for every checkpoint key
+            raise CheckpointError(
+                f"{self.run.path / 'last.pt'}: no valid state ({type(err).__name__}: {err}); put the run's own "
+                "last.pt back, or start a new run from its weights with --init-from and another --out"
+            ) from None
         self.run.truncate_metrics(self.progress.step, resumed.get("metrics"))
         if self.dist.is_main:
             log.info("resuming the run in %s from step %d (last.pt)", self.run.path, self.progress.step)
