@@ -29,7 +29,7 @@ import torch
 
 from gq.common.files import write_atomically
 from gq.common.table import format_table
-from gq.models import MODEL_KINDS, build_model
+from gq.models import GRASP_DIM, MODEL_KINDS, ModelSizeError, build_model
 from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_dataset, parse_window, resolve_device
 from gq.pipeline.cache import free_memory
 from gq.train import FitConfig, FitRecipe, fit
@@ -49,16 +49,32 @@ def training_memory(cfg: FitConfig, grid: int) -> int:
         if isinstance(output, torch.Tensor):
             counted[0] += output.numel()
 
-    s, g = cfg.scenes_per_batch, cfg.grasps_per_scene
+    s, g = cfg.scenes_per_batch, cfg.grasps_per_sdf
     with torch.device("meta"):
         model = build_model(cfg.model or "small", input_size=grid, base_channels=cfg.base_channels,
                             fc_dims=cfg.fc_dims)  # fmt: skip
         for module in model.modules():
             if not any(module.children()):
                 module.register_forward_hook(count)
-        model(torch.empty(s, 1, grid, grid, grid), torch.empty(s * g, 19), torch.zeros(s * g, dtype=torch.long))
+        model(torch.empty(s, 1, grid, grid, grid), torch.empty(s * g, GRASP_DIM), torch.zeros(s * g, dtype=torch.long))
     parameters = sum(p.numel() for p in model.parameters())
     return 4 * (4 * parameters + 2 * counted[0])
+
+
+def row_too_large(cfg: FitConfig, grid: int, device: torch.device) -> str | None:
+    """Why a row cannot run here (a model above the size any run may build, or a training step needing more
+    memory than `device` has free), or None when it fits."""
+    try:
+        needed = training_memory(cfg, grid)
+    except ModelSizeError as err:
+        return str(err)
+    free = free_memory(device)
+    if needed <= free:
+        return None
+    return (
+        f"a training step needs ~{needed / 1e9:.1f} GB on {device} (parameters, gradients, Adam state, "
+        f"activations), {free / 1e9:.1f} GB are free"
+    )
 
 
 def throughput(cfg: FitConfig, *, steps: int, warmup: int) -> float:
@@ -394,15 +410,11 @@ def main(
                     channels_last=channels_last, compile=compile_model, shuffle_window=shuffle_window, progress=False,
                 )  # fmt: skip
                 # Checked before the row runs (as the cache checks its own size): a row that cannot fit is
-                # skipped, not left to the out-of-memory killer.
-                needed, free = training_memory(cfg, grid), free_memory(dev)
-                if needed > free:
-                    click.echo(
-                        f"  skipped {kind}/{mode} S={s} G={g}: a training step needs ~{needed / 1e9:.1f} GB on {dev} "
-                        f"(parameters, gradients, Adam state, activations), {free / 1e9:.1f} GB are free"
-                    )
+                # skipped, not left to the out-of-memory killer or the allocator.
+                if (why := row_too_large(cfg, grid, dev)) is not None:
+                    click.echo(f"  skipped {kind}/{mode} S={s} G={g}: {why}")
                     skipped.append({"model": kind, "loader": mode, "scenes_per_batch": s, "grasps_per_scene": g,
-                                    "needed_bytes": needed, "free_bytes": free})  # fmt: skip
+                                    "why": why})  # fmt: skip
                     continue
                 rate = throughput(cfg, steps=large_steps if kind == "large" else steps, warmup=warmup)
                 rows.append(

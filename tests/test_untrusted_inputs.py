@@ -315,19 +315,22 @@ def test_resume_refuses_an_edited_stop_reason_in_one_line(trained, tmp_path: Pat
     assert f"{run / 'last.pt'}: no valid state" in line
 
 
+def _use(command: str, ckpt: Path, trained: tuple[Path, Path, Path], tmp_path: Path) -> Result:
+    """`ckpt` given to eval, predict or fit --init-from, as a user would."""
+    scenes, shards, _ = trained
+    if command == "eval":
+        return invoke("eval", ckpt, "--shards", shards, "--device", "cpu")
+    if command == "predict":
+        return invoke("predict", ckpt, "--scenes", scenes, "--out", tmp_path / "p.parquet")
+    return invoke("fit", "--shards", shards, "--out", tmp_path / "run", "--init-from", ckpt, *TINY)
+
+
 @pytest.mark.parametrize("command", ["eval", "predict", "init-from"])
 def test_a_checkpoint_with_a_flipped_exponent_bit_is_refused(
     trained, tmp_path: Path, no_scoring: list, command: str
 ) -> None:
-    scenes, shards, _ = trained
     flipped = _flipped_best(trained, tmp_path)
-    if command == "eval":
-        result = invoke("eval", flipped, "--shards", shards, "--device", "cpu")
-    elif command == "predict":
-        result = invoke("predict", flipped, "--scenes", scenes, "--out", tmp_path / "p.parquet")
-    else:
-        result = invoke("fit", "--shards", shards, "--out", tmp_path / "run", "--init-from", flipped, *TINY)
-    _refusal(result, flipped, CRC)
+    _refusal(_use(command, flipped, trained, tmp_path), flipped, CRC)
     assert no_scoring == [] and not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -343,7 +346,6 @@ def test_estimator_load_refuses_a_flipped_bit_in_ours_and_in_a_seed_file(trained
 
 @pytest.mark.parametrize("command", ["eval", "predict", "init-from", "Estimator.load"])
 def test_non_finite_weights_are_refused(trained, tmp_path: Path, no_scoring: list, command: str) -> None:
-    scenes, shards, _ = trained
     payload = torch.load(trained[2].parent / "best.pt", weights_only=True)
     payload["model"]["gq_head.0.weight"][0, 1] = math.nan
     torch.save(payload, ckpt := tmp_path / "nan.pt")
@@ -352,13 +354,7 @@ def test_non_finite_weights_are_refused(trained, tmp_path: Path, no_scoring: lis
         with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: {problem}")):
             Estimator.load(ckpt)
         return
-    if command == "eval":
-        result = invoke("eval", ckpt, "--shards", shards, "--device", "cpu")
-    elif command == "predict":
-        result = invoke("predict", ckpt, "--scenes", scenes, "--out", tmp_path / "p.parquet")
-    else:
-        result = invoke("fit", "--shards", shards, "--out", tmp_path / "run", "--init-from", ckpt, *TINY)
-    _refusal(result, ckpt, problem)
+    _refusal(_use(command, ckpt, trained, tmp_path), ckpt, problem)
     assert no_scoring == [] and not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
