@@ -103,11 +103,11 @@ def _survey(task: tuple[Path, str, str]) -> dict:
     """Pass 1 for one scene: load and check its mesh (and recording); its extent and translation."""
     raw, name, label = task
     folder = raw / name
-    mesh = load_mesh(folder / MESH_FILE) if (folder / MESH_FILE).is_file() else None
-    if mesh is None:
+    if not os.path.lexists(folder / MESH_FILE):
         raise MeshError(folder, f"missing {MESH_FILE}")
+    mesh = load_mesh(folder / MESH_FILE)
     recording = folder / RECORDING_FILE
-    if recording.exists():
+    if os.path.lexists(recording):
         read_recording(recording)
     elif label == "recording":
         raise MeshError(folder, f"missing {RECORDING_FILE}; pass --label synth to label it with our hand model")
@@ -116,7 +116,7 @@ def _survey(task: tuple[Path, str, str]) -> dict:
         "extent": float(mesh.extents.max()),
         "translation": mesh.bounds.mean(axis=0),
         "closed": is_closed(mesh),
-        "recording": recording.exists(),
+        "recording": os.path.lexists(recording),
     }
 
 

@@ -60,7 +60,7 @@ from .manifest import write_manifest
 from .outdir import JOURNAL, TOOL, BuildError, Lock, check_ours, record_build, remove_ours, replace, staging_dir
 from .placement import Placement, place_scenes
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
-from .splits import assign_splits
+from .splits import assign_splits, read_splits_file
 from .stats import ScoreSums, score_stats
 from .writer import commit_shard, create_shard, write_record
 
@@ -294,10 +294,7 @@ def _splits_digest(splits: str | None) -> str | None:
     """SHA-256 of the splits file's bytes (None without one): its content decides placement, not its name."""
     if splits is None:
         return None
-    try:
-        return hashlib.sha256(Path(splits).read_bytes()).hexdigest()
-    except OSError as err:
-        raise BuildError(f"--splits {splits}: unreadable ({err.strerror})") from None
+    return hashlib.sha256(read_splits_file(Path(splits))).hexdigest()
 
 
 def _restart_journal(work: Path, header: dict, done: list[dict]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gq.common.errors import UsageError
+from gq.common.inputs import InputError, open_input
 
 from .checksum import checksum, device_checksum, word_keys
 from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN
@@ -131,7 +132,7 @@ def read_npz(
     member's header is read and `check_shapes` (shape by key) called before any data, a header claiming more
     bytes than its member holds is refused, and no value may be NaN or inf. SceneError names the file."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_input(path, "npz") as f, zipfile.ZipFile(f) as archive:
             present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
             missing = [k for k in required if k not in present]
             if missing:
@@ -149,6 +150,8 @@ def read_npz(
                     member.close()
     except SceneError:
         raise
+    except InputError as err:
+        raise SceneError(path, err.reason) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise SceneError(path, f"unreadable or corrupt npz ({type(err).__name__}: {err})") from None
 
@@ -210,10 +213,12 @@ def read_scene(
 def read_npy(path: Path, *, key: str) -> np.ndarray:
     """A floating-point .npy file, read through the same header checks as a scene's arrays (one-line SceneError)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path, key) as f:
             return _read_data(path, f, key, *_header_of(path, f, key), total=os.fstat(f.fileno()).st_size)
     except SceneError:
         raise
+    except InputError as err:
+        raise SceneError(path, err.reason) from None
     except (OSError, ValueError, EOFError) as err:
         raise SceneError(path, f"unreadable .npy ({type(err).__name__}: {err})") from None
 

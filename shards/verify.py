@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gq.common.inputs import InputError
+
 from .checksum import checksum, device_checksum, word_keys
 from .format import (
     HEADER_BYTES,
@@ -29,7 +31,7 @@ from .format import (
     read_npy_header,
     sdf_name,
 )
-from .index import read_index
+from .index import read_index, read_index_file
 from .manifest import DatasetError, fingerprint, read_manifest
 from .stats import ScoreSums, score_stats
 
@@ -215,7 +217,10 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
             problems += _check_header(root / labels_name(k), layout.labels_shape(), LABEL_DTYPE)
     # The index is small: its checksum is checked even by --quick, so an index from another
     # dataset (or with scenes moved between splits) never reaches a loader.
-    data = (root / INDEX).read_bytes() if INDEX in listed and (root / INDEX).exists() else None
+    try:
+        data = read_index_file(root / INDEX) if INDEX in listed and (root / INDEX).exists() else None
+    except InputError as err:
+        return VerifyResult(root, problems + [str(err)], quick=quick)
     if data is not None and f"{zlib.crc32(data):08x}" != listed[INDEX].crc32:  # one read: checked, then parsed
         problems.append(
             f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; rebuild the dataset"

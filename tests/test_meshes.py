@@ -165,6 +165,16 @@ def _make_bad(raw: Path, case: str) -> None:
                 header = io.BytesIO()
                 np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
                 archive.writestr(f"{key}.npy", header.getvalue() + bytes(64))
+    elif case in ("nan_vertex", "inf_vertex"):  # trimesh drops such a vertex (and its faces) while loading
+        _raw_scene(raw, case, box, grasps, scores)
+        obj = raw / case / "mesh.obj"
+        text = obj.read_text()
+        first = text.index("\nv ") + 1
+        end = text.index("\n", first)
+        obj.write_text(text[:first] + f"v 0.5 {case[:3]} 0.5" + text[end:])
+    elif case == "one_point":  # every vertex at one place: no extent to scale by
+        _raw_scene(raw, case, trimesh.Trimesh(np.ones((4, 3)), [[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]]))
+        np.savez(raw / case / "recording.npz", grasps=grasps, scores=scores)
     else:  # "norec": a mesh without its recording
         _raw_scene(raw, case, box)
 
@@ -182,8 +192,25 @@ def _make_bad(raw: Path, case: str) -> None:
         ("grasps_1e39", "'grasps' has 1 values that are finite in the file but not as stored (float32"),
         ("scores_1e39", "'scores' has 1 values that are finite in the file but not as stored (float32"),
         ("petabytes", "3,940,649,673,949,144 bytes; it holds 64"),
+        ("nan_vertex", "vertex 1 (line 2) has a non-finite coordinate (0.5 nan 0.5)"),
+        ("inf_vertex", "vertex 1 (line 2) has a non-finite coordinate (0.5 inf 0.5)"),
+        ("one_point", "every vertex is at one point"),
     ],
-    ids=["empty", "garbage", "open", "nokeys", "shape", "zero", "norec", "grasps_1e39", "scores_1e39", "petabytes"],
+    ids=[
+        "empty",
+        "garbage",
+        "open",
+        "nokeys",
+        "shape",
+        "zero",
+        "norec",
+        "grasps_1e39",
+        "scores_1e39",
+        "petabytes",
+        "nan_vertex",
+        "inf_vertex",
+        "one_point",
+    ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, message: str):
     raw = tmp_path / "raw"
