@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -32,8 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gq.common.extras import import_extra
 from gq.common.files import write_atomically
 from gq.common.ownership import BesideBuild, Owned
+from gq.common.workers import worker_count, worker_pool
 from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
 from gq.synth.scenes import check_grid
@@ -208,7 +209,7 @@ def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
         if workers == 1:
             results = map(fn, tasks)
         else:
-            pool = stack.enter_context(multiprocessing.Pool(workers))
+            pool = stack.enter_context(worker_pool(workers))
             results = pool.imap(fn, tasks, chunksize=max(1, min(8, len(tasks) // (8 * workers))))
         for result in results:
             bar.update()
@@ -257,7 +258,9 @@ def import_meshes(
     opts.check()
     raw, out = Path(raw), Path(out).absolute()
     names = list_raw(raw)
-    workers = min(workers or len(os.sched_getaffinity(0)), len(names))
+    for module in ("trimesh", "mesh2sdf", *(("igl",) if opts.open_meshes == "winding" else ())):
+        import_extra(module, "meshes")  # before any work: a missing extra is one line naming it
+    workers = worker_count(workers, len(names))
     build = BesideBuild(out, tool="import_meshes", overwrite=overwrite, legacy=_legacy_import)
     start = time.perf_counter()
 

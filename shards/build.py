@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 import zlib
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from gq.common.files import write_atomically
 from gq.common.options import option
 from gq.common.ownership import RECORD
+from gq.common.workers import worker_count, worker_pool
 
 from . import __version__
 from .crc import CRCAppender
@@ -335,7 +335,7 @@ def build_shards(
         out: The dataset directory to create (or replace, with `overwrite`).
         opts: The format and split options (`BuildOptions`: grid, dtype, records per shard, max grasps,
             splits file or fractions, shuffle seed, skip_bad, limit).
-        workers: Processes that decode and write scenes [default: the CPU count].
+        workers: Processes that decode and write scenes [default and most: the CPUs, or the scenes if fewer].
         resume: Continue an interrupted build of the same source and options.
         overwrite: Replace an existing dataset in `out` (only files the format names are removed).
         progress: Show a progress bar.
@@ -465,8 +465,8 @@ def _write_all(
         desc="make_shards",
         dynamic_ncols=True,
     )
-    with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
-        tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
+    tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
+    with worker_pool(worker_count(workers, len(tasks))) as pool:
         results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
         for position in range(first, num_shards * r):
             scene = int(scene_at[position])

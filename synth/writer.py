@@ -9,10 +9,8 @@ written, so a failure or Ctrl-C leaves no partial output behind. The dataset rec
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import time
 import zipfile
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from gq.common.files import write_atomically
 from gq.common.ownership import BesideBuild, Owned
+from gq.common.workers import worker_count, worker_pool
 
 from .scenes import check_grid, check_int, make_scene
 
@@ -65,11 +64,6 @@ def _write_scene(task: tuple[Path, int, int, int, int, bool]) -> tuple[int, np.n
     folder.mkdir()
     save_npz(folder / SCENE_FILE, scene, compress)
     return index, scene["scores"]
-
-
-def _ignore_sigint() -> None:
-    # Workers leave Ctrl-C to the parent, which stops the pool and removes the temporary output.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def scene_files(names: list[str]) -> list[str]:
@@ -115,7 +109,7 @@ def _generate(
         if workers == 1:  # in-process: no pool start-up, and what the benchmark measures per worker
             results = map(_write_scene, tasks)
         else:
-            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_ignore_sigint))
+            pool = stack.enter_context(worker_pool(workers))  # Ctrl-C: the parent removes the temporary output
             chunk = max(1, min(16, scenes // (8 * workers)))  # few round trips, balanced tail
             results = pool.imap_unordered(_write_scene, tasks, chunksize=chunk)
         for index, s in results:
@@ -149,10 +143,9 @@ def write_scenes(
     check_int("grasps_per_scene", grasps_per_scene, 1)
     check_grid(grid)
     check_int("seed", seed, 0)
-    if workers is None:
-        workers = len(os.sched_getaffinity(0))
-    check_int("workers", workers, 1)
-    workers = min(workers, scenes)
+    if workers is not None:
+        check_int("workers", workers, 1)
+    workers = worker_count(workers, scenes)
     build = BesideBuild(Path(out_dir), tool="make_scenes", overwrite=overwrite, legacy=legacy_scenes)
     out = build.out
 

@@ -283,3 +283,11 @@ def test_an_obj_with_a_latin1_comment_loads(tmp_path: Path) -> None:
     obj.write_bytes("# modelé par José, © 2019\n".encode("latin-1") + obj.read_bytes())
     summary = import_meshes(raw, tmp_path / "out", ImportOptions(grid=GRID), workers=1, progress=False)
     assert summary["imported"] == 1 and summary["mesh_max_extent"] == pytest.approx(1.0)
+
+
+def test_import_caps_workers_at_what_helps(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _raw_scene(raw, "box", _box((1, 1, 1)), np.zeros((5, 19), np.float32), np.zeros(5, np.float32))
+    result = run_tool("import_meshes.py", raw, "--out", tmp_path / "out", "--grid", GRID, "--quiet", "--workers", 64)
+    assert result.returncode == 0, result.stderr
+    assert "--workers 64: using 1, the most that helps" in result.stderr and "with 1 worker(s)" in result.stdout

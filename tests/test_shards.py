@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,32 @@ def test_manifest_counts_are_bounded_by_the_files_listed(
     assert result.returncode != 0 and len(lines) == 1 and f"no valid {named}" in lines[0], result.stdout + result.stderr
     with pytest.raises(DatasetError, match=f"no valid {re.escape(named)}"):
         ShardReader(out)
+
+
+# -- worker processes: as many as help, and quiet when their parent is gone -------------------------------------
+
+
+def test_more_workers_than_help_are_capped_with_one_line(tmp_path: Path) -> None:
+    """100,000 workers asked for would fork until the machine stalls: the commands use at most one per CPU and
+    one per scene, and say so."""
+    source = make_source(tmp_path / "src", scenes=3)
+    build = run_tool("make_shards.py", source, "--out", tmp_path / "ds", "--grid", 16, "--workers", 64, "--quiet")
+    assert build.returncode == 0, build.stderr
+    capped = [line for line in build.stderr.splitlines() if line.startswith("--workers 64: using ")]
+    assert len(capped) == 1 and "the most that helps" in capped[0] and "3 scenes" in capped[0], build.stderr
+    scenes = run_tool("make_scenes.py", "--scenes", 2, "--grid", 16, "--out", tmp_path / "sc", "--workers", 64)
+    assert scenes.returncode == 0, scenes.stderr
+    assert "--workers 64: using " in scenes.stderr and "2 scenes" in scenes.stderr, scenes.stderr
+
+
+def test_workers_end_quietly_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A killed command's workers cannot send their results: they end without a BrokenPipeError traceback."""
+    cmd = [sys.executable, str(REPO / "tools" / "make_scenes.py"), "--scenes", 2000, "--grid", 32]
+    cmd += ["--workers", 2, "--out", tmp_path / "sc"]
+    process = subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(p.is_dir() for p in tmp_path.glob(".sc.*/scene_*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the workers are writing scenes
+    process.kill()
+    _, stderr = process.communicate(timeout=60)  # stderr ends when the last worker has gone
+    assert "Traceback" not in stderr.decode() and "BrokenPipeError" not in stderr.decode(), stderr.decode()[-2000:]
