@@ -37,7 +37,7 @@ from gq.common.ownership import BesideBuild, Owned
 from gq.common.workers import worker_count, worker_pool
 from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
-from gq.synth.scenes import check_grid
+from gq.synth.scenes import check_grid, check_grid_memory
 from gq.synth.score import score_grasps
 from gq.synth.writer import legacy_scenes, save_npz, scene_files
 
@@ -261,6 +261,7 @@ def import_meshes(
     for module in ("trimesh", "mesh2sdf", *(("igl",) if opts.open_meshes == "winding" else ())):
         import_extra(module, "meshes")  # before any work: a missing extra is one line naming it
     workers = worker_count(workers, len(names))
+    check_grid_memory(opts.grid, workers)
     build = BesideBuild(out, tool="import_meshes", overwrite=overwrite, legacy=_legacy_import)
     start = time.perf_counter()
 

@@ -24,7 +24,7 @@ from gq.common.files import write_atomically
 from gq.common.ownership import BesideBuild, Owned
 from gq.common.workers import worker_count, worker_pool
 
-from .scenes import check_grid, check_int, make_scene
+from .scenes import check_grid, check_grid_memory, check_int, make_scene
 
 QUANTILES = (1, 5, 25, 50, 75, 95, 99)
 SCENE_PREFIX = "scene_"
@@ -146,6 +146,7 @@ def write_scenes(
     if workers is not None:
         check_int("workers", workers, 1)
     workers = worker_count(workers, scenes)
+    check_grid_memory(grid, workers)
     build = BesideBuild(Path(out_dir), tool="make_scenes", overwrite=overwrite, legacy=legacy_scenes)
     out = build.out
 

@@ -444,3 +444,21 @@ def test_workers_end_quietly_when_their_parent_is_killed(tmp_path: Path) -> None
     process.kill()
     _, stderr = process.communicate(timeout=60)  # stderr ends when the last worker has gone
     assert "Traceback" not in stderr.decode() and "BrokenPipeError" not in stderr.decode(), stderr.decode()[-2000:]
+
+
+# -- gq scenes: a grid the machine cannot hold, --quiet ---------------------------------------------------------
+
+
+def test_scenes_refuses_a_grid_that_does_not_fit_in_memory(tmp_path: Path) -> None:
+    result = run_tool("make_scenes.py", "--scenes", 1, "--grid", 2000, "--out", tmp_path / "sc")
+    assert result.returncode == 2, (result.stderr, result.stdout)
+    [line] = result.stderr.strip().splitlines()
+    assert "--grid 2000: 1 worker(s) making scenes of 2000^3 voxels need about 512,000,000,000 bytes" in line
+    assert not (tmp_path / "sc").exists()
+
+
+def test_scenes_quiet_prints_no_progress_bar(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPO / "tools" / "make_scenes.py"), "--scenes", 3, "--grid", 16, "--workers", 1]
+    result = subprocess.run([*map(str, cmd), "--out", tmp_path / "sc", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "wrote 3 scenes" in result.stdout

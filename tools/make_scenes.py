@@ -37,6 +37,7 @@ from gq.synth import format_summary, write_scenes
     is_flag=True,
     help="Write np.savez files instead of the seed's zlib-compressed np.savez_compressed ones.",
 )
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(
     scenes: int,
     out: Path,
@@ -46,6 +47,7 @@ def main(
     workers: int | None,
     overwrite: bool,
     uncompressed: bool,
+    quiet: bool,
 ) -> None:
     """Write SCENES synthetic scenes (SDF grid, grasps, scores) to OUT."""
     # ValueError: bad arguments or output directory; nothing was written either way
@@ -60,6 +62,7 @@ def main(
             workers=workers,
             overwrite=overwrite,
             compress=not uncompressed,
+            progress=not quiet,
         )
     click.echo(format_summary(summary))
 
