@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -89,6 +90,12 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
                 f"SOURCE {source}: scene folder {os.fsencode(p.name)!r} is not a UTF-8 name; "
                 "rename it (scene names are stored as text in the index)"
             ) from None
+        control = next((c for c in p.name if unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise SourceError(
+                f"SOURCE {source}: scene folder {p.name!r} has a control character ({control!r}) in its name; "
+                "rename it (a name is printed in reports and written one a line)"
+            )
         names.append(p.name)
     return sorted(names)
 

@@ -462,3 +462,31 @@ def test_scenes_quiet_prints_no_progress_bar(tmp_path: Path) -> None:
     result = subprocess.run([*map(str, cmd), "--out", tmp_path / "sc", "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "wrote 3 scenes" in result.stdout
+
+
+def test_a_scene_name_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src", scenes=2)
+    write_scene(source, "bad\nname", **random_scene(np.random.default_rng(0), 16, 4))
+    result = run_tool("make_shards.py", source, "--out", tmp_path / "ds", "--grid", 16, "--quiet")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "scene folder 'bad\\nname' has a control character ('\\n') in its name; rename it" in line
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_flipped_byte_in_a_labels_shard_is_blamed_on_the_labels_file(tmp_path: Path) -> None:
+    """A record's checksums cover its SDF and labels bytes together; the report names the file that changed."""
+    from gq.pipeline import open_loader
+
+    out, source = tmp_path / "ds", make_source(tmp_path / "src", scenes=4)
+    run_tool("make_shards.py", source, "--out", out, "--grid", 16, "--quiet", check=True)
+    path = out / "labels-00000.npy"
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 5] ^= 0xFF  # a grasp value of slot 0's first grasp
+    path.write_bytes(bytes(data))
+    problems = verify(out).problems
+    assert problems and all(p.startswith("labels-00000.npy: ") for p in problems), problems
+    with pytest.raises(DatasetError) as caught:
+        for _ in open_loader(out, split="train", mode="cache", device="cpu", grasps_per_scene=2, scenes_per_batch=1):
+            pass
+    assert str(caught.value).startswith(f"{path}: shard 0 slot 0 scene"), caught.value
