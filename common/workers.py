@@ -23,17 +23,17 @@ log = logging.getLogger("gq")
 _PR_SET_PDEATHSIG = 1
 
 
-def worker_count(requested: int | None, tasks: int, *, what: str = "scenes") -> int:
-    """The processes to use for `tasks` pieces of work: `requested` (None: one per CPU), at most one per CPU
-    available to this process and one per task; a larger request is capped with one log line."""
+def worker_count(requested: int | None, scenes: int) -> int:
+    """The processes to use for `scenes` scenes: `requested` (None: one per CPU), at most one per CPU available
+    to this process and one per scene; a larger request is capped with one log line."""
     cpus = len(os.sched_getaffinity(0))
-    useful = max(1, min(cpus, tasks))
+    useful = max(1, min(cpus, scenes))
     if requested is None:
         return useful
     if requested < 1:
         raise UsageError(f"--workers {requested}: must be at least 1")
     if requested > useful:
-        log.warning(f"--workers {requested}: using {useful}, the most that helps ({cpus} CPUs, {tasks:,} {what})")
+        log.warning(f"--workers {requested}: using {useful}, the most that helps ({cpus} CPUs, {scenes:,} scenes)")
         return useful
     return requested
 
