@@ -11,13 +11,13 @@ beside `--out` serialises builds (`gq.common.ownership.Lock`).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from gq.common.errors import UsageError
 from gq.common.files import exchange as _exchange
 from gq.common.files import swap_in_dir
+from gq.common.inputs import open_input, parse_json, read_small_file
 from gq.common.ownership import RECORD, Owned, foreign_entries, read_record, remove_owned, write_record
 from gq.common.ownership import Lock as Lock  # the one lock beside an output, re-exported for make_shards' callers
 from gq.common.ownership import lock_path as lock_path
@@ -42,8 +42,8 @@ def staging_dir(out: Path) -> Path:
 
 def _first_line_format(path: Path) -> str | None:
     try:
-        with open(path, "rb") as f:
-            head = json.loads(f.readline())
+        with open_input(path, "journal") as f:  # a FIFO would block; an InputError is a ValueError
+            head = parse_json(f.readline())
     except (OSError, ValueError):
         return None
     return head.get("format") if isinstance(head, dict) else None
@@ -60,8 +60,8 @@ def kind(path: Path) -> str:
     if not any(path.iterdir()):
         return "empty"
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = parse_json(read_small_file(path / MANIFEST, "manifest"))
+    except (OSError, ValueError):  # not a regular file of a manifest's size, not JSON: not ours
         manifest = None
     if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
         return "dataset"

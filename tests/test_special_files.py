@@ -128,3 +128,12 @@ def test_predict_refuses_a_mesh_or_grasps_file_that_is_not_a_regular_file(tmp_pa
     args = ["--mesh", files["--mesh"], "--grasps", files["--grasps"], "--out", tmp_path / "p.parquet"]
     refused(gq("predict", SEED_CHECKPOINT, *args, "--device", "cpu"), path, word)
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_an_output_folder_holding_a_fifo_manifest_is_refused_not_waited_on(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src", scenes=3)
+    (tmp_path / "ds").mkdir()
+    special(tmp_path / "ds" / "manifest.json", "fifo")
+    result = gq("shards", "build", source, "--out", tmp_path / "ds", "--grid", 16, "--quiet", "--overwrite", timeout=30)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (tmp_path / "ds" / "manifest.json").exists()
