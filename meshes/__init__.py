@@ -2,7 +2,8 @@
 
 SDFs by mesh2sdf on the seed's grid (voxel i at -1 + 2i/n, the grid `synth` uses too), one scale for
 the whole dataset, labels from the recording or from our hand model (`synth`). Needs the optional
-extra: `pip install -e .[meshes]` (trimesh, mesh2sdf, libigl; pybullet for its example objects).
+extra, `pip install 'gq-pipeline[meshes]'` (trimesh, mesh2sdf, libigl; pybullet for its example objects),
+whose packages are imported only where used: this package imports, and the commands' help works, without it.
 """
 
 from .raw import LABELS, ImportOptions, convert_scene, format_summary, import_meshes, list_raw, read_recording

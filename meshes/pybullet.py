@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from gq.common.extras import import_extra
+
 from .raw import MESH_FILE
 
 NAMED = {
@@ -29,12 +31,8 @@ NAMED = {
 
 
 def data_path() -> Path:
-    """pybullet_data's folder; ImportError with the install command when pybullet is missing."""
-    try:
-        import pybullet_data
-    except ImportError:
-        raise ImportError("pybullet is not installed; pip install -e '.[meshes]'") from None
-    return Path(pybullet_data.getDataPath())
+    """pybullet_data's folder (it comes with pybullet); MissingExtraError naming the extra when it is missing."""
+    return Path(import_extra("pybullet_data", "meshes").getDataPath())
 
 
 def write_raw(out: str | Path, which: str = "random", limit: int | None = None) -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -32,12 +31,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gq.common.extras import import_extra
 from gq.common.files import write_atomically
 from gq.common.grasps import GRASP_DIM, SEED_MAX_GRASPS
 from gq.common.ownership import BesideBuild
+from gq.common.workers import worker_count, worker_pool
 from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
-from gq.synth.scenes import check_grid
+from gq.synth.scenes import check_grid, check_grid_memory
 from gq.synth.score import score_grasps
 from gq.synth.writer import save_npz, scene_files
 
@@ -103,11 +104,11 @@ def _survey(task: tuple[Path, str, str]) -> dict:
     """Pass 1 for one scene: load and check its mesh (and recording); its extent and translation."""
     raw, name, label = task
     folder = raw / name
-    mesh = load_mesh(folder / MESH_FILE) if (folder / MESH_FILE).is_file() else None
-    if mesh is None:
+    if not os.path.lexists(folder / MESH_FILE):
         raise MeshError(folder, f"missing {MESH_FILE}")
+    mesh = load_mesh(folder / MESH_FILE)
     recording = folder / RECORDING_FILE
-    if recording.exists():
+    if os.path.lexists(recording):
         read_recording(recording)
     elif label == "recording":
         raise MeshError(folder, f"missing {RECORDING_FILE}; pass --label synth to label it with our hand model")
@@ -116,7 +117,7 @@ def _survey(task: tuple[Path, str, str]) -> dict:
         "extent": float(mesh.extents.max()),
         "translation": mesh.bounds.mean(axis=0),
         "closed": is_closed(mesh),
-        "recording": recording.exists(),
+        "recording": os.path.lexists(recording),
     }
 
 
@@ -200,7 +201,7 @@ def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
         if workers == 1:
             results = map(fn, tasks)
         else:
-            pool = stack.enter_context(multiprocessing.Pool(workers))
+            pool = stack.enter_context(worker_pool(workers))
             results = pool.imap(fn, tasks, chunksize=max(1, min(8, len(tasks) // (8 * workers))))
         for result in results:
             bar.update()
@@ -249,7 +250,10 @@ def import_meshes(
     opts.check()
     raw, out = Path(raw), Path(out).absolute()
     names = list_raw(raw)
-    workers = min(workers or len(os.sched_getaffinity(0)), len(names))
+    for module in ("trimesh", "mesh2sdf", *(("igl",) if opts.open_meshes == "winding" else ())):
+        import_extra(module, "meshes")  # before any work: a missing extra is one line naming it
+    workers = worker_count(workers, len(names))
+    check_grid_memory(opts.grid, workers)
     build = BesideBuild(out, tool="import_meshes", overwrite=overwrite)
     start = time.perf_counter()
 

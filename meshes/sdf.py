@@ -11,19 +11,27 @@ generalised winding number (inside where it exceeds 1/2), "repair" is mesh2sdf's
 from __future__ import annotations
 
 import io
+import math
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mesh2sdf
 import numpy as np
-import trimesh
 
 from gq.common.errors import UsageError
+from gq.common.extras import import_extra
+from gq.common.inputs import InputError, open_input
+
+if TYPE_CHECKING:  # the meshes extra: imported where used, so `--help` works without it
+    import trimesh
 
 OPEN_MESH_MODES = ("refuse", "winding", "repair")
 OPEN_MESH_REASON = (
     "mesh is not closed (not watertight), so its inside/outside signs cannot be trusted; "
     "repair it, or import with --open-meshes winding|repair"
 )
+MAX_MESH_BYTES = 1 << 31  # a mesh file: far above any object's scan, far below a machine's memory
+_OBJ_VERTEX = re.compile(rb"^[ \t]*v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", re.MULTILINE)
 
 
 class MeshError(UsageError):
@@ -38,32 +46,69 @@ class MeshError(UsageError):
         return MeshError, (self.path, self.reason)
 
 
-def _as_utf8(path: Path) -> tuple:
-    """trimesh.load's arguments for `path`: the path itself, except for an OBJ that is not UTF-8 (a Latin-1
-    comment, say), whose text is handed over re-encoded: trimesh would need charset_normalizer to guess it.
-    Latin-1 maps every byte to a character, so nothing is lost, and OBJ numbers and keywords are ASCII."""
-    if path.suffix.lower() != ".obj" or not path.is_file():
-        return (path,)
-    data = path.read_bytes()
+def _check_obj_vertices(path: Path, data: bytes) -> None:
+    """MeshError naming the first OBJ vertex whose coordinates are not finite numbers. Checked on the file's
+    text because trimesh drops such a vertex (and every face using it) while loading, so the loaded mesh
+    would be another object that passes every later check."""
+    matches = list(_OBJ_VERTEX.finditer(data))
+    try:
+        coords = np.array([m.groups() for m in matches], dtype=np.bytes_).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(coords).all(axis=1)) if len(coords) else []
+    except ValueError:  # a word that is not a number: find it one vertex at a time
+        bad = [i for i, m in enumerate(matches) if not _numbers(m.groups())]
+    if len(bad):
+        i = int(bad[0])
+        line = data.count(b"\n", 0, matches[i].start()) + 1
+        words = b" ".join(matches[i].groups()).decode("latin-1")
+        raise MeshError(path, f"vertex {i + 1} (line {line}) has a non-finite coordinate ({words}); fix the mesh file")
+
+
+def _numbers(words: tuple[bytes, ...]) -> bool:
+    try:
+        return all(math.isfinite(float(w)) for w in words)
+    except ValueError:
+        return False
+
+
+def _as_utf8(data: bytes) -> bytes:
+    """An OBJ's text as UTF-8: a file that is not (a Latin-1 comment, say) is re-encoded, as trimesh would need
+    charset_normalizer to guess it. Latin-1 maps every byte to a character, so nothing is lost, and OBJ numbers
+    and keywords are ASCII."""
     try:
         data.decode("utf-8")
-        return (path,)
+        return data
     except UnicodeDecodeError:
-        text = data.decode("latin-1").encode("utf-8")
-    return io.BytesIO(text), "obj", trimesh.resolvers.FilePathResolver(path)
+        return data.decode("latin-1").encode("utf-8")
 
 
 def load_mesh(path: str | Path) -> trimesh.Trimesh:
-    """The mesh at `path` as the seed loads it (`trimesh.load(path, force="mesh")`); MeshError if unusable."""
+    """The mesh at `path` as the seed loads it (`trimesh.load(path, force="mesh")`); MeshError if unusable:
+    not a regular file, an OBJ vertex that is not finite, no faces, or every vertex at one point."""
+    trimesh = import_extra("trimesh", "meshes")
     path = Path(path)
     try:
-        mesh = trimesh.load(*_as_utf8(path), force="mesh")
-    except Exception as err:  # trimesh raises many types for missing, foreign or corrupt files
+        with open_input(path, "mesh", limit=MAX_MESH_BYTES) as f:
+            data = f.read()
+    except InputError as err:
+        raise MeshError(path, err.reason) from None
+    except OSError as err:
+        raise MeshError(path, f"unreadable mesh ({err.strerror})") from None
+    file_type = path.suffix.lower().lstrip(".")
+    if file_type == "obj":
+        _check_obj_vertices(path, data)
+        data = _as_utf8(data)
+    try:
+        resolver = trimesh.resolvers.FilePathResolver(path)  # an OBJ's materials, a glTF's buffers
+        mesh = trimesh.load(io.BytesIO(data), file_type=file_type, resolver=resolver, force="mesh")
+    except Exception as err:  # trimesh raises many types for foreign or corrupt files
         raise MeshError(path, f"unreadable mesh ({type(err).__name__}: {str(err).strip()[:120]})") from None
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise MeshError(path, "empty mesh (no faces)")
     if not np.isfinite(mesh.vertices).all():
         raise MeshError(path, "mesh has non-finite vertex coordinates")
+    extent = float(mesh.extents.max())
+    if not (extent > 0 and math.isfinite(2.0 / extent)):
+        raise MeshError(path, f"every vertex is at one point (extent {extent:.3g}): no object to scale; fix the mesh")
     return mesh
 
 
@@ -93,13 +138,14 @@ def mesh_sdf(
         raise ValueError(f"open_meshes {open_meshes!r}: choose one of {', '.join(OPEN_MESH_MODES)}")
     vertices = np.ascontiguousarray(vertices, dtype=np.float64)
     faces = np.ascontiguousarray(faces, dtype=np.int64)
+    mesh2sdf = import_extra("mesh2sdf", "meshes")
     if closed:
         return mesh2sdf.compute(vertices, faces, size=grid, fix=False, level=2 / grid).astype(np.float32)
     if open_meshes == "refuse":
         raise ValueError(OPEN_MESH_REASON)
     if open_meshes == "repair":
         return mesh2sdf.compute(vertices, faces, size=grid, fix=True, level=2 / grid).astype(np.float32)
-    import igl  # the "winding" sign only
+    igl = import_extra("igl", "meshes")  # the "winding" sign only
 
     distance = np.abs(mesh2sdf.compute(vertices, faces, size=grid, fix=False))
     winding = igl.fast_winding_number(vertices, faces, voxel_points(grid)).reshape(distance.shape)

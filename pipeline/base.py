@@ -10,6 +10,7 @@ import torch
 
 from gq.common.errors import UsageError
 from gq.shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
+from gq.shards.verify import corrupt_files
 
 from .batch import Batch
 from .checks import check_records
@@ -188,13 +189,11 @@ class Loader:
         rows = self._row_of_record[records]
         index = self.reader.index
 
-        def where(i: int) -> str:
+        def where(i: int) -> str:  # the file that changed: a record's checksum covers its SDF and labels bytes
             r = rows[i]
             shard = int(index["shard"][r])
-            return (
-                f"{self.reader.sdf_path(shard)}: shard {shard} slot {index['slot'][r]} scene "
-                f"{index['scene'][r]} ({index['name'][r]})"
-            )
+            files = " and ".join(map(str, corrupt_files(self.reader.root, self.reader.manifest, shard)))
+            return f"{files}: shard {shard} slot {index['slot'][r]} scene {index['scene'][r]} ({index['name'][r]})"
 
         check_records(
             sdf, labels, expected=index["checksum"][rows], device_expected=index["device_checksum"][rows], where=where

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gq.common.memory import available_memory
 from gq.shards import LABEL_DIM
 
 from .base import Loader, LoaderError
@@ -31,11 +32,7 @@ def free_memory(device: torch.device) -> int:
     """Bytes free on the device: CUDA free memory, or the host's available RAM."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_memory()
 
 
 def check_fits(

@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 import zlib
@@ -32,6 +31,7 @@ from gq.common.files import write_atomically
 from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.options import option
 from gq.common.ownership import RECORD, BesideBuild
+from gq.common.workers import worker_count, worker_pool
 
 from . import __version__
 from .crc import CRCAppender
@@ -61,7 +61,7 @@ from .manifest import write_manifest
 from .outdir import JOURNAL, TOOL, BuildError, dataset_entries, unfinished_build
 from .placement import Placement, place_scenes
 from .source import SCENE_FILE, Record, SceneError, list_scenes, load_record
-from .splits import assign_splits
+from .splits import assign_splits, read_splits_file
 from .stats import ScoreSums, score_stats
 from .writer import commit_shard, create_shard, write_record
 
@@ -285,10 +285,7 @@ def _splits_digest(splits: str | None) -> str | None:
     """SHA-256 of the splits file's bytes (None without one): its content decides placement, not its name."""
     if splits is None:
         return None
-    try:
-        return hashlib.sha256(Path(splits).read_bytes()).hexdigest()
-    except OSError as err:
-        raise BuildError(f"--splits {splits}: unreadable ({err.strerror})") from None
+    return hashlib.sha256(read_splits_file(Path(splits))).hexdigest()
 
 
 def _restart_journal(work: Path, header: dict, done: list[dict]) -> None:
@@ -329,7 +326,7 @@ def build_shards(
         out: The dataset directory to create (or replace, with `overwrite`).
         opts: The format and split options (`BuildOptions`: grid, dtype, records per shard, max grasps,
             splits file or fractions, shuffle seed, skip_bad, limit).
-        workers: Processes that decode and write scenes [default: the CPU count].
+        workers: Processes that decode and write scenes [default and most: the CPUs, or the scenes if fewer].
         resume: Continue an interrupted build of the same source and options.
         overwrite: Replace an existing dataset in `out` (only the files its record names are removed).
         progress: Show a progress bar.
@@ -455,8 +452,8 @@ def _write_all(
         desc="make_shards",
         dynamic_ncols=True,
     )
-    with multiprocessing.Pool(workers or os.cpu_count() or 1) as pool:
-        tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
+    tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
+    with worker_pool(worker_count(workers, len(tasks))) as pool:
         results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
         for position in range(first, num_shards * r):
             scene = int(scene_at[position])

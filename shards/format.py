@@ -8,7 +8,6 @@ each split in its own consecutive shards, in a seeded order of its scenes (see `
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import zlib
@@ -21,6 +20,7 @@ import numpy as np
 
 from gq.common.errors import UsageError
 from gq.common.grasps import GRASP_DIM
+from gq.common.inputs import InputError, parse_json, read_small_file
 
 FORMAT_NAME = "gq-shards"
 FORMAT_VERSION = 2
@@ -332,8 +332,10 @@ class Manifest:
             hint = " (an unfinished build: rerun make_shards with --resume)" if (root / BUILD_DIR).exists() else ""
             raise DatasetError(f"{path}: missing, so {root} is not a finished dataset{hint}")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = parse_json(read_small_file(path, "manifest"))
+        except InputError as err:
+            raise DatasetError(f"{path}: {err.reason}; rebuild the dataset") from None
+        except (OSError, ValueError) as err:
             raise DatasetError(f"{path}: unreadable manifest ({err}); rebuild the dataset") from None
         return cls.from_dict(data, where=str(path))
 

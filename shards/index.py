@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gq.common.files import write_atomically
+from gq.common.inputs import read_small_file
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 COLUMNS = ("scene", "name", "split", "shard", "slot", "num_grasps", "checksum", "device_checksum", "translation",
            "global_scale")  # fmt: skip
+MAX_INDEX_BYTES = 1 << 30  # some 20 million scenes' rows; the seed's 15,547 take 0.6 MB
 
 
 @functools.cache
@@ -48,13 +50,18 @@ def write_index(path: Path, rows: list[dict]) -> None:
     )
 
 
+def read_index_file(path: Path) -> bytes:
+    """The index file's bytes: a regular file of at most MAX_INDEX_BYTES (gq.common.inputs.InputError otherwise)."""
+    return read_small_file(path, "index", MAX_INDEX_BYTES)
+
+
 def read_index(path: Path, *, data: bytes | None = None) -> dict[str, np.ndarray]:
     """The index as NumPy columns (translation as (n,3) float32 with NaN rows where null); `data`: the
     file's bytes when the caller has read them already (verify checks their CRC first)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path if data is None else pa.BufferReader(_arrow_owned(data)))
+    table = pq.read_table(pa.BufferReader(_arrow_owned(read_index_file(path) if data is None else data)))
     if tuple(table.schema.names) != COLUMNS:
         raise ValueError(f"{path}: columns {table.schema.names}, expected {list(COLUMNS)}")
     cols = {

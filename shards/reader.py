@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gq.common.inputs import check_regular, open_input
+
 from .format import GRASP_DIM, HEADER_BYTES, INDEX, SCORE_COLUMN, SPLITS, DatasetError, Layout, labels_name, sdf_name
 from .index import read_index
 from .manifest import Manifest, read_manifest
@@ -66,6 +68,7 @@ class ShardReader:
 
     def _map(self, path: Path) -> np.ndarray:
         if path.name not in self._maps:
+            check_regular(path, "shard")  # a FIFO in a shard's place would block the map's open
             self._maps[path.name] = np.load(path, mmap_mode="r")
         return self._maps[path.name]
 
@@ -103,7 +106,7 @@ class ShardReader:
             raise ValueError(f"out must be C-contiguous with {len(slots)} records of {record} bytes")
         buffer = memoryview(out.reshape(-1).view(np.uint8))
         breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-        with open(path, "rb", buffering=0) as f:
+        with open_input(path, "shard") as f:
             for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(slots)]])):
                 view = buffer[first * record : last * record]
                 offset = HEADER_BYTES + int(slots[first]) * record

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gq.common.errors import UsageError
+from gq.common.inputs import InputError, open_input
 
 from .checksum import checksum, device_checksum, word_keys
 from .format import GRASP_DIM, LABEL_DIM, LABEL_DTYPE, SCORE_COLUMN
@@ -88,6 +90,12 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
                 f"SOURCE {source}: scene folder {os.fsencode(p.name)!r} is not a UTF-8 name; "
                 "rename it (scene names are stored as text in the index)"
             ) from None
+        control = next((c for c in p.name if unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise SourceError(
+                f"SOURCE {source}: scene folder {p.name!r} has a control character ({control!r}) in its name; "
+                "rename it (a name is printed in reports and written one a line)"
+            )
         names.append(p.name)
     return sorted(names)
 
@@ -131,7 +139,7 @@ def read_npz(
     member's header is read and `check_shapes` (shape by key) called before any data, a header claiming more
     bytes than its member holds is refused, and no value may be NaN or inf. SceneError names the file."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_input(path, "npz") as f, zipfile.ZipFile(f) as archive:
             present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
             missing = [k for k in required if k not in present]
             if missing:
@@ -149,6 +157,8 @@ def read_npz(
                     member.close()
     except SceneError:
         raise
+    except InputError as err:
+        raise SceneError(path, err.reason) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise SceneError(path, f"unreadable or corrupt npz ({type(err).__name__}: {err})") from None
 
@@ -210,10 +220,12 @@ def read_scene(
 def read_npy(path: Path, *, key: str) -> np.ndarray:
     """A floating-point .npy file, read through the same header checks as a scene's arrays (one-line SceneError)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path, key) as f:
             return _read_data(path, f, key, *_header_of(path, f, key), total=os.fstat(f.fileno()).st_size)
     except SceneError:
         raise
+    except InputError as err:
+        raise SceneError(path, err.reason) from None
     except (OSError, ValueError, EOFError) as err:
         raise SceneError(path, f"unreadable .npy ({type(err).__name__}: {err})") from None
 

@@ -6,10 +6,10 @@ Splits are by scene, never by grasp, so no validation object is ever seen in tra
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from gq.common.errors import UsageError
+from gq.common.inputs import InputError, parse_json, read_small_file
 
 from .format import SPLITS
 
@@ -26,11 +26,22 @@ def hash_split(name: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < test_fraction + val_fraction else "train"
 
 
+def read_splits_file(path: Path) -> bytes:
+    """The bytes of a splits file (a regular file of at most MAX_TEXT_BYTES); SplitError names it otherwise."""
+    try:
+        return read_small_file(path, "--splits")
+    except InputError as err:
+        raise SplitError(str(err)) from None
+    except OSError as err:
+        raise SplitError(f"{path}: unreadable splits file ({err})") from None
+
+
 def load_splits(path: Path) -> dict[str, str]:
     """name -> split from a `{"train": [...], "val": [...], "test": [...]}` file."""
+    text = read_splits_file(path)
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = parse_json(text)
+    except ValueError as err:
         raise SplitError(f"{path}: unreadable splits file ({err})") from None
     if not isinstance(data, dict) or not set(data) <= set(SPLITS):
         raise SplitError(f"{path}: expected an object with keys among {', '.join(SPLITS)}")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gq.common.inputs import InputError
+
 from .checksum import checksum, device_checksum, word_keys
 from .format import (
     HEADER_BYTES,
@@ -25,11 +27,12 @@ from .format import (
     SPLITS,
     Layout,
     Manifest,
+    file_crc32,
     labels_name,
     read_npy_header,
     sdf_name,
 )
-from .index import read_index
+from .index import read_index, read_index_file
 from .manifest import DatasetError, fingerprint, read_manifest
 from .stats import ScoreSums, score_stats
 
@@ -135,12 +138,22 @@ def _check_stats(manifest: Manifest, recomputed: dict | None = None) -> list[str
     return problems
 
 
+def corrupt_files(root: Path, manifest: Manifest, shard: int) -> list[Path]:
+    """The files of `shard` (its SDF file, its labels file) whose CRC-32 differs from the manifest's; both when
+    neither does. A record's checksums cover its SDF and labels bytes together, so a record that fails them
+    is blamed on the file that really changed by this (whole-file) check, run only once a record has failed."""
+    listed = {f.name: f.crc32 for f in manifest.files}
+    paths = [root / sdf_name(shard), root / labels_name(shard)]
+    return [p for p in paths if file_crc32(p) != listed.get(p.name)] or paths
+
+
 def _check_records(
     root: Path, shard: int, layout: Layout, index: dict, rows: dict[int, int], crcs: dict[str, str], train: ScoreSums
 ) -> list[str]:
     """One pass over a shard's two files: whole-file CRC-32, every record's two checksums and its scores
-    (adding the train records' scores, as stored, to `train`)."""
-    problems = []
+    (adding the train records' scores, as stored, to `train`). A record whose checksums fail is named with the
+    file whose CRC-32 fails (both files' names when neither or both do)."""
+    problems, bad_records = [], []
     keys = word_keys(layout.record_words)
     sdf_path, lab_path = root / sdf_name(shard), root / labels_name(shard)
     with open(sdf_path, "rb") as fs, open(lab_path, "rb") as fl:
@@ -150,10 +163,10 @@ def _check_records(
             sdf_crc, lab_crc = zlib.crc32(sdf_rec, sdf_crc), zlib.crc32(lab_rec, lab_crc)
             scores = np.frombuffer(lab_rec, dtype=LABEL_DTYPE).reshape(layout.max_grasps, LABEL_DIM)[:, SCORE_COLUMN]
             row = rows.get(slot)
-            where = f"{sdf_path.name}/{lab_path.name}: shard {shard} slot {slot}"
+            where = f"shard {shard} slot {slot}"
             if row is None:
                 if not np.isnan(scores).all():
-                    problems.append(f"{where} (empty record): scores must all be NaN")
+                    problems.append(f"{lab_path.name}: {where} (empty record): scores must all be NaN")
                 continue
             where += f" scene {index['scene'][row]} ({index['name'][row]})"
             sums = (
@@ -164,15 +177,20 @@ def _check_records(
                 f"{where}: record {kind} {got:016x}, index says {want:016x}" for kind, got, want in sums if got != want
             ]
             if bad:
-                problems += bad
+                bad_records += bad
                 continue
             used = int(index["num_grasps"][row])
             if not np.isfinite(scores[:used]).all() or not np.isnan(scores[used:]).all():
-                problems.append(f"{where}: scores of the {used} used slots must be finite and the rest NaN")
+                problems.append(
+                    f"{lab_path.name}: {where}: scores of the {used} used slots must be finite and the rest NaN"
+                )
             elif index["split"][row] == "train":
                 train.add(ScoreSums.of(scores[:used]))
+    failed = [path for path, crc in ((sdf_path, sdf_crc), (lab_path, lab_crc)) if f"{crc:08x}" != crcs[path.name]]
+    named = failed[0].name if len(failed) == 1 else f"{sdf_path.name}/{lab_path.name}"
+    problems += [f"{named}: {line}" for line in bad_records]
     for path, crc in ((sdf_path, sdf_crc), (lab_path, lab_crc)):
-        if f"{crc:08x}" != crcs[path.name]:
+        if path in failed:
             problems.append(
                 f"{path.name}: shard {shard}: file CRC-32 {crc:08x} differs from the manifest's {crcs[path.name]}"
             )
@@ -215,7 +233,10 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
             problems += _check_header(root / labels_name(k), layout.labels_shape(), LABEL_DTYPE)
     # The index is small: its checksum is checked even by --quick, so an index from another
     # dataset (or with scenes moved between splits) never reaches a loader.
-    data = (root / INDEX).read_bytes() if INDEX in listed and (root / INDEX).exists() else None
+    try:
+        data = read_index_file(root / INDEX) if INDEX in listed and (root / INDEX).exists() else None
+    except InputError as err:
+        return VerifyResult(root, problems + [str(err)], quick=quick)
     if data is not None and f"{zlib.crc32(data):08x}" != listed[INDEX].crc32:  # one read: checked, then parsed
         problems.append(
             f"{INDEX}: file CRC-32 differs from the manifest's: not this dataset's index; rebuild the dataset"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from gq.common.grasps import SEED_MAX_GRASPS
+from gq.common.memory import available_memory
 
 from .grasps import sample_grasps
 from .objects import normalise, random_object
@@ -16,6 +17,9 @@ from .primitives import sample_grid
 from .score import score_grasps
 
 GRID_MULTIPLE = 16  # the seed's CNN halves the grid four times
+# Peak memory of making one scene, per voxel: some 13 float32 grids of temporaries at 64^3 and up (measured with
+# tracemalloc), rounded up; mesh2sdf and the winding number of an import stay within it too.
+BYTES_PER_VOXEL = 64
 
 
 def check_grid(grid: int) -> None:
@@ -24,6 +28,17 @@ def check_grid(grid: int) -> None:
         raise ValueError(
             f"grid must be a positive multiple of {GRID_MULTIPLE} (the CNN pools it "
             f"4 times), got {grid!r}; use e.g. 32, 48 or 64"
+        )
+
+
+def check_grid_memory(grid: int, workers: int) -> None:
+    """Raise ValueError, naming --grid and the bytes, when `workers` processes making scenes of `grid`^3 voxels
+    at once would need more memory than the machine has available (checked before any is allocated)."""
+    needed, available = grid**3 * BYTES_PER_VOXEL * workers, available_memory()
+    if needed > available:
+        raise ValueError(
+            f"--grid {grid}: {workers} worker(s) making scenes of {grid}^3 voxels need about {needed:,} bytes of "
+            f"memory, more than the {available:,} available; choose a smaller --grid or fewer --workers"
         )
 
 

@@ -9,9 +9,7 @@ written, so a failure or Ctrl-C leaves no partial output behind. The dataset rec
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import signal
 import sys
 import time
 import zipfile
@@ -24,8 +22,9 @@ from tqdm import tqdm
 from gq.common.files import write_atomically
 from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.ownership import BesideBuild
+from gq.common.workers import worker_count, worker_pool
 
-from .scenes import check_grid, check_int, make_scene
+from .scenes import check_grid, check_grid_memory, check_int, make_scene
 
 QUANTILES = (1, 5, 25, 50, 75, 95, 99)
 SCENE_PREFIX = "scene_"
@@ -67,11 +66,6 @@ def _write_scene(task: tuple[Path, int, int, int, int, bool]) -> tuple[int, np.n
     return index, scene["scores"]
 
 
-def _ignore_sigint() -> None:
-    # Workers leave Ctrl-C to the parent, which stops the pool and removes the temporary output.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def scene_files(names: list[str]) -> list[str]:
     """The entries a scene dataset's record lists: `<name>/scene.npz` per scene."""
     return [f"{name}/{SCENE_FILE}" for name in names]
@@ -97,7 +91,7 @@ def _generate(
         if workers == 1:  # in-process: no pool start-up, and what the benchmark measures per worker
             results = map(_write_scene, tasks)
         else:
-            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_ignore_sigint))
+            pool = stack.enter_context(worker_pool(workers))  # Ctrl-C: the parent removes the temporary output
             chunk = max(1, min(16, scenes // (8 * workers)))  # few round trips, balanced tail
             results = pool.imap_unordered(_write_scene, tasks, chunksize=chunk)
         for index, s in results:
@@ -131,10 +125,10 @@ def write_scenes(
     check_int("grasps_per_scene", grasps_per_scene, 1)
     check_grid(grid)
     check_int("seed", seed, 0)
-    if workers is None:
-        workers = len(os.sched_getaffinity(0))
-    check_int("workers", workers, 1)
-    workers = min(workers, scenes)
+    if workers is not None:
+        check_int("workers", workers, 1)
+    workers = worker_count(workers, scenes)
+    check_grid_memory(grid, workers)
     build = BesideBuild(Path(out_dir), tool="make_scenes", overwrite=overwrite)
     out = build.out
 

@@ -136,13 +136,24 @@ def test_overwrite_where_the_file_system_cannot_exchange(
 # --- killed builds, resume, the lock (real processes) -------------------------------------------
 
 
+# make_shards with the read of scene_025 stalled: its worker waits for ever at that scene (a FIFO in its place,
+# the way a stalled network file system would block, is refused as not a regular file).
+_STALLED = """
+import runpy, sys, time
+import gq.shards.build as build
+read = build.load_record
+build.load_record = lambda source, name, *a: time.sleep(3600) if name == "scene_025" else read(source, name, *a)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def _stalled_build(src: Path, out: Path, *args) -> subprocess.Popen:
-    """Start make_shards with scene_025 a FIFO (its read blocks), and return once shards are journalled."""
-    npz = src / "scene_025" / "scene.npz"
-    npz.unlink()
-    os.mkfifo(npz)
+    """Start make_shards with the read of scene_025 stalled, and return once shards are journalled."""
     cmd = [
         sys.executable,
+        "-c",
+        _STALLED,
         str(REPO / "tools" / "make_shards.py"),
         str(src),
         "--out",
@@ -173,12 +184,9 @@ def _stalled_build(src: Path, out: Path, *args) -> subprocess.Popen:
     return proc
 
 
-def _kill(proc: subprocess.Popen, src: Path, data: bytes) -> None:
+def _kill(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    npz = src / "scene_025" / "scene.npz"
-    npz.unlink()
-    npz.write_bytes(data)
 
 
 def test_killed_rebuild_keeps_old_dataset_and_resumes_byte_identical(tmp_path: Path) -> None:
@@ -187,8 +195,7 @@ def test_killed_rebuild_keeps_old_dataset_and_resumes_byte_identical(tmp_path: P
     assert make(src, ref, "--records-per-shard", 4).exit_code == 0
     assert make(src, out, "--records-per-shard", 4, "--limit", 5).exit_code == 0
     old = tree_bytes(out)
-    data = (src / "scene_025" / "scene.npz").read_bytes()
-    _kill(_stalled_build(src, out, "--overwrite"), src, data)
+    _kill(_stalled_build(src, out, "--overwrite"))
     assert tree_bytes(out) == old and verify(out).problems == []  # SIGKILL mid-rebuild: the old dataset is whole
     assert list(staging(out).glob(".*.tmp"))
     refused = one_line(make(src, out, "--records-per-shard", 4))
@@ -202,8 +209,7 @@ def test_killed_rebuild_keeps_old_dataset_and_resumes_byte_identical(tmp_path: P
 def test_resume_refuses_a_changed_source_scene(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", scenes=30)
     out = tmp_path / "out"
-    data = (src / "scene_025" / "scene.npz").read_bytes()
-    _kill(_stalled_build(src, out), src, data)
+    _kill(_stalled_build(src, out))
     journal = (staging(out) / ".build" / "journal.jsonl").read_text().splitlines()
     kept = json.loads(journal[1])["sources"][0]["name"]  # a scene of the first journalled shard
     write_scene(src, kept, **random_scene(np.random.default_rng(7), GRID, 5))
@@ -218,7 +224,6 @@ def test_resume_refuses_a_changed_source_scene(tmp_path: Path) -> None:
 def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", scenes=30)
     out = tmp_path / "out"
-    data = (src / "scene_025" / "scene.npz").read_bytes()
     holder = _stalled_build(src, out)
     try:
         staged = tree_bytes(staging(out))
@@ -232,7 +237,7 @@ def test_second_build_into_one_directory_is_refused_naming_the_holder(tmp_path: 
             assert "started 20" in lines[0] and str(out) in lines[0]
             assert tree_bytes(staging(out)) == staged and holder.poll() is None
     finally:
-        _kill(holder, src, data)
+        _kill(holder)
     resumed = make(src, out, "--records-per-shard", 4, "--resume")  # a killed holder's lock is free again
     assert resumed.exit_code == 0, resumed.output
 
@@ -434,8 +439,7 @@ def test_resume_refuses_a_changed_scene_list_or_splits_file(change: str, tmp_pat
     flags = ("--records-per-shard", 4, "--splits", splits)
     assert make(src, out, *flags).exit_code == 0
     old = tree_bytes(out)
-    data = (src / "scene_025" / "scene.npz").read_bytes()
-    _kill(_stalled_build(src, out, "--splits", splits, "--overwrite"), src, data)
+    _kill(_stalled_build(src, out, "--splits", splits, "--overwrite"))
     journal = (staging(out) / ".build" / "journal.jsonl").read_text().splitlines()
     read = {s["name"] for line in journal[1:] for s in json.loads(line)["sources"]}
     if change == "scene_added":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 trimesh = pytest.importorskip("trimesh")
 mesh2sdf = pytest.importorskip("mesh2sdf")
 
-from helpers import run_tool, tree_bytes  # noqa: E402
+from helpers import REPO, run_tool, tree_bytes  # noqa: E402
 
 from gq.common.ownership import RECORD  # noqa: E402
 from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
@@ -165,6 +167,16 @@ def _make_bad(raw: Path, case: str) -> None:
                 header = io.BytesIO()
                 np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
                 archive.writestr(f"{key}.npy", header.getvalue() + bytes(64))
+    elif case in ("nan_vertex", "inf_vertex"):  # trimesh drops such a vertex (and its faces) while loading
+        _raw_scene(raw, case, box, grasps, scores)
+        obj = raw / case / "mesh.obj"
+        text = obj.read_text()
+        first = text.index("\nv ") + 1
+        end = text.index("\n", first)
+        obj.write_text(text[:first] + f"v 0.5 {case[:3]} 0.5" + text[end:])
+    elif case == "one_point":  # every vertex at one place: no extent to scale by
+        _raw_scene(raw, case, trimesh.Trimesh(np.ones((4, 3)), [[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]]))
+        np.savez(raw / case / "recording.npz", grasps=grasps, scores=scores)
     else:  # "norec": a mesh without its recording
         _raw_scene(raw, case, box)
 
@@ -182,8 +194,25 @@ def _make_bad(raw: Path, case: str) -> None:
         ("grasps_1e39", "'grasps' has 1 values that are finite in the file but not as stored (float32"),
         ("scores_1e39", "'scores' has 1 values that are finite in the file but not as stored (float32"),
         ("petabytes", "3,940,649,673,949,144 bytes; it holds 64"),
+        ("nan_vertex", "vertex 1 (line 2) has a non-finite coordinate (0.5 nan 0.5)"),
+        ("inf_vertex", "vertex 1 (line 2) has a non-finite coordinate (0.5 inf 0.5)"),
+        ("one_point", "every vertex is at one point"),
     ],
-    ids=["empty", "garbage", "open", "nokeys", "shape", "zero", "norec", "grasps_1e39", "scores_1e39", "petabytes"],
+    ids=[
+        "empty",
+        "garbage",
+        "open",
+        "nokeys",
+        "shape",
+        "zero",
+        "norec",
+        "grasps_1e39",
+        "scores_1e39",
+        "petabytes",
+        "nan_vertex",
+        "inf_vertex",
+        "one_point",
+    ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str, message: str):
     raw = tmp_path / "raw"
@@ -256,3 +285,62 @@ def test_an_obj_with_a_latin1_comment_loads(tmp_path: Path) -> None:
     obj.write_bytes("# modelé par José, © 2019\n".encode("latin-1") + obj.read_bytes())
     summary = import_meshes(raw, tmp_path / "out", ImportOptions(grid=GRID), workers=1, progress=False)
     assert summary["imported"] == 1 and summary["mesh_max_extent"] == pytest.approx(1.0)
+
+
+def test_import_caps_workers_at_what_helps(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _raw_scene(raw, "box", _box((1, 1, 1)), np.zeros((5, 19), np.float32), np.zeros(5, np.float32))
+    result = run_tool("import_meshes.py", raw, "--out", tmp_path / "out", "--grid", GRID, "--quiet", "--workers", 64)
+    assert result.returncode == 0, result.stderr
+    assert "--workers 64: using 1, the most that helps" in result.stderr and "with 1 worker(s)" in result.stdout
+
+
+# -- without the meshes extra: every --help works, a command that needs it is one line naming it ----------------
+
+EXTRA_MODULES = ("trimesh", "mesh2sdf", "igl", "pybullet", "pybullet_data", "scipy")
+# Runs a module as `python -m` would, with the meshes extra's packages unimportable, as on a plain install.
+WITHOUT_EXTRA = f"""
+import runpy, sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {EXTRA_MODULES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def without_meshes_extra(module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", WITHOUT_EXTRA, module, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_works_and_commands_name_the_extra_without_it(tmp_path: Path) -> None:
+    for command in (["import-meshes"], ["pybullet-objects"], ["predict"]):
+        result = without_meshes_extra("gq.tools.cli", *command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
+    raw = tmp_path / "raw"
+    _raw_scene(raw, "box", _box((1, 1, 1)), np.zeros((5, 19), np.float32), np.zeros(5, np.float32))
+    np.save(tmp_path / "g.npy", np.zeros((4, 19), np.float32))
+    checkpoint = REPO / "tests" / "fixtures" / "seed_gqestimator_c4_fc32-16.pth"
+    for command in (
+        ["import-meshes", raw, "--out", tmp_path / "out"],
+        ["pybullet-objects", "--out", tmp_path / "pb"],
+        ["predict", checkpoint, "--mesh", raw / "box" / "mesh.obj", "--grasps", tmp_path / "g.npy"]
+        + ["--out", tmp_path / "p.parquet", "--device", "cpu"],
+    ):
+        result = without_meshes_extra("gq.tools.cli", *command)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert f"{command[0]}: error: " in lines[0] and "pip install 'gq-pipeline[meshes]'" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "raw"]
+
+
+@pytest.mark.slow  # renders the site: ~20 s
+def test_the_command_reference_builds_without_the_meshes_extra(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (the docs extra: pip install -e .[docs])")
+    result = without_meshes_extra("mkdocs", "build", "--site-dir", tmp_path / "site", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = (tmp_path / "site" / "reference" / "index.html").read_text()
+    assert 'id="gq-import-meshes"' in page and 'id="gq-pybullet-objects"' in page and "--open-meshes" in page

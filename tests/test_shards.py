@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -418,3 +419,78 @@ def test_manifest_counts_are_bounded_by_the_files_listed(
     assert result.returncode != 0 and len(lines) == 1 and f"no valid {named}" in lines[0], result.stdout + result.stderr
     with pytest.raises(DatasetError, match=f"no valid {re.escape(named)}"):
         ShardReader(out)
+
+
+# -- worker processes: as many as help, and quiet when their parent is gone -------------------------------------
+
+
+def test_more_workers_than_help_are_capped_with_one_line(tmp_path: Path) -> None:
+    """100,000 workers asked for would fork until the machine stalls: the commands use at most one per CPU and
+    one per scene, and say so."""
+    source = make_source(tmp_path / "src", scenes=3)
+    build = run_tool("make_shards.py", source, "--out", tmp_path / "ds", "--grid", 16, "--workers", 64, "--quiet")
+    assert build.returncode == 0, build.stderr
+    capped = [line for line in build.stderr.splitlines() if line.startswith("--workers 64: using ")]
+    assert len(capped) == 1 and "the most that helps" in capped[0] and "3 scenes" in capped[0], build.stderr
+    scenes = run_tool("make_scenes.py", "--scenes", 2, "--grid", 16, "--out", tmp_path / "sc", "--workers", 64)
+    assert scenes.returncode == 0, scenes.stderr
+    assert "--workers 64: using " in scenes.stderr and "2 scenes" in scenes.stderr, scenes.stderr
+
+
+def test_workers_end_quietly_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A killed command's workers cannot send their results: they end without a BrokenPipeError traceback."""
+    cmd = [sys.executable, str(REPO / "tools" / "make_scenes.py"), "--scenes", 2000, "--grid", 32]
+    cmd += ["--workers", 2, "--out", tmp_path / "sc"]
+    process = subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(p.is_dir() for p in tmp_path.glob(".sc.*/scene_*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the workers are writing scenes
+    process.kill()
+    _, stderr = process.communicate(timeout=60)  # stderr ends when the last worker has gone
+    assert "Traceback" not in stderr.decode() and "BrokenPipeError" not in stderr.decode(), stderr.decode()[-2000:]
+
+
+# -- gq scenes: a grid the machine cannot hold, --quiet ---------------------------------------------------------
+
+
+def test_scenes_refuses_a_grid_that_does_not_fit_in_memory(tmp_path: Path) -> None:
+    result = run_tool("make_scenes.py", "--scenes", 1, "--grid", 2000, "--out", tmp_path / "sc")
+    assert result.returncode == 2, (result.stderr, result.stdout)
+    [line] = result.stderr.strip().splitlines()
+    assert "--grid 2000: 1 worker(s) making scenes of 2000^3 voxels need about 512,000,000,000 bytes" in line
+    assert not (tmp_path / "sc").exists()
+
+
+def test_scenes_quiet_prints_no_progress_bar(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPO / "tools" / "make_scenes.py"), "--scenes", 3, "--grid", 16, "--workers", 1]
+    result = subprocess.run([*map(str, cmd), "--out", tmp_path / "sc", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "wrote 3 scenes" in result.stdout
+
+
+def test_a_scene_name_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src", scenes=2)
+    write_scene(source, "bad\nname", **random_scene(np.random.default_rng(0), 16, 4))
+    result = run_tool("make_shards.py", source, "--out", tmp_path / "ds", "--grid", 16, "--quiet")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "scene folder 'bad\\nname' has a control character ('\\n') in its name; rename it" in line
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_flipped_byte_in_a_labels_shard_is_blamed_on_the_labels_file(tmp_path: Path) -> None:
+    """A record's checksums cover its SDF and labels bytes together; the report names the file that changed."""
+    from gq.pipeline import open_loader
+
+    out, source = tmp_path / "ds", make_source(tmp_path / "src", scenes=4)
+    run_tool("make_shards.py", source, "--out", out, "--grid", 16, "--quiet", check=True)
+    path = out / "labels-00000.npy"
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 5] ^= 0xFF  # a grasp value of slot 0's first grasp
+    path.write_bytes(bytes(data))
+    problems = verify(out).problems
+    assert problems and all(p.startswith("labels-00000.npy: ") for p in problems), problems
+    with pytest.raises(DatasetError) as caught:
+        for _ in open_loader(out, split="train", mode="cache", device="cpu", grasps_per_scene=2, scenes_per_batch=1):
+            pass
+    assert str(caught.value).startswith(f"{path}: shard 0 slot 0 scene"), caught.value

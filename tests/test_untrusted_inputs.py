@@ -382,4 +382,42 @@ def test_fit_refuses_a_model_too_large_to_build(trained, tmp_path: Path) -> None
     config = ["--config", tmp_path / "big.yaml"]
     line = one_line(invoke("fit", "--shards", shards, "--out", tmp_path / "run", "-G", 4, *config), 2)
     assert f"--config {tmp_path / 'big.yaml'}: fc_dims 100000000000: " in line and "parameters" in line
+
+
+# -- issue 22: meshes checked before trimesh loads them, configs nested too deeply ----------------------------------
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "one_point"])
+def test_predict_refuses_a_mesh_with_a_non_finite_vertex_or_no_extent(
+    trained, tmp_path: Path, no_scoring: list, case: str
+) -> None:
+    """trimesh drops a vertex `v 0.1 nan 0.1` (and the faces using it) while loading, so the mesh must be checked
+    as written; a mesh whose vertices are all one point has no extent to scale by."""
+    _, _, ckpt = trained
+    obj = _box(tmp_path)
+    lines = obj.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("v "))
+    if case == "one_point":
+        lines = [("v 0.1 0.1 0.1" if line.startswith("v ") else line) for line in lines]
+    else:
+        lines[first] = f"v 0.1 {case} 0.1"
+    obj.write_text("\n".join(lines) + "\n")
+    np.save(tmp_path / "g.npy", np.zeros((4, 19), np.float32))
+    args = ["--mesh", obj, "--grasps", tmp_path / "g.npy", "--open-meshes", "winding", "--out", tmp_path / "p.parquet"]
+    line = one_line(invoke("predict", ckpt, *args), 2)
+    if case == "one_point":
+        assert f"{obj}: every vertex is at one point" in line
+    else:
+        assert f"{obj}: vertex 1 (line {first + 1}) has a non-finite coordinate (0.1 {case} 0.1)" in line
+    assert not (tmp_path / "p.parquet").exists() and not no_scoring
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_config_nested_too_deeply_is_one_line(trained, tmp_path: Path, suffix: str) -> None:
+    _, shards, _ = trained
+    depth = 100_000 if suffix == ".json" else 20_000
+    path = tmp_path / f"deep{suffix}"
+    path.write_text("[" * depth + "]" * depth)
+    line = one_line(invoke("fit", "--config", path, "--shards", shards, "--out", tmp_path / "run"), 2)
+    assert f"--config {path}: not valid {suffix[1:].upper()}" in line and "nested too deeply" in line
     assert not (tmp_path / "run").exists()

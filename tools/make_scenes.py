@@ -44,6 +44,7 @@ from gq.synth import format_summary, write_scenes
     is_flag=True,
     help="Write np.savez files instead of the seed's zlib-compressed np.savez_compressed ones.",
 )
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(
     scenes: int,
     out: Path,
@@ -53,6 +54,7 @@ def main(
     workers: int | None,
     overwrite: bool,
     uncompressed: bool,
+    quiet: bool,
 ) -> None:
     """Write SCENES synthetic scenes (SDF grid, grasps, scores) to OUT."""
     # ValueError: bad arguments or output directory; nothing was written either way
@@ -67,6 +69,7 @@ def main(
             workers=workers,
             overwrite=overwrite,
             compress=not uncompressed,
+            progress=not quiet,
         )
     click.echo(format_summary(summary))
 

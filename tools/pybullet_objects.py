@@ -26,7 +26,7 @@ from gq.meshes.pybullet import write_raw
 @click.option("--limit", type=int, default=None, help="Only the first N objects by name.")
 def main(out: Path, which: str, limit: int | None) -> None:
     """Copy pybullet_data meshes into OUT/<name>/mesh.obj."""
-    with one_line_errors((ImportError, 2)):
+    with one_line_errors():
         names = write_raw(out, which, limit)
     click.echo(f"wrote {len(names)} objects to {out}")
 

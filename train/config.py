@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import types
@@ -13,6 +12,7 @@ from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
 
 from gq.common.errors import UsageError
+from gq.common.inputs import InputError, parse_json, read_small_file
 from gq.common.options import flag, option
 from gq.models import GRID_DIVISOR, MODEL_KINDS, ModelSizeError, check_model_size
 from gq.pipeline import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_window
@@ -241,9 +241,13 @@ def read_config_file(path: str | Path, *, notes: list[str] | None = None) -> dic
     or added to `notes` for the caller to log."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_small_file(path, "--config").decode()
+    except InputError as err:
+        raise ConfigError(str(err)) from None
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot be read ({err.strerror}); give a YAML or JSON file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); give a YAML or JSON file") from None
     data = _parse(path, text)
     if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json
         extra = sorted(set(data) - {"options", "resolved", "versions"})
@@ -283,13 +287,15 @@ def _parse(path: Path, text: str) -> object:
     """JSON for a .json file, YAML otherwise; ConfigError says where the text stops making sense."""
     if path.suffix == ".json":
         try:
-            return json.loads(text)
+            return parse_json(text)
         except ValueError as err:
             raise ConfigError(f"--config {path}: not valid JSON ({err}); fix the file") from None
     import yaml  # only for YAML files: JSON needs no extra package
 
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"--config {path}: not valid YAML (nested too deeply to be read); fix the file") from None
     except yaml.YAMLError as err:  # its message spans lines; the mark says where
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

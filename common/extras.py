@@ -1,0 +1,26 @@
+"""Optional extras (setup.cfg's extras_require): their packages are imported only where a command uses them.
+
+So every `--help` works on a plain install, and a command that needs a missing extra ends with one line
+naming the install command, not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import UsageError
+
+
+class MissingExtraError(UsageError):
+    """A package of an optional extra that is not installed; `str()` names the pip command that installs it."""
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """`import module`, or MissingExtraError: "MODULE is not installed: pip install 'gq-pipeline[EXTRA]'"."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{module} is not installed; it comes with the {extra} extra: pip install 'gq-pipeline[{extra}]'"
+        ) from None
