@@ -38,6 +38,7 @@ import xxhash
 from .errors import GQError, UsageError
 from .files import check_writable, swap_in_dir, write_atomically
 from .files import exchange as _exchange
+from .inputs import parse_json, read_small_file
 
 RECORD = ".gq-owned.json"
 WHOLE_HASH_BYTES = 64 << 20  # a file up to this size is hashed whole; a larger one (a shard) by its ends
@@ -156,7 +157,7 @@ def read_record(folder: Path) -> Owned | None:
             raise OwnershipError(f"{path}: not a record file; remove it or choose another folder")
         return None
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(read_small_file(path, "ownership record"))  # bounded: a record lists a folder's entries
         tool, entries, files = data["tool"], data["entries"], data.get("files", {})
         if not (
             isinstance(tool, str)

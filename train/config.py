@@ -12,12 +12,11 @@ from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
 
 from gq.common.errors import UsageError
+from gq.common.extras import missing_extra
 from gq.common.inputs import InputError, parse_json, read_small_file
 from gq.common.options import flag, option
 from gq.models import GRID_DIVISOR, MODEL_KINDS, ModelSizeError, check_model_size
 from gq.pipeline import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_window
-
-from .tracking import missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +190,8 @@ class FitConfig:
             raise ConfigError(f"{name('fc_dims')} {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
         self._check_model_size(name)
         for key in ("tensorboard", "wandb"):  # before any data is read: a missing extra fails at once
-            if getattr(self, key) and (install := missing_extra(key)):
-                raise ConfigError(f"{name(key)}: the {key} package is not installed; {install}")
+            if getattr(self, key) and (missing := missing_extra(key, key)):
+                raise ConfigError(f"{name(key)}: {missing}")
 
     def _check_model_size(self, name: Callable[[str], str]) -> None:
         """ConfigError naming --base-channels or --fc-dims when the model would be too large to build even on the

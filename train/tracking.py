@@ -44,13 +44,6 @@ def hparams(options: dict) -> dict[str, int | float | str | bool]:
     return {k: v for k, v in flat.items() if v is not None}
 
 
-def missing_extra(name: str) -> str | None:
-    """ "pip install 'gq-pipeline[NAME]'" when the package of extra `name` is not installed, else None."""
-    from importlib.util import find_spec
-
-    return None if find_spec(name) else f"pip install 'gq-pipeline[{name}]'"
-
-
 def check_folder(folder: Path, what: str) -> None:
     """WriteError unless `folder` is, or can be made, a folder a tracker can write in: checked before the tracker
     opens, so a file put in its place or a read-only folder is one line saying what to fix (nothing of the
