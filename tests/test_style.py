@@ -72,3 +72,58 @@ def test_tests_share_one_dataset_factory_and_one_tmpfs_helper() -> None:
     others = [p for p in tests if p.name != "test_style.py"]  # this file names the commands it looks for
     mounting = [p.name for p in others if '"mount"' in p.read_text() or '"umount"' in p.read_text()]
     assert mounting == [], f"mount through helpers.tmpfs: {mounting}"
+
+
+# The repository's folders and the gq packages they install as (setup.cfg's package_dir).
+PACKAGES = ("common", "shards", "synth", "meshes", "models", "pipeline", "train", "tools", "benchmarks")
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """The gq modules `module` (at `path`) imports anywhere in its code, function bodies included; imports
+    for type checkers only (`if TYPE_CHECKING:`) and of its own package's __init__ are left out."""
+    package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            target = ".".join(p for p in (base, node.module) if p)
+            found |= {f"{target}.{alias.name}" for alias in node.names} | {target}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name for name in found if name.startswith("gq.") and name != package}
+
+
+def test_train_is_a_library_and_no_gq_modules_import_each_other_in_a_cycle() -> None:
+    """click lives in tools/ (and the benchmarks' commands): train/ is a library, and train/run.py a thin
+    entry point. Module imports form no cycle (config -> checkpoint -> rundir -> config was one)."""
+    modules = {
+        f"gq.{folder}" + ("" if path.stem == "__init__" else f".{path.stem}"): path
+        for folder in PACKAGES
+        for path in (REPO / folder).glob("*.py")
+    }
+    clicky = [p.name for p in (REPO / "train").glob("*.py") if "click" in _imports_of_anything(p)]
+    assert clicky == [], f"click in train/: {clicky}"
+    graph = {name: _imports(path, name) & modules.keys() for name, path in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
+
+    cycles = sorted(name for name in graph if reaches(name, name, set()))
+    assert cycles == [], f"modules in an import cycle: {cycles}"
+
+
+def _imports_of_anything(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports."""
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return {name.partition(".")[0] for name in names}
