@@ -65,7 +65,7 @@ class PlanSpec:
     """What shapes an epoch's batches, apart from the data and the epoch number."""
 
     scenes_per_batch: int
-    grasps_per_scene: int
+    grasps_per_sdf: int
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -75,8 +75,8 @@ class PlanSpec:
     def check(self) -> None:
         if self.scenes_per_batch < 1:
             raise ValueError(f"scenes_per_batch {self.scenes_per_batch}: a batch needs at least one scene")
-        if self.grasps_per_scene < 1:
-            raise ValueError(f"grasps per SDF (G) {self.grasps_per_scene}: a group needs at least one grasp")
+        if self.grasps_per_sdf < 1:
+            raise ValueError(f"grasps per SDF (G) {self.grasps_per_sdf}: a group needs at least one grasp")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} of world size {self.world_size}: need 0 <= rank < world_size")
         if self.seed < 0:
@@ -192,7 +192,7 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
 
 def _groups_per_rank(records: SplitRecords, spec: PlanSpec) -> np.ndarray:
     """Groups of G each rank's records make: the same every epoch."""
-    groups = -(-records.num_grasps.astype(np.int64) // spec.grasps_per_scene)
+    groups = -(-records.num_grasps.astype(np.int64) // spec.grasps_per_sdf)
     owner = records.owner(spec.world_size)
     return np.bincount(owner, weights=groups, minlength=spec.world_size).astype(np.int64)
 
@@ -237,7 +237,7 @@ def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Seg
     mine = np.flatnonzero(records.owner(spec.world_size) == spec.rank)
     mine = mine[np.lexsort((records.slot[mine], pos[records.shard[mine]]))]
     n = records.num_grasps[mine].astype(np.int64)
-    g = spec.grasps_per_scene
+    g = spec.grasps_per_sdf
 
     # Shuffle grasps within each scene: permute each row of a (scenes, max grasps) slot table, in
     # which missing slots are -1, then read the valid entries back row by row (no sort needed).
@@ -339,7 +339,7 @@ def left_after(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Se
     parts = []
     for rank in range(last.world_size):
         seg = PlanSpec(
-            spec.scenes_per_batch, spec.grasps_per_scene, spec.seed, rank, last.world_size, last.drop_last, spec.window
+            spec.scenes_per_batch, spec.grasps_per_sdf, spec.seed, rank, last.world_size, last.drop_last, spec.window
         )
         plan = make_plan(records, seg, epoch, tuple(before))
         if not 0 <= last.batches <= len(plan):

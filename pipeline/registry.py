@@ -44,7 +44,7 @@ def _what_would_give_batches(records: SplitRecords, spec: PlanSpec) -> str:
         return num_batches(records, replace(spec, rank=0, **change), all_ranks=True) > 0
 
     s = next((s for s in range(spec.scenes_per_batch - 1, 0, -1) if fits(scenes_per_batch=s)), None)
-    g = next((g for g in range(spec.grasps_per_scene - 1, 0, -1) if fits(grasps_per_scene=g)), None)
+    g = next((g for g in range(spec.grasps_per_sdf - 1, 0, -1) if fits(grasps_per_sdf=g)), None)
     w = next(
         (w for w in range(spec.world_size - 1, 0, -1) if fits(world_size=w, drop_last=spec.drop_last and w > 1)), None
     )

@@ -491,6 +491,6 @@ def test_a_flipped_byte_in_a_labels_shard_is_blamed_on_the_labels_file(tmp_path:
     problems = verify(out).problems
     assert problems and all(p.startswith("labels-00000.npy: ") for p in problems), problems
     with pytest.raises(DatasetError) as caught:
-        for _ in open_loader(out, split="train", mode="cache", device="cpu", grasps_per_scene=2, scenes_per_batch=1):
+        for _ in open_loader(out, split="train", mode="cache", device="cpu", grasps_per_sdf=2, scenes_per_batch=1):
             pass
     assert str(caught.value).startswith(f"{path}: shard 0 slot 0 scene"), caught.value
