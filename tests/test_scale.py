@@ -411,11 +411,11 @@ def test_a_restart_refused_by_the_lock_is_refused_again_and_never_resumes_that_r
     assert summary["stopped"] == "max_time" and summary["steps_this_process"] == summary["steps"] > 3, "its own"
     assert second.returncode != 0, second.stderr[-3000:]
     errors = _errors(second.stderr)
-    assert any("in use by another run" in line for line in errors), second.stderr[-3000:]
+    assert any("in use by another fit" in line for line in errors), second.stderr[-3000:]
     assert any("the run there is not this job's" in line for line in errors), second.stderr[-3000:]
     assert len(errors) <= 2 * 3 and not OUR_FRAME.search(second.stderr), second.stderr[-3000:]
     # every rank ends at once when torchrun stops an attempt (not torchrun's 30 s wait for SIGKILL, each time)
-    assert took < 90, f"three attempts took {took:.0f} s"
+    assert took < 100, f"three attempts took {took:.0f} s"  # a 30 s wait each would take 90 s plus start-ups
     # the same job once the run has ended: refused (it holds a run), and its restart never "resumes" that run
     kept = {name: (out / name).read_bytes() for name in ("summary.json", "curves.png", "last.pt", "metrics.jsonl")}
     again = _finish(_start(cmd), timeout=300)
