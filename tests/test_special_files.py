@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, REPO, make_dataset, make_source
+from helpers import FIXTURES, REPO, make_source
 
 SEED_CHECKPOINT = FIXTURES / "seed_gqestimator_c4_fc32-16.pth"
 
@@ -55,8 +55,8 @@ KINDS = ["fifo", "devzero"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("special"), 6, grid=16, grasps=8, seed=1, records_per_shard=2)
+def dataset(shared_dataset) -> Path:
+    return shared_dataset(6, grid=16, grasps=8, seed=1, records_per_shard=2)  # read only: tests link to its files
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -74,8 +74,8 @@ def test_tests_share_one_dataset_factory_and_one_tmpfs_helper() -> None:
     assert mounting == [], f"mount through helpers.tmpfs: {mounting}"
 
 
-# The repository's folders and the gq packages they install as (setup.cfg's package_dir).
-PACKAGES = ("common", "shards", "synth", "meshes", "models", "pipeline", "train", "tools", "benchmarks")
+# Every folder that installs as a gq package (setup.cfg's package_dir).
+GQ_FOLDERS = (*PACKAGES, "benchmarks")
 
 
 def _imports(path: Path, module: str) -> set[str]:
@@ -107,7 +107,7 @@ def test_train_is_a_library_and_no_gq_modules_import_each_other_in_a_cycle() -> 
     entry point. Module imports form no cycle (config -> checkpoint -> rundir -> config was one)."""
     modules = {
         f"gq.{folder}" + ("" if path.stem == "__init__" else f".{path.stem}"): path
-        for folder in PACKAGES
+        for folder in GQ_FOLDERS
         for path in (REPO / folder).glob("*.py")
     }
     clicky = [p.name for p in (REPO / "train").glob("*.py") if "click" in _imports_of_anything(p)]
