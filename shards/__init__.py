@@ -23,6 +23,7 @@ from .format import (  # noqa: E402
 )
 from .manifest import DatasetError, fingerprint, read_manifest  # noqa: E402
 from .reader import ShardReader  # noqa: E402
+from .shard_writer import ShardWriter  # noqa: E402
 from .source import SceneError, SourceError  # noqa: E402
 from .splits import SplitError  # noqa: E402
 from .verify import VerifyResult, verify  # noqa: E402
@@ -31,6 +32,7 @@ __all__ = [
     "BuildError",
     "BuildOptions",
     "build_shards",
+    "ShardWriter",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GRASP_DIM",
