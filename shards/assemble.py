@@ -10,13 +10,14 @@ on the order the scenes arrived in or on how many writers or parts made them.
 A scene is a dict, as the build's journal stores it: name, split, and either `reason` (skipped as bad) or
 its index fields (num_grasps, checksum, device_checksum, translation, global_scale) and the
 conversion error; the CRC-32s (`sdf_crc`, `labels_crc`) and score sums (`scores`) when known, else they
-are computed from the bytes `read` returns.
+are computed from the record's bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from gq.common.files import write_atomically
 from gq.common.ownership import write_record as write_ownership
 
 from . import __version__
+from .checksum import checksum
 from .crc import CRCAppender
 from .format import (
     FORMAT_NAME,
@@ -55,7 +57,7 @@ from .options import BuildOptions
 from .outdir import TOOL, BuildError, dataset_entries
 from .placement import place_scenes
 from .stats import ScoreSums, score_stats
-from .writer import commit_shard, create_shard, write_record
+from .writer import commit_shard, copy_record, create_shard, write_record
 
 INDEX_FIELDS = ("num_grasps", "checksum", "device_checksum", "translation", "global_scale")
 
@@ -78,20 +80,23 @@ def assemble(
     work: Path,
     opts: BuildOptions,
     scenes: list[dict],
-    read: Callable[[dict], tuple[bytes, bytes]],
+    locate: Callable[[dict], tuple[tuple[int, int], tuple[int, int]]],
     *,
     source: str,
     part: dict | None = None,
 ) -> dict:
     """Write the dataset of `scenes` into the build folder `work`; returns the build summary.
 
-    `read(scene)` gives a scene's record bytes (SDF, labels). `part` (index, count, splits digest) marks a
+    `locate(scene)` gives where a scene's record lies: (fd, offset) of its SDF and of its labels. A scene
+    with its CRC-32s is copied in the kernel; one without is read, checked against its index checksum
+    (`scene["where"]` names its dataset) and written. `part` (index, count, splits digest) marks a
     part of a dataset, recorded in the manifest for `merge`; a part may be empty and its scores all equal.
     """
     scenes = sorted(scenes, key=lambda s: s["name"])[: opts.limit]
     names, splits = [s["name"] for s in scenes], [s["split"] for s in scenes]
     placement = place_scenes(names, splits, opts.shuffle_seed, opts.records_per_shard)
     layout, r = opts.layout(), opts.records_per_shard
+    sizes = (layout.sdf_record_bytes, layout.labels_record_bytes)
     write_ownership(work, tool=TOOL, entries=dataset_entries(placement.num_shards))  # before the shards exist
     scene_at = placement.scene_at
     for k in range(placement.num_shards):
@@ -104,10 +109,16 @@ def assemble(
     for position, scene in enumerate(scene_at.tolist()):
         entry = scenes[scene] if scene >= 0 else None
         if entry is not None and "reason" not in entry:
-            sdf, labels = read(entry)
-            write_record(work, layout, position, sdf, labels)
-            record_crcs = (entry["sdf_crc"], entry["labels_crc"]) if "sdf_crc" in entry else None
-            record_crcs = record_crcs or (zlib.crc32(sdf), zlib.crc32(labels))
+            where = locate(entry)
+            if "sdf_crc" in entry:  # known: copied in the kernel, never read here
+                copy_record(work, layout, position, where)
+                record_crcs = (entry["sdf_crc"], entry["labels_crc"])
+            else:  # read, checked against the index's checksum, and written
+                sdf, labels = (os.pread(fd, size, offset) for (fd, offset), size in zip(where, sizes))
+                if checksum(sdf, labels) != entry["checksum"]:
+                    raise BuildError(f"{entry['where']}: the record of scene {entry['name']} fails its checksum")
+                write_record(work, layout, position, sdf, labels)
+                record_crcs = (zlib.crc32(sdf), zlib.crc32(labels))
             row = {"scene": scene, "name": entry["name"], "split": entry["split"], "shard": position // r}
             rows.append({**row, "slot": position % r, **{k: entry[k] for k in INDEX_FIELDS}})
             stats.conversion_error = max(stats.conversion_error, entry["conversion_error"])

@@ -247,17 +247,16 @@ class ShardWriter:
             "conversion_error": meta.conversion_error,
         }
 
-    def _read_spilled(self, entry: dict) -> tuple[bytes, bytes]:
+    def _locate(self, entry: dict) -> tuple[tuple[int, int], tuple[int, int]]:
         layout, slot = self.opts.layout(), entry["slot"]
-        sizes = (layout.sdf_record_bytes, layout.labels_record_bytes)
-        return tuple(os.pread(fd, size, slot * size) for fd, size in zip(self._fds, sizes))
+        return (self._fds[0], slot * layout.sdf_record_bytes), (self._fds[1], slot * layout.labels_record_bytes)
 
     def _finish(self) -> None:
         if not self._scenes and self.part is None:
             raise BuildError(f"--out {self.out}: no scenes were added; nothing to write")
         try:
             summary = assemble(
-                self._work, self.opts, self._scenes, self._read_spilled, source=self.source, part=self.part_record
+                self._work, self.opts, self._scenes, self._locate, source=self.source, part=self.part_record
             )
             self._close_files()
             for name in (JOURNAL, *SPILL):
