@@ -22,10 +22,11 @@ from .format import (  # noqa: E402
     SplitInfo,
 )
 from .manifest import DatasetError, fingerprint, read_manifest  # noqa: E402
+from .merge import merge_parts  # noqa: E402
 from .reader import ShardReader  # noqa: E402
 from .shard_writer import ShardWriter  # noqa: E402
 from .source import SceneError, SourceError  # noqa: E402
-from .splits import SplitError  # noqa: E402
+from .splits import SplitError, part_of  # noqa: E402
 from .verify import VerifyResult, verify  # noqa: E402
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "BuildOptions",
     "build_shards",
     "ShardWriter",
+    "merge_parts",
+    "part_of",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GRASP_DIM",

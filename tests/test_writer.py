@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_source, random_scene, tree_bytes, write_scene
+from helpers import invoke, load_tool, make_source, random_scene, tree_bytes, write_scene
 
-from gq.shards import BuildOptions, SceneError, ShardWriter, build_shards, verify
+from gq.shards import BuildOptions, SceneError, ShardReader, ShardWriter, build_shards, part_of, verify
+from gq.shards.format import HEADER_BYTES
 from gq.shards.outdir import BuildError
 
 GRID = 16
@@ -139,3 +140,118 @@ def test_exception_inside_the_block_leaves_the_old_dataset_and_nothing_else(tmp_
     ):  # an empty block writes nothing either
         pass
     assert _siblings(out) == ["out"]
+
+
+# --- parts and merge ------------------------------------------------------------------------------
+
+MAKE, MERGE = load_tool("make_shards.py").main, load_tool("merge_shards.py").main
+PART_FLAGS = ("--grid", GRID, "--max-grasps", 24, "--records-per-shard", 4, "--skip-bad", "--quiet")
+
+
+def _build(src: Path, out: Path, *flags) -> None:
+    result = invoke(MAKE, src, "--out", out, "--workers", 2, *PART_FLAGS, *flags, name="gq shards build")
+    assert result.returncode == 0, result.stderr
+
+
+def _merge(parts: list[Path], out: Path):
+    return invoke(MERGE, *parts, "--out", out, name="gq shards merge")
+
+
+@pytest.fixture(scope="module")
+def single(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single build of every scene, which merged parts must equal byte for byte."""
+    out = tmp_path_factory.mktemp("single") / "ds"
+    _build(source, out)
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 3, 7])
+def test_parts_merged_in_any_order_equal_the_single_build(count: int, source: Path, single: Path, tmp_path: Path):
+    parts = [tmp_path / f"part{i}" for i in range(count)]
+    for i, part in enumerate(parts):
+        _build(source, part, "--part", f"{i}/{count}")
+        assert verify(part).problems == []  # each part is a complete dataset of its own
+    sizes = [ShardReader(part).num_scenes for part in parts]
+    assert sum(sizes) == 30 and (count == 1 or len(set(sizes)) > 1)  # uneven parts
+    np.random.default_rng(count).shuffle(parts)
+    result = _merge(parts, tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(tmp_path / "merged") == tree_bytes(single)
+
+
+def test_writer_parts_with_empty_ones_merge_to_the_single_build(source: Path, single: Path, tmp_path: Path) -> None:
+    """40 parts of 31 scenes (one bad): some parts are empty, and are complete datasets all the same."""
+    scenes, count = _scenes(source), 40
+    options = {"grid": GRID, "max_grasps": 24, "records_per_shard": 4, "skip_bad": True}
+    parts = [tmp_path / f"part{i}" for i in range(count)]
+    for i, part in enumerate(parts):
+        with ShardWriter(out=part, part=(i, count), source=str(source.resolve()), **options) as w:
+            for name in [n for n in scenes if part_of(n, count) == i]:
+                w.add(name, **scenes[name])
+    empty = [part for part in parts if ShardReader(part).num_scenes == 0]
+    assert empty and all(verify(part).problems == [] for part in empty)
+    result = _merge(parts[::-1], tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(tmp_path / "merged") == tree_bytes(single)
+
+
+def _refusal(case: str, source: Path, tmp_path: Path) -> tuple[list[Path], str]:
+    """Two parts of a build, one of them made wrong in the way `case` names; the words the refusal must hold."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _build(source, a, "--part", "0/2")
+    flags = {
+        "grid": ("--grid", 8),
+        "dtype": ("--dtype", "float32"),
+        "records_per_shard": ("--records-per-shard", 8),
+        "seed": ("--shuffle-seed", 5),
+    }
+    if case in flags:
+        result = invoke(MAKE, source, "--out", b, "--overwrite", "--workers", 2, "--part", "1/2", "--quiet",
+                        *PART_FLAGS, *flags[case], name="gq shards build")  # fmt: skip
+        if case == "grid":  # the source's grids are 16^3: a part of 8^3 grids holds only skipped scenes
+            assert result.returncode == 0, result.stderr
+        return [a, b], f"--{flags[case][0][2:]}"
+    if case == "splits":
+        names = sorted(p.name for p in source.iterdir())
+        splits = tmp_path / "splits.json"
+        splits.write_text(json.dumps({"train": names[:25], "val": names[25:], "test": []}))
+        _build(source, b, "--part", "1/2", "--splits", splits)
+        return [a, b], "--splits"
+    if case == "scene_in_two":
+        scenes = _scenes(source)
+        with ShardWriter(out=b, part=(1, 2), source=str(source.resolve()), grid=GRID, max_grasps=24,
+                         records_per_shard=4, skip_bad=True) as w:  # fmt: skip
+            for name in scenes:
+                w.add(name, **scenes[name])
+        return [a, b], "a scene belongs to one part"
+    _build(source, b, "--part", "1/2")
+    if case == "missing":
+        return [a], "part 1 of 2 is missing"
+    if case == "twice":
+        c = tmp_path / "c"
+        _build(source, c, "--part", "1/2")
+        return [a, b, c], "both part 1 of 2"
+    if case == "damaged_record":  # a flipped byte in a record: found by the checksum as it is copied
+        path = b / "sdf-00000.npy"
+        data = bytearray(path.read_bytes())
+        data[HEADER_BYTES + 100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return [a, b], "fails its checksum"
+    if case == "damaged_index":
+        (b / "scenes.parquet").write_bytes(b"not an index")
+        return [a, b], "fails its checks"
+    raise AssertionError(case)
+
+
+REFUSALS = ["grid", "dtype", "records_per_shard", "seed", "splits", "scene_in_two", "missing", "twice",
+            "damaged_record", "damaged_index"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_merge_refuses_in_one_line_and_writes_nothing(case: str, source: Path, tmp_path: Path) -> None:
+    parts, expected = _refusal(case, source, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _merge(parts, tmp_path / "merged")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (result.returncode, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no build folder, no lock
