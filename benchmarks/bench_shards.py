@@ -7,7 +7,8 @@ input kind it measures
 (a) the decode floor: np.load of every input with K worker processes,
 (b) make_shards end to end (build_shards with K workers, in this process), and ShardWriter fed the same
     scenes from memory (decoded beforehand: what a simulator pushing its results costs),
-(c) reading every SDF back: from the shards (one mmap per shard) vs from the scene.npz files.
+(c) reading every SDF back: from the shards (one mmap per shard) vs from the scene.npz files,
+(d) gq shards merge of the same scenes built in 4 parts, against a plain copy of the parts' files.
 Each timing is the best of --repeat runs; inputs are in the page cache for all of them.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from gq.common.files import write_atomically
 from gq.common.table import format_table
-from gq.shards import BuildOptions, ShardReader, ShardWriter, build_shards
+from gq.shards import BuildOptions, ShardReader, ShardWriter, build_shards, merge_parts
 from gq.synth import write_scenes
 
 
@@ -61,6 +62,7 @@ def _read_npz(paths: list[Path]) -> int:
 
 
 INPUT_KINDS = ("compressed", "uncompressed")
+PARTS = 4
 
 
 def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, grasps: int, repeat: int) -> dict:
@@ -99,6 +101,21 @@ def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, gra
     make_s = _best(make, repeat)
     push_s = _best(push, repeat)
     scenes_in_memory.clear()  # the decoded scenes are not needed for (c)
+    parts = [root / f"part{i}" for i in range(PARTS)]
+    for i, part in enumerate(parts):
+        build_shards(src, part, BuildOptions(grid=grid, max_grasps=grasps), workers=workers, progress=False,
+                     part=(i, PARTS))  # fmt: skip
+
+    def merge() -> None:
+        merge_parts(parts, root / "merged", overwrite=True)
+
+    def copy() -> None:
+        shutil.rmtree(root / "copied", ignore_errors=True)
+        for i, part in enumerate(parts):
+            shutil.copytree(part, root / "copied" / str(i))
+
+    merge_s = _best(merge, repeat)
+    copy_s = _best(copy, repeat)
     read_shards_s = _best(lambda: _read_shards(out), repeat)
     read_npz_s = _best(lambda: _read_npz(paths), repeat)
     files = [p for p in out.iterdir() if p.is_file()]
@@ -110,6 +127,9 @@ def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, gra
         "make_shards_s": make_s,
         "make_over_floor": make_s / floor_s,
         "writer_from_memory_s": push_s,
+        "merge_4_parts_s": merge_s,
+        "copy_4_parts_s": copy_s,
+        "merge_over_copy": merge_s / copy_s,
         "read_shards_s": read_shards_s,
         "read_npz_s": read_npz_s,
         "read_speedup": read_npz_s / read_shards_s,
@@ -174,6 +194,18 @@ def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_pa
                 "    read all SDFs from scene.npz",
                 f"{r['read_npz_s']:.3f} s",
                 f"{scenes / r['read_npz_s']:,.0f} scenes/s",
+                "",
+            ),
+            (
+                f"(d) gq shards merge of {PARTS} parts",
+                f"{r['merge_4_parts_s']:.3f} s",
+                f"{scenes / r['merge_4_parts_s']:,.0f} scenes/s",
+                f"{r['merge_over_copy']:.2f} x plain copy",
+            ),
+            (
+                "    plain copy of the parts' files",
+                f"{r['copy_4_parts_s']:.3f} s",
+                f"{scenes / r['copy_4_parts_s']:,.0f} scenes/s",
                 "",
             ),
             (
