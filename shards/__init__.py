@@ -1,6 +1,7 @@
 """The shard format: SDF grids and grasp labels in fixed-size, memory-mappable NPY shards.
 
-Written by `build_shards` (through `writer.py`), read by `ShardReader`, described by
+Written by `ShardWriter` (pushed scenes; `build_shards` is a loop over it, `merge_parts` joins parts; both
+place records through `assemble.py`), read by `ShardReader`, described by
 `manifest.json` (typed as `Manifest`) and indexed by `scenes.parquet`. NumPy and pyarrow only: no torch, no DALI.
 """
 

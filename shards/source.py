@@ -53,8 +53,8 @@ class Record:
     """One scene converted to the shard's layout, plus what the manifest and index need."""
 
     name: str
-    sdf: memoryview  # (D,D,D) in the shard dtype, C order (dropped before crossing processes)
-    labels: memoryview  # (max_grasps, 20) float32; unused slots: zeros, NaN score
+    sdf: memoryview | bytes  # (D,D,D) in the shard dtype, C order (bytes when it crosses processes)
+    labels: memoryview | bytes  # (max_grasps, 20) float32; unused slots: zeros, NaN score
     num_grasps: int
     checksum: int  # XXH3-64 of sdf then labels: the index's per-record checksum
     device_checksum: int  # the same bytes' word hash, checked on GPUs (shards/checksum.py)
