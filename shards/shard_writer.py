@@ -96,7 +96,7 @@ class ShardWriter:
         overwrite: bool = False,
         part: tuple[int, int] | None = None,
         source: str = "ShardWriter",
-        **options,
+        **options: object,
     ):
         self._setup(out, part, source, options)
         self._build = BesideBuild(self.out, tool=TOOL, overwrite=overwrite)  # checks `out` now, before any work
