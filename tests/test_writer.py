@@ -4,11 +4,12 @@ one line naming the scene on bad input, and nothing left behind by an exception 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import invoke, load_tool, make_source, random_scene, tree_bytes, write_scene
+from helpers import invoke, load_tool, random_scene, tree_bytes, write_scene
 
 from gq.shards import BuildOptions, SceneError, ShardReader, ShardWriter, build_shards, part_of, verify
 from gq.shards.format import HEADER_BYTES
@@ -31,9 +32,10 @@ def _siblings(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 scenes, one of them with a NaN score (skipped with skip_bad), and a splits file naming them."""
-    src = make_source(tmp_path_factory.mktemp("writer") / "src", scenes=30)
+def source(shared_dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared 30 scenes and one with a NaN score (skipped with skip_bad), and a splits file naming them."""
+    src = tmp_path_factory.mktemp("writer") / "src"
+    shutil.copytree(shared_dataset(30, grid=GRID, grasps=(3, 24), seed=0).parent / "scenes", src)
     bad = random_scene(np.random.default_rng(3), GRID, 5)
     bad["scores"][2] = np.nan
     write_scene(src, "scene_bad", **bad)
