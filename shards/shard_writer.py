@@ -20,14 +20,14 @@ import json
 import os
 import sys
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from gq.common.ownership import BesideBuild
 
-from .assemble import assemble
+from .assemble import INDEX_FIELDS, assemble
 from .format import BUILD_DIR, FORMAT_NAME, FORMAT_VERSION, SPLITS
 from .options import BuildOptions
 from .outdir import JOURNAL, SPILL, TOOL, BuildError, dataset_entries
@@ -175,8 +175,13 @@ class ShardWriter:
         with skip_bad, is listed in skipped.jsonl)."""
         check_name(name)
         where = f"scene {name!r}"
-        arrays = {"sdf": sdf, "grasps": grasps, "scores": scores, "translation": translation}
-        arrays["global_scale"] = global_scale
+        arrays = {
+            "sdf": sdf,
+            "grasps": grasps,
+            "scores": scores,
+            "translation": translation,
+            "global_scale": global_scale,
+        }
         try:
             checked = check_arrays(where, arrays, grid=self.opts.grid, max_grasps=self.opts.max_grasps)
             result = to_record(where, name, checked, self.opts.dtype, self.opts.max_grasps)
@@ -234,17 +239,15 @@ class ShardWriter:
         except OSError as err:
             raise disk_error(err, self.out) from None
         self._spilled += 1
-        meta = replace(record, sdf=b"", labels=b"")
         return {
             "name": name,
             "split": split,
             "slot": slot,
-            **{k: getattr(meta, k) for k in ("num_grasps", "checksum", "device_checksum", "translation")},
-            "global_scale": meta.global_scale,
-            "sdf_crc": meta.sdf_crc,
-            "labels_crc": meta.labels_crc,
-            "scores": asdict(meta.scores),
-            "conversion_error": meta.conversion_error,
+            **{k: getattr(record, k) for k in INDEX_FIELDS},
+            "sdf_crc": record.sdf_crc,
+            "labels_crc": record.labels_crc,
+            "scores": asdict(record.scores),
+            "conversion_error": record.conversion_error,
         }
 
     def _locate(self, entry: dict) -> tuple[tuple[int, int], tuple[int, int]]:
