@@ -5,8 +5,10 @@ Makes N synthetic scenes in the seed's layout in a temporary directory, twice: z
 (np.savez_compressed, as the seed's preprocessing writes them) and uncompressed (np.savez). For each
 input kind it measures
 (a) the decode floor: np.load of every input with K worker processes,
-(b) make_shards end to end (build_shards with K workers, in this process),
-(c) reading every SDF back: from the shards (one mmap per shard) vs from the scene.npz files.
+(b) make_shards end to end (build_shards with K workers, in this process), and ShardWriter fed the same
+    scenes from memory (decoded beforehand: what a simulator pushing its results costs),
+(c) reading every SDF back: from the shards (one mmap per shard) vs from the scene.npz files,
+(d) gq shards merge of the same scenes built in 4 parts, against a plain copy of the parts' files.
 Each timing is the best of --repeat runs; inputs are in the page cache for all of them.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from gq.common.files import write_atomically
 from gq.common.table import format_table
-from gq.shards import BuildOptions, ShardReader, build_shards
+from gq.shards import BuildOptions, ShardReader, ShardWriter, build_shards, merge_parts
 from gq.synth import write_scenes
 
 
@@ -60,6 +62,7 @@ def _read_npz(paths: list[Path]) -> int:
 
 
 INPUT_KINDS = ("compressed", "uncompressed")
+PARTS = 4
 
 
 def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, grasps: int, repeat: int) -> dict:
@@ -84,8 +87,35 @@ def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, gra
         shutil.rmtree(out, ignore_errors=True)
         build_shards(src, out, BuildOptions(grid=grid, max_grasps=grasps), workers=workers, progress=False)
 
+    scenes_in_memory = []
+    for path in paths:
+        with np.load(path) as z:
+            scenes_in_memory.append((path.parent.name, {k: z[k] for k in z.files}))
+
+    def push() -> None:
+        with ShardWriter(out=out, overwrite=True, grid=grid, max_grasps=grasps) as w:
+            for name, arrays in scenes_in_memory:
+                w.add(name, **arrays)
+
     floor_s = _best(decode_floor, repeat)
     make_s = _best(make, repeat)
+    push_s = _best(push, repeat)
+    scenes_in_memory.clear()  # the decoded scenes are not needed for (c)
+    parts = [root / f"part{i}" for i in range(PARTS)]
+    for i, part in enumerate(parts):
+        build_shards(src, part, BuildOptions(grid=grid, max_grasps=grasps), workers=workers, progress=False,
+                     part=(i, PARTS))  # fmt: skip
+
+    def merge() -> None:
+        merge_parts(parts, root / "merged", overwrite=True)
+
+    def copy() -> None:
+        shutil.rmtree(root / "copied", ignore_errors=True)
+        for i, part in enumerate(parts):
+            shutil.copytree(part, root / "copied" / str(i))
+
+    merge_s = _best(merge, repeat)
+    copy_s = _best(copy, repeat)
     read_shards_s = _best(lambda: _read_shards(out), repeat)
     read_npz_s = _best(lambda: _read_npz(paths), repeat)
     files = [p for p in out.iterdir() if p.is_file()]
@@ -96,6 +126,10 @@ def _bench(root: Path, compress: bool, scenes: int, workers: int, grid: int, gra
         "decode_floor_s": floor_s,
         "make_shards_s": make_s,
         "make_over_floor": make_s / floor_s,
+        "writer_from_memory_s": push_s,
+        "merge_4_parts_s": merge_s,
+        "copy_4_parts_s": copy_s,
+        "merge_over_copy": merge_s / copy_s,
         "read_shards_s": read_shards_s,
         "read_npz_s": read_npz_s,
         "read_speedup": read_npz_s / read_shards_s,
@@ -145,6 +179,12 @@ def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_pa
                 f"{r['make_over_floor']:.2f} x floor (target <= 1.5)",
             ),
             (
+                "    ShardWriter fed from memory, 1 process",
+                f"{r['writer_from_memory_s']:.3f} s",
+                f"{scenes / r['writer_from_memory_s']:,.0f} scenes/s",
+                "",
+            ),
+            (
                 "(c) read all SDFs from shards",
                 f"{r['read_shards_s']:.3f} s",
                 f"{scenes / r['read_shards_s']:,.0f} scenes/s",
@@ -154,6 +194,18 @@ def main(scenes: int, workers: int, grid: int, grasps: int, repeat: int, json_pa
                 "    read all SDFs from scene.npz",
                 f"{r['read_npz_s']:.3f} s",
                 f"{scenes / r['read_npz_s']:,.0f} scenes/s",
+                "",
+            ),
+            (
+                f"(d) gq shards merge of {PARTS} parts",
+                f"{r['merge_4_parts_s']:.3f} s",
+                f"{scenes / r['merge_4_parts_s']:,.0f} scenes/s",
+                f"{r['merge_over_copy']:.2f} x plain copy",
+            ),
+            (
+                "    plain copy of the parts' files",
+                f"{r['copy_4_parts_s']:.3f} s",
+                f"{scenes / r['copy_4_parts_s']:,.0f} scenes/s",
                 "",
             ),
             (

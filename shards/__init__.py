@@ -1,6 +1,7 @@
 """The shard format: SDF grids and grasp labels in fixed-size, memory-mappable NPY shards.
 
-Written by `build_shards` (through `writer.py`), read by `ShardReader`, described by
+Written by `ShardWriter` (pushed scenes; `build_shards` is a loop over it, `merge_parts` joins parts; both
+place records through `assemble.py`), read by `ShardReader`, described by
 `manifest.json` (typed as `Manifest`) and indexed by `scenes.parquet`. NumPy and pyarrow only: no torch, no DALI.
 """
 
@@ -22,15 +23,20 @@ from .format import (  # noqa: E402
     SplitInfo,
 )
 from .manifest import DatasetError, fingerprint, read_manifest  # noqa: E402
+from .merge import merge_parts  # noqa: E402
 from .reader import ShardReader  # noqa: E402
+from .shard_writer import ShardWriter  # noqa: E402
 from .source import SceneError, SourceError  # noqa: E402
-from .splits import SplitError  # noqa: E402
+from .splits import SplitError, part_of  # noqa: E402
 from .verify import VerifyResult, verify  # noqa: E402
 
 __all__ = [
     "BuildError",
     "BuildOptions",
     "build_shards",
+    "ShardWriter",
+    "merge_parts",
+    "part_of",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GRASP_DIM",

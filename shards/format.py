@@ -399,7 +399,7 @@ class Manifest:
         for key, low in (
             ("max_grasps", 1),
             ("records_per_shard", 1),
-            ("num_shards", 1),
+            ("num_shards", 0 if isinstance(self.made_by.args.get("part"), dict) else 1),  # a part may be empty
             ("num_scenes", 0),
             ("num_records", 0),
             ("source_scenes", 0),

@@ -17,6 +17,7 @@ from gq.common.ownership import noted_temporary
 from .format import BUILD_DIR, INDEX, MANIFEST, SKIPPED
 
 JOURNAL = "journal.jsonl"
+SPILL = ("spill-sdf.bin", "spill-labels.bin")  # in BUILD_DIR: records in arrival order (`ShardWriter`)
 TOOL = "make_shards"
 
 
@@ -32,4 +33,4 @@ def unfinished_build(out: Path) -> Path | None:
 def dataset_entries(num_shards: int) -> list[str]:
     """What a build of `num_shards` shards writes: the entries of its ownership record."""
     shards = [f"{kind}-{k:05d}.npy" for k in range(num_shards) for kind in ("sdf", "labels")]
-    return [*shards, MANIFEST, INDEX, SKIPPED, f"{BUILD_DIR}/{JOURNAL}"]
+    return [*shards, MANIFEST, INDEX, SKIPPED, *(f"{BUILD_DIR}/{name}" for name in (JOURNAL, *SPILL))]

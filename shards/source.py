@@ -35,7 +35,7 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 class SceneError(UsageError):
     """A scene file that cannot go into a dataset; `str()` is the one-line reason."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path | str, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
@@ -53,8 +53,8 @@ class Record:
     """One scene converted to the shard's layout, plus what the manifest and index need."""
 
     name: str
-    sdf: memoryview  # (D,D,D) in the shard dtype, C order (dropped before crossing processes)
-    labels: memoryview  # (max_grasps, 20) float32; unused slots: zeros, NaN score
+    sdf: memoryview | bytes  # (D,D,D) in the shard dtype, C order (bytes when it crosses processes)
+    labels: memoryview | bytes  # (max_grasps, 20) float32; unused slots: zeros, NaN score
     num_grasps: int
     checksum: int  # XXH3-64 of sdf then labels: the index's per-record checksum
     device_checksum: int  # the same bytes' word hash, checked on GPUs (shards/checksum.py)
@@ -90,7 +90,7 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
                 f"SOURCE {source}: scene folder {os.fsencode(p.name)!r} is not a UTF-8 name; "
                 "rename it (scene names are stored as text in the index)"
             ) from None
-        control = next((c for c in p.name if unicodedata.category(c) == "Cc"), None)
+        control = control_character(p.name)
         if control is not None:
             raise SourceError(
                 f"SOURCE {source}: scene folder {p.name!r} has a control character ({control!r}) in its name; "
@@ -98,6 +98,11 @@ def list_scenes(source: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
             )
         names.append(p.name)
     return sorted(names)
+
+
+def control_character(name: str) -> str | None:
+    """The first control character of a scene name, if any: a name is printed in reports and written one a line."""
+    return next((c for c in name if unicodedata.category(c) == "Cc"), None)
 
 
 def _header_of(path: Path, f, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -109,9 +114,13 @@ def _header_of(path: Path, f, key: str) -> tuple[tuple[int, ...], bool, np.dtype
         header = np.lib.format.read_array_header_2_0(f)
     else:
         raise SceneError(path, f"'{key}' has NPY version {version}, expected 1.0 or 2.0")
-    if header[2].kind != "f":
-        raise SceneError(path, f"'{key}' has dtype {header[2]}, expected a floating-point array")
+    _floating(path, key, header[2])
     return header
+
+
+def _floating(path: Path, key: str, dtype: np.dtype) -> None:
+    if dtype.kind != "f":
+        raise SceneError(path, f"'{key}' has dtype {dtype}, expected a floating-point array")
 
 
 def _read_data(
@@ -230,10 +239,26 @@ def read_npy(path: Path, *, key: str) -> np.ndarray:
         raise SceneError(path, f"unreadable .npy ({type(err).__name__}: {err})") from None
 
 
+def check_arrays(path: Path | str, arrays: dict[str, np.ndarray], *, grid: int, max_grasps: int) -> dict:
+    """The checks `read_scene` applies to a file's arrays, for arrays given in memory (`ShardWriter.add`):
+    float dtypes, shapes for `grid` and `max_grasps`, finite values; `path` names the scene in the error."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
+    for key, array in arrays.items():
+        _floating(path, key, array.dtype)
+    _check_shapes(
+        path, {k: a.shape for k, a in arrays.items()}, grid=grid, max_grasps=max_grasps, grid_of=f"grid {grid}"
+    )
+    return {k: finite(path, k, a) for k, a in arrays.items()}
+
+
 def load_record(source: Path, name: str, grid: int, dtype: str, max_grasps: int) -> Record:
     """Load `source/name/scene.npz`, check it (`read_scene`: headers first, then values), convert it to a record."""
     path = source / name / SCENE_FILE
-    arrays = read_scene(path, grid=grid, max_grasps=max_grasps)
+    return to_record(path, name, read_scene(path, grid=grid, max_grasps=max_grasps), dtype, max_grasps)
+
+
+def to_record(path: Path | str, name: str, arrays: dict[str, np.ndarray], dtype: str, max_grasps: int) -> Record:
+    """Checked arrays of one scene converted to its record: the stored bytes, their checksums and statistics."""
     n = len(arrays["grasps"])
     sdf = arrays["sdf"]
 

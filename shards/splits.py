@@ -26,6 +26,19 @@ def hash_split(name: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < test_fraction + val_fraction else "train"
 
 
+def part_of(name: str, count: int) -> int:
+    """The part (0 .. count-1) of a scene in a build made in `count` parts: a hash of the name alone, so every
+    task of a cluster array agrees on it without talking to the others."""
+    return int.from_bytes(hashlib.sha256(f"part\0{name}".encode()).digest()[:8], "big") % count
+
+
+def splits_digest(splits: str | None) -> str | None:
+    """SHA-256 of a splits file's bytes (None without one): its content decides placement, not its name."""
+    if splits is None:
+        return None
+    return hashlib.sha256(read_splits_file(Path(splits))).hexdigest()
+
+
 def read_splits_file(path: Path) -> bytes:
     """The bytes of a splits file (a regular file of at most MAX_TEXT_BYTES); SplitError names it otherwise."""
     try:

@@ -9,6 +9,7 @@ never written; its labels are written as empty records).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -52,6 +53,30 @@ def write_record(out: Path, layout: Layout, position: int, sdf: bytes | None, la
         fd = os.open(temporary(path), os.O_WRONLY)
         try:
             os.pwrite(fd, data, HEADER_BYTES + slot * record)
+        finally:
+            os.close(fd)
+
+
+def copy_record(out: Path, layout: Layout, position: int, sources: tuple[tuple[int, int], tuple[int, int]]) -> None:
+    """Copy one record into its shard's temporary files from (fd, offset) of its SDF and of its labels elsewhere
+    (a spill file): in the kernel (`copy_file_range`), or through memory where the file system cannot."""
+    shard, slot = divmod(position, layout.records_per_shard)
+    for path, (src, offset), record in zip(
+        shard_paths(out, shard), sources, (layout.sdf_record_bytes, layout.labels_record_bytes)
+    ):
+        fd = os.open(temporary(path), os.O_WRONLY)
+        try:
+            done, target = 0, HEADER_BYTES + slot * record
+            while done < record:
+                try:
+                    n = os.copy_file_range(src, fd, record - done, offset + done, target + done)
+                except OSError as err:
+                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    n = os.pwrite(fd, os.pread(src, record - done, offset + done), target + done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"record source ended after {done} of {record} bytes", path.name)
+                done += n
         finally:
             os.close(fd)
 

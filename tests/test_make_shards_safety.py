@@ -197,7 +197,7 @@ def test_killed_rebuild_keeps_old_dataset_and_resumes_byte_identical(tmp_path: P
     old = tree_bytes(out)
     _kill(_stalled_build(src, out, "--overwrite"))
     assert tree_bytes(out) == old and verify(out).problems == []  # SIGKILL mid-rebuild: the old dataset is whole
-    assert list(staging(out).glob(".*.tmp"))
+    assert (staging(out) / ".build" / "spill-sdf.bin").stat().st_size  # the spilled records, kept for --resume
     refused = one_line(make(src, out, "--records-per-shard", 4))
     assert "--resume" in refused
     resumed = make(src, out, "--records-per-shard", 4, "--resume")
@@ -211,7 +211,7 @@ def test_resume_refuses_a_changed_source_scene(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _kill(_stalled_build(src, out))
     journal = (staging(out) / ".build" / "journal.jsonl").read_text().splitlines()
-    kept = json.loads(journal[1])["sources"][0]["name"]  # a scene of the first journalled shard
+    kept = json.loads(journal[1])["source"]["name"]  # the first journalled scene
     write_scene(src, kept, **random_scene(np.random.default_rng(7), GRID, 5))
     before = tree_bytes(staging(out))
     line = one_line(make(src, out, "--records-per-shard", 4, "--resume"))
@@ -441,7 +441,7 @@ def test_resume_refuses_a_changed_scene_list_or_splits_file(change: str, tmp_pat
     old = tree_bytes(out)
     _kill(_stalled_build(src, out, "--splits", splits, "--overwrite"))
     journal = (staging(out) / ".build" / "journal.jsonl").read_text().splitlines()
-    read = {s["name"] for line in journal[1:] for s in json.loads(line)["sources"]}
+    read = {json.loads(line)["source"]["name"] for line in journal[1:]}
     if change == "scene_added":
         write_scene(src, "scene_030", **random_scene(np.random.default_rng(5), GRID, 4))
         splits.write_text(splits.read_text().replace('"scene_029"', '"scene_029", "scene_030"'))

@@ -23,9 +23,10 @@ COMMANDS: dict = {
     "import-meshes": "gq.tools.import_meshes:main",
     "pybullet-objects": "gq.tools.pybullet_objects:main",
     "shards": {
-        "_help": "Build and verify shard datasets.",
+        "_help": "Build, merge and verify shard datasets.",
         "build": "gq.tools.make_shards:main",
         "verify": "gq.tools.verify_shards:cli",
+        "merge": "gq.tools.merge_shards:main",
     },
     "fit": "gq.tools.training:fit_cmd",
     "compare": "gq.tools.training:compare_cmd",

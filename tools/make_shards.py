@@ -12,17 +12,17 @@ from gq.common.table import format_table
 from gq.shards import BuildOptions, build_shards
 
 
-def _summary(s: dict, wall_s: float) -> str:
+def summary_text(s: dict, wall_s: float) -> str:
+    """What `gq shards build` and `gq shards merge` print: counts per split, shards, bytes, scores, time."""
     st = s["score_stats"]
     lines = [f"dataset   {s['out']}"]
     rows = [(split, f"{c['scenes']:,} scenes", f"{c['grasps']:,} grasps") for split, c in s["splits"].items()]
     lines += format_table([("", "<6"), ("", ">15"), ("", ">18")], rows, sep="  ", header=False)
+    per_shard = s["records"] // s["shards"] if s["shards"] else 0  # an empty part has no shards
+    lines.append(f"shards    {s['shards']} x {per_shard} records ({s['records'] - s['scenes']} padding)")
+    per_scene = f"{s['bytes_on_disk'] / s['scenes'] / 1e3:,.1f} kB/scene; " if s["scenes"] else ""
     lines.append(
-        f"shards    {s['shards']} x {s['records'] // s['shards']} records ({s['records'] - s['scenes']} padding)"
-    )
-    lines.append(
-        f"on disk   {s['bytes_on_disk'] / 1e6:,.1f} MB ({s['bytes_on_disk'] / s['scenes'] / 1e3:,.1f} kB/scene; "
-        f"apparent size {s['bytes_apparent'] / 1e6:,.1f} MB)"
+        f"on disk   {s['bytes_on_disk'] / 1e6:,.1f} MB ({per_scene}apparent size {s['bytes_apparent'] / 1e6:,.1f} MB)"
     )
     if st["count"]:
         lines.append(
@@ -33,6 +33,16 @@ def _summary(s: dict, wall_s: float) -> str:
         lines.append(f"skipped   {s['skipped']} bad scenes (see skipped.jsonl)")
     lines.append(f"wall      {wall_s:.2f} s ({s['considered'] / wall_s:,.0f} scenes/s)")
     return "\n".join(lines)
+
+
+def _part(value: str | None) -> tuple[int, int] | None:
+    """`--part I/N` as (I, N)."""
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise click.BadParameter(f"{value}: expected I/N with 0 <= I < N, e.g. 3/64", param_hint="--part")
+    return int(index), int(count)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +57,12 @@ def _summary(s: dict, wall_s: float) -> str:
     is_flag=True,
     help="Build even though --splits names scenes that are not in SOURCE (a partial copy).",
 )
+@click.option(
+    "--part",
+    callback=lambda ctx, param, value: _part(value),
+    metavar="I/N",
+    help="Build part I of N (0 <= I < N): the scenes a hash of the name gives to I; join all N with gq shards merge.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(
     source: Path,
@@ -55,6 +71,7 @@ def main(
     resume: bool,
     overwrite: bool,
     allow_missing_scenes: bool,
+    part: tuple[int, int] | None,
     quiet: bool,
     **options,
 ) -> None:
@@ -83,8 +100,9 @@ def main(
             overwrite=overwrite,
             progress=not quiet,
             allow_missing_scenes=allow_missing_scenes,
+            part=part,
         )
-    click.echo(_summary(summary, summary["wall_s"]))
+    click.echo(summary_text(summary, summary["wall_s"]))
 
 
 if __name__ == "__main__":
