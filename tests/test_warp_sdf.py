@@ -6,6 +6,7 @@ Warp compiles its kernel once (seconds on a CPU) into the user's kernel cache; g
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,19 @@ def test_without_warp_help_works_and_the_backend_names_the_extra(tmp_path: Path)
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert f"{command[0]}: error: " in lines[0] and "pip install 'gq-pipeline[warp]'" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "raw"]
+
+
+@needs_warp
+def test_bench_import_times_the_backends_against_mesh2sdf(tmp_path: Path) -> None:
+    pytest.importorskip("pybullet_data", reason="gq bench import uses pybullet's objects (the meshes extra)")
+    args = ["--objects", 2, "--sdf-only", "--backends", "warp", "--grids", "16,32", "--json", tmp_path / "b.json"]
+    result = run_tool("bench_import.py", *args, check=True)
+    assert "ratio" in result.stdout and "first call, not in the times: mesh2sdf" in result.stdout
+    rows = json.loads((tmp_path / "b.json").read_text())["backends"]["rows"]
+    assert [(r["backend"], r["grid"]) for r in rows] == [("mesh2sdf", 16), ("warp", 16), ("mesh2sdf", 32), ("warp", 32)]
+    for r in rows:
+        assert r["s_per_mesh"] > 0 and r["max_abs_diff_to_mesh2sdf"] <= 2 / r["grid"]
+        assert r["ratio_to_mesh2sdf"] == 1.0 if r["backend"] == "mesh2sdf" else r["ratio_to_mesh2sdf"] > 0
+    assert {r["device"] for r in rows if r["backend"] == "warp"} <= {"cpu", "cuda:0"}
+    result = run_tool("bench_import.py", "--sdf-only")
+    assert result.returncode == 2 and "give --backends" in result.stderr
