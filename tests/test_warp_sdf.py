@@ -174,3 +174,11 @@ def test_bench_import_times_the_backends_against_mesh2sdf(tmp_path: Path) -> Non
     assert {r["device"] for r in rows if r["backend"] == "warp"} <= {"cpu", "cuda:0"}
     result = run_tool("bench_import.py", "--sdf-only")
     assert result.returncode == 2 and "give --backends" in result.stderr
+
+
+@needs_warp
+def test_a_mesh_of_degenerate_faces_is_refused_not_measured() -> None:
+    # Warp's query skips faces without area, so it finds no closest point: one line, never a NaN grid
+    vertices = np.array([[0, 0, 0], [0.5, 0, 0], [1, 0, 0], [0.2, 0, 0]], float)
+    with pytest.raises(ValueError, match="every face of the mesh is degenerate"):
+        mesh_sdf(vertices, np.array([[0, 1, 2], [0, 3, 1]]), 16, backend="warp")
