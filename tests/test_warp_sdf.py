@@ -182,3 +182,26 @@ def test_a_mesh_of_degenerate_faces_is_refused_not_measured() -> None:
     vertices = np.array([[0, 0, 0], [0.5, 0, 0], [1, 0, 0], [0.2, 0, 0]], float)
     with pytest.raises(ValueError, match="every face of the mesh is degenerate"):
         mesh_sdf(vertices, np.array([[0, 1, 2], [0, 3, 1]]), 16, backend="warp")
+
+
+@needs_warp
+def test_predict_mesh_takes_the_backend(tmp_path: Path) -> None:
+    from gq.train.predict import Estimator, PredictError, predict_mesh
+
+    estimator = Estimator.load(REPO / "tests" / "fixtures" / "seed_gqestimator_c4_fc32-16.pth", "cpu")
+    _box((0.2, 0.1, 0.3), (1.0, 2.0, 3.0)).export(tmp_path / "box.obj")
+    grasps = np.zeros((6, 19), np.float32)
+    grasps[:, :3] = [1.0, 2.0, 3.3]
+    grasps[:, 2] += np.arange(6) * 0.05
+    grasps[:, 6] = 1.0
+    np.save(tmp_path / "g.npy", grasps)
+    seed, warp = (
+        predict_mesh(estimator, tmp_path / "box.obj", grasps_path=tmp_path / "g.npy", sdf_backend=backend)
+        for backend in ("mesh2sdf", "warp")
+    )
+    # a box's SDF is exact in both backends (to float32), so the predictions agree
+    np.testing.assert_allclose(warp.prediction, seed.prediction, rtol=1e-5, atol=1e-5)
+    with pytest.raises(PredictError, match="use --open-meshes winding"):
+        predict_mesh(
+            estimator, tmp_path / "box.obj", grasps_path=tmp_path / "g.npy", open_meshes="repair", sdf_backend="warp"
+        )
