@@ -3,6 +3,7 @@
 
 Run it through benchmarks/gpu_check.sh (which installs staged DALI wheels first). Steps, each a run of the
 project's own tools in a subprocess: make a dataset, build and verify shards, the CUDA-marked tests,
+mesh-to-SDF with Warp on CUDA (against mesh2sdf on the CPU; where warp and the meshes extra are installed),
 bench_loaders, bench_train (bf16 + channels-last on CUDA; then torch.compile) and a short compare; with
 CUDA, last, fit under torchrun on every GPU of the machine (NCCL from two GPUs on; one GPU allows one rank,
 and the summary names NCCL multi-GPU as not measured). Every step has an estimated cost; a step that would
@@ -90,11 +91,27 @@ ENTRIES = (
     "data/shards",
     "compare",
     "torchrun",
+    "warp_sdf.json",
     "bench_loaders.json",
     "bench_train.json",
     "bench_train_compile_large.json",
     "bench_train_compile_small.json",
 )
+
+
+# What the warp_sdf step imports beyond the project's requirements: Warp, and the meshes extra for pybullet's
+# objects and mesh2sdf, the reference it is timed against.
+WARP_STEP_MODULES = ("warp", "trimesh", "mesh2sdf", "pybullet_data")
+
+
+def warp_step_skip(device: str, optional: dict[str, bool]) -> str | None:
+    """Why the warp_sdf step cannot run here, or None."""
+    if device != "cuda":
+        return "times Warp on CUDA: no CUDA device in a --device cpu run (CPU figures: gq bench import --backends warp)"
+    missing = [name for name in WARP_STEP_MODULES if not optional.get(name)]
+    if missing:
+        return f"{', '.join(missing)} not importable here: pip install 'gq-pipeline[warp,meshes]'"
+    return None
 
 
 @dataclass
@@ -109,14 +126,16 @@ class Step:
     needs_dali: bool = False
     json: str | None = None
     fallback: list[str] | None = None  # the cache-only command, run if this one (using DALI) fails
+    skip: str | None = None  # why it cannot run here, known when planned
     result: dict = field(default_factory=dict)
 
 
 def probe_environment(device: str) -> dict:
     """The card, driver and versions, read in a child process so this one never holds the GPU."""
     code = r"""
-import importlib, json, os, sys
+import importlib, importlib.util, json, os, sys
 out = {"python": sys.version.split()[0], "missing": [], "versions": {}}
+out["optional"] = {name: importlib.util.find_spec(name) is not None for name in sys.argv[2].split(",")}
 for name in sys.argv[1].split(","):
     try:
         module = importlib.import_module(name)
@@ -142,7 +161,10 @@ except Exception as err:
 print(json.dumps(out))
 """
     res = subprocess.run(
-        [sys.executable, "-c", code, ",".join(required_modules())], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-c", code, ",".join(required_modules()), ",".join(WARP_STEP_MODULES)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     if res.returncode != 0:
         raise click.ClickException(
@@ -166,7 +188,14 @@ print(json.dumps(out))
 
 
 def plan_steps(
-    out: Path, device: str, sizes: Sizes, quick: bool, workers: int, dali: bool, gpus: int = 0
+    out: Path,
+    device: str,
+    sizes: Sizes,
+    quick: bool,
+    workers: int,
+    dali: bool,
+    gpus: int = 0,
+    optional: dict[str, bool] | None = None,
 ) -> list[Step]:
     """The check's steps in order, with their estimated costs in seconds (guesses from CPU runs and the
     hardware's specifications; summary.json lists estimate and actual side by side to correct them)."""
@@ -204,6 +233,9 @@ def plan_steps(
         ]
 
     cache_rows = bench_loaders("cache")
+    # Warp's kernel compiles once (NVRTC, seconds); mesh2sdf, the reference, takes ~1 s (48^3) and ~2 s (64^3)
+    # per mesh on a CPU core.
+    warp_objects, warp_grids = (2, "16") if quick else (8, "48,64")
     loaders_cmd = bench_loaders(loaders)
     loaders_what = f"loaders, whole iterations ({loaders}{'' if quick else ', the seed'}), fresh process per row"
     train = [
@@ -295,6 +327,16 @@ def plan_steps(
                 str(out / "cuda_tests.xml"),
             ],
             150.0 if cuda else 15.0,
+        ),
+        Step(
+            "warp_sdf",
+            f"mesh to SDF: Warp on CUDA against mesh2sdf on the CPU, {warp_objects} pybullet objects at "
+            f"{warp_grids}",
+            [py, "benchmarks/bench_import.py", "--objects", str(warp_objects), "--sdf-only", "--backends", "warp",
+             "--grids", warp_grids, "--json", str(out / "warp_sdf.json")],
+            start + 30 + warp_objects * (0.1 if quick else 4.0),
+            json="warp_sdf.json",
+            skip=warp_step_skip(device, optional or {}),
         ),
         Step(
             "bench_loaders",
@@ -563,6 +605,19 @@ def render_markdown(summary: dict) -> str:
             f"{r['batches_per_s']:,.1f} | {r['samples_per_s']:,.0f} | {r['resident_bytes'] / 1e6:,.0f} MB |"
             for r in fig["bench_loaders"]
         ]
+    if fig.get("warp_sdf"):
+        lines += [
+            "",
+            "## Mesh to SDF (benchmarks/bench_import.py --backends warp: s per mesh, one process)",
+            "",
+            "| backend | device | grid | s/mesh | time / mesh2sdf's | max abs diff to mesh2sdf |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['backend']} | {r['device']} | {r['grid']} | {r['s_per_mesh']:.4f} | {r['ratio_to_mesh2sdf']:.3f} | "
+            f"{r['max_abs_diff_to_mesh2sdf']:.2e} |"
+            for r in fig["warp_sdf"]["backends"]["rows"]
+        ]
     rows = [
         r
         for key in ("bench_train", "bench_train_compile_large", "bench_train_compile_small")
@@ -681,7 +736,7 @@ def main(
     outdir.mkdir(parents=True, exist_ok=True)
     write_record(outdir, tool=TOOL, entries=ENTRIES)
     (outdir / "logs").mkdir(parents=True, exist_ok=True)
-    steps = plan_steps(outdir, device, sizes, quick, workers, dali, env.get("gpus", 0))
+    steps = plan_steps(outdir, device, sizes, quick, workers, dali, env.get("gpus", 0), env["optional"])
     click.echo(
         f"gpu_check: {env.get('card', 'CPU')} ({device}), {sizes.scenes} scenes, budget {budget_s:.0f} s, "
         f"DALI {'yes' if dali else 'no: ' + env['dali'].get('error', 'no CUDA devices')}; logs in {outdir}/logs"
@@ -693,6 +748,8 @@ def main(
         missing = [n for n in step.needs if done.get(n) != "passed"]
         if missing:
             step.result = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}
+        elif step.skip:
+            step.result = {"status": "skipped", "reason": step.skip}
         elif step.needs_dali and not dali:
             step.result = {"status": "skipped", "reason": "DALI is not importable here (or has no CUDA device)"}
         elif step.estimate_s > left:

@@ -3,7 +3,7 @@
 Exactly the seed's preprocessing (`scripts/data_processing/preprocess.py`): one scale for the whole
 dataset, `global_scale = 2 / max(mesh.extents.max())` over its meshes (written to OUT/mesh_max_extent.txt,
 or given), per mesh `translation = mesh.bounds.mean(axis=0)`, the mesh moved by -translation and scaled,
-its SDF by mesh2sdf (meshes.sdf), grasp positions `(p - translation) * global_scale` (quaternions and joints
+its SDF by mesh2sdf or Warp (meshes.sdf), grasp positions `(p - translation) * global_scale` (quaternions and joints
 unchanged), saved with np.savez_compressed's format. A scene without a recording can be labelled by our
 hand model instead (`label="synth"`: grasps sampled and scored on its SDF by `synth`).
 
@@ -42,7 +42,7 @@ from gq.synth.scenes import check_grid, check_grid_memory
 from gq.synth.score import score_grasps
 from gq.synth.writer import save_npz, scene_files
 
-from .sdf import OPEN_MESH_MODES, OPEN_MESH_REASON, MeshError, is_closed, load_mesh, mesh_sdf
+from .sdf import OPEN_MESH_REASON, MeshError, check_backend, is_closed, load_mesh, mesh_sdf
 
 MESH_FILE = "mesh.obj"
 RECORDING_FILE = "recording.npz"
@@ -63,13 +63,13 @@ class ImportOptions:
     seed: int = 0  # synth labels only
     open_meshes: str = "refuse"
     skip_bad: bool = False
+    sdf_backend: str = "mesh2sdf"  # or "warp" (the warp extra)
 
     def check(self) -> None:
         check_grid(self.grid)
         if self.label not in LABELS:
             raise ValueError(f"label {self.label!r}: choose one of {', '.join(LABELS)}")
-        if self.open_meshes not in OPEN_MESH_MODES:
-            raise ValueError(f"open_meshes {self.open_meshes!r}: choose one of {', '.join(OPEN_MESH_MODES)}")
+        check_backend(self.sdf_backend, self.open_meshes)
         if self.mesh_max_extent is not None and not (np.isfinite(self.mesh_max_extent) and self.mesh_max_extent > 0):
             raise ValueError(f"mesh_max_extent {self.mesh_max_extent}: must be a positive length")
         if self.grasps_per_scene < 1 or self.seed < 0:
@@ -98,6 +98,17 @@ def read_recording(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return tuple(finite(path, k, arrays[k].astype(np.float32), as_stored=True) for k in ("grasps", "scores"))
     except SceneError as err:
         raise MeshError(path, f"bad recording: {err.reason}") from None
+
+
+def _extras_used(opts: ImportOptions) -> list[tuple[str, str]]:
+    """(module, extra) of each optional package an import with `opts` uses."""
+    if opts.sdf_backend == "warp":
+        return [("trimesh", "meshes"), ("warp", "warp")]
+    return [
+        ("trimesh", "meshes"),
+        ("mesh2sdf", "meshes"),
+        *([("igl", "meshes")] if opts.open_meshes == "winding" else []),
+    ]
 
 
 def _survey(task: tuple[Path, str, str]) -> dict:
@@ -139,7 +150,14 @@ def convert_scene(raw: Path, scene: dict, global_scale: float, opts: ImportOptio
             f"{2.0 / global_scale:.6g}; raise --mesh-max-extent",
         )
     try:
-        sdf = mesh_sdf(vertices, mesh.faces, opts.grid, closed=scene["closed"], open_meshes=opts.open_meshes)
+        sdf = mesh_sdf(
+            vertices,
+            mesh.faces,
+            opts.grid,
+            closed=scene["closed"],
+            open_meshes=opts.open_meshes,
+            backend=opts.sdf_backend,
+        )
     except ValueError as err:
         raise MeshError(folder / MESH_FILE, str(err)) from None
     if scene["recording"]:
@@ -250,8 +268,8 @@ def import_meshes(
     opts.check()
     raw, out = Path(raw), Path(out).absolute()
     names = list_raw(raw)
-    for module in ("trimesh", "mesh2sdf", *(("igl",) if opts.open_meshes == "winding" else ())):
-        import_extra(module, "meshes")  # before any work: a missing extra is one line naming it
+    for module, extra in _extras_used(opts):
+        import_extra(module, extra)  # before any work: a missing extra is one line naming it
     workers = worker_count(workers, len(names))
     check_grid_memory(opts.grid, workers)
     build = BesideBuild(out, tool="import_meshes", overwrite=overwrite)
@@ -316,7 +334,8 @@ def format_summary(summary: dict) -> str:
     """A few human-readable lines describing an import_meshes summary."""
     lines = [
         f"imported {summary['imported']} of {summary['scenes']} scenes into {summary['out']} "
-        f"(grid {summary['options']['grid']}, labels: {summary['options']['label']})",
+        f"(grid {summary['options']['grid']}, SDF by {summary['options']['sdf_backend']}, "
+        f"labels: {summary['options']['label']})",
         f"mesh max extent {summary['mesh_max_extent']:.6g}, global scale {summary['global_scale']:.6g}",
     ]
     if summary["skipped"]:

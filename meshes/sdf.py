@@ -6,6 +6,10 @@ sign from ray crossings along x, so it needs a closed mesh. For an open mesh its
 to sign them: "winding" keeps mesh2sdf's unsigned distance and takes the sign from libigl's fast
 generalised winding number (inside where it exceeds 1/2), "repair" is mesh2sdf's own `fix=True`
 (re-mesh the grid's |d| = 2/n level set, keep the largest part, recompute).
+
+The backend "warp" (the `warp` extra, meshes.warp_sdf) computes the SDF at the same points with NVIDIA Warp, on
+CUDA when present, else on the CPU: exact distances to the mesh and the winding-number sign for every mesh, so
+an open one allowed by `open_meshes="winding"` needs nothing more; "repair" is mesh2sdf's alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ if TYPE_CHECKING:  # the meshes extra: imported where used, so `--help` works wi
     import trimesh
 
 OPEN_MESH_MODES = ("refuse", "winding", "repair")
+SDF_BACKENDS = ("mesh2sdf", "warp")
 OPEN_MESH_REASON = (
     "mesh is not closed (not watertight), so its inside/outside signs cannot be trusted; "
     "repair it, or import with --open-meshes winding|repair"
@@ -126,23 +131,51 @@ def voxel_points(grid: int) -> np.ndarray:
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
 
 
+def check_backend(backend: str, open_meshes: str) -> None:
+    """ValueError unless `backend` is one of SDF_BACKENDS and can sign open meshes as `open_meshes` says."""
+    if backend not in SDF_BACKENDS:
+        raise ValueError(f"SDF backend {backend!r}: choose one of {', '.join(SDF_BACKENDS)}")
+    if open_meshes not in OPEN_MESH_MODES:
+        raise ValueError(f"open_meshes {open_meshes!r}: choose one of {', '.join(OPEN_MESH_MODES)}")
+    if backend == "warp" and open_meshes == "repair":
+        raise ValueError(
+            "--open-meshes repair is mesh2sdf's re-meshing; the warp backend signs open meshes by their "
+            "winding number: use --open-meshes winding"
+        )
+
+
 def mesh_sdf(
-    vertices: np.ndarray, faces: np.ndarray, grid: int, *, closed: bool = True, open_meshes: str = "refuse"
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    grid: int,
+    *,
+    closed: bool = True,
+    open_meshes: str = "refuse",
+    backend: str = "mesh2sdf",
 ) -> np.ndarray:
     """SDF (grid, grid, grid) float32 of a mesh already inside [-1, 1]^3, negative inside.
 
-    A closed mesh gets the seed's call, `mesh2sdf.compute(V, F, size=grid, fix=False, level=2/grid)`.
-    An open one (`closed=False`) is signed as `open_meshes` says ("refuse" raises ValueError).
+    backend "mesh2sdf": a closed mesh gets the seed's call, `mesh2sdf.compute(V, F, size=grid, fix=False,
+    level=2/grid)`; an open one (`closed=False`) is signed as `open_meshes` says ("refuse" raises ValueError).
+    backend "warp": Warp's distance and winding-number sign at the same voxels (meshes.warp_sdf), for a closed
+    mesh and, with open_meshes "winding", an open one.
     """
-    if open_meshes not in OPEN_MESH_MODES:
-        raise ValueError(f"open_meshes {open_meshes!r}: choose one of {', '.join(OPEN_MESH_MODES)}")
+    check_backend(backend, open_meshes)
     vertices = np.ascontiguousarray(vertices, dtype=np.float64)
     faces = np.ascontiguousarray(faces, dtype=np.int64)
+    if not closed and open_meshes == "refuse":
+        raise ValueError(OPEN_MESH_REASON)
+    if backend == "warp":
+        import_extra("warp", "warp")
+        from .warp_sdf import warp_sdf  # imports warp: here, once the extra is known to be there
+
+        sdf = warp_sdf(vertices, faces, voxel_points(grid)).reshape(grid, grid, grid)
+        if np.isnan(sdf).any():
+            raise ValueError("every face of the mesh is degenerate (no area): no surface to measure; fix the mesh")
+        return sdf
     mesh2sdf = import_extra("mesh2sdf", "meshes")
     if closed:
         return mesh2sdf.compute(vertices, faces, size=grid, fix=False, level=2 / grid).astype(np.float32)
-    if open_meshes == "refuse":
-        raise ValueError(OPEN_MESH_REASON)
     if open_meshes == "repair":
         return mesh2sdf.compute(vertices, faces, size=grid, fix=True, level=2 / grid).astype(np.float32)
     igl = import_extra("igl", "meshes")  # the "winding" sign only

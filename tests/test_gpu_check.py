@@ -93,12 +93,15 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
         "make_shards",
         "verify_shards",
         "cuda_tests",
+        "warp_sdf",
         "bench_loaders",
         "bench_train",
         "compare",
         *compile_steps,
     ]
-    assert all(status[n]["status"] == "passed" for n in list(status)[:-2]), status
+    ran = [n for n in list(status)[:-2] if n != "warp_sdf"]
+    assert all(status[n]["status"] == "passed" for n in ran), status
+    assert status["warp_sdf"]["status"] == "skipped" and "times Warp on CUDA" in status["warp_sdf"]["reason"]
     for name in compile_steps:
         assert status[name]["status"] == "skipped" and status[name]["reason"].startswith("would need ~")
     assert all(s["estimate_s"] > 0 for s in summary["steps"])
@@ -130,8 +133,8 @@ def test_quick_cpu_run_writes_every_figure_and_skips_what_does_not_fit(tmp_path:
         assert heading in md
     assert "NCCL multi-GPU: not measured (no GPU on this machine)" in md
     assert "| bench_train_compile_large |" in md and "would need ~" in md
-    for s in summary["steps"][:-2]:
-        assert (out / s["log"]).stat().st_size > 0
+    for name in ran:
+        assert (out / status[name]["log"]).stat().st_size > 0
 
 
 def test_missing_pieces_non_empty_outdir_and_absent_cuda_are_refused(tmp_path: Path) -> None:
@@ -178,3 +181,17 @@ def test_the_torchrun_step_uses_every_gpu_and_one_gpu_leaves_nccl_unmeasured(tmp
     one = scale_out_line({"device": "cuda", "gpus": 1}, run=run)
     assert one.endswith("NCCL multi-GPU: not measured (one GPU on this machine)") and "1,234 samples/s" in one
     assert scale_out_line({"device": "cuda", "gpus": 2}, run={**run, "world_size": 2}).endswith("measured on 2 GPUs")
+
+
+def test_the_warp_step_runs_on_cuda_where_warp_and_the_meshes_extra_are(tmp_path: Path) -> None:
+    from gq.benchmarks.gpu_check import QUICK, WARP_STEP_MODULES, plan_steps
+
+    def warp_step(device: str, **missing: bool):
+        optional = {name: not missing.get(name) for name in WARP_STEP_MODULES}
+        (step,) = [s for s in plan_steps(tmp_path, device, QUICK, True, 1, True, 1, optional) if s.name == "warp_sdf"]
+        return step
+
+    step = warp_step("cuda")
+    assert step.skip is None and step.cmd[1] == "benchmarks/bench_import.py" and "warp" in step.cmd
+    assert "no CUDA device" in warp_step("cpu").skip
+    assert warp_step("cuda", warp=True).skip == "warp not importable here: pip install 'gq-pipeline[warp,meshes]'"

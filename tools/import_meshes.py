@@ -15,7 +15,7 @@ import click
 
 from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.options import one_line_errors
-from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
+from gq.meshes import LABELS, OPEN_MESH_MODES, SDF_BACKENDS, ImportOptions, MeshError, format_summary, import_meshes
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +48,14 @@ from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_
     help="Meshes that are not closed: refuse them, sign them by libigl's generalised winding number, "
     "or repair them with mesh2sdf's fix=True.",
 )
+@click.option(
+    "--sdf-backend",
+    type=click.Choice(SDF_BACKENDS),
+    default="mesh2sdf",
+    show_default=True,
+    help="mesh2sdf (the seed's), or NVIDIA Warp on CUDA when present, else on the CPU (the warp extra: "
+    "same grid, exact distances, winding-number signs).",
+)
 @click.option("--workers", type=int, default=None, help="Processes [default: all CPUs].")
 @click.option(
     "--skip-bad", is_flag=True, help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping."
@@ -63,6 +71,7 @@ def main(
     grasps_per_scene: int,
     seed: int,
     open_meshes: str,
+    sdf_backend: str,
     workers: int | None,
     skip_bad: bool,
     overwrite: bool,
@@ -82,6 +91,7 @@ def main(
         seed=seed,
         open_meshes=open_meshes,
         skip_bad=skip_bad,
+        sdf_backend=sdf_backend,
     )
     with one_line_errors(((MeshError, ValueError), 2), interrupted="nothing was written"):
         summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)

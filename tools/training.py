@@ -224,6 +224,13 @@ def eval_cmd(checkpoint: Path, **options) -> None:
     show_default=True,
     help="With --mesh: how to sign a mesh that is not closed.",
 )
+@click.option(
+    "--sdf-backend",
+    type=click.Choice(["mesh2sdf", "warp"]),
+    default="mesh2sdf",
+    show_default=True,
+    help="With --mesh: the SDF backend (as gq import-meshes made the training data).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Parquet file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only a Parquet file).")
 @click.option("--top-k", default=5, show_default=True, help="Best grasps per object to print.")
@@ -238,6 +245,7 @@ def predict_cmd(
     grasps: Path | None,
     mesh_max_extent: float | None,
     open_meshes: str,
+    sdf_backend: str,
     out: Path,
     overwrite: bool,
     top_k: int,
@@ -274,7 +282,12 @@ def predict_cmd(
         predictions = predict_shards(estimator, shards, split=split)
     else:
         predictions = predict_mesh(
-            estimator, mesh, grasps_path=grasps, mesh_max_extent=mesh_max_extent, open_meshes=open_meshes
+            estimator,
+            mesh,
+            grasps_path=grasps,
+            mesh_max_extent=mesh_max_extent,
+            open_meshes=open_meshes,
+            sdf_backend=sdf_backend,
         )
     write_parquet(predictions, out)
     columns = [("scene", "<24"), ("rank", ">4"), ("grasp", ">6"), ("prediction", ">11.4f"), ("score", ">9.4f")]

@@ -253,13 +253,20 @@ def predict_mesh(
     grasps_path: str | Path,
     mesh_max_extent: float | None = None,
     open_meshes: str = "refuse",
+    sdf_backend: str = "mesh2sdf",
 ) -> Predictions:
     """One mesh (any trimesh format) and grasps (N,19) .npy in the mesh's frame, prepared as the seed's
     importer does: translation = bounds centre, scale = 2 / mesh_max_extent (default: this mesh's own
-    largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale)."""
+    largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale), its SDF by
+    `sdf_backend` (gq.meshes.mesh_sdf: the one that made the training data, for the same SDF)."""
     from gq.meshes import MeshError, is_closed, load_mesh, mesh_sdf
+    from gq.meshes.sdf import check_backend
 
     check_mesh_max_extent(mesh_max_extent)
+    try:
+        check_backend(sdf_backend, open_meshes)
+    except ValueError as err:
+        raise PredictError(str(err)) from None
     grasps = read_npy(Path(grasps_path), key="grasps")
     check_grasps(grasps, str(grasps_path))
     try:
@@ -277,6 +284,7 @@ def predict_mesh(
             estimator.grid,
             closed=is_closed(mesh),
             open_meshes=open_meshes,
+            backend=sdf_backend,
         )
     except ValueError as err:
         raise PredictError(f"{mesh_path}: {err}") from None
