@@ -27,11 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gq.common.executor import open_executor
 from gq.common.files import write_atomically
 from gq.common.grasps import SEED_MAX_GRASPS
 from gq.common.options import option
 from gq.common.ownership import RECORD, BesideBuild
-from gq.common.workers import worker_count, worker_pool
 
 from . import __version__
 from .crc import CRCAppender
@@ -309,6 +309,7 @@ def build_shards(
     opts: BuildOptions,
     *,
     workers: int | None = None,
+    ray: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -327,6 +328,8 @@ def build_shards(
         opts: The format and split options (`BuildOptions`: grid, dtype, records per shard, max grasps,
             splits file or fractions, shuffle seed, skip_bad, limit).
         workers: Processes that decode and write scenes [default and most: the CPUs, or the scenes if fewer].
+        ray: Run that work as Ray tasks on the cluster at this address instead (`auto`: the one `ray start`
+            made; `local`: a private one); SOURCE and `out`'s folder must be on a file system every node sees.
         resume: Continue an interrupted build of the same source and options.
         overwrite: Replace an existing dataset in `out` (only the files its record names are removed).
         progress: Show a progress bar.
@@ -391,7 +394,7 @@ def build_shards(
         work, done = _prepare(build, resume, overwrite, header, source, placement.num_shards)
         try:
             _restart_journal(work, header, done)
-            summary = _write_all(source, work, opts, names, splits, placement, done, workers, progress)
+            summary = _write_all(source, work, opts, names, splits, placement, done, workers, ray, progress)
             build.commit()
         except OSError as err:
             raise _disk_error(err, out) from None
@@ -424,6 +427,7 @@ def _write_all(
     placement: Placement,
     done: list[dict],
     workers: int | None,
+    ray: str | None,
     progress: bool,
 ) -> dict:
     layout = opts.layout()
@@ -453,8 +457,8 @@ def _write_all(
         dynamic_ncols=True,
     )
     tasks = [(p, names[i]) for p, i in enumerate(scene_at[first:].tolist(), first) if i >= 0]
-    with worker_pool(worker_count(workers, len(tasks))) as pool:
-        results = pool.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
+    with open_executor(workers, len(tasks), ray) as engine:
+        results = engine.imap(partial(_convert, source, out, opts), tasks, chunksize=8)
         for position in range(first, num_shards * r):
             scene = int(scene_at[position])
             result, stat = next(results) if scene >= 0 else (None, None)

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from gq.common.grasps import SEED_MAX_GRASPS
-from gq.common.options import one_line_errors
+from gq.common.options import one_line_errors, ray_option
 from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_summary, import_meshes
 
 
@@ -49,6 +49,7 @@ from gq.meshes import LABELS, OPEN_MESH_MODES, ImportOptions, MeshError, format_
     "or repair them with mesh2sdf's fix=True.",
 )
 @click.option("--workers", type=int, default=None, help="Processes [default: all CPUs].")
+@ray_option("the per-scene work (mesh to SDF, labels)")
 @click.option(
     "--skip-bad", is_flag=True, help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping."
 )
@@ -64,6 +65,7 @@ def main(
     seed: int,
     open_meshes: str,
     workers: int | None,
+    ray: str | None,
     skip_bad: bool,
     overwrite: bool,
     quiet: bool,
@@ -84,7 +86,7 @@ def main(
         skip_bad=skip_bad,
     )
     with one_line_errors(((MeshError, ValueError), 2), interrupted="nothing was written"):
-        summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)
+        summary = import_meshes(raw, out, opts, workers=workers, ray=ray, overwrite=overwrite, progress=not quiet)
     click.echo(format_summary(summary))
 
 
