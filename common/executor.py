@@ -107,7 +107,7 @@ class RayTasks:
             raise err.cause from None
         except exceptions.RayError as err:
             detail = str(err).strip().splitlines()[0]
-            raise RayError(f"a Ray task failed {RAY_RETRIES + 1} times: {detail}") from None
+            raise RayError(f"a Ray task failed on each of its {RAY_RETRIES + 1} tries: {detail}") from None
 
     def close(self) -> None:
         if self._owner:
