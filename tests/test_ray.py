@@ -7,6 +7,7 @@ with the local build's. Without the ray extra only the test that blocks it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -179,6 +180,19 @@ def test_bad_input_on_ray_is_the_local_one_line_or_skipped(cluster, tmp_path: Pa
         assert "bad" in (tmp_path / "ray" / "skipped.jsonl").read_text()
         for out in ("local", "ray"):
             subprocess.run(["rm", "-r", tmp_path / out], check=True)
+
+
+@pytest.mark.slow  # starts its own cluster: ~30 s
+def test_bench_cluster_times_every_row_and_checks_the_bytes(tmp_path: Path):
+    pytest.importorskip("ray", reason="ray is not installed (the ray extra: pip install -e .[ray])")
+    pytest.importorskip("mesh2sdf", reason="the meshes extra is not installed")
+    result = gq("bench", "cluster", "--scenes", 8, "--meshes", 2, "--grid", 16, "--json", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    combos = {(b, e, k) for b in ("shards build", "import-meshes") for e in ("local", "ray") for k in (1, 2)}
+    assert {(r["build"], r["engine"], r["workers"]) for r in rows} == combos and len(rows) == len(combos)
+    assert all(r["wall_s"] > 0 and r["ratio"] > 0 for r in rows)
+    assert "every Ray build's bytes" in result.stdout
 
 
 def _has(module: str) -> bool:
