@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
@@ -67,6 +68,19 @@ def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T]) -> list[R]:
     return [fn(item) for item in chunk]
 
 
+def _unreachable(address: str) -> str | None:
+    """Why a HOST:PORT address takes no connection (Ray itself would retry it for minutes), or None; `auto`,
+    `local` and `ray://` addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+    return None
+
+
 class RayTasks:
     """Ray tasks on the cluster at `address` (`ray.init`'s meaning; `local`: a private one)."""
 
@@ -74,6 +88,9 @@ class RayTasks:
         self._ray = ray = import_extra("ray", "ray")
         self._owner = not ray.is_initialized()  # a caller's own ray.init is used, and left connected
         if self._owner:
+            why = _unreachable(address)
+            if why is not None:
+                raise UsageError(f"--ray {address}: no Ray cluster answers there ({why}); check the address")
             local = {"include_dashboard": False} if address == RAY_LOCAL else {}
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **local)

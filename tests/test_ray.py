@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -193,6 +194,19 @@ def test_bench_cluster_times_every_row_and_checks_the_bytes(tmp_path: Path):
     assert {(r["build"], r["engine"], r["workers"]) for r in rows} == combos and len(rows) == len(combos)
     assert all(r["wall_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "every Ray build's bytes" in result.stdout
+
+
+def test_an_address_where_no_cluster_answers_is_one_line(tmp_path: Path):
+    pytest.importorskip("ray", reason="ray is not installed (the ray extra: pip install -e .[ray])")
+    source = make_source(tmp_path / "src", 3, grid=16)
+    with socket.socket() as closed:  # a port of 127.0.0.1 that nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    result = gq("shards", "build", source, "--out", tmp_path / "out", "--grid", 16, "--quiet", "--ray", address)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"--ray {address}: no Ray cluster answers there" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def _has(module: str) -> bool:
