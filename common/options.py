@@ -106,7 +106,7 @@ def ray_option(work: str) -> Callable[[Callable], Callable]:
         default=None,
         metavar="[ADDRESS]",
         help=f"Run {work} as Ray tasks on the Ray cluster at ADDRESS (auto: the one `ray start` made here); "
-        "alone: on a private one on this machine. Needs pip install 'gq-pipeline[ray]'; SOURCE and --out on a "
+        "alone: on a private one on this machine. Needs pip install 'gq-pipeline[ray]'; the input and --out on a "
         "file system every node sees.",
     )
 
