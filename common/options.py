@@ -95,6 +95,22 @@ def click_options(
     return apply
 
 
+def ray_option(work: str) -> Callable[[Callable], Callable]:
+    """`--ray [ADDRESS]` of the commands whose `work` can run as Ray tasks (`common.executor`): the address,
+    `local` when given alone, None when absent."""
+    return click.option(
+        "--ray",
+        "ray",
+        is_flag=False,
+        flag_value="local",
+        default=None,
+        metavar="[ADDRESS]",
+        help=f"Run {work} as Ray tasks on the Ray cluster at ADDRESS (auto: the one `ray start` made here); "
+        "alone: on a private one on this machine. Needs pip install 'gq-pipeline[ray]'; the input and --out on a "
+        "file system every node sees.",
+    )
+
+
 @contextlib.contextmanager
 def one_line_errors(*errors: tuple, prog: str | None = None, interrupted: str | None = None) -> Iterator[None]:
     """Known failures end a command with one line on stderr and an exit code, not a traceback.

@@ -8,19 +8,19 @@ unchanged), saved with np.savez_compressed's format. A scene without a recording
 hand model instead (`label="synth"`: grasps sampled and scored on its SDF by `synth`).
 
 Two passes: the first loads and checks every mesh and recording (and finds the largest extent); the
-second computes SDFs and labels in worker processes and writes into a temporary sibling of OUT that is
+second computes SDFs and labels in worker processes (or Ray tasks) and writes into a temporary sibling of OUT that is
 renamed into place at the end, so a bad scene or a crash leaves nothing half-written. OUT records what it
 holds (`gq.common.ownership`): `--overwrite` removes only that, and a later run removes the temporary
 folder a killed run left (it carries the same record). Every scene depends
-only on its own files and the options, so any worker count gives the same bytes.
+only on its own files and the options, so any worker count, local or on Ray, gives the same bytes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gq.common.executor import Executor, open_executor
 from gq.common.extras import import_extra
 from gq.common.files import write_atomically
 from gq.common.grasps import GRASP_DIM, SEED_MAX_GRASPS
 from gq.common.ownership import BesideBuild
-from gq.common.workers import worker_count, worker_pool
 from gq.shards.source import SceneError, finite, read_npz
 from gq.synth.grasps import sample_grasps
 from gq.synth.scenes import check_grid, check_grid_memory
@@ -188,6 +188,8 @@ def _convert(task: tuple[Path, Path, dict, float, ImportOptions]) -> tuple[str, 
         arrays = convert_scene(raw, scene, global_scale, opts)
     except MeshError as err:
         return scene["name"], time.perf_counter() - start, err
+    # A rerun of this task (its Ray worker was killed mid-write) starts afresh: no stray temporary file stays.
+    shutil.rmtree(tmp / scene["name"], ignore_errors=True)
     (tmp / scene["name"]).mkdir()
     save_npz(tmp / scene["name"] / SCENE_FILE, arrays, compress=True)
     return scene["name"], time.perf_counter() - start, None
@@ -203,25 +205,12 @@ def list_raw(raw: Path) -> list[str]:
     return names
 
 
-def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
-    """fn over tasks in order, in `workers` processes (in-process for one), with a progress bar."""
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(
-            tqdm(
-                total=len(tasks),
-                unit="scene",
-                desc=desc,
-                file=sys.stderr,
-                disable=(not progress) or None,
-                dynamic_ncols=True,
-            )
-        )
-        if workers == 1:
-            results = map(fn, tasks)
-        else:
-            pool = stack.enter_context(worker_pool(workers))
-            results = pool.imap(fn, tasks, chunksize=max(1, min(8, len(tasks) // (8 * workers))))
-        for result in results:
+def _map(fn, tasks: list, engine: Executor, progress: bool, desc: str):
+    """fn over tasks in order, run by `engine` (local processes or Ray tasks), with a progress bar."""
+    with tqdm(
+        total=len(tasks), unit="scene", desc=desc, file=sys.stderr, disable=(not progress) or None, dynamic_ncols=True
+    ) as bar:
+        for result in engine.imap(fn, tasks, chunksize=max(1, min(8, len(tasks) // (8 * engine.workers)))):
             bar.update()
             yield result
 
@@ -255,13 +244,16 @@ def import_meshes(
     opts: ImportOptions = ImportOptions(),
     *,
     workers: int | None = None,
+    ray: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Import every scene of RAW into OUT (see the module docstring); returns a summary dict.
 
     A bad scene raises MeshError (one line naming it) before anything is written, unless
-    `opts.skip_bad`: then it is left out and listed with its reason in OUT/skipped.jsonl.
+    `opts.skip_bad`: then it is left out and listed with its reason in OUT/skipped.jsonl. `ray` runs the
+    per-scene work as Ray tasks on the cluster at that address (`common.executor`) instead of `workers`
+    local processes; RAW and OUT's folder must then be on a file system every node sees.
     Summary keys: out, scenes, imported, skipped, refused (reason kind -> count), open_signed,
     mesh_max_extent, global_scale, workers, wall_s, convert_s (summed over workers), scenes_per_s.
     """
@@ -270,13 +262,21 @@ def import_meshes(
     names = list_raw(raw)
     for module, extra in _extras_used(opts):
         import_extra(module, extra)  # before any work: a missing extra is one line naming it
-    workers = worker_count(workers, len(names))
-    check_grid_memory(opts.grid, workers)
     build = BesideBuild(out, tool="import_meshes", overwrite=overwrite)
+    with open_executor(workers, len(names), ray) as engine:
+        if ray is None:  # a Ray node's memory is its own
+            check_grid_memory(opts.grid, engine.workers)
+        return _import(raw, out, names, opts, build, engine, progress)
+
+
+def _import(
+    raw: Path, out: Path, names: list[str], opts: ImportOptions, build: BesideBuild, engine: Executor, progress: bool
+) -> dict:
+    """import_meshes' two passes, their work run by `engine`."""
     start = time.perf_counter()
 
     surveyed, refused = [], {}
-    for item in _map(_survey_or_error, [(raw, n, opts.label) for n in names], workers, progress, "check"):
+    for item in _map(_survey_or_error, [(raw, n, opts.label) for n in names], engine, progress, "check"):
         if "error" in item:
             if not opts.skip_bad:
                 raise item["error"]
@@ -297,7 +297,7 @@ def import_meshes(
         tmp = build.create([EXTENT_FILE, SKIPPED_FILE, *scene_files([s["name"] for s in surveyed])])
         convert_s, imported = 0.0, 0
         tasks = [(raw, tmp, s, global_scale, opts) for s in surveyed]
-        for name, seconds, error in _map(_convert, tasks, workers, progress, "import"):
+        for name, seconds, error in _map(_convert, tasks, engine, progress, "import"):
             convert_s += seconds
             if error is None:
                 imported += 1
@@ -322,7 +322,7 @@ def import_meshes(
         "open_signed": sum(not s["closed"] for s in surveyed) if opts.open_meshes != "refuse" else 0,
         "mesh_max_extent": max_extent,
         "global_scale": global_scale,
-        "workers": workers,
+        "workers": engine.workers,
         "wall_s": wall,
         "convert_s": convert_s,
         "scenes_per_s": imported / wall,

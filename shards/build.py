@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gq.common.executor import open_executor
 from gq.common.ownership import RECORD, BesideBuild
-from gq.common.workers import worker_count, worker_pool
 
 from .format import BUILD_DIR, FORMAT_NAME, FORMAT_VERSION
 from .options import BuildOptions
@@ -173,6 +173,7 @@ def build_shards(
     opts: BuildOptions,
     *,
     workers: int | None = None,
+    ray: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -192,6 +193,8 @@ def build_shards(
         opts: The format and split options (`BuildOptions`: grid, dtype, records per shard, max grasps,
             splits file or fractions, shuffle seed, skip_bad, limit).
         workers: Processes that decode and write scenes [default and most: the CPUs, or the scenes if fewer].
+        ray: Run that work as Ray tasks on the cluster at this address instead (`auto`: the one `ray start`
+            made; `local`: a private one); SOURCE and `out`'s folder must be on a file system every node sees.
         resume: Continue an interrupted build of the same source and options.
         overwrite: Replace an existing dataset in `out` (only the files its record names are removed).
         progress: Show a progress bar.
@@ -263,7 +266,7 @@ def build_shards(
             _restart_journal(work, header, opts, done)
             writer = ShardWriter._inside(build, work, done, source=str(source), part=part, **asdict(opts))
             with writer:
-                _convert_all(writer, source, opts, names, splits, done, workers, progress)
+                _convert_all(writer, source, opts, names, splits, done, workers, ray, progress)
         except OSError as err:
             raise disk_error(err, out) from None
     summary = writer.summary
@@ -279,6 +282,7 @@ def _convert_all(
     splits: list[str],
     done: list[dict],
     workers: int | None,
+    ray: str | None,
     progress: bool,
 ) -> None:
     """Decode, check and convert the scenes not `done` in worker processes (one map call), in name order,
@@ -299,8 +303,8 @@ def _convert_all(
         desc="make_shards",
         dynamic_ncols=True,
     )
-    with worker_pool(worker_count(workers, len(todo))) as pool:
-        for name, result, stat in pool.imap(partial(prepare_scene, source, opts), todo, chunksize=8):
+    with open_executor(workers, len(todo), ray) as engine:
+        for name, result, stat in engine.imap(partial(prepare_scene, source, opts), todo, chunksize=8):
             writer.add_prepared(name, result, split_of[name], source=stat)
             bar.update(record_bytes)
     bar.close()

@@ -42,6 +42,7 @@ COMMANDS: dict = {
         "import": "gq.benchmarks.bench_import:main",
         "generalisation": "gq.benchmarks.bench_generalisation:main",
         "scale": "gq.benchmarks.bench_scale:main",
+        "cluster": "gq.benchmarks.bench_cluster:main",
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}

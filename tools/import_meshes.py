@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from gq.common.grasps import SEED_MAX_GRASPS
-from gq.common.options import one_line_errors
+from gq.common.options import one_line_errors, ray_option
 from gq.meshes import LABELS, OPEN_MESH_MODES, SDF_BACKENDS, ImportOptions, MeshError, format_summary, import_meshes
 
 
@@ -57,6 +57,7 @@ from gq.meshes import LABELS, OPEN_MESH_MODES, SDF_BACKENDS, ImportOptions, Mesh
     "same grid, exact distances, winding-number signs).",
 )
 @click.option("--workers", type=int, default=None, help="Processes [default: all CPUs].")
+@ray_option("the per-scene work (mesh to SDF, labels)")
 @click.option(
     "--skip-bad", is_flag=True, help="Leave bad scenes out (listed in OUT/skipped.jsonl) instead of stopping."
 )
@@ -73,6 +74,7 @@ def main(
     open_meshes: str,
     sdf_backend: str,
     workers: int | None,
+    ray: str | None,
     skip_bad: bool,
     overwrite: bool,
     quiet: bool,
@@ -94,7 +96,7 @@ def main(
         sdf_backend=sdf_backend,
     )
     with one_line_errors(((MeshError, ValueError), 2), interrupted="nothing was written"):
-        summary = import_meshes(raw, out, opts, workers=workers, overwrite=overwrite, progress=not quiet)
+        summary = import_meshes(raw, out, opts, workers=workers, ray=ray, overwrite=overwrite, progress=not quiet)
     click.echo(format_summary(summary))
 
 

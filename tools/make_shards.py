@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gq.common.options import click_options, one_line_errors
+from gq.common.options import click_options, one_line_errors, ray_option
 from gq.common.table import format_table
 from gq.shards import BuildOptions, build_shards
 
@@ -50,6 +50,7 @@ def _part(value: str | None) -> tuple[int, int] | None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Dataset directory to write.")
 @click_options(BuildOptions)  # what shapes the bytes: every field of BuildOptions, help text beside it
 @click.option("--workers", type=int, default=None, help="Decoding processes [default: all cores].")
+@ray_option("the per-scene work (decode, checks, conversion, checksums)")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping complete shards that verify.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in --out.")
 @click.option(
@@ -68,6 +69,7 @@ def main(
     source: Path,
     out: Path,
     workers: int | None,
+    ray: str | None,
     resume: bool,
     overwrite: bool,
     allow_missing_scenes: bool,
@@ -96,6 +98,7 @@ def main(
             out,
             opts,
             workers=workers,
+            ray=ray,
             resume=resume,
             overwrite=overwrite,
             progress=not quiet,
