@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +191,10 @@ def test_bench_cluster_times_every_row_and_checks_the_bytes(tmp_path: Path):
     result = gq("bench", "cluster", "--scenes", 8, "--meshes", 2, "--grid", 16, "--json", tmp_path / "b.json")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    combos = {(b, e, k) for b in ("shards build", "import-meshes") for e in ("local", "ray") for k in (1, 2)}
+    builds = ["shards build", *(f"import ({b})" for b in ("mesh2sdf", "warp") if b != "warp" or find_spec("warp"))]
+    combos = {(b, e, k) for b in builds for e in ("local", "ray") for k in (1, 2)} | {
+        ("shards build", "4 parts + merge", 2)
+    }
     assert {(r["build"], r["engine"], r["workers"]) for r in rows} == combos and len(rows) == len(combos)
     assert all(r["wall_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "every Ray build's bytes" in result.stdout
