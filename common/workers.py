@@ -40,6 +40,9 @@ def worker_count(requested: int | None, scenes: int) -> int:
 
 def _quiet_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the pool
+    # The pool stops its workers with SIGTERM: a handler the parent had (a library's, e.g. Ray's driver, which
+    # keeps one for the life of the process) must not keep a worker alive, and the parent waiting for it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Python ignores SIGPIPE, so a result written after the parent died raises BrokenPipeError and the worker
     # prints its traceback; with the default action the write ends the worker without a word.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
