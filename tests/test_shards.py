@@ -450,20 +450,6 @@ def test_workers_end_quietly_when_their_parent_is_killed(tmp_path: Path) -> None
     assert "Traceback" not in stderr.decode() and "BrokenPipeError" not in stderr.decode(), stderr.decode()[-2000:]
 
 
-def test_a_build_ends_in_a_process_whose_sigterm_handler_would_keep_workers_alive(tmp_path: Path) -> None:
-    """The pool stops its workers with SIGTERM: a handler inherited from the parent (Ray's driver keeps one for
-    the life of the process) must not keep them alive, nor the build waiting for them."""
-    source = make_source(tmp_path / "src", scenes=6)
-    code = (
-        "import signal, sys\n"
-        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
-        "from gq.shards import BuildOptions, build_shards\n"
-        "build_shards(sys.argv[1], sys.argv[2], BuildOptions(grid=16), workers=2, progress=False)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, source, tmp_path / "ds"], capture_output=True, timeout=120)
-    assert result.returncode == 0 and (tmp_path / "ds" / "manifest.json").is_file(), result.stderr.decode()[-2000:]
-
-
 # -- gq scenes: a grid the machine cannot hold, --quiet ---------------------------------------------------------
 
 
