@@ -43,6 +43,7 @@ def cluster() -> Iterator:
     from ray.cluster_utils import Cluster
 
     saved = {k: os.environ.get(k) for k in LOOPBACK}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     os.environ.update(LOOPBACK)  # the nodes' processes inherit it, and so do the gq processes
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
     try:
@@ -53,6 +54,8 @@ def cluster() -> Iterator:
         cluster.shutdown()
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        for sig, handler in handlers.items():  # Ray's node leaves its SIGTERM handler in this process after shutdown
+            signal.signal(sig, handler)
 
 
 def _raylets(cluster) -> set[int]:
