@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gq.common.errors import UsageError
+from gq.common.errors import FileError
 from gq.common.extras import import_extra
 from gq.common.inputs import InputError, open_input
 
@@ -39,16 +39,8 @@ MAX_MESH_BYTES = 1 << 31  # a mesh file: far above any object's scan, far below 
 _OBJ_VERTEX = re.compile(rb"^[ \t]*v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", re.MULTILINE)
 
 
-class MeshError(UsageError):
+class MeshError(FileError):
     """A mesh or recording that cannot be imported; `str()` is one line naming the file and the problem."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = Path(path)
-        self.reason = reason
-
-    def __reduce__(self):  # travels back from worker processes intact
-        return MeshError, (self.path, self.reason)
 
 
 def _check_obj_vertices(path: Path, data: bytes) -> None:

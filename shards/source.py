@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gq.common.errors import UsageError
+from gq.common.errors import FileError, UsageError
 from gq.common.inputs import InputError, open_input
 
 from .checksum import checksum, device_checksum, word_keys
@@ -32,16 +32,8 @@ OPTIONAL_KEYS = ("translation", "global_scale")  # the seed's later versions add
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class SceneError(UsageError):
+class SceneError(FileError):
     """A scene file that cannot go into a dataset; `str()` is the one-line reason."""
-
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = Path(path)
-        self.reason = reason
-
-    def __reduce__(self):  # travels back from worker processes intact
-        return SceneError, (self.path, self.reason)
 
 
 class SourceError(UsageError):
