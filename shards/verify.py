@@ -7,8 +7,11 @@ recomputes the train score statistics from the stored labels and compares them w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,9 +200,22 @@ def _check_records(
     return problems
 
 
-def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> VerifyResult:
-    """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes."""
+def verify(
+    root: str | Path,
+    *,
+    quick: bool = False,
+    progress: bool = False,
+    shard_files: Callable[[int], AbstractContextManager] | None = None,
+    label: str | None = None,
+) -> VerifyResult:
+    """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes.
+
+    `shard_files(k)`, when given, is entered around the reading of shard k's records: a copy of a remote
+    dataset (`verify_remote`) fetches the shard's files there, and drops them after. `label` names the
+    dataset in the summary and messages instead of `root`."""
     root = Path(root)
+    shown = label or str(root)
+    shard_files = shard_files or (lambda k: contextlib.nullcontext())
     try:
         m = read_manifest(root)
     except DatasetError as err:
@@ -208,7 +224,7 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
         return VerifyResult(
             root,
             [
-                f"{root / 'manifest.json'}: its fingerprint does not match its contents: edited after the build; "
+                f"{shown}/manifest.json: its fingerprint does not match its contents: edited after the build; "
                 "rebuild the dataset"
             ],
             quick=quick,
@@ -259,7 +275,8 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
         parts = []
         for k in tqdm(range(m.num_shards), unit="shard", desc="verify", disable=(not progress) or None):
             parts.append(ScoreSums())
-            problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs, parts[-1])
+            with shard_files(k):
+                problems += _check_records(root, k, layout, index, rows_by_shard[k], crcs, parts[-1])
         read = m.num_shards
         if not problems:
             problems += _check_stats(m, score_stats(parts))
@@ -267,7 +284,7 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
     splits = " / ".join(f"{s} {m.splits[s].scenes}" for s in SPLITS)
     size = sum(entry.bytes for entry in m.files) / 1e6
     summary = (
-        f"OK {root}: {m.num_scenes} scenes ({splits}), {m.num_shards} shards of "
+        f"OK {shown}: {m.num_scenes} scenes ({splits}), {m.num_shards} shards of "
         f"{m.records_per_shard}, {size:.1f} MB; {checked}"
     )
     return VerifyResult(root, problems, summary, quick=quick, shards=read)

@@ -23,10 +23,12 @@ COMMANDS: dict = {
     "import-meshes": "gq.tools.import_meshes:main",
     "pybullet-objects": "gq.tools.pybullet_objects:main",
     "shards": {
-        "_help": "Build, merge and verify shard datasets.",
+        "_help": "Build, merge, verify, upload and download shard datasets.",
         "build": "gq.tools.make_shards:main",
         "verify": "gq.tools.verify_shards:cli",
         "merge": "gq.tools.merge_shards:main",
+        "upload": "gq.tools.remote_shards:upload",
+        "download": "gq.tools.remote_shards:download",
     },
     "fit": "gq.tools.training:fit_cmd",
     "compare": "gq.tools.training:compare_cmd",
