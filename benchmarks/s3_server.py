@@ -5,8 +5,9 @@ points the standard client settings at it (AWS_ENDPOINT_URL, fake credentials, a
 s3fs, unchanged, talk to it over HTTP as they would to S3. A thin middleware in front of moto measures and
 disturbs what is served, through control paths under `/_gq/` (no bucket name may start with "_"):
 
-- `GET /_gq/stats`: `{"bytes": N, "gets": {"bucket/key": count}}`, the response body bytes of every GET
-  request since the last reset (objects and listings: what clients downloaded) and the GETs of each path;
+- `GET /_gq/stats`: `{"bytes": N, "gets": {"bucket/key": count}, "writes": ["PUT bucket/key", ...]}`, the
+  response body bytes of every GET request since the last reset (objects and listings: what clients
+  downloaded), the GETs of each path, and every other request (PUT, DELETE, POST) in the order they came;
 - `POST /_gq/reset`: zero them and drop every pending fault;
 - `POST /_gq/fault` with JSON `{"key": "bucket/key", "mode": MODE, "times": N, "delay": S}`: the next N GETs of
   that object are disturbed: `error` answers 500 InternalError, `truncate` serves the first half of the body
@@ -58,15 +59,19 @@ class Meter:
         self.lock = threading.Lock()
         self.bytes = 0
         self.gets: Counter[str] = Counter()
+        self.writes: list[str] = []
         self.faults: dict[str, Fault] = {}
 
     def __call__(self, environ: dict, start_response) -> Iterator[bytes]:
         path = environ.get("PATH_INFO", "")
         if path.startswith(CONTROL):
             return self._control(path[len(CONTROL) :], environ, start_response)
-        if environ["REQUEST_METHOD"] != "GET":
-            return self.app(environ, start_response)
         key = path.lstrip("/")
+        if environ["REQUEST_METHOD"] != "GET":
+            if environ["REQUEST_METHOD"] != "HEAD":
+                with self.lock:
+                    self.writes.append(f"{environ['REQUEST_METHOD']} {key}")
+            return self.app(environ, start_response)
         with self.lock:
             self.gets[key] += 1
             fault = self.faults.get(key)
@@ -114,9 +119,9 @@ class Meter:
     def _control(self, action: str, environ: dict, start_response) -> list[bytes]:
         with self.lock:
             if action == "stats":
-                reply = {"bytes": self.bytes, "gets": dict(self.gets)}
+                reply = {"bytes": self.bytes, "gets": dict(self.gets), "writes": self.writes}
             elif action == "reset":
-                self.bytes, self.gets, self.faults = 0, Counter(), {}
+                self.bytes, self.gets, self.writes, self.faults = 0, Counter(), [], {}
                 reply = {}
             elif action == "fault":
                 length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -147,7 +152,7 @@ class S3Server:
             return json.loads(reply.read())
 
     def stats(self) -> dict:
-        """`{"bytes": N, "gets": {"bucket/key": count}}` since the last reset."""
+        """`{"bytes": N, "gets": {"bucket/key": count}, "writes": ["PUT bucket/key", ...]}` since the last reset."""
         return self._call("stats")
 
     def bytes_served(self) -> int:
@@ -157,6 +162,10 @@ class S3Server:
     def gets(self, key: str) -> int:
         """GET requests of `bucket/key` since the last reset."""
         return self.stats()["gets"].get(key, 0)
+
+    def writes(self) -> list[str]:
+        """ "METHOD bucket/key" of every request other than GET and HEAD since the last reset, in order."""
+        return self.stats()["writes"]
 
     def reset(self) -> None:
         """Zero the counts and drop pending faults."""

@@ -49,6 +49,7 @@ ATTEMPTS = 5  # tries of one call before RemoteError
 BASE_DELAY_S = 0.5  # the first wait between tries; doubled after each
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme of two letters or more: "C:\\" is no URL
 _PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+_UNLISTED = ("http", "https")  # a web page's links are no listing: sizes are asked one by one
 _LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
@@ -192,7 +193,8 @@ class RemoteStore:
     def read_head(self, name: str, count: int) -> bytes:
         """The first `count` bytes of an object (fewer if it is shorter)."""
         url = self.url_of(name)
-        return self._call(url, "reading", lambda: self.fs.cat_file(url, start=0, end=count))
+        head = self._call(url, "reading", lambda: self.fs.cat_file(url, start=0, end=count))
+        return head[:count]  # a web server that ignores the byte range sends the whole file
 
     def exists(self, name: str) -> bool:
         url = self.url_of(name)
@@ -218,6 +220,19 @@ class RemoteStore:
             return self._call(self.url, "listing", find)
         except RemoteNotFoundError:
             raise RemoteNotFoundError(f"{self.url}: no such bucket; create it first (gq creates none)") from None
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int]:
+        """The byte sizes of those of `names` that exist: one listing where the storage has listings, else
+        (http, https) one request each."""
+        names = list(names)
+        if self.protocol not in _UNLISTED:
+            listed = self.list()
+            return {name: listed[name] for name in names if name in listed}
+        found = {}
+        for name in names:
+            with contextlib.suppress(RemoteNotFoundError):
+                found[name] = self.size(name)
+        return found
 
     def copy_to(self, name: str, dest: Path) -> int:
         """Download `name` into `dest` through a temporary beside it, unchecked (for `verify`, which checks it
