@@ -140,7 +140,8 @@ def main(
             allow_missing_scenes=allow_missing_scenes,
             part=part,
         )
-    summary["out"] = out
+    if is_remote(out):
+        summary["out"] = out  # where it is published; the local folder is gone or is --stage
     click.echo(summary_text(summary, summary["wall_s"]))
 
 
