@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import json
+import shutil
 import threading
 import zlib
 from collections.abc import Iterator
@@ -102,10 +103,10 @@ def test_replace_writes_in_order_and_removes_only_the_old_datasets_objects(
     writes = s3.writes()
     new_files = [f["name"] for f in json.loads((smaller / MANIFEST).read_text())["files"]]
     stale = sorted({f["name"] for f in old["files"]} - set(new_files))
-    assert writes == [
-        f"PUT {key}/{MARKER}",
-        f"DELETE {key}/{MANIFEST}",
-        *(f"PUT {key}/{name}" for name in new_files),
+    data = len(new_files) + 2
+    assert writes[:2] == [f"PUT {key}/{MARKER}", f"DELETE {key}/{MANIFEST}"]
+    assert sorted(writes[2:data]) == sorted(f"PUT {key}/{name}" for name in new_files)  # several at once
+    assert writes[data:] == [
         f"PUT {key}/{MANIFEST}",
         *(f"DELETE {key}/{name}" for name in stale),
         f"DELETE {key}/{MARKER}",
@@ -288,3 +289,21 @@ def test_a_dataset_on_a_web_server(dataset: Path, tmp_path: Path) -> None:
         missing = invoke(verify_shards.cli, f"{site}/nothing-here", name="gq shards verify")
         assert missing.returncode == 1 and "nothing-here/manifest.json: missing" in missing.stdout
     assert _published(tmp_path / "copy") == _published(dataset)
+
+
+def test_a_failed_upload_leaves_no_dataset_and_the_next_one_replaces_it(
+    s3_bucket: str, dataset: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    damaged = bytearray((copy / "sdf-00002.npy").read_bytes())
+    damaged[-1] ^= 1  # same size: only the file's CRC-32 tells
+    (copy / "sdf-00002.npy").write_bytes(bytes(damaged))
+    url = f"{s3_bucket}/ds"
+    failed = _upload(copy, url)
+    assert failed.returncode == 2 and len(failed.stderr.splitlines()) == 1
+    assert "sdf-00002.npy: its CRC-32 differs from the manifest's" in failed.stderr
+    left = RemoteStore(url).list()
+    assert MANIFEST not in left and MARKER in left  # no dataset for readers; the marker names what is there
+    assert _upload(dataset, url).returncode == 0  # an unfinished upload is replaced without --overwrite
+    assert _objects(url) == _published(dataset)
