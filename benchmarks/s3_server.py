@@ -41,6 +41,7 @@ CLIENT_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+_OVERRIDING = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")  # would lead clients elsewhere
 _ERROR_BODY = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
 
 
@@ -179,7 +180,8 @@ class S3Server:
 @contextlib.contextmanager
 def s3_server(*, set_env: bool = True) -> Iterator[S3Server]:
     """A moto S3 server in a subprocess on 127.0.0.1 (a free port), stopped on exit. With `set_env`, the
-    process's client settings (AWS_ENDPOINT_URL, fake credentials, region) point at it until then."""
+    process's client settings (AWS_ENDPOINT_URL, fake credentials, region) point at it until then, and the
+    settings that would take precedence (AWS_ENDPOINT_URL_S3, AWS_PROFILE, AWS_SESSION_TOKEN) are set aside."""
     process = subprocess.Popen(
         [sys.executable, "-m", "gq.benchmarks.s3_server", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -190,8 +192,10 @@ def s3_server(*, set_env: bool = True) -> Iterator[S3Server]:
         if not line.startswith("http://"):
             raise RuntimeError(f"the S3 test server did not start (exit status {process.wait(timeout=30)})")
         server = S3Server(line.strip(), process)
-        saved = {k: os.environ.get(k) for k in (*CLIENT_ENV, "AWS_ENDPOINT_URL")}
+        saved = {k: os.environ.get(k) for k in (*CLIENT_ENV, "AWS_ENDPOINT_URL", *_OVERRIDING)}
         if set_env:
+            for key in _OVERRIDING:
+                os.environ.pop(key, None)
             os.environ.update(CLIENT_ENV, AWS_ENDPOINT_URL=server.endpoint_url)
         try:
             yield server
@@ -224,6 +228,7 @@ def serve(host: str, port: int) -> None:
     app = Meter(DomainDispatcherApplication(create_backend_app))
     server = make_server(host, port, app, threaded=True, request_handler=QuietHandler)
     print(f"http://{host}:{server.server_port}", flush=True)
+    os.dup2(2, 1)  # anything printed later goes to stderr: a pipe nobody reads would fill and stall the server
     server.serve_forever()
 
 
