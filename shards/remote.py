@@ -169,7 +169,7 @@ class RemoteStore:
                         f"{url}: {what} failed {tries} times, last: {_brief(err)}; check the network, the endpoint "
                         f"(AWS_ENDPOINT_URL) and the credentials, then run again"
                     ) from None
-                log.debug("%s: %s failed (%s); again in %.2f s", url, what, _brief(err), delay)
+                log.info("%s: %s failed (%s); again in %.1f s", url, what, _brief(err), delay)
                 time.sleep(delay)
 
     # --- reading ------------------------------------------------------------------------------------------

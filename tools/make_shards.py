@@ -126,6 +126,8 @@ def main(
     opts = BuildOptions(**options)
     interrupted = (
         f"--out is as it was and the complete new shards are kept beside it: rerun with --resume to finish {out}"
+        if not is_remote(out) or stage is not None
+        else f"nothing was published at {out}; give --stage DIR to keep a build that --resume can finish"
     )
     with one_line_errors(interrupted=interrupted), output(out, stage=stage, overwrite=overwrite) as local:
         summary = build_shards(
