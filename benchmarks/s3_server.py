@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 CONTROL = "/_gq/"
-PIECE = 64 << 10  # what `slow` serves at a time
+PIECE = 64 << 10  # bodies are served (and counted) in pieces of this size
 FAULTS = ("error", "truncate", "corrupt", "slow")
 CLIENT_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -105,17 +105,18 @@ class Meter:
             if k.lower() != "content-length" and not (damaged and k.lower().startswith("x-amz-checksum-"))
         ] + [("Content-Length", str(len(body)))]
         start_response(status, headers)
-        if fault is not None and fault.mode == "slow":
-            return self._counted((body[i : i + PIECE] for i in range(0, len(body), PIECE)), fault.delay)
-        return self._counted([body])
+        delay = fault.delay if fault is not None and fault.mode == "slow" else 0.0
+        return self._counted((body[i : i + PIECE] for i in range(0, len(body), PIECE)), delay)
 
     def _counted(self, pieces, delay: float = 0.0) -> Iterator[bytes]:
+        """The pieces, each counted once the server has sent it (it asks for the next one then): a client that
+        hangs up early is not counted for what it did not take."""
         for piece in pieces:
             if delay:
                 time.sleep(delay)
+            yield piece
             with self.lock:
                 self.bytes += len(piece)
-            yield piece
 
     def _control(self, action: str, environ: dict, start_response) -> list[bytes]:
         with self.lock:

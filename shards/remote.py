@@ -49,6 +49,7 @@ ATTEMPTS = 5  # tries of one call before RemoteError
 BASE_DELAY_S = 0.5  # the first wait between tries; doubled after each
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme of two letters or more: "C:\\" is no URL
 _PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+_S3 = ("s3", "s3a")
 _UNLISTED = ("http", "https")  # a web page's links are no listing: sizes are asked one by one
 _LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -283,8 +284,11 @@ class RemoteStore:
         return tmp
 
     def _get(self, url: str, tmp: Path, dest: Path) -> None:
+        # One stream per object: s3fs would split a large one into parts fetched at once, but only after a first
+        # request whose body it drops, and the callers fetch several objects at once anyway.
+        options = {"max_concurrency": 1} if self.protocol in _S3 else {}
         try:
-            self.fs.get_file(url, str(tmp))
+            self.fs.get_file(url, str(tmp), **options)
         except OSError as err:
             if err.errno in _LOCAL_ERRNOS:
                 raise _local_error(err, dest, url) from None
@@ -325,7 +329,7 @@ def _client(url: str, protocol: str, storage_options: dict):
             return _CLIENTS[key]
         fsspec = import_extra("fsspec", "s3")
         options: dict = {"skip_instance_cache": True}  # fsspec's own cache would ignore the environment
-        if protocol in ("s3", "s3a"):
+        if protocol in _S3:
             import_extra("s3fs", "s3")
             # Listings are read anew each time (a dataset may be replaced), and the retries are ours.
             options |= {"use_listings_cache": False, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
@@ -337,7 +341,7 @@ def _client(url: str, protocol: str, storage_options: dict):
             raise RemoteError(f"{url}: reading {protocol}:// needs {package}: pip install {package}") from None
         except ValueError as err:
             raise RemoteError(f"{url}: {err}; use s3://, gs://, https:// or another fsspec URL") from None
-        if protocol in ("s3", "s3a"):
+        if protocol in _S3:
             fs.retries = 1  # s3fs's own loop over the same errors
         _CLIENTS[key] = fs
         return fs
