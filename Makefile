@@ -1,5 +1,5 @@
 # `make test` and `make demo` create .venv when it is missing and install the project into it, with every
-# extra the tests use (meshes, warp, ray, s3, docs, tensorboard, wandb).
+# extra the tests use (meshes, warp, ray, s3, docs, tensorboard, wandb, look).
 # Without CUDA (no nvidia-smi) torch is pinned to the 2.13.0 CPU build first, so `torch>=2.3`
 # in setup.cfg is already satisfied and pip never pulls a multi-GB CUDA build.
 PYTHON ?= python3
@@ -29,7 +29,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[dev,meshes,warp,ray,s3,docs,tensorboard,wandb]'
+	$(PY) -m pip install -q -e '.[dev,meshes,warp,ray,s3,docs,tensorboard,wandb,look]'
 	touch $@
 
 # The documentation site (mkdocs.yml, docs/) into site/; `make test` builds it strictly too (tests/test_docs.py).

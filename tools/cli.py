@@ -23,11 +23,14 @@ COMMANDS: dict = {
     "import-meshes": "gq.tools.import_meshes:main",
     "pybullet-objects": "gq.tools.pybullet_objects:main",
     "shards": {
-        "_help": "Build, merge and verify shard datasets.",
+        "_help": "Build, merge and verify shard datasets; their statistics and differences.",
         "build": "gq.tools.make_shards:main",
         "verify": "gq.tools.verify_shards:cli",
         "merge": "gq.tools.merge_shards:main",
+        "stats": "gq.tools.look:stats_cmd",
+        "diff": "gq.tools.look:diff_cmd",
     },
+    "show": "gq.tools.look:show_cmd",
     "fit": "gq.tools.training:fit_cmd",
     "compare": "gq.tools.training:compare_cmd",
     "eval": "gq.tools.training:eval_cmd",
@@ -101,7 +104,8 @@ def _summary(spec: str) -> str:
 def main() -> None:
     """Grasp-quality estimation on signed distance fields: data, training, evaluation, prediction.
 
-    gq scenes / import-meshes make scenes; gq shards build / verify make datasets; gq fit trains;
+    gq scenes / import-meshes make scenes; gq shards build / verify make datasets, gq shards stats / diff and
+    gq show look at them; gq fit trains;
     gq eval and gq predict use a checkpoint; gq compare and gq bench measure; gq gpu-check checks a GPU machine.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
