@@ -7,12 +7,12 @@ and each split's scores (4 bytes a grasp: 30 MB at the seed's 7.5 million grasps
 KD-tree for the label-noise figure (the `look` extra).
 
 The label-noise figure of a scene: each grasp's k nearest neighbours in grasp space (palm position, the
-quaternion with a canonical sign, the 12 joints; each dimension scaled by its robust spread in the scene) and
-the mean absolute difference of their score ranks from the grasp's, divided by the mean absolute difference
-of two random grasps' ranks. Scores that vary with the grasp give less than 1; scores shuffled among the
-grasps give 1 whatever their distribution (ranks: a few extreme scores do not dominate it). A scene is
-flagged when its figure is an outlier of the dataset's own distribution: a robust z-score (median and MAD)
-above NOISE_Z, not a fixed count of worst scenes.
+quaternion with a canonical sign at half weight, the 12 joints; each dimension scaled by its robust spread in
+the scene) and the mean absolute difference of their score ranks from the grasp's, divided by the mean
+absolute difference of two random grasps' ranks. Scores that vary with the grasp give less than 1; scores
+shuffled among the grasps give 1 whatever their distribution (ranks: a few extreme scores do not dominate
+it). A scene is flagged when its figure is an outlier of the dataset's own distribution: a robust z-score
+(median and MAD) above NOISE_Z, not a fixed count of worst scenes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ QUANTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
 BINS = 40
 NOISE_NEIGHBOURS = 8
 NOISE_Z = 3.5  # robust z-score above which a scene's label noise is flagged (3.5: Iglewicz and Hoaglin's rule)
+# Half weight: of the weights tried on generated scenes of 480 grasps (1, 1/2, and the rotation matrix or the
+# approach direction in the quaternion's place), it separates scenes with shuffled scores from clean ones best
+# but one, and keeps the whole orientation (docs/looking.md).
+QUATERNION_WEIGHT = 0.5
 MIN_NOISE_SCENES = 5  # fewer scenes with a figure: no distribution to be an outlier of, nothing flagged
 _MAD_SIGMA = 1.4826  # MAD x this = the standard deviation of a normal distribution
 
@@ -46,13 +50,16 @@ OPEN = "inside touches the grid's border (the surface does not close within the 
 def grasp_features(grasps: np.ndarray) -> np.ndarray:
     """(N, 19) grasps as points for neighbour search: the quaternion (xyzw) given w >= 0, since q and -q are
     the same rotation, and every dimension centred on its median and divided by its robust spread (MAD), so
-    that position, orientation and joints weigh alike whatever their units."""
+    that position, orientation and joints weigh alike whatever their units; the quaternion's four components
+    then weigh QUATERNION_WEIGHT each, as they are one unit vector, not four free values."""
     f = np.array(grasps, dtype=np.float64)
     f[:, 3:7] *= np.where(f[:, 6:7] < 0, -1.0, 1.0)
     centre = np.median(f, axis=0)
     spread = _MAD_SIGMA * np.median(np.abs(f - centre), axis=0)
     spread[spread <= 0] = 1.0  # a constant dimension: left as it is (it adds nothing to any distance)
-    return (f - centre) / spread
+    f = (f - centre) / spread
+    f[:, 3:7] *= QUATERNION_WEIGHT
+    return f
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:

@@ -93,7 +93,7 @@ def _dataset_scene(dataset: Path, scene: str) -> tuple[str, np.ndarray, np.ndarr
     else:
         raise UsageError(f"{dataset}: no scene named or numbered {scene!r}; its names look like {names[0]!r}")
     name = str(reader.column("name", [scene_id])[0])
-    return name, np.asarray(reader.sdf(scene_id), np.float32), np.asarray(reader.labels(scene_id))
+    return name, np.array(reader.sdf(scene_id), np.float32), np.array(reader.labels(scene_id))
 
 
 @click.command(context_settings=CONTEXT)
@@ -169,7 +169,7 @@ def _spearman(predictions: np.ndarray, scores: np.ndarray) -> float:
     from gq.train.metrics import spearman_per_group
 
     groups = torch.zeros(len(scores), dtype=torch.int64)
-    rho = spearman_per_group(torch.from_numpy(predictions).double(), torch.from_numpy(scores).double(), groups, 1)
+    rho = spearman_per_group(torch.tensor(predictions).double(), torch.tensor(scores).double(), groups, 1)
     return float(rho[0])
 
 

@@ -80,7 +80,7 @@ def _isosurface(sdf: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     measure = import_extra("skimage.measure", "look")
     origin, spacing = grid_points(sdf.shape[0])
-    vertices, faces, _, _ = measure.marching_cubes(np.asarray(sdf, np.float32), level=0.0, spacing=(spacing,) * 3)
+    vertices, faces, _, _ = measure.marching_cubes(np.array(sdf, np.float32), level=0.0, spacing=(spacing,) * 3)
     return vertices + origin, faces
 
 
@@ -104,11 +104,12 @@ def plot_scene(
     origin, spacing = grid_points(n)
     extent = (origin, origin + (n - 1) * spacing)
     panels = 5 if predictions is not None and scores is not None else 4
-    fig = plt.figure(figsize=(4.2 * panels, 4.4))
+    fig = plt.figure(figsize=(4 * panels + 2, 4.4))
+    grid = fig.add_gridspec(1, panels, width_ratios=[1, 1, 1, 1.5] + [1] * (panels - 4))
     limit = float(np.abs(sdf).max()) or 1.0
     axis_names = "xyz"
     for a in range(3):
-        ax = fig.add_subplot(1, panels, a + 1)
+        ax = fig.add_subplot(grid[0, a])
         plane = np.take(sdf, n // 2, axis=a)
         rest = [axis_names[i] for i in range(3) if i != a]
         image = ax.imshow(plane.T, origin="lower", cmap="RdBu", vmin=-limit, vmax=limit,
@@ -118,7 +119,7 @@ def plot_scene(
                        extent=(extent[0], extent[1], extent[0], extent[1]))  # fmt: skip
         ax.set(xlabel=rest[0], ylabel=rest[1], title=f"{axis_names[a]} = {origin + (n // 2) * spacing:.2f} slice")
         fig.colorbar(image, ax=ax, shrink=0.8, label="SDF (black: zero level)")
-    ax = fig.add_subplot(1, panels, 4, projection="3d")
+    ax = fig.add_subplot(grid[0, 3], projection="3d")
     surface = _isosurface(sdf)
     if surface is not None:
         vertices, faces = surface
@@ -136,13 +137,13 @@ def plot_scene(
         points = ax.scatter(*position.T, c=colour[chosen], cmap=SCORE_CMAP, norm=norm, s=30, depthshade=False)
         ax.quiver(*position.T, *approach.T, colors=cmap(norm(colour[chosen])), linewidth=1.2)
         what = "score" if scores is not None else "predicted score"
-        fig.colorbar(points, ax=ax, shrink=0.7, pad=0.1, label=f"{what} (lower is better)")
-        ax.set_title(f"zero isosurface, {k} best and {k} worst grasps")
+        fig.colorbar(points, ax=ax, shrink=0.7, pad=0.12, label=f"{what} (lower is better)")
+        ax.set_title(f"surface; {k} best, {k} worst grasps", fontsize=10)
     else:
         ax.set_title("zero isosurface")
     ax.set(xlabel="x", ylabel="y", zlabel="z", xlim=extent, ylim=extent, zlim=extent)
     if panels == 5:
-        ax = fig.add_subplot(1, panels, 5)
+        ax = fig.add_subplot(grid[0, 4])
         ax.scatter(scores, predictions, s=6, alpha=0.5, color="#4c72b0")
         low, high = float(min(scores.min(), predictions.min())), float(max(scores.max(), predictions.max()))
         ax.plot([low, high], [low, high], color="grey", ls=":", lw=1, label="prediction = score")
