@@ -46,6 +46,7 @@ COMMANDS: dict = {
         "generalisation": "gq.benchmarks.bench_generalisation:main",
         "scale": "gq.benchmarks.bench_scale:main",
         "cluster": "gq.benchmarks.bench_cluster:main",
+        "stats": "gq.benchmarks.bench_stats:main",
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
