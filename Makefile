@@ -46,10 +46,13 @@ demo: install
 	$(GQ) shards verify $(DEMO)/shards
 	$(GQ) compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) -S 8 -G 64 --lr 3e-3 \
 		--lr-schedule linear --log-every 10 --overwrite
+	$(GQ) shards stats $(DEMO)/shards --out $(DEMO)/report --overwrite
 	@echo
+	@echo "The demo data's report (splits, scores, SDF checks, leakage, label noise): $(DEMO)/report/report.md"
 	@echo "Next:"
 	@echo "  $(GQ) eval $(DEMO)/compare/cache/best.pt --shards $(DEMO)/shards --split test"
 	@echo "  $(GQ) predict $(DEMO)/compare/cache/best.pt --shards $(DEMO)/shards --split test --out $(DEMO)/predictions.parquet"
+	@echo "  $(GQ) show $(DEMO)/shards scene_000000 --model $(DEMO)/compare/cache/best.pt --out $(DEMO)/scene.png"
 	@echo "  make demo-real    # real objects: pybullet meshes imported, trained, evaluated, predicted"
 	@echo "  make docs         # the documentation site in site/ (sources in docs/)"
 

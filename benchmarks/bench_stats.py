@@ -24,7 +24,8 @@ import click
 import numpy as np
 
 from gq.common.files import write_atomically
-from gq.shards import BuildOptions, build_shards, verify
+from gq.common.workers import worker_count
+from gq.shards import BuildOptions, ShardReader, build_shards, verify
 from gq.shards.report import dataset_report
 from gq.synth import write_scenes
 from gq.synth.writer import SCENE_FILE, save_npz, scene_name
@@ -78,7 +79,11 @@ def main(
         if not checked.ok:
             raise click.ClickException(f"the benchmark's dataset fails verify: {checked.problems[0]}")
         stats_s, report = _best(lambda: dataset_report(root / "shards"), repeat)
+        pool = worker_count(workers, ShardReader(root / "shards").num_shards)
+        pooled_s, _ = _best(lambda: dataset_report(root / "shards", workers=pool), repeat)
     noisy = {r["name"] for r in report["scenes"] if any(f.startswith("label noise") for f in r["flags"])}
+    z = {r["name"]: r["label_noise_z"] for r in report["scenes"]}
+    clean_z = np.array([z[name] for name in z if name not in shuffled])
     clean = scenes - len(shuffled)
     result = {
         "scenes": scenes,
@@ -87,6 +92,9 @@ def main(
         "stats_s": stats_s,
         "verify_s": verify_s,
         "stats_over_verify": stats_s / verify_s,
+        "stats_workers": pool,
+        "stats_workers_s": pooled_s,
+        "stats_workers_over_verify": pooled_s / verify_s,
         "seed_scenes": SEED_SCENES,
         "seed_stats_s": stats_s * SEED_SCENES / scenes,
         "seed_verify_s": verify_s * SEED_SCENES / scenes,
@@ -95,12 +103,17 @@ def main(
         "clean_flagged": len(noisy - shuffled),
         "false_positive_rate": len(noisy - shuffled) / clean,
         "noise": report["noise"],
+        # the same at other thresholds: each shuffled scene's robust z-score, and the clean ones' highest
+        "shuffled_z": sorted(round(z[name], 3) for name in shuffled),
+        "clean_z_max": float(clean_z.max()),
+        "clean_z_above": {t: int((clean_z > t).sum()) for t in (2.5, 3.0, 3.5)},
         "flagged_other": len(report["flagged"]) - len(noisy),
         "cpus": os.cpu_count(),
     }
     click.echo(
         f"{scenes} scenes ({grid}^3, {grasps} grasps): stats {stats_s:.1f} s, verify {verify_s:.1f} s "
-        f"({result['stats_over_verify']:.2f}x verify); {SEED_SCENES} scenes: stats {result['seed_stats_s']:.0f} s, "
+        f"({result['stats_over_verify']:.2f}x verify; {pool} workers: {pooled_s:.1f} s, "
+        f"{result['stats_workers_over_verify']:.2f}x); {SEED_SCENES} scenes: stats {result['seed_stats_s']:.0f} s, "
         f"verify {result['seed_verify_s']:.0f} s"
     )
     click.echo(

@@ -16,12 +16,15 @@ it). A scene is flagged when its figure is an outlier of the dataset's own distr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import numpy as np
 import xxhash
 from tqdm import tqdm
+
+from gq.common.workers import worker_pool
 
 from .format import GRASP_DIM, SCORE_COLUMN, SPLITS
 from .reader import ShardReader
@@ -198,8 +201,31 @@ def _noise_outliers(noise: np.ndarray) -> tuple[dict, np.ndarray]:
     return summary, z
 
 
-def dataset_report(root: str | Path, *, progress: bool = False) -> dict:
-    """Every figure of the dataset in `root` (see the module's docstring), read in one pass over its shards.
+def _shard_figures(task: tuple[Path, np.ndarray]) -> dict:
+    """The per-scene figures of one shard's scenes (index `rows`, all in one shard), its scores by split, and
+    the train scores' sums (per record, merged in slot order, as `verify` and the build sum them)."""
+    root, rows = task
+    reader = ShardReader(root)
+    index = reader.index
+    shard = int(index["shard"][rows[0]])
+    sdfs, labels = reader.sdf_shard(shard), reader.labels_shard(shard)
+    out = {"sdf_hash": [], "grasp_hash": [], "checks": [], "noise": [], "scores": [], "sums": ScoreSums()}
+    for row in rows:
+        slot, used = int(index["slot"][row]), int(index["num_grasps"][row])
+        sdf, label = np.asarray(sdfs[slot]), np.array(labels[slot, :used])
+        out["sdf_hash"].append(xxhash.xxh3_64_intdigest(sdf.tobytes()))
+        out["grasp_hash"].append(grasp_set_hash(label[:, :GRASP_DIM]))
+        out["checks"].append(sdf_checks(sdf))
+        out["noise"].append(label_noise(label[:, :GRASP_DIM], label[:, SCORE_COLUMN]))
+        out["scores"].append(label[:, SCORE_COLUMN])
+        if index["split"][row] == "train":
+            out["sums"].add(ScoreSums.of(label[:, SCORE_COLUMN]))
+    return out
+
+
+def dataset_report(root: str | Path, *, workers: int = 1, progress: bool = False) -> dict:
+    """Every figure of the dataset in `root` (see the module's docstring), read in one pass over its shards,
+    `workers` processes sharing the shards out (the figures do not depend on it).
 
     Returns a JSON-ready dict: `dataset`, `fingerprint`, `splits` (per split: scenes, grasps, grasps per
     scene, scores), `standardisation` (the train statistics training will use, recomputed and compared with
@@ -215,25 +241,18 @@ def dataset_report(root: str | Path, *, progress: bool = False) -> dict:
     checks: list[dict] = [{}] * n
     scores: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     train_sums: list[ScoreSums] = []
-    rows_of_shard = np.split(np.arange(n), np.flatnonzero(np.diff(index["shard"])) + 1) if n else []
-    for rows in tqdm(rows_of_shard, unit="shard", desc="stats", disable=(not progress) or None):
-        shard = int(index["shard"][rows[0]])
-        sdfs, labels = reader.sdf_shard(shard), reader.labels_shard(shard)
-        sums = ScoreSums()
-        for row in rows:
-            slot, used = int(index["slot"][row]), int(index["num_grasps"][row])
-            sdf = np.asarray(sdfs[slot])
-            label = np.asarray(labels[slot, :used])
-            sdf_hash[row] = xxhash.xxh3_64_intdigest(sdf.tobytes())
-            grasp_hash[row] = grasp_set_hash(label[:, :GRASP_DIM])
-            checks[row] = sdf_checks(sdf)
-            noise[row] = label_noise(label[:, :GRASP_DIM], label[:, SCORE_COLUMN])
-            split = index["split"][row]
-            scores[split].append(label[:, SCORE_COLUMN].copy())
-            if split == "train":
-                sums.add(ScoreSums.of(label[:, SCORE_COLUMN]))
-        if index["split"][rows[0]] == "train":
-            train_sums.append(sums)
+    tasks = [(reader.root, rows) for rows in np.split(np.arange(n), np.flatnonzero(np.diff(index["shard"])) + 1)]
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(worker_pool(workers)) if workers > 1 and len(tasks) > 1 else None
+        parts = pool.imap(_shard_figures, tasks) if pool else map(_shard_figures, tasks)  # in shard order
+        for (_, rows), part in tqdm(zip(tasks, parts), total=len(tasks), unit="shard", desc="stats",
+                                    disable=(not progress) or None):  # fmt: skip
+            sdf_hash[rows], grasp_hash[rows], noise[rows] = part["sdf_hash"], part["grasp_hash"], part["noise"]
+            for row, check, row_scores in zip(rows, part["checks"], part["scores"]):
+                checks[row] = check
+                scores[index["split"][row]].append(row_scores)
+            if index["split"][rows[0]] == "train":
+                train_sums.append(part["sums"])
     names, splits = index["name"], index["split"]
     leakage = _duplicates(sdf_hash, names, splits, "sdf") + _duplicates(grasp_hash, names, splits, "grasps")
     noise_summary, z = _noise_outliers(noise)

@@ -26,8 +26,9 @@ OWNER_KEY = "gq.written_by"  # PNG text key of a picture gq show wrote: its owne
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a report folder written by an earlier gq shards stats.")
+@click.option("--workers", type=int, default=None, help="Processes sharing the shards out [default: all CPUs].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def stats_cmd(dataset: Path, out: Path, overwrite: bool, quiet: bool) -> None:
+def stats_cmd(dataset: Path, out: Path, overwrite: bool, workers: int | None, quiet: bool) -> None:
     """What DATASET holds, from one pass over its shards: counts, scores, SDF checks, leakage and label noise.
 
     Writes --out/report.md (the summary and the flagged scenes by name), --out/stats.json (every figure and
@@ -36,13 +37,16 @@ def stats_cmd(dataset: Path, out: Path, overwrite: bool, quiet: bool) -> None:
     set equal another scene's (within or across splits), or when its label noise is an outlier of the
     dataset's. No training, and nothing of DATASET is changed.
     """
+    from gq.common.workers import worker_count
+    from gq.shards import ShardReader
     from gq.shards.report import dataset_report, report_markdown, summary_lines
 
     from .pictures import REPORT_PLOTS, plot_report
 
     with one_line_errors(interrupted="no report was written"):
         build = BesideBuild(out, tool=STATS_TOOL, overwrite=overwrite)
-        report = dataset_report(dataset, progress=not quiet and sys.stderr.isatty())
+        count = worker_count(workers, ShardReader(dataset).num_shards)
+        report = dataset_report(dataset, workers=count, progress=not quiet and sys.stderr.isatty())
         with build:
             tmp = build.create(["report.md", "stats.json", *REPORT_PLOTS])
             plots = plot_report(report, tmp)
