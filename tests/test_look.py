@@ -65,7 +65,10 @@ def report(defects, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("report") / "report"
     result = invoke(look.stats_cmd, defects[1], "--out", out, name="gq shards stats")
     assert result.returncode == 0, result.stderr
-    assert f"report: {out / 'report.md'}" in result.stdout and "flagged 4 of 25 scenes" in result.stdout
+    assert (
+        f"report: {out / 'report.md'}" in result.stdout
+        and "flagged 4 of 25 scenes: 1 with no surface, 0 cut" in result.stdout
+    )
     return out, json.loads((out / "stats.json").read_text())
 
 
