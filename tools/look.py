@@ -63,8 +63,10 @@ def stats_cmd(dataset: Path, out: Path, overwrite: bool, workers: int | None, qu
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as one JSON object.")
 def diff_cmd(a: Path, b: Path, as_json: bool) -> None:
-    """Scenes added, removed, changed (record checksums) and moved between splits from dataset A to B, and the
-    build options that differ. Exit status as diff's: 0 the same, 1 different, 2 an error."""
+    """Scenes added, removed, changed and moved between splits from dataset A to B; build options that differ.
+
+    A scene is changed when its record checksum differs. Exit status as diff's: 0 the same, 1 different, 2 an
+    error."""
     from gq.shards.diff import diff_datasets, diff_lines
 
     with one_line_errors():
@@ -126,8 +128,11 @@ def show_cmd(
     top_k: int,
     overwrite: bool,
 ) -> None:
-    """One scene as a picture: the SDF's three mid-slices with the zero contour, the zero isosurface in 3-D with
-    the K best and worst grasps by score, and with --model its predictions against the true scores.
+    """One scene as a picture: SDF slices, its zero isosurface, its best and worst grasps; --model adds predictions.
+
+    The SDF's three mid-slices with the zero contour, the zero isosurface in 3-D with the K best and worst
+    grasps by score (palm positions, approach directions), and with --model its predictions against the true
+    scores, with their Spearman correlation.
 
     The scene: DATASET SCENE (a shard dataset and a scene's name or id), --scenes DIR SCENE, or --mesh FILE
     (with --grasps FILE.npy to draw grasps; a mesh has no true scores, so --model colours them by prediction).
