@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -218,3 +219,11 @@ def test_show_refuses_bad_input_in_one_line(shared_dataset, tmp_path: Path):
     (tmp_path / "mine.png").write_bytes(b"not ours")
     result = invoke(look.show_cmd, shards, "0", "--out", tmp_path / "mine.png", "--overwrite", name="gq show")
     assert result.returncode == 2 and (tmp_path / "mine.png").read_bytes() == b"not ours"
+
+
+def test_show_without_scikit_image_is_one_line_naming_the_extra(shared_dataset, tmp_path: Path, monkeypatch) -> None:
+    shards = shared_dataset(3, grid=48, grasps=64, seed=0)
+    monkeypatch.setitem(sys.modules, "skimage.measure", None)  # as on an install without the look extra
+    result = invoke(look.show_cmd, shards, "0", "--out", tmp_path / "x.png", name="gq show")
+    assert result.returncode == 2 and "pip install 'gq-pipeline[look]'" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
