@@ -1,5 +1,5 @@
 # `make test` and `make demo` create .venv when it is missing and install the project into it, with every
-# extra the tests use (meshes, warp, ray, s3, docs, tensorboard, wandb).
+# extra the tests use (meshes, warp, ray, s3, docs, tensorboard, wandb, look).
 # Without CUDA (no nvidia-smi) torch is pinned to the 2.13.0 CPU build first, so `torch>=2.3`
 # in setup.cfg is already satisfied and pip never pulls a multi-GB CUDA build.
 PYTHON ?= python3
@@ -29,7 +29,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[dev,meshes,warp,ray,s3,docs,tensorboard,wandb]'
+	$(PY) -m pip install -q -e '.[dev,meshes,warp,ray,s3,docs,tensorboard,wandb,look]'
 	touch $@
 
 # The documentation site (mkdocs.yml, docs/) into site/; `make test` builds it strictly too (tests/test_docs.py).
@@ -46,10 +46,13 @@ demo: install
 	$(GQ) shards verify $(DEMO)/shards
 	$(GQ) compare --shards $(DEMO)/shards --out $(DEMO)/compare --max-steps $(DEMO_STEPS) -S 8 -G 64 --lr 3e-3 \
 		--lr-schedule linear --log-every 10 --overwrite
+	$(GQ) shards stats $(DEMO)/shards --out $(DEMO)/report --overwrite
 	@echo
+	@echo "The demo data's report (splits, scores, SDF checks, leakage, label noise): $(DEMO)/report/report.md"
 	@echo "Next:"
 	@echo "  $(GQ) eval $(DEMO)/compare/cache/best.pt --shards $(DEMO)/shards --split test"
 	@echo "  $(GQ) predict $(DEMO)/compare/cache/best.pt --shards $(DEMO)/shards --split test --out $(DEMO)/predictions.parquet"
+	@echo "  $(GQ) show $(DEMO)/shards scene_000000 --model $(DEMO)/compare/cache/best.pt --out $(DEMO)/scene.png"
 	@echo "  make demo-real    # real objects: pybullet meshes imported, trained, evaluated, predicted"
 	@echo "  make docs         # the documentation site in site/ (sources in docs/)"
 

@@ -8,7 +8,7 @@ The `warp` extra (`pip install 'gq-pipeline[warp]'`) adds NVIDIA Warp as a secon
 """
 
 from .raw import LABELS, ImportOptions, convert_scene, format_summary, import_meshes, list_raw, read_recording
-from .sdf import OPEN_MESH_MODES, SDF_BACKENDS, MeshError, is_closed, load_mesh, mesh_sdf, voxel_points
+from .sdf import OPEN_MESH_MODES, SDF_BACKENDS, MeshError, is_closed, load_mesh, mesh_grid, mesh_sdf, voxel_points
 
 __all__ = [
     "LABELS",
@@ -23,6 +23,7 @@ __all__ = [
     "MeshError",
     "is_closed",
     "load_mesh",
+    "mesh_grid",
     "mesh_sdf",
     "voxel_points",
 ]

@@ -175,3 +175,34 @@ def mesh_sdf(
     distance = np.abs(mesh2sdf.compute(vertices, faces, size=grid, fix=False))
     winding = igl.fast_winding_number(vertices, faces, voxel_points(grid)).reshape(distance.shape)
     return np.where(winding > 0.5, -distance, distance).astype(np.float32)
+
+
+def mesh_grid(
+    path: str | Path,
+    grid: int,
+    *,
+    mesh_max_extent: float | None = None,
+    open_meshes: str = "refuse",
+    backend: str = "mesh2sdf",
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One mesh file's SDF on the seed's grid, prepared as the seed's importer prepares an object: translation =
+    the bounds' centre, scale = 2 / mesh_max_extent (default: this mesh's own largest extent; the training
+    data's, from its mesh_max_extent.txt, gives its scale), the SDF by `backend` (`mesh_sdf`).
+
+    Returns (sdf, translation, scale): a point p of the mesh's frame is at (p - translation) * scale on the grid.
+
+    Raises:
+        MeshError: The file is not a readable mesh.
+        ValueError: The mesh is larger than `mesh_max_extent`, or open and `open_meshes` refuses it (naming it).
+    """
+    mesh = load_mesh(path)
+    extent = float(mesh.extents.max()) if mesh_max_extent is None else mesh_max_extent
+    if mesh.extents.max() > extent:
+        raise ValueError(f"{path}: extent {mesh.extents.max():.6g} exceeds --mesh-max-extent {extent:.6g}")
+    translation, scale = mesh.bounds.mean(axis=0), 2.0 / extent
+    try:
+        sdf = mesh_sdf((mesh.vertices - translation) * scale, mesh.faces, grid, closed=is_closed(mesh),
+                       open_meshes=open_meshes, backend=backend)  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return sdf, translation, scale

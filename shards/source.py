@@ -165,10 +165,13 @@ def read_npz(
 
 
 def _check_shapes(
-    path: Path, shapes: dict[str, tuple[int, ...]], *, grid: int, max_grasps: int | None, grid_of: str
+    path: Path, shapes: dict[str, tuple[int, ...]], *, grid: int | None, max_grasps: int | None, grid_of: str
 ) -> None:
-    """Check the arrays' shapes against the grid and --max-grasps before any is loaded."""
-    if shapes["sdf"] != (grid,) * 3:
+    """Check the arrays' shapes against the grid (None: any cube) and --max-grasps before any is loaded."""
+    if grid is None:
+        if len(shapes["sdf"]) != 3 or len(set(shapes["sdf"])) != 1:
+            raise SceneError(path, f"'sdf' has shape {shapes['sdf']}, expected a cube (D, D, D)")
+    elif shapes["sdf"] != (grid,) * 3:
         raise SceneError(path, f"'sdf' has shape {shapes['sdf']}, expected {(grid,) * 3} ({grid_of})")
     grasps = shapes["grasps"]
     if len(grasps) != 2 or grasps[1] != GRASP_DIM:
@@ -203,14 +206,15 @@ def finite(path: Path, key: str, array: np.ndarray, as_stored: bool = False) -> 
 def read_scene(
     path: Path,
     *,
-    grid: int,
+    grid: int | None,
     max_grasps: int | None = None,
     required: tuple[str, ...] = REQUIRED_KEYS,
     grid_of: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The arrays of one scene.npz (`required` keys and whichever of the others it has), checked: headers
     first (float dtypes, shapes for `grid` and `max_grasps`, sizes the file holds), then finite values.
-    Every problem is a one-line SceneError naming the file; `grid_of` says where the grid comes from."""
+    Every problem is a one-line SceneError naming the file; `grid_of` says where the grid comes from (`grid`
+    None: any cubic grid)."""
     if not path.exists():
         raise SceneError(path, f"missing {SCENE_FILE}")
     check = partial(_check_shapes, path, grid=grid, max_grasps=max_grasps, grid_of=grid_of or f"--grid {grid}")

@@ -158,3 +158,14 @@ def test_the_row_that_was_killed_for_memory_is_skipped_where_it_cannot_fit() -> 
         pytest.skip(f"this machine has {free / 1e9:.0f} GB free, enough for the row")
     why = row_too_large(cfg, 48, torch.device("cpu"))
     assert why is not None and f"~{needed / 1e9:.1f} GB" in why and "GB are free" in why
+
+
+def test_bench_stats(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    result = bench("bench_stats.py", out, "--scenes", 12, "--grid", 16, "--grasps", 32, "--shuffle-every", 4,
+                   "--repeat", 1, "--workers", 1)  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["scenes"] == 12 and figures["shuffled"] == 3
+    assert figures["stats_s"] > 0 and figures["verify_s"] > 0
+    assert figures["seed_stats_s"] == pytest.approx(figures["stats_s"] * 15_547 / 12)
+    assert 0 <= figures["false_positive_rate"] <= 1 and "15547 scenes: stats" in result.stdout

@@ -67,8 +67,9 @@ def _shared_fixtures_that_build(path: Path) -> list[str]:
 def test_tests_share_one_dataset_factory_and_one_tmpfs_helper() -> None:
     tests = sorted((REPO / "tests").glob("test_*.py"))
     building = [f for path in tests for f in _shared_fixtures_that_build(path)]
-    # conftest's shared_dataset builds the shared ones; predict's own has scenes cut shorter than the others
-    assert building == ["test_predict.py::trained"], building
+    # conftest's shared_dataset builds the shared ones; predict's own has scenes cut shorter than the others, and
+    # look's has defects put into its scenes (a copied object, an empty SDF, shuffled scores)
+    assert building == ["test_look.py::defects", "test_predict.py::trained"], building
     others = [p for p in tests if p.name != "test_style.py"]  # this file names the commands it looks for
     mounting = [p.name for p in others if '"mount"' in p.read_text() or '"umount"' in p.read_text()]
     assert mounting == [], f"mount through helpers.tmpfs: {mounting}"

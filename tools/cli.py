@@ -23,13 +23,16 @@ COMMANDS: dict = {
     "import-meshes": "gq.tools.import_meshes:main",
     "pybullet-objects": "gq.tools.pybullet_objects:main",
     "shards": {
-        "_help": "Build, merge, verify, upload and download shard datasets.",
+        "_help": "Build, merge, verify, upload and download shard datasets; their statistics and differences.",
         "build": "gq.tools.make_shards:main",
         "verify": "gq.tools.verify_shards:cli",
         "merge": "gq.tools.merge_shards:main",
         "upload": "gq.tools.remote_shards:upload",
         "download": "gq.tools.remote_shards:download",
+        "stats": "gq.tools.look:stats_cmd",
+        "diff": "gq.tools.look:diff_cmd",
     },
+    "show": "gq.tools.look:show_cmd",
     "fit": "gq.tools.training:fit_cmd",
     "compare": "gq.tools.training:compare_cmd",
     "eval": "gq.tools.training:eval_cmd",
@@ -45,6 +48,7 @@ COMMANDS: dict = {
         "generalisation": "gq.benchmarks.bench_generalisation:main",
         "scale": "gq.benchmarks.bench_scale:main",
         "cluster": "gq.benchmarks.bench_cluster:main",
+        "stats": "gq.benchmarks.bench_stats:main",
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -105,7 +109,8 @@ def _summary(spec: str) -> str:
 def main() -> None:
     """Grasp-quality estimation on signed distance fields: data, training, evaluation, prediction.
 
-    gq scenes / import-meshes make scenes; gq shards build / verify make datasets; gq fit trains;
+    gq scenes / import-meshes make scenes; gq shards build / verify make datasets, gq shards stats / diff and
+    gq show look at them; gq fit trains;
     gq eval and gq predict use a checkpoint; gq compare and gq bench measure; gq gpu-check checks a GPU machine.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -259,7 +259,7 @@ def predict_mesh(
     importer does: translation = bounds centre, scale = 2 / mesh_max_extent (default: this mesh's own
     largest extent; pass the training data's, from its mesh_max_extent.txt, to match its scale), its SDF by
     `sdf_backend` (gq.meshes.mesh_sdf: the one that made the training data, for the same SDF)."""
-    from gq.meshes import MeshError, is_closed, load_mesh, mesh_sdf
+    from gq.meshes import MeshError, mesh_grid
     from gq.meshes.sdf import check_backend
 
     check_mesh_max_extent(mesh_max_extent)
@@ -270,24 +270,10 @@ def predict_mesh(
     grasps = read_npy(Path(grasps_path), key="grasps")
     check_grasps(grasps, str(grasps_path))
     try:
-        mesh = load_mesh(mesh_path)
-    except MeshError as err:
+        sdf, translation, scale = mesh_grid(mesh_path, estimator.grid, mesh_max_extent=mesh_max_extent,
+                                            open_meshes=open_meshes, backend=sdf_backend)  # fmt: skip
+    except (MeshError, ValueError) as err:
         raise PredictError(str(err)) from None
-    extent = float(mesh.extents.max()) if mesh_max_extent is None else mesh_max_extent
-    if mesh.extents.max() > extent:
-        raise PredictError(f"{mesh_path}: extent {mesh.extents.max():.6g} exceeds --mesh-max-extent {extent:.6g}")
-    translation, scale = mesh.bounds.mean(axis=0), 2.0 / extent
-    try:
-        sdf = mesh_sdf(
-            (mesh.vertices - translation) * scale,
-            mesh.faces,
-            estimator.grid,
-            closed=is_closed(mesh),
-            open_meshes=open_meshes,
-            backend=sdf_backend,
-        )
-    except ValueError as err:
-        raise PredictError(f"{mesh_path}: {err}") from None
     estimator.check(sdf, grasps, str(grasps_path))
     grasps = grasps.astype(np.float32)
     grasps[:, :3] = (grasps[:, :3] - translation) * scale
