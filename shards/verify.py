@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,9 +198,17 @@ def _check_records(
     return problems
 
 
-def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> VerifyResult:
-    """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes."""
+def verify(
+    root: str | Path, *, quick: bool = False, progress: bool = False, remote_sizes: Mapping[str, int] | None = None
+) -> VerifyResult:
+    """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes.
+
+    `remote_sizes` (with `quick`): the sizes of the files of a remote dataset whose local copy in `root` (a
+    cache folder) holds only some of them; a file not in `root` is checked by its remote size, and its header
+    once it is fetched (a fetch checks the whole file's CRC-32 against the manifest)."""
     root = Path(root)
+    if remote_sizes is not None and not quick:
+        raise ValueError("remote_sizes is for the quick verify of a partial local copy")
     try:
         m = read_manifest(root)
     except DatasetError as err:
@@ -222,10 +231,11 @@ def verify(root: str | Path, *, quick: bool = False, progress: bool = False) -> 
                 problems.append(f"{name}: shard {k}: not listed in the manifest")
     for name, entry in listed.items():
         path = root / name
-        if not path.exists():
+        size = path.stat().st_size if path.exists() else (remote_sizes or {}).get(name)
+        if size is None:
             problems.append(f"{name}: listed in the manifest but missing")
-        elif path.stat().st_size != entry.bytes:
-            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif size != entry.bytes:
+            problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
     for k in range(m.num_shards):
         if (root / sdf_name(k)).exists():
             problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))
