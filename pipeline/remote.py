@@ -16,14 +16,13 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from gq.common.files import write_atomically
 from gq.common.inputs import parse_json
 from gq.common.sizes import format_size, parse_size
 from gq.shards.format import INDEX, MANIFEST, DatasetError, FileEntry, Manifest, labels_name, sdf_name
 from gq.shards.manifest import fingerprint
 from gq.shards.remote import RemoteStore
 
-from .shard_cache import META, ShardCache
+from .shard_cache import ShardCache
 
 MAX_MANIFEST_BYTES = 64 << 20  # the seed's manifest is some 400 KB; a dataset of 100,000 shards some 20 MB
 # Downloads one lease runs at once: a few streams fill a link to an object store without crowding the disk.
@@ -93,14 +92,7 @@ class RemoteShards:
         meta = [self.entries[INDEX], FileEntry(MANIFEST, len(manifest_bytes), "")]
         self.meta_bytes = sum(e.bytes for e in meta)
         self.cache.promise(self.meta_bytes, what=f"the manifest and index of {url} ({format_size(self.meta_bytes)})")
-        self._put_manifest(manifest_bytes)
-        self.cache.hold(store, self.key, META, [self.entries[INDEX]])  # held while the dataset is open: never evicted
-
-    def _put_manifest(self, data: bytes) -> None:
-        path = self.folder / MANIFEST
-        if path.exists() and path.read_bytes() == data:
-            return
-        write_atomically(path, data)
+        cache.hold_meta(store, self.key, manifest_bytes, self.entries[INDEX])
 
     def sizes(self) -> dict[str, int]:
         """The byte size of each file at the URL, for the quick verify of the files not fetched yet."""

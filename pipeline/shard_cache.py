@@ -190,6 +190,21 @@ class ShardCache:
             else:
                 self._pins[key, unit] = pin
 
+    def hold_meta(self, store: RemoteStore, key: str, manifest: bytes, index: FileEntry) -> None:
+        """Put the checked `manifest` bytes of dataset `key` in its folder (unless there already) and `hold` its
+        index (fetched if missing): a dataset's metadata, held while it is open."""
+        folder = self.root / key
+        path = folder / MANIFEST
+        with _locked(folder / ".locks" / f"{META}.dl"):  # so no accounting takes its temporary for a dead one
+            if not (path.exists() and path.read_bytes() == manifest):
+                record = self.root / ".reserved" / f"{key}.{META}"
+                self._reserve(record, len(manifest), folder)
+                try:
+                    write_atomically(path, manifest)
+                finally:
+                    record.unlink(missing_ok=True)
+        self.hold(store, key, META, [index])
+
     def release(self, key: str, unit: str) -> None:
         """Give back one `hold`; at the last the unit may be evicted again."""
         with self._lock:

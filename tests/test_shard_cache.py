@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import multiprocessing
 import os
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import invoke
 
 from gq.common.sizes import SizeError, format_size, parse_size
 from gq.pipeline import open_dataset, open_loader
@@ -24,6 +26,8 @@ from gq.pipeline.shard_cache import CacheError, ShardCache
 from gq.shards import DatasetError, read_manifest, remote
 from gq.shards.format import MANIFEST, labels_name, sdf_name
 from gq.shards.remote import RemoteStore
+from gq.tools.training import cli
+from gq.train.checkpoint import load_checkpoint
 
 # Many small shards, so a quarter of the split is a few of them.
 RECORDS = 2
@@ -258,3 +262,22 @@ def test_a_local_dataset_is_never_under_the_cache(local: Path, tmp_path: Path) -
     dataset = open_dataset(local, cache_dir=tmp_path / "cache", cache_limit=1)
     assert dataset.remote is None and not (tmp_path / "cache").exists()
     assert np.array_equal(dataset.reader.index["scene"], open_dataset(local).reader.index["scene"])
+
+
+@pytest.mark.slow  # two fits and four evaluations, ~30 s on 2 cores
+def test_fit_and_eval_on_a_url_equal_them_on_the_local_copy(local: Path, url: str, tmp_path: Path) -> None:
+    common = ["--max-steps", 12, "-S", 2, "-G", 4, "--log-every", 2, "--val-every", 6, "--loader", "dali"]
+    common += ["--base-channels", 4, "--fc-dims", "32,16", "--threads", 1, "--quiet"]
+    cache = ["--cache-dir", tmp_path / "cache", "--cache-limit", "1MB"]
+    for name, shards, more in (("local", local, []), ("url", url, cache)):
+        result = invoke(cli, "fit", "--shards", shards, "--out", tmp_path / name, *common, *more, name="gq fit")
+        assert result.returncode == 0, result.stderr
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("local", "url"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("local", "url")]
+    assert summaries[0]["val_mse"] == summaries[1]["val_mse"]
+    evals = [
+        json.loads(invoke(cli, "eval", tmp_path / "url" / "last.pt", "--shards", shards, *more, name="gq eval").stdout)
+        for shards, more in ((local, []), (url, cache))
+    ]
+    assert evals[0] == evals[1] and evals[0]["test_grasps"] > 0
