@@ -16,15 +16,12 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from gq.common.inputs import parse_json
 from gq.common.sizes import format_size, parse_size
-from gq.shards.format import INDEX, MANIFEST, DatasetError, FileEntry, Manifest, labels_name, sdf_name
-from gq.shards.manifest import fingerprint
-from gq.shards.remote import RemoteStore
+from gq.shards.format import INDEX, MANIFEST, FileEntry, Manifest, labels_name, sdf_name
+from gq.shards.remote import RemoteStore, read_remote_manifest
 
 from .shard_cache import ShardCache
 
-MAX_MANIFEST_BYTES = 64 << 20  # the seed's manifest is some 400 KB; a dataset of 100,000 shards some 20 MB
 # Downloads one lease runs at once: a few streams fill a link to an object store without crowding the disk.
 FETCH_THREADS = 4
 
@@ -62,21 +59,6 @@ def dataset_key(url: str, manifest_fingerprint: str) -> str:
     return f"{manifest_fingerprint[:16]}-{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:8]}"
 
 
-def _manifest(store: RemoteStore, url: str) -> tuple[Manifest, bytes]:
-    """The remote manifest, parsed and checked (format, keys, fingerprint) before anything is written."""
-    where = f"{url.rstrip('/')}/{MANIFEST}"
-    data = store.read_small(MANIFEST, MAX_MANIFEST_BYTES)
-    try:
-        manifest = Manifest.from_dict(parse_json(data.decode()), where=where)
-    except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, DatasetError):
-            raise
-        raise DatasetError(f"{where}: unreadable manifest ({err}); republish the dataset") from None
-    if manifest.fingerprint != fingerprint(manifest):
-        raise DatasetError(f"{where}: its fingerprint does not match its contents: edited after the build; republish")
-    return manifest, data
-
-
 class RemoteShards:
     """The files of one remote dataset in the cache: where they go, and holding them (the cache downloads)."""
 
@@ -96,7 +78,7 @@ class RemoteShards:
 
     def sizes(self) -> dict[str, int]:
         """The byte size of each file at the URL, for the quick verify of the files not fetched yet."""
-        return self.store.list()
+        return self.store.sizes(self.entries)
 
     def files(self, shard: int) -> list[FileEntry]:
         return [self.entries[sdf_name(shard)], self.entries[labels_name(shard)]]
@@ -175,7 +157,7 @@ def open_remote(url: str, *, cache_dir: str | Path | None, cache_limit: int | st
     """The metadata of the dataset at `url` in the cache, checked; the caller runs the quick verify on it."""
     cache = shard_cache(cache_dir, cache_limit)
     store = RemoteStore(url)
-    manifest, data = _manifest(store, url)
+    manifest, data = read_remote_manifest(store)
     with _caches_lock:
         key = (cache.root.resolve(), dataset_key(url, manifest.fingerprint))
         if key not in _opened:  # opened once per process: its metadata is held (and counted) once

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -36,9 +37,10 @@ from typing import TypeVar
 from gq.common.errors import GQError
 from gq.common.extras import import_extra
 from gq.common.files import temporary_file
-from gq.common.inputs import MAX_TEXT_BYTES
+from gq.common.inputs import MAX_TEXT_BYTES, parse_json
 
-from .format import DatasetError
+from .format import MANIFEST, DatasetError, Manifest
+from .manifest import fingerprint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +49,8 @@ ATTEMPTS = 5  # tries of one call before RemoteError
 BASE_DELAY_S = 0.5  # the first wait between tries; doubled after each
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme of two letters or more: "C:\\" is no URL
 _PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+_S3 = ("s3", "s3a")
+_UNLISTED = ("http", "https")  # a web page's links are no listing: sizes are asked one by one
 _LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
@@ -102,7 +106,7 @@ class RemoteStore:
 
     Names are relative to the root (`sdf-00000.npy`, `manifest.json`). `attempts` and `base_delay` bound the
     retries (module defaults ATTEMPTS, BASE_DELAY_S); `storage_options` go to fsspec's filesystem as they are.
-    Usable from several threads; a forked child makes its own client on first use.
+    Usable from several threads and in forked children.
     """
 
     def __init__(
@@ -120,8 +124,6 @@ class RemoteStore:
         self.attempts = max(1, ATTEMPTS if attempts is None else attempts)
         self.base_delay = BASE_DELAY_S if base_delay is None else base_delay
         self.storage_options = dict(storage_options or {})
-        self._fs = None
-        self._pid = -1
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r})"
@@ -131,28 +133,8 @@ class RemoteStore:
 
     @property
     def fs(self):
-        """The fsspec filesystem, made on first use in each process (a client does not survive a fork)."""
-        if self._fs is None or self._pid != os.getpid():
-            fsspec = import_extra("fsspec", "s3")
-            options: dict = {"skip_instance_cache": True}  # a fresh client: it reads the environment as it is now
-            if self.protocol in ("s3", "s3a"):
-                import_extra("s3fs", "s3")
-                # Listings are read anew each time (a dataset may be replaced), and the retries are ours.
-                options |= {"use_listings_cache": False, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
-            options |= self.storage_options
-            try:
-                fs = fsspec.filesystem(self.protocol, **options)
-            except ImportError:
-                package = _PACKAGES.get(self.protocol, f"the fsspec package for {self.protocol}://")
-                raise RemoteError(
-                    f"{self.url}: reading {self.protocol}:// needs {package}: pip install {package}"
-                ) from None
-            except ValueError as err:
-                raise RemoteError(f"{self.url}: {err}; use s3://, gs://, https:// or another fsspec URL") from None
-            if self.protocol in ("s3", "s3a"):
-                fs.retries = 1  # s3fs's own loop over the same errors
-            self._fs, self._pid = fs, os.getpid()
-        return self._fs
+        """The fsspec filesystem of this process for the URL's protocol, options and environment (`_client`)."""
+        return _client(self.url, self.protocol, self.storage_options)
 
     # --- retries ------------------------------------------------------------------------------------------
 
@@ -188,7 +170,7 @@ class RemoteStore:
                         f"{url}: {what} failed {tries} times, last: {_brief(err)}; check the network, the endpoint "
                         f"(AWS_ENDPOINT_URL) and the credentials, then run again"
                     ) from None
-                log.debug("%s: %s failed (%s); again in %.2f s", url, what, _brief(err), delay)
+                log.info("%s: %s failed (%s); again in %.1f s", url, what, _brief(err), delay)
                 time.sleep(delay)
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -212,7 +194,8 @@ class RemoteStore:
     def read_head(self, name: str, count: int) -> bytes:
         """The first `count` bytes of an object (fewer if it is shorter)."""
         url = self.url_of(name)
-        return self._call(url, "reading", lambda: self.fs.cat_file(url, start=0, end=count))
+        head = self._call(url, "reading", lambda: self.fs.cat_file(url, start=0, end=count))
+        return head[:count]  # a web server that ignores the byte range sends the whole file
 
     def exists(self, name: str) -> bool:
         url = self.url_of(name)
@@ -234,7 +217,23 @@ class RemoteStore:
                 if path.startswith(root + "/") and info.get("type", "file") != "directory"
             }
 
-        return self._call(self.url, "listing", find)
+        try:
+            return self._call(self.url, "listing", find)
+        except RemoteNotFoundError:
+            raise RemoteNotFoundError(f"{self.url}: no such bucket; create it first (gq creates none)") from None
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int]:
+        """The byte sizes of those of `names` that exist: one listing where the storage has listings, else
+        (http, https) one request each."""
+        names = list(names)
+        if self.protocol not in _UNLISTED:
+            listed = self.list()
+            return {name: listed[name] for name in names if name in listed}
+        found = {}
+        for name in names:
+            with contextlib.suppress(RemoteNotFoundError):
+                found[name] = self.size(name)
+        return found
 
     def copy_to(self, name: str, dest: Path) -> int:
         """Download `name` into `dest` through a temporary beside it, unchecked (for `verify`, which checks it
@@ -285,8 +284,11 @@ class RemoteStore:
         return tmp
 
     def _get(self, url: str, tmp: Path, dest: Path) -> None:
+        # One stream per object: s3fs would split a large one into parts fetched at once, but only after a first
+        # request whose body it drops, and the callers fetch several objects at once anyway.
+        options = {"max_concurrency": 1} if self.protocol in _S3 else {}
         try:
-            self.fs.get_file(url, str(tmp))
+            self.fs.get_file(url, str(tmp), **options)
         except OSError as err:
             if err.errno in _LOCAL_ERRNOS:
                 raise _local_error(err, dest, url) from None
@@ -309,6 +311,63 @@ class RemoteStore:
             url = self.url_of(name)
             with contextlib.suppress(RemoteNotFoundError):
                 self._call(url, "deleting", lambda url=url: self.fs.rm_file(url))
+
+
+_CLIENTS: dict[tuple, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "FSSPEC")  # what the clients read their settings from
+
+
+def _client(url: str, protocol: str, storage_options: dict):
+    """One fsspec filesystem per process, protocol, options and client environment, made on first use: making
+    one costs a third of a second (the S3 client's service models), and stores of one bucket share it. A forked
+    child makes its own (a client does not survive a fork); a changed AWS_* variable makes a new one."""
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
+    key = (os.getpid(), protocol, repr(sorted(storage_options.items())), env)
+    with _CLIENTS_LOCK:
+        if key in _CLIENTS:
+            return _CLIENTS[key]
+        fsspec = import_extra("fsspec", "s3")
+        options: dict = {"skip_instance_cache": True}  # fsspec's own cache would ignore the environment
+        if protocol in _S3:
+            import_extra("s3fs", "s3")
+            # Listings are read anew each time (a dataset may be replaced), and the retries are ours.
+            options |= {"use_listings_cache": False, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+        options |= storage_options
+        try:
+            fs = fsspec.filesystem(protocol, **options)
+        except ImportError:
+            package = _PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
+            raise RemoteError(f"{url}: reading {protocol}:// needs {package}: pip install {package}") from None
+        except ValueError as err:
+            raise RemoteError(f"{url}: {err}; use s3://, gs://, https:// or another fsspec URL") from None
+        if protocol in _S3:
+            fs.retries = 1  # s3fs's own loop over the same errors
+        _CLIENTS[key] = fs
+        return fs
+
+
+def read_remote_manifest(store: RemoteStore) -> tuple[Manifest, bytes]:
+    """The manifest of the dataset at `store.url`, checked (format, every key, the fingerprint against its
+    contents), and its bytes as stored; DatasetError (one line) when there is none or it is not sound."""
+    url = store.url_of(MANIFEST)
+    try:
+        raw = store.read_small(MANIFEST)
+    except RemoteNotFoundError:
+        raise DatasetError(
+            f"{url}: missing, so {store.url} is no finished dataset; publish one there with "
+            "gq shards upload DIR URL (or gq shards build ... --out URL)"
+        ) from None
+    try:
+        data = parse_json(raw)
+    except ValueError as err:
+        raise DatasetError(f"{url}: unreadable manifest ({err}); publish the dataset again") from None
+    manifest = Manifest.from_dict(data, where=url)
+    if manifest.fingerprint != fingerprint(manifest):
+        raise DatasetError(
+            f"{url}: its fingerprint does not match its contents: edited after the build; publish the dataset again"
+        )
+    return manifest, raw
 
 
 def _brief(err: BaseException) -> str:
