@@ -53,6 +53,8 @@ MARKER = ".gq-cache"
 META = "meta"  # the unit of a dataset's manifest and index
 _DATASET_FOLDER = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
 _SHARD_FILE = re.compile(r"(?:sdf|labels)-(\d+)\.npy")
+# Room for the cache's own small files (its marker, the records of downloads in progress), promised first.
+OWN_FILES_BYTES = 4096
 # How long a download waits for room that other processes hold (their shards in use) before giving up.
 WAIT_FOR_ROOM_S = 600.0
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -123,7 +125,7 @@ class ShardCache:
         self._lock = threading.Lock()
         self._holds: Counter[tuple[str, str]] = Counter()
         self._pins: dict[tuple[str, str], int] = {}
-        self._promised = 0  # bytes this process's open leases may hold at once (what `promise` granted)
+        self._promised = OWN_FILES_BYTES  # bytes this process's datasets and leases may hold at once (`promise`)
         self.peak = 0  # the most bytes an accounting pass found (files and reservations): for tests and logs
         self.downloaded = 0  # bytes this process downloaded into the cache
 
@@ -160,9 +162,10 @@ class ShardCache:
             if self.limit is not None and self._promised + nbytes > self.limit:
                 need = self._promised + nbytes
                 raise CacheError(
-                    f"cache limit {format_size(self.limit)} ({self.limit:,} bytes) is smaller than {what}"
-                    f"{' beside the other loaders of this process' if self._promised else ''}: the smallest limit "
-                    f"that works is {format_size(need)} ({need:,} bytes); give --cache-limit {need}B or more"
+                    f"{self.root}: cache limit {format_size(self.limit)} ({self.limit:,} bytes) cannot hold {what} "
+                    f"beside the {format_size(self._promised)} this process needs there already (metadata, other "
+                    f"loaders): the smallest limit that works is {format_size(need)} ({need:,} bytes); give "
+                    f"--cache-limit {need}B or more"
                 )
             self._promised += nbytes
 

@@ -12,7 +12,11 @@ import fcntl
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +28,8 @@ from gq.common.sizes import SizeError, format_size, parse_size
 from gq.pipeline import open_dataset, open_loader
 from gq.pipeline.shard_cache import CacheError, ShardCache
 from gq.shards import DatasetError, read_manifest, remote
-from gq.shards.format import MANIFEST, labels_name, sdf_name
-from gq.shards.remote import RemoteStore
+from gq.shards.format import labels_name, sdf_name
+from gq.shards.publish import upload
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
 
@@ -45,18 +49,10 @@ def local(shared_dataset) -> Path:
     return shared_dataset(SCENES, grid=16, grasps=(3, 12), seed=5, records_per_shard=RECORDS)
 
 
-def publish(local: Path, url: str) -> None:
-    """Put a dataset's files at `url`, the manifest last."""
-    store = RemoteStore(url)
-    for entry in read_manifest(local).files:
-        store.upload(local / entry.name, entry.name)
-    store.upload(local / MANIFEST, MANIFEST)
-
-
 @pytest.fixture
 def url(local: Path, s3, s3_bucket: str) -> str:
     url = f"{s3_bucket}/ds"
-    publish(local, url)
+    upload(local, url)
     s3.reset()
     return url
 
@@ -281,3 +277,39 @@ def test_fit_and_eval_on_a_url_equal_them_on_the_local_copy(local: Path, url: st
         for shards, more in ((local, []), (url, cache))
     ]
     assert evals[0] == evals[1] and evals[0]["test_grasps"] > 0
+
+
+_HOLD_ONE = """
+import sys
+from gq.pipeline import open_dataset
+dataset = open_dataset(sys.argv[1], cache_dir=sys.argv[2])
+dataset.lease(1).acquire([int(sys.argv[3])])
+"""
+
+
+def test_a_download_killed_midway_leaves_nothing_that_is_used(
+    shared_dataset, s3, s3_bucket: str, tmp_path: Path
+) -> None:
+    local = shared_dataset(24, grid=32, grasps=(3, 12), seed=6, records_per_shard=8)  # 0.5 MB SDF files
+    url = f"{s3_bucket}/big"
+    upload(local, url)
+    k = read_manifest(local).splits["train"].first_shard
+    s3.fault(f"{url[len('s3://') :]}/{sdf_name(k)}", "slow", delay=1.0)  # 64 KiB a second
+    cache_dir = tmp_path / "cache"
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_ONE, url, str(cache_dir), str(k)])
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in cache_dir.rglob(f".{sdf_name(k)}.*.tmp") if p.stat().st_size > 0]:
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.05)
+        assert list((cache_dir / ".reserved").iterdir())  # its bytes reserved while it ran
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    cache = ShardCache(cache_dir, limit=None)
+    used = cache.usage()  # the accounting drops the dead download's reservation and its temporary
+    assert not list(cache_dir.rglob("*.tmp")) and not list((cache_dir / ".reserved").iterdir())
+    assert used == _disk_bytes(cache_dir)
+    settings = dict(scenes_per_batch=2, grasps_per_sdf=2, seed=3, progress=False)
+    with open_loader(local, **settings) as a, open_loader(url, cache_dir=cache_dir, **settings) as b:
+        _same(_batches(a), _batches(b))
