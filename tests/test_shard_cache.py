@@ -30,6 +30,7 @@ from gq.pipeline.shard_cache import CacheError, ShardCache
 from gq.shards import DatasetError, read_manifest, remote
 from gq.shards.format import labels_name, sdf_name
 from gq.shards.publish import upload
+from gq.shards.remote import RemoteStore
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
 
@@ -313,3 +314,9 @@ def test_a_download_killed_midway_leaves_nothing_that_is_used(
     settings = dict(scenes_per_batch=2, grasps_per_sdf=2, seed=3, progress=False)
     with open_loader(local, **settings) as a, open_loader(url, cache_dir=cache_dir, **settings) as b:
         _same(_batches(a), _batches(b))
+
+
+def test_open_runs_the_quick_verify_on_the_remote_sizes(local: Path, url: str, tmp_path: Path) -> None:
+    RemoteStore(url).put_bytes(sdf_name(3), b"not a shard")
+    with pytest.raises(DatasetError, match=rf"{url}: not a usable dataset: {sdf_name(3)}: 11 bytes, manifest says"):
+        open_dataset(url, cache_dir=tmp_path / "cache")
