@@ -58,8 +58,12 @@ def url(local: Path, s3, s3_bucket: str) -> str:
     return url
 
 
+def _batches_iter(loader):
+    return ((b.sdf, b.grasps, b.scores, b.scene_of_grasp, b.scene_ids) for b in loader)
+
+
 def _batches(loader) -> list[tuple[torch.Tensor, ...]]:
-    return [(b.sdf, b.grasps, b.scores, b.scene_of_grasp, b.scene_ids) for b in loader]
+    return list(_batches_iter(loader))
 
 
 def _same(a: list, b: list) -> None:
@@ -320,3 +324,20 @@ def test_open_runs_the_quick_verify_on_the_remote_sizes(local: Path, url: str, t
     RemoteStore(url).put_bytes(sdf_name(3), b"not a shard")
     with pytest.raises(DatasetError, match=rf"{url}: not a usable dataset: {sdf_name(3)}: 11 bytes, manifest says"):
         open_dataset(url, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("mode", ["cache", "dali"])
+def test_resume_mid_epoch_on_a_url_continues_as_the_local_copy(
+    local: Path, url: str, tmp_path: Path, mode: str
+) -> None:
+    settings = dict(mode=mode, scenes_per_batch=2, grasps_per_sdf=2, seed=4, shuffle_window=2, progress=False)
+    with open_loader(local, **settings) as loader:
+        want = _batches(loader)
+    remote = dict(cache_dir=tmp_path / "cache", cache_limit=_split_bytes(local) // 2, **settings)
+    with open_loader(url, **remote) as loader:
+        first = [b for _, b in zip(range(5), _batches_iter(loader))]
+        state = loader.state_dict()
+    with open_loader(url, **remote) as loader:
+        loader.load_state_dict(state)
+        rest = _batches(loader)
+    _same(want, first + rest)
