@@ -265,8 +265,8 @@ def test_a_local_dataset_is_never_under_the_cache(local: Path, tmp_path: Path) -
     assert np.array_equal(dataset.reader.index["scene"], open_dataset(local).reader.index["scene"])
 
 
-@pytest.mark.slow  # two fits and four evaluations, ~30 s on 2 cores
-def test_fit_and_eval_on_a_url_equal_them_on_the_local_copy(local: Path, url: str, tmp_path: Path) -> None:
+@pytest.mark.slow  # two fits, four evaluations and two predictions, ~30 s on 2 cores
+def test_fit_eval_and_predict_on_a_url_equal_them_on_the_local_copy(local: Path, url: str, tmp_path: Path) -> None:
     common = ["--max-steps", 12, "-S", 2, "-G", 4, "--log-every", 2, "--val-every", 6, "--loader", "dali"]
     common += ["--base-channels", 4, "--fc-dims", "32,16", "--threads", 1, "--quiet"]
     cache = ["--cache-dir", tmp_path / "cache", "--cache-limit", "1MB"]
@@ -282,6 +282,12 @@ def test_fit_and_eval_on_a_url_equal_them_on_the_local_copy(local: Path, url: st
         for shards, more in ((local, []), (url, cache))
     ]
     assert evals[0] == evals[1] and evals[0]["test_grasps"] > 0
+    ckpt = tmp_path / "url" / "last.pt"
+    for name, shards, more in (("local", local, []), ("url", url, cache)):
+        out = tmp_path / f"{name}.parquet"
+        result = invoke(cli, "predict", ckpt, "--shards", shards, *more, "--out", out, name="gq predict")
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "url.parquet").read_bytes()
 
 
 _HOLD_ONE = """
