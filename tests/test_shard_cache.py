@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import invoke
+from helpers import invoke, tmpfs
 
 from gq.common.sizes import SizeError, format_size, parse_size
 from gq.pipeline import open_dataset, open_loader
@@ -30,7 +30,7 @@ from gq.pipeline.shard_cache import CacheError, ShardCache
 from gq.shards import DatasetError, read_manifest, remote
 from gq.shards.format import labels_name, sdf_name
 from gq.shards.publish import upload
-from gq.shards.remote import RemoteStore
+from gq.shards.remote import LocalWriteError, RemoteStore
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
 
@@ -347,3 +347,17 @@ def test_resume_mid_epoch_on_a_url_continues_as_the_local_copy(
         loader.load_state_dict(state)
         rest = _batches(loader)
     _same(want, first + rest)
+
+
+@pytest.mark.parametrize("mode", ["cache", "dali"])
+def test_a_full_cache_disk_is_one_line(local: Path, url: str, tmp_path: Path, mode: str) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with tmpfs(disk, "size=200k", skip="cannot mount a tmpfs here"):  # the metadata and a few shards
+        with (
+            pytest.raises(LocalWriteError, match=f"{disk}/.*No space left on device") as err,
+            open_loader(url, mode=mode, cache_dir=disk, grasps_per_sdf=2, progress=False) as loader,
+        ):
+            _batches(loader)
+        assert "\n" not in str(err.value)
+        assert not list(disk.rglob("*.tmp"))
