@@ -361,3 +361,19 @@ def test_a_full_cache_disk_is_one_line(local: Path, url: str, tmp_path: Path, mo
             _batches(loader)
         assert "\n" not in str(err.value)
         assert not list(disk.rglob("*.tmp"))
+
+
+def test_the_metadata_of_a_dataset_nobody_has_open_is_evicted_last_used_first(url: str, tmp_path: Path) -> None:
+    remote = open_dataset(url, cache_dir=tmp_path / "cache").remote
+    manifest, index = (remote.folder / "manifest.json").read_bytes(), remote.entries["scenes.parquet"]
+    meta, shard = len(manifest) + index.bytes, sum(e.bytes for e in remote.files(0))
+    cache = ShardCache(tmp_path / "small", limit=2 * meta + shard)  # the shard fits only without a's metadata
+    a, b = "a" * 16 + "-00000000", "b" * 16 + "-00000000"  # two datasets in one cache
+    for key in (a, b):
+        cache.folder(key)
+        cache.hold_meta(remote.store, key, manifest, index)
+    cache.release(a, "meta")  # a is closed: its metadata may go; b's is held
+    cache.hold(remote.store, b, "0", remote.files(0))
+    assert not (tmp_path / "small" / a / "scenes.parquet").exists()
+    assert (tmp_path / "small" / b / "scenes.parquet").exists() and (tmp_path / "small" / b / sdf_name(0)).exists()
+    assert _disk_bytes(tmp_path / "small") <= cache.limit
