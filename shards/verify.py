@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,13 +207,19 @@ def verify(
     progress: bool = False,
     shard_files: Callable[[int], AbstractContextManager] | None = None,
     label: str | None = None,
+    remote_sizes: Mapping[str, int] | None = None,
 ) -> VerifyResult:
     """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes.
 
     `shard_files(k)`, when given, is entered around the reading of shard k's records: a copy of a remote
     dataset (`verify_remote`) fetches the shard's files there, and drops them after. `label` names the
-    dataset in the summary and messages instead of `root`."""
+    dataset in the summary and messages instead of `root`. `remote_sizes` (with `quick`): the sizes of the
+    files of a remote dataset whose local copy in `root` (its folder in the shard cache) holds only some of
+    them; the shard files are checked by their remote sizes, not their headers (a fetch checks the whole
+    file's CRC-32 against the manifest, and the loaders every record), the index as a local one."""
     root = Path(root)
+    if remote_sizes is not None and not quick:
+        raise ValueError("remote_sizes is for the quick verify of a partial local copy")
     shown = label or str(root)
     shard_files = shard_files or (lambda k: contextlib.nullcontext())
     try:
@@ -238,11 +244,15 @@ def verify(
                 problems.append(f"{name}: shard {k}: not listed in the manifest")
     for name, entry in listed.items():
         path = root / name
-        if not path.exists():
+        if remote_sizes is not None and name != INDEX:
+            size = remote_sizes.get(name)  # a cached copy was checked against the manifest when it was fetched
+        else:
+            size = path.stat().st_size if path.exists() else None
+        if size is None:
             problems.append(f"{name}: listed in the manifest but missing")
-        elif path.stat().st_size != entry.bytes:
-            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
-    for k in range(m.num_shards):
+        elif size != entry.bytes:
+            problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
+    for k in range(m.num_shards if remote_sizes is None else 0):  # a cache may evict a copy at any moment
         if (root / sdf_name(k)).exists():
             problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))
         if (root / labels_name(k)).exists():
