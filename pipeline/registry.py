@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from .base import Loader, LoaderError
-from .dataset import ShardDataset, open_dataset
+from .dataset import ShardDataset
 from .device import resolve_device
+from .mixture import MixedDataset, open_mixture
 from .plan import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, PlanSpec, SplitRecords, num_batches
 
 
@@ -56,7 +57,7 @@ def _what_would_give_batches(records: SplitRecords, spec: PlanSpec) -> str:
 
 
 def open_loader(
-    dataset: str | Path | ShardDataset,
+    dataset: str | Path | ShardDataset | MixedDataset | list,
     *,
     mode: str = "cache",
     split: str = "train",
@@ -73,6 +74,8 @@ def open_loader(
     num_threads: int | None = None,
     progress: bool = True,
     grasps_per_scene: int | None = None,
+    weights: list[float] | None = None,
+    repeats: list[float] | None = None,
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
@@ -81,7 +84,9 @@ def open_loader(
     epoch; the next pass is the next epoch. Use it as a context manager (or call `close()`).
 
     Args:
-        dataset: A dataset directory, or a `ShardDataset` from `open_dataset` that several loaders share.
+        dataset: A dataset directory, or a `ShardDataset` from `open_dataset` that several loaders share; or
+            several datasets mixed into one (a list of directories or datasets, or `open_mixture`'s result),
+            each contributing its share of every train epoch (docs/mixing.md).
         mode: "cache" reads this rank's shards of the split once into one device tensor; "dali" streams
             them with DALI, whole shards at a time, a window ahead.
         split: "train", "val" or "test".
@@ -98,6 +103,8 @@ def open_loader(
         num_threads: dali: DALI's CPU threads.
         progress: Show a progress bar while the cache loads.
         grasps_per_scene: The old name of `grasps_per_sdf` (deprecated: a DeprecationWarning says so).
+        weights: With a list of datasets: each one's share of a train epoch (`open_mixture`).
+        repeats: With a list of datasets, instead of weights: each one's scenes per train epoch, in passes over it.
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
@@ -139,8 +146,15 @@ def open_loader(
         spec.check()
     except ValueError as err:
         raise LoaderError(str(err)) from None
-    data = dataset if isinstance(dataset, ShardDataset) else open_dataset(dataset)
-    root, max_grasps = data.root, data.reader.layout.max_grasps
+    if isinstance(dataset, ShardDataset | MixedDataset):
+        data = dataset
+    else:
+        try:
+            data = open_mixture(dataset if isinstance(dataset, list | tuple) else [dataset], weights=weights,
+                                repeats=repeats)  # fmt: skip
+        except ValueError as err:
+            raise LoaderError(str(err)) from None
+    root, max_grasps = str(data), data.reader.layout.max_grasps
     if grasps_per_sdf > max_grasps:
         raise LoaderError(
             f"grasps_per_sdf {grasps_per_sdf}: more than the {max_grasps} grasp slots per scene of {root}"
