@@ -90,9 +90,11 @@ def separate_copies(
     Copies of a record are planned like records of their own, so two groups of one batch may hold the
     same grasp (scene, slot). Each group that repeats a grasp of an earlier group of its batch swaps
     places with the first group after it in its window (then the first before it) that clashes with
-    neither batch: windows and batch sizes stay as they were, and an order with no clash is returned
-    unchanged. `start`: offsets of each group's grasps in `slots`; `batch`, `window`: of each position
-    (both ascending). ValueError when a window has no group to swap with.
+    neither batch: batch sizes stay as they were, and an order with no clash is returned
+    unchanged. Where the window has none, a group of the nearest window that has one takes its place (the
+    batches involved then need more windows resident: `EpochPlan.shard_span`; only with tiny windows).
+    `start`: offsets of each group's grasps in `slots`; `batch`, `window`: of each position (both ascending).
+    ValueError when no group fits.
     """
     n = len(scene)
     order = np.arange(n, dtype=np.int64)
@@ -121,14 +123,25 @@ def separate_copies(
         here, mine = held(p), keys(p)
         if not mine & here:
             continue  # an earlier swap moved the clash away
-        lo, hi = windows[window[p]], windows[window[p] + 1]
-        for q in [*range(p + 1, hi), *range(lo, p)]:
+        for q in _nearest(p, window, windows):
             if batch[q] != batch[p] and not keys(q) & here and not mine & held(q):
                 order[p], order[q] = order[q], order[p]
                 break
         else:
             raise ValueError(
-                f"scene {int(scene[order[p]])}: its copies cannot be kept out of one batch within a shuffle "
-                "window; use a larger shuffle window, fewer scenes per batch, or a smaller repeat"
+                f"scene {int(scene[order[p]])}: its copies cannot be kept out of one batch (too few other scenes "
+                "in the epoch); use fewer scenes per batch or a smaller repeat"
             )
     return order
+
+
+def _nearest(p: int, window: np.ndarray, windows: np.ndarray):
+    """Positions other than `p`, nearest window first: p's own window (after p, then before it), then the
+    windows one before and one after, two before and two after, ..."""
+    w, last = int(window[p]), len(windows) - 2
+    yield from range(p + 1, windows[w + 1])
+    yield from range(windows[w], p)
+    for d in range(1, last + 1):
+        for v in (w - d, w + d):
+            if 0 <= v <= last:
+                yield from range(windows[v], windows[v + 1])

@@ -37,6 +37,7 @@ shards is a random sample of the split.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -158,23 +159,32 @@ class EpochPlan:
         sizes = np.diff(self.batch_start)
         return np.arange(len(self.group_scene), dtype=np.int64) - np.repeat(self.batch_start[:-1], sizes)
 
+    @cached_property
+    def _spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch, the first and last position in `shard_order` that must be resident when it is cut: the
+        earliest window it or any later batch uses, and the latest window it or any earlier batch used (a
+        loader reads shards in order). Groups follow their windows, so these are a batch's own first and last
+        windows, but where a mix swapped copies apart (`mixing.separate_copies`) into a neighbouring window."""
+        if not len(self):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        starts = self.batch_start[:-1]
+        low = np.minimum.reduceat(self.group_pos, starts) // self.window
+        high = np.maximum.reduceat(self.group_pos, starts) // self.window
+        low = np.minimum.accumulate(low[::-1])[::-1] * self.window
+        high = np.minimum((np.maximum.accumulate(high) + 1) * self.window, len(self.shard_order)) - 1
+        return low, high
+
     def shard_span(self, batch: int) -> tuple[int, int]:
         """Positions [first, last] in `shard_order` of the windows batch `batch` touches: what must be resident."""
-        g0, g1 = self.groups(batch)
-        w = self.window
-        first = int(self.group_pos[g0]) // w * w
-        last = min((int(self.group_pos[g1 - 1]) // w + 1) * w, len(self.shard_order)) - 1
-        return first, last
+        low, high = self._spans
+        return int(low[batch]), int(high[batch])
 
     def resident_shards(self) -> int:
         """The most shards any batch of the epoch needs resident at once (`shard_span` of every batch)."""
         if not len(self):
             return 0
-        w = self.window
-        g0, g1 = self.batch_start[:-1], self.batch_start[1:] - 1
-        first = self.group_pos[g0] // w * w
-        last = np.minimum((self.group_pos[g1] // w + 1) * w, len(self.shard_order)) - 1
-        return int((last - first + 1).max())
+        low, high = self._spans
+        return int((high - low + 1).max())
 
     def batch(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scene_ids [S], slots [N], scene_of_grasp [N]) of one batch, for tests and tools."""
