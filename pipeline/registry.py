@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from gq.shards import DatasetError
+
 from .base import Loader, LoaderError
 from .dataset import ShardDataset
 from .device import resolve_device
@@ -152,7 +154,9 @@ def open_loader(
         try:
             data = open_mixture(dataset if isinstance(dataset, list | tuple) else [dataset], weights=weights,
                                 repeats=repeats)  # fmt: skip
-        except ValueError as err:
+        except DatasetError:
+            raise
+        except ValueError as err:  # weights or repeats that do not fit
             raise LoaderError(str(err)) from None
     root, max_grasps = str(data), data.reader.layout.max_grasps
     if grasps_per_sdf > max_grasps:
