@@ -115,6 +115,12 @@ class MixedDataset:
         return [f"{b}_{i}" if base.count(b) > 1 else b for i, b in enumerate(base)]
 
     @property
+    def scene_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each member's scene ids in the mixture's numbering, [first, end), by its name."""
+        off = self.reader.scene_offset
+        return {name: (int(off[d]), int(off[d + 1])) for d, name in enumerate(self.names)}
+
+    @property
     def score_stats(self) -> ScoreStats:
         """The mixture's train score statistics: the members' combined, each weighted by the grasps it
         contributes per epoch (its train grasps x its scenes per epoch / its train scenes)."""

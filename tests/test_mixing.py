@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from gq.pipeline import LoaderError, MixedDataset, open_dataset, open_loader, open_mixture
 from gq.pipeline.mixing import apportion, separate_copies
 from gq.shards import DatasetError, ShardReader
+from gq.tools.training import cli
+from gq.train.checkpoint import load_checkpoint
+from gq.train.tracking import scalars
 
 GRID = 16
 # G at least every scene's grasps: each copy of a scene is one group, so scene counts are group counts.
@@ -218,3 +222,71 @@ def test_datasets_of_another_layout_are_refused_in_one_line(pair, shared_dataset
         open_loader(list(pair), weights=[1, 2, 3])
     with pytest.raises(LoaderError, match="weights or repeats, not both"):
         open_loader(list(pair), weights=[1, 2], repeats=[1, 1])
+
+
+# -- gq fit on a mixture ------------------------------------------------------------------------------------
+FIT = ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet", "-S", "2", "-G", "4", "--max-steps", "3"]
+
+
+def _fit(*args: str):
+    return CliRunner().invoke(cli, ["fit", *args], catch_exceptions=False)
+
+
+def test_fit_on_two_datasets_reports_each_ones_validation_and_the_mixtures(
+    pair, shared_dataset, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shards = ["--shards", str(pair[0]), "--shards", str(pair[1])]
+    done = _fit(*shards, "--weights", "0.4,0.6", "--out", str(out), *FIT)
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "summary.json").read_text())
+    names = list(summary["datasets"])
+    assert len(names) == 2 and [d["weight"] for d in summary["datasets"].values()] == [0.4, 0.6]
+    val = [ShardReader(p) for p in pair]
+    for name, reader in zip(names, val):
+        grasps = int(reader.index["num_grasps"][reader.index["split"] == "val"].sum())
+        assert summary[f"val_{name}_grasps"] == grasps
+    # the mixture's val is the union of the datasets' val splits: its MSE their grasp-weighted mean
+    n = [summary[f"val_{name}_grasps"] for name in names]
+    assert summary["val_grasps"] == sum(n)
+    mixed = sum(k * summary[f"val_{name}_mse"] for k, name in zip(n, names)) / sum(n)
+    assert summary["val_mse"] == pytest.approx(mixed, rel=1e-9)
+    assert scalars({"val_mse": 1.0, f"val_{names[0]}_mse": 2.0, f"val_{names[0]}_grasps": 3}) == {
+        "val/mse": 1.0, f"val/{names[0]}_mse": 2.0,
+    }  # fmt: skip
+    recorded = load_checkpoint(out / "last.pt")["dataset"]
+    assert [m["fingerprint"] for m in recorded["members"]] == [open_dataset(p).fingerprint for p in pair]
+    assert json.loads((out / "config.json").read_text())["options"]["shards"] == [str(p) for p in pair]
+
+    # a resume on other weights, or other datasets, is refused in one line; on the same ones it continues
+    for other in (["--weights", "0.5,0.5"], ["--repeats", "1,2"]):
+        refused = CliRunner().invoke(cli, ["fit", *shards, *other, "--out", str(out), "--resume", "--max-steps", "4"])
+        assert refused.exit_code != 0 and len(refused.output.strip().splitlines()) == 1, refused.output
+    refused = _fit("--shards", str(pair[0]), "--out", str(out), "--resume", "--max-steps", "4")
+    assert refused.exit_code != 0 and len(refused.output.strip().splitlines()) == 1, refused.output
+    third = shared_dataset(12, grid=GRID, grasps=(3, 24), seed=6, records_per_shard=4, val_fraction=0.2,
+                           test_fraction=0.0)  # fmt: skip
+    refused = CliRunner().invoke(cli, ["fit", "--shards", str(pair[0]), "--shards", str(third), "--weights", "0.4,0.6",
+                                       "--out", str(out), "--resume", "--max-steps", "4"])  # fmt: skip
+    assert refused.exit_code != 0 and "was trained on dataset" in refused.output
+    assert f"--shards {pair[0]} --shards {third} --weights 0.4,0.6 is dataset" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    resumed = _fit("--out", str(out), "--resume", "--max-steps", "4")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_config_file_lists_datasets_with_their_weights_or_repeats(pair, tmp_path: Path) -> None:
+    flags = _fit("--shards", str(pair[0]), "--shards", str(pair[1]), "--repeats", "1,2.5", "--out", "x",
+                 "--print-config")  # fmt: skip
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"shards:\n  - {{path: {pair[0]}, repeat: 1}}\n  - {{path: {pair[1]}, repeat: 2.5}}\nout: x\n")
+    from_file = _fit("--config", str(config), "--print-config")
+    assert flags.exit_code == from_file.exit_code == 0, flags.output + from_file.output
+    assert json.loads(flags.output) == json.loads(from_file.output)
+    assert json.loads(flags.output)["repeats"] == [1.0, 2.5]
+    config.write_text(f"shards:\n  - {{path: {pair[0]}, weight: 1}}\n  - {{path: {pair[1]}}}\nout: x\n")
+    half = CliRunner().invoke(cli, ["fit", "--config", str(config), "--print-config"])
+    assert half.exit_code != 0 and "every dataset a weight" in half.output
+    wrong = CliRunner().invoke(cli, ["fit", "--shards", str(pair[0]), "--weights", "1,2", "--out", "x"])
+    assert wrong.exit_code != 0 and "--weights 1.0,2.0: 2 values for 1 datasets" in wrong.output
