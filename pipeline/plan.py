@@ -30,6 +30,14 @@
   in the order they are first used. Later epochs follow the plan for W'. Resuming again within the
   same epoch adds a segment to `past`.
 
+* **Several datasets** (`SplitRecords.mix`, pipeline/mixing.py). Ownership is as above, over the
+  mixture's shards. Each epoch a rank uses each of its records 0, 1 or more times (its share of each
+  dataset's count, drawn from (seed, epoch, rank, dataset)); a record's k-th copy is read as a virtual
+  shard of its own (`k * n + shard`, n one past the last shard), so copies take their own places in the
+  shard order and windows (`shard_order` lists a shard once per copy). Copies never put one grasp twice in
+  a batch (`mixing.separate_copies`). Coverage, drop_last and the rest of an epoch hold for the copies as
+  for records; a mixture's epochs differ a little in length.
+
 Stored scene order is already a seeded shuffle of the split (shards/placement.py), so any window of
 shards is a random sample of the split.
 """
