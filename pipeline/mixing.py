@@ -100,10 +100,17 @@ def separate_copies(
     order = np.arange(n, dtype=np.int64)
     if n == 0:
         return order
+    # Only a scene with several groups in one batch can clash: check those groups' grasps alone.
+    pair = batch * (int(scene.max()) + 1) + scene
+    ranked = np.sort(pair)
+    suspect = np.flatnonzero(np.isin(pair, ranked[1:][ranked[1:] == ranked[:-1]]))
+    if not len(suspect):
+        return order
     width = int(slots.max()) + 1
-    group_of = np.repeat(order, np.diff(start))
-    key = scene[group_of] * width + slots
-    tagged = batch[group_of] * ((int(scene.max()) + 1) * width) + key
+    lengths = np.diff(start)[suspect]
+    group_of = np.repeat(suspect, lengths)
+    first = np.repeat(start[suspect] - np.cumsum(lengths) + lengths, lengths)
+    tagged = pair[group_of] * width + slots[first + np.arange(len(group_of), dtype=np.int64)]
     sort = np.argsort(tagged, kind="stable")
     clash = np.unique(group_of[sort[1:][tagged[sort[1:]] == tagged[sort[:-1]]]])
     if not len(clash):
@@ -111,9 +118,9 @@ def separate_copies(
     batches = np.searchsorted(batch, np.arange(int(batch[-1]) + 2))
     windows = np.searchsorted(window, np.arange(int(window[-1]) + 2))
 
-    def keys(p: int) -> set[int]:
+    def keys(p: int) -> set[int]:  # the grasps of the group at position p, as scene * width + slot
         g = order[p]
-        return set(key[start[g] : start[g + 1]].tolist())
+        return set((int(scene[g]) * width + slots[start[g] : start[g + 1]]).tolist())
 
     def held(p: int) -> set[int]:  # the grasps of p's batch but p's
         b = batch[p]
