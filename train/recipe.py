@@ -265,7 +265,7 @@ class FitRecipe:
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "score_mean": self.scores.mean,
                 "score_std": self.scores.std,
-                "steps_per_epoch": len(self.train_loader),
+                "steps_per_epoch": self.train_loader.epoch_batches(0),  # a mixture's epochs differ a little
             },
         )
         net: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
