@@ -172,7 +172,7 @@ class EpochPlan:
         """Per batch, the first and last position in `shard_order` that must be resident when it is cut: the
         earliest window it or any later batch uses, and the latest window it or any earlier batch used (a
         loader reads shards in order). Groups follow their windows, so these are a batch's own first and last
-        windows, but where a mix swapped copies apart (`mixing.separate_copies`) into a neighbouring window."""
+        windows, but where a mix swapped copies apart (`mixing.separate_copies`) across windows."""
         if not len(self):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         starts = self.batch_start[:-1]
