@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import fit_process
 
-from gq.pipeline import LoaderError, MixedDataset, open_dataset, open_loader, open_mixture
+from gq.pipeline import LoaderError, MixedDataset, PlanSpec, make_plan, open_dataset, open_loader, open_mixture
 from gq.pipeline.mixing import apportion, separate_copies
+from gq.pipeline.plan import Segment
 from gq.shards import DatasetError, ShardReader
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
@@ -290,3 +292,19 @@ def test_a_config_file_lists_datasets_with_their_weights_or_repeats(pair, tmp_pa
     assert half.exit_code != 0 and "every dataset a weight" in half.output
     wrong = CliRunner().invoke(cli, ["fit", "--shards", str(pair[0]), "--weights", "1,2", "--out", "x"])
     assert wrong.exit_code != 0 and "--weights 1.0,2.0: 2 values for 1 datasets" in wrong.output
+
+
+@pytest.mark.slow  # a torchrun job of two ranks, then one process
+def test_a_mixture_run_on_two_ranks_resumes_on_one_with_the_rest_of_its_epoch(pair, tmp_path: Path) -> None:
+    out, small = tmp_path / "run", ["--base-channels", "2", "--fc-dims", "8", "--threads", "1", "--quiet"]
+    mix = ["--shards", str(pair[1]), "--weights", "0.3,0.7", "-S", "2", "-G", "6", "--epochs", "1", *small]
+    first = fit_process(pair[0], out, *mix, "--max-steps", "4", ranks=2, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["loader"]["world_size"] == 2
+    records, _ = open_mixture(list(pair), weights=[0.3, 0.7]).split("train")
+    left = len(make_plan(records, PlanSpec(2, 6, window=4), 0, (Segment(2, True, 4),)))
+    again = fit_process(pair[0], out, *mix, "--max-steps", str(4 + left), "--resume", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = load_checkpoint(out / "last.pt")["loader"]
+    assert (final["epoch"], final["position"], final["past"], final["world_size"]) == (1, 0, [], 1)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4 + left
