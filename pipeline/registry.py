@@ -149,6 +149,10 @@ def open_loader(
     except ValueError as err:
         raise LoaderError(str(err)) from None
     if isinstance(dataset, ShardDataset | MixedDataset):
+        if weights is not None or repeats is not None:
+            raise LoaderError(
+                "weights and repeats go with a list of datasets; an opened dataset keeps its own (open_mixture)"
+            )
         data = dataset
     else:
         try:

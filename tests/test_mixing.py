@@ -19,6 +19,7 @@ from gq.pipeline.plan import Segment
 from gq.shards import DatasetError, ShardReader
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
+from gq.train.logs import validation_line
 from gq.train.tracking import scalars
 
 GRID = 16
@@ -224,6 +225,8 @@ def test_datasets_of_another_layout_are_refused_in_one_line(pair, shared_dataset
         open_loader(list(pair), weights=[1, 2, 3])
     with pytest.raises(LoaderError, match="weights or repeats, not both"):
         open_loader(list(pair), weights=[1, 2], repeats=[1, 1])
+    with pytest.raises(LoaderError, match="go with a list of datasets"):
+        open_loader(open_dataset(pair[0]), weights=[1])
 
 
 # -- gq fit on a mixture ------------------------------------------------------------------------------------
@@ -256,6 +259,8 @@ def test_fit_on_two_datasets_reports_each_ones_validation_and_the_mixtures(
     assert scalars({"val_mse": 1.0, f"val_{names[0]}_mse": 2.0, f"val_{names[0]}_grasps": 3}) == {
         "val/mse": 1.0, f"val/{names[0]}_mse": 2.0,
     }  # fmt: skip
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_mse" in line][-1]
+    assert all(f"; {name}: MSE {row[f'val_{name}_mse']:.4f}" in validation_line(row) for name in names)
     recorded = load_checkpoint(out / "last.pt")["dataset"]
     assert [m["fingerprint"] for m in recorded["members"]] == [open_dataset(p).fingerprint for p in pair]
     assert json.loads((out / "config.json").read_text())["options"]["shards"] == [str(p) for p in pair]
