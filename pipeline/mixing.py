@@ -6,10 +6,11 @@ Semantics (those of MosaicML Streaming's `proportion` and `repeat`):
   member d contributes `weight_d / sum(weights) x total` of them, rounded so the counts add up to `total`.
 * With repeats, member d contributes `repeat_d x size_d` scenes (rounded half up); repeat 1 for every member
   is their plain union.
-* A member's count is dealt to the ranks in proportion to the scenes each owns (largest remainder). A rank
-  whose part is `c` of its `m` scenes takes every scene `c // m` times (whole passes over its part) and
-  `c % m` more scenes drawn without replacement, from (seed, epoch, rank, member): down-sampling draws
-  without replacement, up-sampling repeats whole passes, then draws the rest.
+* A member's count `c` of its `m` scenes is `c // m` whole passes over all of them (up-sampling) and
+  `c % m` scenes more, drawn without replacement (all there is to down-sampling): every scene is used
+  `c // m` or `c // m + 1` times. The drawn scenes are dealt to the ranks in proportion to the member's
+  scenes each owns (largest remainder), and each rank draws its part from its own scenes, from (seed,
+  epoch, rank, member).
 
 The result is a number of copies of each of the rank's records; `plan.make_plan` turns copies into batches.
 Pure NumPy: no files, no torch.
@@ -71,12 +72,13 @@ def copies(
     out = np.zeros(len(mine), dtype=np.int64)
     for d, count in enumerate(mix.counts):
         member = full & (mix.source == d)
-        part = apportion(count, np.bincount(owner[member], minlength=world_size))[rank]
-        here = np.flatnonzero(member[mine])  # this rank's scenes of member d, in storage order
-        if not len(here) or not part:
+        owned = np.bincount(owner[member], minlength=world_size)  # each rank's scenes of member d
+        here = np.flatnonzero(member[mine])  # this rank's, in storage order
+        if not len(here):
             continue
-        passes, rest = divmod(int(part), len(here))
+        passes, rest = divmod(count, int(owned.sum()))
         out[here] = passes
+        rest = int(apportion(rest, owned)[rank])  # at most its scenes: every scene is used passes (+ 1) times
         rng = np.random.default_rng([seed, epoch, rank, 2, d])
         out[here[np.sort(rng.choice(len(here), rest, replace=False))]] += 1
     return out
