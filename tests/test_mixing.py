@@ -313,3 +313,17 @@ def test_a_mixture_run_on_two_ranks_resumes_on_one_with_the_rest_of_its_epoch(pa
     final = load_checkpoint(out / "last.pt")["loader"]
     assert (final["epoch"], final["position"], final["past"], final["world_size"]) == (1, 0, [], 1)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4 + left
+
+
+def test_on_several_ranks_each_dataset_still_gives_its_count_and_each_scene_k_or_k_plus_1_times(pair) -> None:
+    data = open_mixture(list(pair), weights=[0.2, 0.8])
+    records, _ = data.split("train")
+    for world in (2, 3):
+        for epoch in (0, 1):
+            ids = np.concatenate([make_plan(records, PlanSpec(2, 24, seed=4, rank=r, world_size=world), epoch)
+                                  .group_scene for r in range(world)])  # fmt: skip
+            member = _member(data, ids)
+            assert tuple(np.bincount(member, minlength=2)) == data.counts
+            for d in (0, 1):
+                k = data.counts[d] // data.sizes[d]
+                assert set(Counter(ids[member == d].tolist()).values()) <= {k, k + 1}
