@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from gq.shards import DatasetError, ScoreStats
 
-from .dataset import ShardDataset, open_dataset
+from .dataset import ShardDataset, ShardLease, open_dataset
 from .mixing import Mix, epoch_counts
 from .plan import SplitRecords
 
@@ -76,6 +76,38 @@ class MixedReader:
         self.readers[d].read_records(kind, k, slots, out)
 
 
+class MixedLease:
+    """A mixture's `ShardLease`: each shard goes to the lease of the member holding it, by the member's own
+    shard number (a local member's does nothing; a remote one's makes its shards local in its cache)."""
+
+    def __init__(self, leases: list[ShardLease], reader: MixedReader):
+        self.leases, self.reader = leases, reader
+        self.bounded = any(lease.bounded for lease in leases)
+
+    def _by_member(self, shards: Iterable[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for shard in shards:  # in order: each member's shards keep the order they are asked for in
+            d, own = self.reader.member(int(shard))
+            out.setdefault(d, []).append(own)
+        return out
+
+    def prefetch(self, shards: Iterable[int]) -> None:
+        for d, own in self._by_member(shards).items():
+            self.leases[d].prefetch(own)
+
+    def acquire(self, shards: Iterable[int]) -> None:
+        for d, own in self._by_member(shards).items():
+            self.leases[d].acquire(own)
+
+    def release(self, shards: Iterable[int]) -> None:
+        for d, own in self._by_member(shards).items():
+            self.leases[d].release(own)
+
+    def close(self) -> None:
+        for lease in self.leases:
+            lease.close()
+
+
 def _shifted(key: str, column: np.ndarray, d: int, reader: MixedReader) -> np.ndarray:
     if key == "shard":
         return column + reader.shard_offset[d]
@@ -105,13 +137,24 @@ class MixedDataset:
         self.counts = epoch_counts(self.sizes, weights=self.weights, repeats=self.repeats)
         for m, n, c in zip(self.members, self.sizes, self.counts):
             if c and not n:
-                raise DatasetError(f"{m.root}: no train scenes, but the mixture asks it for {c} per epoch")
+                raise DatasetError(f"{m.source}: no train scenes, but the mixture asks it for {c} per epoch")
         self._splits: dict[str, tuple[SplitRecords, np.ndarray]] = {}
 
     @property
+    def source(self) -> str:
+        """What was opened: the members' directories or URLs."""
+        return " + ".join(m.source for m in self.members)
+
+    def lease(self, at_once: int) -> MixedLease:
+        """A lease for a loader holding at most `at_once` of the mixture's shards at a time: one per member, each
+        for at most `at_once` of its own shards (`ShardDataset.lease`)."""
+        return MixedLease([m.lease(min(at_once, m.reader.num_shards)) for m in self.members], self.reader)
+
+    @property
     def names(self) -> list[str]:
-        """A short name per member (its directory's name; numbered where two agree), for metrics."""
-        base = [re.sub(r"[^A-Za-z0-9_.-]+", "_", m.root.resolve().name) or "dataset" for m in self.members]
+        """A short name per member (its directory's or URL's last part; numbered where two agree), for metrics."""
+        last = [m.source.rstrip("/").rsplit("/", 1)[-1] if m.remote else m.root.resolve().name for m in self.members]
+        base = [re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "dataset" for name in last]
         return [f"{b}_{i}" if base.count(b) > 1 else b for i, b in enumerate(base)]
 
     @property
@@ -187,10 +230,10 @@ class MixedDataset:
         return self.members[d].describe_record(row - int(self.reader.row_offset[d]))
 
     def __str__(self) -> str:
-        return " + ".join(str(m.root) for m in self.members)
+        return self.source
 
     def __repr__(self) -> str:
-        return f"MixedDataset({[str(m.root) for m in self.members]!r}, counts={self.counts})"
+        return f"MixedDataset({[m.source for m in self.members]!r}, counts={self.counts})"
 
 
 def _train_scenes(member: ShardDataset) -> int:
@@ -217,7 +260,7 @@ def _check_members(members: list[ShardDataset], weights: list[float] | None, rep
             a, b = getattr(first.manifest, key), getattr(other.manifest, key)
             if a != b:
                 raise DatasetError(
-                    f"{first.root} has {what} {a}, {other.root} has {b}: datasets mixed in one run must agree "
+                    f"{first.source} has {what} {a}, {other.source} has {b}: datasets mixed in one run must agree "
                     "on grid and grasp layout; rebuild one with the other's options (gq shards build)"
                 )
 
@@ -227,16 +270,20 @@ def open_mixture(
     *,
     weights: Sequence[float] | None = None,
     repeats: Sequence[float] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_limit: int | str | None = None,
 ) -> ShardDataset | MixedDataset:
     """Open several datasets as one, each contributing its share of every train epoch.
 
     Args:
-        datasets: Dataset directories (or `ShardDataset`s from `open_dataset`).
+        datasets: Dataset directories or URLs (or `ShardDataset`s from `open_dataset`).
         weights: One per dataset: an epoch has as many scenes as the datasets' train splits together, and
             dataset d contributes `weight_d / sum(weights)` of them (fewer than it has: drawn without
             replacement; more: whole passes over it, then the rest drawn without replacement).
         repeats: One per dataset, instead of weights: dataset d contributes `repeat_d x` its train scenes.
             Neither: each scene once per epoch.
+        cache_dir: The local shard cache of the URLs among `datasets` (`open_dataset`).
+        cache_limit: The most bytes that cache holds (`open_dataset`).
 
     Returns:
         A `MixedDataset` to pass to `open_loader`; one dataset with no weights or repeats is returned
@@ -254,7 +301,10 @@ def open_mixture(
         train = open_loader(data, split="train", scenes_per_batch=8, grasps_per_sdf=64)
         ```
     """
-    members = [d if isinstance(d, ShardDataset) else open_dataset(d) for d in datasets]
+    members = [
+        d if isinstance(d, ShardDataset) else open_dataset(d, cache_dir=cache_dir, cache_limit=cache_limit)
+        for d in datasets
+    ]
     if len(members) == 1 and weights is None and repeats is None:
         return members[0]
     return MixedDataset(members, weights=weights, repeats=repeats)

@@ -78,6 +78,8 @@ def open_loader(
     grasps_per_scene: int | None = None,
     weights: list[float] | None = None,
     repeats: list[float] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_limit: int | str | None = None,
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
@@ -86,9 +88,10 @@ def open_loader(
     epoch; the next pass is the next epoch. Use it as a context manager (or call `close()`).
 
     Args:
-        dataset: A dataset directory, or a `ShardDataset` from `open_dataset` that several loaders share; or
-            several datasets mixed into one (a list of directories or datasets, or `open_mixture`'s result),
-            each contributing its share of every train epoch (docs/mixing.md).
+        dataset: A dataset directory or URL (s3://, gs://, https://), or a `ShardDataset` from `open_dataset`
+            that several loaders share; or several datasets mixed into one (a list of directories, URLs or
+            datasets, or `open_mixture`'s result), each contributing its share of every train epoch
+            (docs/mixing.md).
         mode: "cache" reads this rank's shards of the split once into one device tensor; "dali" streams
             them with DALI, whole shards at a time, a window ahead.
         split: "train", "val" or "test".
@@ -107,6 +110,8 @@ def open_loader(
         grasps_per_scene: The old name of `grasps_per_sdf` (deprecated: a DeprecationWarning says so).
         weights: With a list of datasets: each one's share of a train epoch (`open_mixture`).
         repeats: With a list of datasets, instead of weights: each one's scenes per train epoch, in passes over it.
+        cache_dir: A URL's local shard cache (`open_dataset`) [default: $XDG_CACHE_HOME/gq or ~/.cache/gq].
+        cache_limit: The most bytes that cache holds, in bytes or as text ("20GB") [default: the disk's space].
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
@@ -117,6 +122,8 @@ def open_loader(
         LoaderError: An unknown mode, settings that cannot work (S = 0, G above the dataset's grasp
             slots, a split with no scenes or no batches), or a cache that does not fit in memory.
         DatasetError: The directory is not a usable dataset, or a record fails its checksum.
+        CacheError: A URL's cache cannot hold the shards the loader needs at once (the smallest limit that
+            works is in the message), or its disk is full.
 
     Example:
         ```python
@@ -157,12 +164,12 @@ def open_loader(
     else:
         try:
             data = open_mixture(dataset if isinstance(dataset, list | tuple) else [dataset], weights=weights,
-                                repeats=repeats)  # fmt: skip
+                                repeats=repeats, cache_dir=cache_dir, cache_limit=cache_limit)  # fmt: skip
         except DatasetError:
             raise
         except ValueError as err:  # weights or repeats that do not fit
             raise LoaderError(str(err)) from None
-    root, max_grasps = str(data), data.reader.layout.max_grasps
+    root, max_grasps = data.source, data.reader.layout.max_grasps
     if grasps_per_sdf > max_grasps:
         raise LoaderError(
             f"grasps_per_sdf {grasps_per_sdf}: more than the {max_grasps} grasp slots per scene of {root}"

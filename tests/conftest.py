@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,3 +46,33 @@ def shared_dataset(tmp_path_factory) -> Iterator[Callable[..., Path]]:
     yield get
     changed = [str(shards) for shards, state in built.values() if _state(shards.parent) != state]
     assert not changed, f"tests changed these shared datasets (copy one before changing it): {changed}"
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto's) on 127.0.0.1 for the session, with the standard client settings
+    (AWS_ENDPOINT_URL, fake credentials) pointing at it: `gq.benchmarks.s3_server.S3Server` (`endpoint_url`,
+    `bytes_served()`, `gets(key)`, `reset()`, `fault(key, mode, times=, delay=)`). Skips without moto or s3fs."""
+    for module, package in (("moto", "moto[server]"), ("flask", "moto[server]"), ("s3fs", "s3fs")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed: pip install '{package}' (or the dev and s3 extras)")
+    import s3fs
+
+    from gq.benchmarks.s3_server import s3_server
+
+    with s3_server() as server:
+        server.client = s3fs.S3FileSystem(skip_instance_cache=True)  # one client for the fixtures' own calls
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3) -> str:
+    """A new, empty bucket on the session's S3 server, as its URL `s3://NAME`; the server's counts and faults
+    are reset."""
+    name = f"gq-test-{next(_buckets)}"
+    s3.client.mkdir(name)
+    s3.reset()
+    return f"s3://{name}"

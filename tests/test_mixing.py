@@ -17,6 +17,7 @@ from gq.pipeline import LoaderError, MixedDataset, PlanSpec, make_plan, open_dat
 from gq.pipeline.mixing import apportion, separate_copies
 from gq.pipeline.plan import Segment
 from gq.shards import DatasetError, ShardReader
+from gq.shards.publish import upload
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
 from gq.train.logs import validation_line
@@ -327,3 +328,20 @@ def test_on_several_ranks_each_dataset_still_gives_its_count_and_each_scene_k_or
             for d in (0, 1):
                 k = data.counts[d] // data.sizes[d]
                 assert set(Counter(ids[member == d].tolist()).values()) <= {k, k + 1}
+
+
+@pytest.mark.parametrize("mode", ["cache", "dali"])
+def test_a_mixture_with_a_dataset_on_object_storage_gives_the_batches_of_the_local_one(
+    pair, s3, s3_bucket: str, tmp_path: Path, mode: str
+) -> None:
+    url = f"{s3_bucket}/b"
+    upload(pair[1], url)
+    settings = dict(mode=mode, weights=[0.3, 0.7], scenes_per_batch=3, grasps_per_sdf=5, seed=2, progress=False)
+    with open_loader(list(pair), **settings) as local:
+        want = [[(b.sdf, b.grasps, b.scene_ids) for b in local] for _ in range(2)]
+    with open_loader([pair[0], url], cache_dir=tmp_path / "cache", **settings) as remote:
+        got = [[(b.sdf, b.grasps, b.scene_ids) for b in remote] for _ in range(2)]
+        assert remote.dataset.source == f"{pair[0]} + {url}" and remote.dataset.names[1] == "b"
+    for a, b in zip(want, got):
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(s, t) for x, y in zip(a, b) for s, t in zip(x, y))

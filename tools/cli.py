@@ -23,10 +23,12 @@ COMMANDS: dict = {
     "import-meshes": "gq.tools.import_meshes:main",
     "pybullet-objects": "gq.tools.pybullet_objects:main",
     "shards": {
-        "_help": "Build, merge and verify shard datasets.",
+        "_help": "Build, merge, verify, upload and download shard datasets.",
         "build": "gq.tools.make_shards:main",
         "verify": "gq.tools.verify_shards:cli",
         "merge": "gq.tools.merge_shards:main",
+        "upload": "gq.tools.remote_shards:upload",
+        "download": "gq.tools.remote_shards:download",
     },
     "fit": "gq.tools.training:fit_cmd",
     "compare": "gq.tools.training:compare_cmd",
@@ -46,6 +48,8 @@ COMMANDS: dict = {
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+# Libraries whose INFO lines ("Found credentials in environment variables.") would drown gq's own.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec")
 
 
 def with_version(command: click.Command) -> click.Command:
@@ -105,6 +109,8 @@ def main() -> None:
     gq eval and gq predict use a checkpoint; gq compare and gq bench measure; gq gpu-check checks a GPU machine.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -10,6 +13,8 @@ import click
 from gq.common.options import click_options, one_line_errors, ray_option
 from gq.common.table import format_table
 from gq.shards import BuildOptions, build_shards
+from gq.shards.publish import staged
+from gq.shards.remote import is_remote
 
 
 def summary_text(s: dict, wall_s: float) -> str:
@@ -45,9 +50,38 @@ def _part(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+stage_option = click.option(
+    "--stage",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --out URL: build the dataset in this local folder (kept, a dataset like any other) and upload it "
+    "from there [default: a temporary folder in TMPDIR, removed afterwards].",
+)
+
+
+@contextlib.contextmanager
+def output(out: str, *, stage: Path | None, overwrite: bool) -> Iterator[Path]:
+    """The local folder a build or merge writes: `out` itself, or, for a URL, a staging folder whose dataset is
+    uploaded to `out` when the block ends without an error (`gq.shards.publish.staged`)."""
+    if not is_remote(out):
+        if stage is not None:
+            raise click.BadParameter("only with --out URL", param_hint="--stage")
+        yield Path(out)
+        return
+    with staged(out, stage=stage, overwrite=overwrite, progress=sys.stderr.isatty()) as local:
+        yield local
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Dataset directory to write.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    metavar="DIR|URL",
+    help="Dataset directory to write, or a URL (s3://bucket/prefix) to publish it at (built locally, then uploaded).",
+)
+@stage_option
 @click_options(BuildOptions)  # what shapes the bytes: every field of BuildOptions, help text beside it
 @click.option("--workers", type=int, default=None, help="Decoding processes [default: all cores].")
 @ray_option("the per-scene work (decode, checks, conversion, checksums)")
@@ -67,7 +101,8 @@ def _part(value: str | None) -> tuple[int, int] | None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(
     source: Path,
-    out: Path,
+    out: str,
+    stage: Path | None,
     workers: int | None,
     ray: str | None,
     resume: bool,
@@ -91,11 +126,13 @@ def main(
     opts = BuildOptions(**options)
     interrupted = (
         f"--out is as it was and the complete new shards are kept beside it: rerun with --resume to finish {out}"
+        if not is_remote(out) or stage is not None
+        else f"nothing was published at {out}; give --stage DIR to keep a build that --resume can finish"
     )
-    with one_line_errors(interrupted=interrupted):
+    with one_line_errors(interrupted=interrupted), output(out, stage=stage, overwrite=overwrite) as local:
         summary = build_shards(
             source,
-            out,
+            local,
             opts,
             workers=workers,
             ray=ray,
@@ -105,6 +142,8 @@ def main(
             allow_missing_scenes=allow_missing_scenes,
             part=part,
         )
+    if is_remote(out):
+        summary["out"] = out  # where it is published; the local folder is gone or is --stage
     click.echo(summary_text(summary, summary["wall_s"]))
 
 

@@ -233,7 +233,8 @@ class FitRecipe:
         stack.callback(self.run.close)
         # Opened and quick-verified once: its identity is checked against last.pt, then both loaders share it.
         opening = time.perf_counter()
-        self.dataset = open_mixture(cfg.datasets, weights=cfg.weights, repeats=cfg.repeats)
+        self.dataset = open_mixture(cfg.datasets, weights=cfg.weights, repeats=cfg.repeats, cache_dir=cfg.cache_dir,
+                                    cache_limit=cfg.cache_limit)  # fmt: skip
         self.open_s = time.perf_counter() - opening  # part of the time to the first batch
         self.identity = self.dataset.fingerprint  # a mixture's covers every dataset and its share
         self.mixed = isinstance(self.dataset, MixedDataset)
