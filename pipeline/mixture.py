@@ -119,7 +119,7 @@ def _shifted(key: str, column: np.ndarray, d: int, reader: MixedReader) -> np.nd
 class MixedDataset:
     """Several datasets read as one, each contributing its share of every train epoch; make one with
     `open_mixture`. Quacks like `ShardDataset` for the loaders: `reader`, `split`, `score_stats`,
-    `fingerprint`, `describe_record`."""
+    `fingerprint`, `describe_record`, `lease`, `source`."""
 
     def __init__(
         self,
