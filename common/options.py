@@ -32,9 +32,12 @@ def option(
     flag: str | None = None,
     short: str | None = None,
     choices: Sequence[str] | None = None,
+    multiple: bool = False,
 ) -> Any:
-    """A dataclass field that is also a command-line option (`flag` "--on/--off" for a boolean pair)."""
-    meta = {"help": help, "flag": flag, "short": short, "choices": tuple(choices) if choices else None}
+    """A dataclass field that is also a command-line option (`flag` "--on/--off" for a boolean pair; `multiple`:
+    an option given once per value, its values a tuple)."""
+    meta = {"help": help, "flag": flag, "short": short, "choices": tuple(choices) if choices else None,
+            "multiple": multiple}  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -87,6 +90,8 @@ def click_options(
             kwargs["is_flag"] = True
         else:
             kwargs["type"] = _click_type(hints[f.name], meta["choices"])
+        if meta.get("multiple"):
+            kwargs["multiple"] = True
         decorators.append(click.option(*decls, f.name, **kwargs))
 
     def apply(fn: Callable) -> Callable:

@@ -3,7 +3,8 @@
 `open_loader(..., mode="cache")` holds this rank's shards of the split in one device tensor;
 `mode="dali"` streams them with DALI, whole shards a window ahead. Both follow the same epoch plan
 and yield bit-identical batches. `open_dataset` opens and quick-verifies a dataset once, for
-several loaders to share. DALI is imported only when a "dali" loader is opened.
+several loaders to share; `open_mixture` opens several datasets as one, each with its share of an
+epoch (a list of datasets given to `open_loader` does the same). DALI is imported only when a "dali" loader is opened.
 """
 
 from .base import EpochIndex, Loader, LoaderError
@@ -11,6 +12,7 @@ from .batch import Batch
 from .dataset import ShardDataset, open_dataset
 from .device import resolve_device
 from .host_memory import keep_freed_host_memory
+from .mixture import MixedDataset, open_mixture
 from .plan import (
     DEFAULT_GRASPS_PER_SDF,
     DEFAULT_WINDOW,
@@ -34,6 +36,8 @@ __all__ = [
     "EpochIndex",
     "ShardDataset",
     "open_dataset",
+    "MixedDataset",
+    "open_mixture",
     "open_loader",
     "resolve_device",
     "DEFAULT_GRASPS_PER_SDF",

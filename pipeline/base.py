@@ -10,7 +10,6 @@ import torch
 
 from gq.common.errors import UsageError
 from gq.shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
-from gq.shards.verify import corrupt_files
 
 from .batch import Batch
 from .checks import check_records
@@ -64,7 +63,7 @@ class Loader:
         self._record[self.records.shard, self.records.slot] = np.arange(len(self.records.shard))
         self.epoch, self.position = 0, 0
         self.past: tuple[Segment, ...] = ()  # this epoch's segments trained on other world sizes
-        self._len = num_batches(self.records, spec)
+        self._lengths: dict[int, int] = {}  # batches of each epoch asked for (the same for all but a mix's)
         self.sdf: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         # The shard files this loader reads: a subclass takes a lease sized for what it holds at once (a no-op
@@ -92,8 +91,16 @@ class Loader:
         return 0
 
     def __len__(self) -> int:
-        """Batches per epoch on this world size (the rest of an epoch begun on another has `len(plan())`)."""
-        return self._len
+        """Batches of the current epoch on this world size (the rest of an epoch begun on another has
+        `len(plan())`); the same every epoch but for a mix of datasets (`epoch_batches`)."""
+        return self.epoch_batches(self.epoch)
+
+    def epoch_batches(self, epoch: int) -> int:
+        """Batches of `epoch` from its start on this world size: a mix draws other scenes every epoch."""
+        key = epoch if self.records.mix is not None else 0
+        if key not in self._lengths:
+            self._lengths[key] = num_batches(self.records, self.spec, epoch=key)
+        return self._lengths[key]
 
     def set_epoch(self, epoch: int) -> None:
         """Serve `epoch` from its start (evaluation asks for epoch 0 every time)."""
@@ -137,7 +144,7 @@ class Loader:
         """Batches from where the loader stands to the end of epoch `epochs - 1`."""
         if self.epoch >= epochs:
             return 0
-        return len(self.plan()) - self.position + (epochs - self.epoch - 1) * len(self)
+        return len(self.plan()) - self.position + sum(self.epoch_batches(e) for e in range(self.epoch + 1, epochs))
 
     def plan(self) -> EpochPlan:
         return make_plan(self.records, self.spec, self.epoch, self.past)
@@ -196,15 +203,12 @@ class Loader:
         """Check resident records (split record numbers `records`, one per row) against the index."""
         rows = self._row_of_record[records]
         index = self.reader.index
-
-        def where(i: int) -> str:  # the file that changed: a record's checksum covers its SDF and labels bytes
-            r = rows[i]
-            shard = int(index["shard"][r])
-            files = " and ".join(map(str, corrupt_files(self.reader.root, self.reader.manifest, shard)))
-            return f"{files}: shard {shard} slot {index['slot'][r]} scene {index['scene'][r]} ({index['name'][r]})"
-
         check_records(
-            sdf, labels, expected=index["checksum"][rows], device_expected=index["device_checksum"][rows], where=where
+            sdf,
+            labels,
+            expected=index["checksum"][rows],
+            device_expected=index["device_checksum"][rows],
+            where=lambda i: self.dataset.describe_record(int(rows[i])),
         )
 
     def _rows(self, plan: EpochPlan) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 
 from gq.shards import DatasetError, Manifest, ScoreStats, ShardReader, fingerprint, verify
 from gq.shards.remote import is_remote
+from gq.shards.verify import corrupt_files
 
 from .plan import SplitRecords
 
@@ -127,6 +128,17 @@ class ShardDataset:
         if name not in self._splits:
             self._splits[name] = split_records(self.reader, name)
         return self._splits[name]
+
+    def describe_record(self, row: int) -> str:
+        """Where the record of index row `row` lives, for a failed check: the file that changed (a record's
+        checksum covers its SDF and labels bytes together), shard, slot, scene and its source name."""
+        index = self.reader.index
+        shard = int(index["shard"][row])
+        files = " and ".join(map(str, corrupt_files(self.root, self.manifest, shard)))
+        return f"{files}: shard {shard} slot {index['slot'][row]} scene {index['scene'][row]} ({index['name'][row]})"
+
+    def __str__(self) -> str:
+        return self.source
 
     def __repr__(self) -> str:
         return f"ShardDataset({self.source!r})"

@@ -30,15 +30,26 @@
   in the order they are first used. Later epochs follow the plan for W'. Resuming again within the
   same epoch adds a segment to `past`.
 
+* **Several datasets** (`SplitRecords.mix`, pipeline/mixing.py). Ownership is as above, over the
+  mixture's shards. Each epoch a rank uses each of its records 0, 1 or more times (its share of each
+  dataset's count, drawn from (seed, epoch, rank, dataset)); a record's k-th copy is read as a virtual
+  shard of its own (`k * n + shard`, n one past the last shard), so copies take their own places in the
+  shard order and windows (`shard_order` lists a shard once per copy). Copies never put one grasp twice in
+  a batch (`mixing.separate_copies`). Coverage, drop_last and the rest of an epoch hold for the copies as
+  for records; a mixture's epochs differ a little in length.
+
 Stored scene order is already a seeded shuffle of the split (shards/placement.py), so any window of
 shards is a random sample of the split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
+
+from .mixing import Mix, copies, separate_copies
 
 # Shards per shuffle window when none is given; chosen by measurement (docs/benchmarks.md, "Shuffle window").
 DEFAULT_WINDOW = 4
@@ -93,6 +104,7 @@ class SplitRecords:
     shard: np.ndarray  # int64 shard of each record
     slot: np.ndarray  # int64 slot of each record in its shard
     num_grasps: np.ndarray  # int64
+    mix: Mix | None = None  # a split of several datasets whose members contribute other than once each
 
     def shards(self) -> np.ndarray:
         """The split's shards, ascending."""
@@ -155,23 +167,32 @@ class EpochPlan:
         sizes = np.diff(self.batch_start)
         return np.arange(len(self.group_scene), dtype=np.int64) - np.repeat(self.batch_start[:-1], sizes)
 
+    @cached_property
+    def _spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch, the first and last position in `shard_order` that must be resident when it is cut: the
+        earliest window it or any later batch uses, and the latest window it or any earlier batch used (a
+        loader reads shards in order). Groups follow their windows, so these are a batch's own first and last
+        windows, but where a mix swapped copies apart (`mixing.separate_copies`) across windows."""
+        if not len(self):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        starts = self.batch_start[:-1]
+        low = np.minimum.reduceat(self.group_pos, starts) // self.window
+        high = np.maximum.reduceat(self.group_pos, starts) // self.window
+        low = np.minimum.accumulate(low[::-1])[::-1] * self.window
+        high = np.minimum((np.maximum.accumulate(high) + 1) * self.window, len(self.shard_order)) - 1
+        return low, high
+
     def shard_span(self, batch: int) -> tuple[int, int]:
         """Positions [first, last] in `shard_order` of the windows batch `batch` touches: what must be resident."""
-        g0, g1 = self.groups(batch)
-        w = self.window
-        first = int(self.group_pos[g0]) // w * w
-        last = min((int(self.group_pos[g1 - 1]) // w + 1) * w, len(self.shard_order)) - 1
-        return first, last
+        low, high = self._spans
+        return int(low[batch]), int(high[batch])
 
     def resident_shards(self) -> int:
         """The most shards any batch of the epoch needs resident at once (`shard_span` of every batch)."""
         if not len(self):
             return 0
-        w = self.window
-        g0, g1 = self.batch_start[:-1], self.batch_start[1:] - 1
-        first = self.group_pos[g0] // w * w
-        last = np.minimum((self.group_pos[g1] // w + 1) * w, len(self.shard_order)) - 1
-        return int((last - first + 1).max())
+        low, high = self._spans
+        return int((high - low + 1).max())
 
     def batch(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scene_ids [S], slots [N], scene_of_grasp [N]) of one batch, for tests and tools."""
@@ -190,32 +211,63 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _groups_per_rank(records: SplitRecords, spec: PlanSpec) -> np.ndarray:
-    """Groups of G each rank's records make: the same every epoch."""
+def _groups_per_rank(records: SplitRecords, spec: PlanSpec, epoch: int) -> np.ndarray:
+    """Groups of G each rank's records make in `epoch`: the same every epoch but for a mix of datasets."""
     groups = -(-records.num_grasps.astype(np.int64) // spec.grasps_per_sdf)
     owner = records.owner(spec.world_size)
-    return np.bincount(owner, weights=groups, minlength=spec.world_size).astype(np.int64)
+    if records.mix is None:
+        return np.bincount(owner, weights=groups, minlength=spec.world_size).astype(np.int64)
+    return np.array([int(groups[_epoch_records(records, replace(spec, rank=r), epoch, owner)[0]].sum())
+                     for r in range(spec.world_size)], dtype=np.int64)  # fmt: skip
 
 
-def _kept_groups(records: SplitRecords, spec: PlanSpec) -> np.ndarray:
-    """Groups each rank visits per epoch: all of them, or B * S for every rank with drop_last."""
-    groups = _groups_per_rank(records, spec)
+def _kept_groups(records: SplitRecords, spec: PlanSpec, epoch: int) -> np.ndarray:
+    """Groups each rank visits in `epoch`: all of them, or B * S for every rank with drop_last."""
+    groups = _groups_per_rank(records, spec, epoch)
     if spec.drop_last:
         return np.full_like(groups, groups.min() // spec.scenes_per_batch * spec.scenes_per_batch)
     return groups
 
 
-def num_batches(records: SplitRecords, spec: PlanSpec, all_ranks: bool = False) -> int:
-    """Batches per epoch for `spec.rank` (or for all ranks together): the same every epoch."""
-    per_rank = -(-_kept_groups(records, spec) // spec.scenes_per_batch)
+def num_batches(records: SplitRecords, spec: PlanSpec, all_ranks: bool = False, epoch: int = 0) -> int:
+    """Batches of `epoch` for `spec.rank` (or for all ranks together): the same every epoch but for a mix."""
+    per_rank = -(-_kept_groups(records, spec, epoch) // spec.scenes_per_batch)
     return int(per_rank.sum() if all_ranks else per_rank[spec.rank])
 
 
-def shard_order(records: SplitRecords, spec: PlanSpec, epoch: int) -> np.ndarray:
-    """The order in which `spec.rank` reads its shards in `epoch`: its own random stream, so a streaming
-    loader can list many epochs' shards ahead without planning their batches."""
+def _epoch_records(
+    records: SplitRecords, spec: PlanSpec, epoch: int, owner: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`spec.rank`'s records in `epoch` (split record numbers in storage order, one per copy), and the shard
+    each copy is read as. A record's k-th copy in an epoch of a mix is read as the virtual shard
+    `k * n + shard` (n: one past the last shard), so every copy of a shard is a shard of its own in the
+    epoch's shard order and windows; without a mix each record is there once, as its own shard."""
+    owner = records.owner(spec.world_size) if owner is None else owner
+    mine = np.flatnonzero(owner == spec.rank)
+    if records.mix is None:
+        return mine, records.shard[mine]
+    n = copies(records.mix, records.num_grasps, owner, mine, seed=spec.seed, epoch=epoch, rank=spec.rank,
+               world_size=spec.world_size)  # fmt: skip
+    rec = np.repeat(mine, n)
+    k = np.arange(len(rec), dtype=np.int64) - np.repeat(_exclusive_cumsum(n)[:-1], n)
+    return rec, records.shard[rec] + k * _shard_bound(records)
+
+
+def _shard_bound(records: SplitRecords) -> int:
+    return int(records.shard.max()) + 1 if len(records.shard) else 0
+
+
+def _virtual_order(vshard: np.ndarray, spec: PlanSpec, epoch: int) -> np.ndarray:
     rng = np.random.default_rng([spec.seed, epoch, spec.rank, 1])
-    return rng.permutation(records.rank_shards(spec.rank, spec.world_size))
+    return rng.permutation(np.unique(vshard))
+
+
+def shard_order(records: SplitRecords, spec: PlanSpec, epoch: int) -> np.ndarray:
+    """The order in which `spec.rank` reads its shards in `epoch` (a shard once per copy of a mix's records in
+    it): its own random stream, so a streaming loader can list many epochs' shards ahead without planning
+    their batches."""
+    order = _virtual_order(_epoch_records(records, spec, epoch)[1], spec, epoch)
+    return order % max(_shard_bound(records), 1)
 
 
 def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Segment, ...] = ()) -> EpochPlan:
@@ -226,16 +278,17 @@ def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Seg
     """
     spec.check()
     if past:
-        return _deal(left_after(records, spec, epoch, past), spec, epoch)
+        return _deal(left_after(records, spec, epoch, past), spec, epoch, separate=records.mix is not None)
     rng = np.random.default_rng([spec.seed, epoch, spec.rank])
-    order = shard_order(records, spec, epoch)
+    mine, vshard = _epoch_records(records, spec, epoch)
+    order = _virtual_order(vshard, spec, epoch)
     w = max(1, len(order) if spec.window is None else min(spec.window, len(order)))
-    pos = np.full(int(records.shard.max()) + 1 if len(records.shard) else 0, -1, dtype=np.int64)
+    pos = np.full(int(order.max()) + 1 if len(order) else 0, -1, dtype=np.int64)
     pos[order] = np.arange(len(order))
 
-    # This rank's records in epoch order: by the position of their shard, then by slot.
-    mine = np.flatnonzero(records.owner(spec.world_size) == spec.rank)
-    mine = mine[np.lexsort((records.slot[mine], pos[records.shard[mine]]))]
+    # This rank's records (copies) in epoch order: by the position of their (virtual) shard, then by slot.
+    sort = np.lexsort((records.slot[mine], pos[vshard]))
+    mine, vpos = mine[sort], pos[vshard[sort]]
     n = records.num_grasps[mine].astype(np.int64)
     g = spec.grasps_per_sdf
 
@@ -255,28 +308,37 @@ def make_plan(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Seg
     group_first = _exclusive_cumsum(group_len)
 
     # Groups are already in window order (records are); shuffle each window's groups in place.
-    group_window = pos[records.shard[mine[group_record]]] // w
+    group_window = vpos[group_record] // w
     bounds = np.searchsorted(group_window, np.arange(-(-len(order) // w) + 1))
     perm = np.concatenate(
         [a + rng.permutation(b - a) for a, b in zip(bounds[:-1], bounds[1:])] + [np.zeros(0, np.int64)]
     )
-    perm = perm[: _kept_groups(records, spec)[spec.rank]]
 
-    lengths = group_len[perm]
-    starts = _exclusive_cumsum(lengths)
-    flat = np.repeat(group_first[perm] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
-    rec = mine[group_record[perm]]
+    def cut(perm: np.ndarray) -> Groups:  # the groups `perm`, in that order
+        lengths = group_len[perm]
+        starts = _exclusive_cumsum(lengths)
+        flat = np.repeat(group_first[perm] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
+        rec = mine[group_record[perm]]
+        return Groups(*(getattr(records, k)[rec].astype(np.int64) for k in ("scene", "shard", "slot")), starts,
+                      shuffled_slot[flat])  # fmt: skip
+
+    if records.mix is not None:  # copies of a record share their shard's windows: keep their grasps apart
+        batch = np.arange(len(perm), dtype=np.int64) // spec.scenes_per_batch
+        g = cut(perm)
+        perm = perm[separate_copies(g.scene, g.start, g.slots, batch, group_window[perm])]
+    perm = perm[: _kept_groups(records, spec, epoch)[spec.rank]]
+    groups = cut(perm)
     return EpochPlan(
         spec=spec,
         epoch=epoch,
-        shard_order=order,
+        shard_order=order % max(_shard_bound(records), 1),
         window=w,
-        group_scene=records.scene[rec].astype(np.int64),
-        group_shard=records.shard[rec].astype(np.int64),
-        group_slot=records.slot[rec].astype(np.int64),
-        group_pos=pos[records.shard[rec]],
-        group_start=starts,
-        slots=shuffled_slot[flat],
+        group_scene=groups.scene,
+        group_shard=groups.shard,
+        group_slot=groups.slot,
+        group_pos=vpos[group_record[perm]],
+        group_start=groups.start,
+        slots=groups.slots,
         batch_start=np.minimum(
             np.arange(-(-len(perm) // spec.scenes_per_batch) + 1) * spec.scenes_per_batch, len(perm)
         ),
@@ -349,9 +411,10 @@ def left_after(records: SplitRecords, spec: PlanSpec, epoch: int, past: tuple[Se
     return Groups.concat(parts)
 
 
-def _deal(left: Groups, spec: PlanSpec, epoch: int) -> EpochPlan:
+def _deal(left: Groups, spec: PlanSpec, epoch: int, *, separate: bool = False) -> EpochPlan:
     """`spec.rank`'s plan for the groups `left`: a contiguous part of them, as the same number of batches on
-    every rank with near-equal scene counts (at most S, or 2 when S = 1 and the groups do not divide evenly)."""
+    every rank with near-equal scene counts (at most S, or 2 when S = 1 and the groups do not divide evenly).
+    `separate`: the groups hold copies of records (a mix); keep their grasps apart (`separate_copies`)."""
     t, w, s = len(left), spec.world_size, spec.scenes_per_batch
     batches = -(-t // (w * s))
     if t < w * batches:  # some batch would be empty: fewer, fuller batches
@@ -372,6 +435,9 @@ def _deal(left: Groups, spec: PlanSpec, epoch: int) -> EpochPlan:
     pos = np.zeros(int(order.max()) + 1 if len(order) else 0, dtype=np.int64)
     pos[order] = np.arange(len(order))
     mine = mine.take(np.argsort(pos[mine.shard] // window, kind="stable"))
+    if separate:
+        batch = np.repeat(np.arange(batches, dtype=np.int64), sizes[spec.rank])
+        mine = mine.take(separate_copies(mine.scene, mine.start, mine.slots, batch, pos[mine.shard] // window))
     return EpochPlan(
         spec=spec,
         epoch=epoch,

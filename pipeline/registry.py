@@ -9,9 +9,12 @@ from pathlib import Path
 
 import torch
 
+from gq.shards import DatasetError
+
 from .base import Loader, LoaderError
-from .dataset import ShardDataset, open_dataset
+from .dataset import ShardDataset
 from .device import resolve_device
+from .mixture import MixedDataset, open_mixture
 from .plan import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, PlanSpec, SplitRecords, num_batches
 
 
@@ -56,7 +59,7 @@ def _what_would_give_batches(records: SplitRecords, spec: PlanSpec) -> str:
 
 
 def open_loader(
-    dataset: str | Path | ShardDataset,
+    dataset: str | Path | ShardDataset | MixedDataset | list,
     *,
     mode: str = "cache",
     split: str = "train",
@@ -73,6 +76,8 @@ def open_loader(
     num_threads: int | None = None,
     progress: bool = True,
     grasps_per_scene: int | None = None,
+    weights: list[float] | None = None,
+    repeats: list[float] | None = None,
     cache_dir: str | Path | None = None,
     cache_limit: int | str | None = None,
 ) -> Loader:
@@ -84,7 +89,9 @@ def open_loader(
 
     Args:
         dataset: A dataset directory or URL (s3://, gs://, https://), or a `ShardDataset` from `open_dataset`
-            that several loaders share.
+            that several loaders share; or several datasets mixed into one (a list of directories, URLs or
+            datasets, or `open_mixture`'s result), each contributing its share of every train epoch
+            (docs/mixing.md).
         mode: "cache" reads this rank's shards of the split once into one device tensor; "dali" streams
             them with DALI, whole shards at a time, a window ahead.
         split: "train", "val" or "test".
@@ -101,6 +108,8 @@ def open_loader(
         num_threads: dali: DALI's CPU threads.
         progress: Show a progress bar while the cache loads.
         grasps_per_scene: The old name of `grasps_per_sdf` (deprecated: a DeprecationWarning says so).
+        weights: With a list of datasets: each one's share of a train epoch (`open_mixture`).
+        repeats: With a list of datasets, instead of weights: each one's scenes per train epoch, in passes over it.
         cache_dir: A URL's local shard cache (`open_dataset`) [default: $XDG_CACHE_HOME/gq or ~/.cache/gq].
         cache_limit: The most bytes that cache holds, in bytes or as text ("20GB") [default: the disk's space].
 
@@ -146,11 +155,20 @@ def open_loader(
         spec.check()
     except ValueError as err:
         raise LoaderError(str(err)) from None
-    data = (
-        dataset
-        if isinstance(dataset, ShardDataset)
-        else open_dataset(dataset, cache_dir=cache_dir, cache_limit=cache_limit)
-    )
+    if isinstance(dataset, ShardDataset | MixedDataset):
+        if weights is not None or repeats is not None:
+            raise LoaderError(
+                "weights and repeats go with a list of datasets; an opened dataset keeps its own (open_mixture)"
+            )
+        data = dataset
+    else:
+        try:
+            data = open_mixture(dataset if isinstance(dataset, list | tuple) else [dataset], weights=weights,
+                                repeats=repeats, cache_dir=cache_dir, cache_limit=cache_limit)  # fmt: skip
+        except DatasetError:
+            raise
+        except ValueError as err:  # weights or repeats that do not fit
+            raise LoaderError(str(err)) from None
     root, max_grasps = data.source, data.reader.layout.max_grasps
     if grasps_per_sdf > max_grasps:
         raise LoaderError(

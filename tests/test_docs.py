@@ -19,9 +19,9 @@ needs_mkdocs = pytest.mark.skipif(
     importlib.util.find_spec("mkdocs") is None,
     reason="mkdocs is not installed (the docs extra: pip install -e .[docs])",
 )
-API = ("gq.pipeline.open_dataset", "gq.pipeline.open_loader", "gq.shards.build_shards", "gq.shards.ShardWriter",
-       "gq.shards.merge_parts", "gq.shards.part_of", "gq.shards.ShardReader", "gq.train.fit", "gq.train.FitRecipe",
-       "gq.train.predict.Estimator")  # fmt: skip
+API = ("gq.pipeline.open_dataset", "gq.pipeline.open_loader", "gq.pipeline.open_mixture",
+       "gq.shards.build_shards", "gq.shards.ShardWriter", "gq.shards.merge_parts", "gq.shards.part_of",
+       "gq.shards.ShardReader", "gq.train.fit", "gq.train.FitRecipe", "gq.train.predict.Estimator")  # fmt: skip
 
 
 def command_anchors(specs: dict, prefix: str = "gq") -> list[str]:

@@ -77,7 +77,8 @@ _cache_options = click_options(FitConfig, only=("cache_dir", "cache_limit"))
     FitConfig,
     defaults={"shards": None, "out": None},  # required, but may come from --config or the run resumed
     help={
-        "shards": "Shard dataset directory or URL [required, unless --config or the run resumed gives it].",
+        "shards": "Shard dataset directory or URL; several (--shards A --shards B) train on their mixture "
+        "(docs/mixing.md) [required, unless --config or the run resumed gives it].",
         "out": "Run directory [required, unless --config gives it].",
     },
 )
@@ -126,6 +127,8 @@ def start_torchrun(ctx: click.Context, nproc: int) -> None:
         value = ctx.params[param.name]
         if isinstance(param, click.Option) and param.is_flag:
             args += [param.opts[0]] if value else param.secondary_opts[:1]
+        elif isinstance(param, click.Option) and param.multiple:  # --shards A --shards B
+            args += [arg for v in value for arg in (param.opts[0], str(v))]
         else:
             args += [param.opts[0], ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]

@@ -61,8 +61,19 @@ class ConfigError(UsageError):
 class FitConfig:
     """A run's options; each field with help text is a `fit` / `compare` option (gq.tools.training derives them)."""
 
-    shards: str = option(help="Shard dataset directory, or its URL (s3://bucket/prefix, gs://..., https://...).")
+    shards: str | tuple[str, ...] = option(
+        help="Shard dataset directory, or its URL (s3://bucket/prefix, gs://..., https://...); several train on "
+        "their mixture (docs/mixing.md).",
+        multiple=True,
+    )
     out: str = option(help="Run directory.")
+    weights: tuple[float, ...] | None = option(
+        None, help="One per --shards: each dataset's share of a train epoch, e.g. 0.7,0.3 [default: each scene once]."
+    )
+    repeats: tuple[float, ...] | None = option(
+        None,
+        help="One per --shards, instead of --weights: each dataset's scenes per epoch in passes over it, e.g. 1,2.5.",
+    )
     cache_dir: str | None = option(
         None, help="Local cache of a --shards URL, shared by the ranks of a node [default: $XDG_CACHE_HOME/gq or "
         "~/.cache/gq]."
@@ -146,13 +157,45 @@ class FitConfig:
         # The command line gives text: "4" is the number 4, "256,128" the head sizes (256, 128).
         if isinstance(self.shuffle_window, str) and self.shuffle_window.isdigit():
             self.shuffle_window = int(self.shuffle_window)
+        self._split_shards()
+        for name in ("weights", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, parse_numbers(value, where=_flag(name)))
+            elif isinstance(value, list):
+                setattr(self, name, tuple(value))
         if isinstance(self.fc_dims, str):
             self.fc_dims = parse_fc_dims(self.fc_dims)
         elif isinstance(self.fc_dims, list):  # as JSON holds it
             self.fc_dims = tuple(self.fc_dims)
-        for name in ("shards", "out", "init_from", "cache_dir"):  # paths are recorded as text in config.json
+        for name in ("out", "init_from", "cache_dir"):  # paths are recorded as text in config.json
             if getattr(self, name) is not None:
                 setattr(self, name, str(getattr(self, name)))
+
+    def _split_shards(self) -> None:
+        """One dataset as its path (text); several as a tuple of paths, their shares in `weights` or `repeats`
+        (a config file may give them as a list of {path, weight} or {path, repeat})."""
+        if self.shards is None or isinstance(self.shards, str | Path):
+            self.shards = None if self.shards is None else str(self.shards)
+            return
+        entries = list(self.shards)
+        if any(isinstance(e, dict) for e in entries):
+            for key in ("weight", "repeat"):
+                given = [e.get(key) for e in entries if isinstance(e, dict)]
+                if any(v is not None for v in given):
+                    if getattr(self, key + "s") is not None:
+                        raise ConfigError(f"shards: {key}s given both in the list and as {key}s; keep one")
+                    if len(given) < len(entries) or None in given:
+                        raise ConfigError(f"shards: give every dataset a {key}, or none")
+                    setattr(self, key + "s", tuple(float(v) for v in given))
+            entries = [e["path"] if isinstance(e, dict) else e for e in entries]
+        paths = tuple(str(e) for e in entries)
+        self.shards = paths[0] if len(paths) == 1 else paths
+
+    @property
+    def datasets(self) -> list[str]:
+        """The datasets trained on: `shards` as a list."""
+        return [self.shards] if isinstance(self.shards, str) else list(self.shards)
 
     def check(self, *, spell: Callable[[str], str] | None = None) -> None:
         """ConfigError naming the first option value that cannot work: by its flag, or as `spell` names a field."""
@@ -199,6 +242,17 @@ class FitConfig:
                 raise ConfigError(f"{name(key)} {getattr(self, key)}: must be >= 0")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError(f"{name('plateau_factor')} {self.plateau_factor}: must be in (0, 1)")
+        for key in ("weights", "repeats"):
+            values = getattr(self, key)
+            if values is not None and self.shards != "-" and len(values) != len(self.datasets):  # "-": not yet known
+                raise ConfigError(
+                    f"{name(key)} {_shown(values)}: {len(values)} values for {len(self.datasets)} datasets "
+                    f"({name('shards')}); give one per dataset"
+                )
+            if values is not None and (min(values) < 0 or not sum(values) > 0 or not all(map(math.isfinite, values))):
+                raise ConfigError(f"{name(key)} {_shown(values)}: each finite and >= 0, and some > 0")
+        if self.weights is not None and self.repeats is not None:
+            raise ConfigError(f"{name('weights')} and {name('repeats')}: give one of them")
         if self.fc_dims is not None and (not self.fc_dims or min(self.fc_dims) < 1):
             raise ConfigError(f"{name('fc_dims')} {self.fc_dims}: comma-separated positive sizes, e.g. 256,128,64")
         self._check_model_size(name)
@@ -223,7 +277,10 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["fc_dims"] = list(self.fc_dims) if self.fc_dims is not None else None
+        for key in ("fc_dims", "weights", "repeats"):
+            d[key] = list(d[key]) if d[key] is not None else None
+        if not isinstance(self.shards, str):
+            d["shards"] = list(self.shards)
         return d
 
     @classmethod
@@ -231,8 +288,9 @@ class FitConfig:
         """The options a run recorded (last.pt's copy of them), old names (RENAMED) read as today's."""
         known = {f.name for f in fields(cls)}
         d = {RENAMED.get(k, k): v for k, v in d.items() if RENAMED.get(k, k) in known}
-        if d.get("fc_dims") is not None:
-            d["fc_dims"] = tuple(d["fc_dims"])
+        for key in ("fc_dims", "weights", "repeats"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def differences(self, run: FitConfig) -> list[str]:
@@ -339,12 +397,34 @@ def _checked_value(name: str, value: object, hint: object, where: str) -> object
         if kind is str and isinstance(value, str):
             return value
         if typing.get_origin(kind) is tuple and isinstance(value, (list, str)):
-            items = parse_fc_dims(value, where=where) if isinstance(value, str) else value
-            if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-                return tuple(items)
+            of = typing.get_args(kind)[0]
+            if of is int:
+                items = parse_fc_dims(value, where=where) if isinstance(value, str) else value
+                if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+                    return tuple(items)
+            elif of is float:
+                items = parse_numbers(value, where=where) if isinstance(value, str) else value
+                if all(isinstance(x, int | float) and not isinstance(x, bool) for x in items):
+                    return tuple(float(x) for x in items)
+            elif name == "shards" and isinstance(value, list) and value and all(map(_shard_entry, value)):
+                return tuple(value)
     wanted = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-    described = " or ".join(wanted.get(k, "a list of integers such as [256, 128, 64]") for k in kinds)
+    lists = {int: "a list of integers such as [256, 128, 64]", float: "a list of numbers such as [0.7, 0.3]",
+             str: "a list of paths, or of {path: DIR, weight: W} or {path: DIR, repeat: R}"}  # fmt: skip
+    described = " or ".join(wanted.get(k) or lists[typing.get_args(k)[0]] for k in kinds)
     raise ConfigError(f"{where}: {value!r} is not {described}")
+
+
+def _shard_entry(entry: object) -> bool:
+    """A dataset of a config file's `shards` list: a path, or {path[, weight | repeat]}."""
+    if isinstance(entry, str):
+        return True
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or len(entry) > 2:
+        return False
+    share = [v for k, v in entry.items() if k != "path"]
+    return set(entry) <= {"path", "weight", "repeat"} and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in share
+    )
 
 
 def _is_union(hint: object) -> bool:
@@ -417,6 +497,14 @@ def _shown(value: object) -> str:
     if value is None:
         return "not set"
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def parse_numbers(text: str, *, where: str) -> tuple[float, ...]:
+    """'0.7,0.3' -> (0.7, 0.3); ConfigError at `where` otherwise."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{where} {text}: comma-separated numbers, e.g. 0.7,0.3") from None
 
 
 def parse_fc_dims(text: str | None, *, where: str = "--fc-dims") -> tuple[int, ...] | None:

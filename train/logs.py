@@ -114,4 +114,8 @@ class _Since:
 def validation_line(row: dict) -> str:
     """One validation's metrics row as a line: its step and epoch, then VAL_FIELDS (those it has)."""
     figures = "  ".join(f"{label} {row[key]:.4f}" for label, key in VAL_FIELDS if key in row)
-    return f"validation at step {row['step']} (epoch {row['epoch']:.2f}): {figures}"
+    # a mixture's datasets (val_NAME_mse, val_NAME_r2): the two figures of each, after the mixture's
+    parts = [k[4:-4] for k in row if k.startswith("val_") and k.endswith("_mse") and k != "val_mse"]
+    each = "".join(f"; {name}: MSE {row[f'val_{name}_mse']:.4f}  R2 {row[f'val_{name}_r2']:.4f}" for name in parts
+                   if f"val_{name}_r2" in row)  # fmt: skip
+    return f"validation at step {row['step']} (epoch {row['epoch']:.2f}): {figures}{each}"

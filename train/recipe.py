@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from gq.models import CheckpointError, GQEstimatorBase, build_model
-from gq.pipeline import Batch, keep_freed_host_memory, open_dataset, open_loader, resolve_device
+from gq.pipeline import Batch, MixedDataset, keep_freed_host_memory, open_loader, open_mixture, resolve_device
 from gq.shards import DatasetError
 
 from .checkpoint import check_resumable, dataset_warning, load_checkpoint, load_model, save_checkpoint
@@ -233,9 +233,11 @@ class FitRecipe:
         stack.callback(self.run.close)
         # Opened and quick-verified once: its identity is checked against last.pt, then both loaders share it.
         opening = time.perf_counter()
-        self.dataset = open_dataset(cfg.shards, cache_dir=cfg.cache_dir, cache_limit=cfg.cache_limit)
+        self.dataset = open_mixture(cfg.datasets, weights=cfg.weights, repeats=cfg.repeats, cache_dir=cfg.cache_dir,
+                                    cache_limit=cfg.cache_limit)  # fmt: skip
         self.open_s = time.perf_counter() - opening  # part of the time to the first batch
-        self.identity = self.dataset.fingerprint
+        self.identity = self.dataset.fingerprint  # a mixture's covers every dataset and its share
+        self.mixed = isinstance(self.dataset, MixedDataset)
         resumed = self._resumable_checkpoint() if cfg.resume else None
         init = load_model(cfg.init_from) if cfg.init_from else None  # a bad file fails before any data is loaded
         if init is not None and dist.is_main and (warning := dataset_warning(cfg.init_from, init[1], self.identity)):
@@ -248,7 +250,7 @@ class FitRecipe:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.forward = Forward.build(device.type, amp=cfg.amp, channels_last=cfg.channels_last, zero_sdf=cfg.zero_sdf)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.total_steps = cfg.max_steps or cfg.epochs * len(self.train_loader)
+        self.total_steps = cfg.max_steps or self.train_loader.batches_left(cfg.epochs)
         self.scheduler = self._scheduler()
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         if resumed is not None:
@@ -264,7 +266,7 @@ class FitRecipe:
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "score_mean": self.scores.mean,
                 "score_std": self.scores.std,
-                "steps_per_epoch": len(self.train_loader),
+                "steps_per_epoch": self.train_loader.epoch_batches(0),  # a mixture's epochs differ a little
             },
         )
         net: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
@@ -284,11 +286,18 @@ class FitRecipe:
         if old != self.identity:
             was = f"dataset {old[:16]}" if old else "a dataset it does not record (an older checkpoint)"
             raise ConfigError(
-                f"--resume: {last} was trained on {was}, but --shards {self.cfg.shards} is dataset "
+                f"--resume: {last} was trained on {was}, but {self._shards_given()} is dataset "
                 f"{self.identity[:16]} (rebuilt, or another one); resume on the run's own dataset, or "
                 f"start a new run from these weights: --init-from {last} --out NEW_DIR"
             )
         return resumed
+
+    def _shards_given(self) -> str:
+        """The datasets as the command line gives them, with their shares."""
+        cfg = self.cfg
+        share = next((f" --{k} {','.join(f'{v:g}' for v in getattr(cfg, k))}" for k in ("weights", "repeats")
+                      if getattr(cfg, k) is not None), "")  # fmt: skip
+        return " ".join(f"--shards {path}" for path in cfg.datasets) + share
 
     def _setup_data(self) -> None:
         """The train and val loaders of this rank, and the train split's score units."""
@@ -308,7 +317,8 @@ class FitRecipe:
                         grasps_per_sdf=self.train_loader.max_grasps, seed=0, **common)
         )  # fmt: skip
         try:
-            self.scores = Standardiser.from_stats(self.train_loader.score_stats, str(dataset.root / "manifest.json"))
+            source = str(dataset) if self.mixed else str(dataset.root / "manifest.json")
+            self.scores = Standardiser.from_stats(self.train_loader.score_stats, source)
         except ValueError as err:
             raise DatasetError(f"{err}; run gq shards verify on the dataset") from None
 
@@ -367,7 +377,13 @@ class FitRecipe:
             "step": p.step,
             "epoch": round(p.step / len(self.train_loader), 4),
             "time_s": round(p.train_time, 3),
-            **evaluate(self.model, self.val_loader, scores=self.scores, forward=self.forward),
+            **evaluate(
+                self.model,
+                self.val_loader,
+                scores=self.scores,
+                forward=self.forward,
+                parts=self.dataset.scene_ranges if self.mixed else None,
+            ),  # fmt: skip
         }
         self.run.log(result)
         if result["val_mse"] < p.best_val_mse:
@@ -387,7 +403,7 @@ class FitRecipe:
             "model": self.model.state_dict(),
             "model_config": {**self.model.config, "fc_dims": list(self.model.fc_dims)},
             "score_stats": self.scores.to_dict(),
-            "dataset": {"fingerprint": self.identity},
+            "dataset": {"fingerprint": self.identity, **({"members": self.dataset.identity()} if self.mixed else {})},
             "state": self.progress.to_dict(),
             "config": self.cfg.to_dict(),
         }
@@ -532,6 +548,17 @@ class FitRecipe:
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
         return Throughput(sums[0].item(), sums[1].item() / self.dist.world_size, slowest.item())
 
+    def _datasets(self) -> dict[str, dict]:
+        """A mixture's datasets by the names their val metrics carry: path, fingerprint, share, train scenes
+        and the scenes each gives an epoch."""
+        data = self.dataset
+        return {
+            name: {"path": path, **member, "train_scenes": size, "scenes_per_epoch": count}
+            for name, path, member, size, count in zip(
+                data.names, self.cfg.datasets, data.identity(), data.sizes, data.counts
+            )
+        }
+
     def _finish(self, stopped: Stop, last_val: dict | None, totals: Throughput, steps_here: int) -> dict:
         """summary.json (returned) and curves.png."""
         cfg, p, model = self.cfg, self.progress, self.model
@@ -549,6 +576,7 @@ class FitRecipe:
             **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")},
             "best_val_mse": p.best_val_mse,
             "best_step": p.best_step,
+            **({"datasets": self._datasets()} if self.mixed else {}),
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "wall_s": time.perf_counter() - self.start,

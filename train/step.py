@@ -98,18 +98,31 @@ def evaluate(
     forward: Forward | None = None,
     prefix: str = "val_",
     baseline: float | None = None,
+    parts: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """Metrics in score units over every grasp of the loader's split (whole scenes per group, epoch 0's order).
 
     `baseline` is the train split's mean score, whose MSE is reported beside the model's (default: `scores.mean`,
-    which it is when the model was trained on this dataset)."""
+    which it is when the model was trained on this dataset). `parts`: name -> a range [first, end) of scene ids
+    (a mixture's datasets, `MixedDataset.scene_ranges`): each part's metrics too, from the same pass, as
+    `{prefix}{name}_{metric}`."""
     forward = forward or Forward()
     was_training = model.training
     model.eval()
     metrics = Metrics(loader.device)
+    by_part = {name: Metrics(loader.device) for name in parts or {}}
     loader.set_epoch(0)
     with torch.no_grad():
         for batch in loader:
-            metrics.add(scores.decode(forward(model, batch)), batch.scores, batch.scene_of_grasp, batch.num_scenes)
+            pred = scores.decode(forward(model, batch))
+            metrics.add(pred, batch.scores, batch.scene_of_grasp, batch.num_scenes)
+            scene = batch.scene_ids[batch.scene_of_grasp]
+            for name, (first, end) in (parts or {}).items():
+                mine = (scene >= first) & (scene < end)
+                by_part[name].add(pred[mine], batch.scores[mine], batch.scene_of_grasp[mine], batch.num_scenes)
     model.train(was_training)
-    return metrics.result(baseline=scores.mean if baseline is None else baseline, prefix=prefix)
+    baseline = scores.mean if baseline is None else baseline
+    result = metrics.result(baseline=baseline, prefix=prefix)
+    for name, part in by_part.items():
+        result.update(part.result(baseline=baseline, prefix=f"{prefix}{name}_"))
+    return result

@@ -26,15 +26,16 @@ TAGS = {
     "samples_per_s": "perf/samples_per_s",
     "data_wait": "perf/data_wait",
 }
-VAL_COUNTS = ("val_grasps", "val_scenes")
+VAL_COUNTS = ("_grasps", "_scenes")  # val_grasps, and each dataset's of a mixture: val_NAME_grasps
 # The hyperparameter view's metrics: how good the run's model is.
 HPARAM_METRICS = ("val/mse", "val/mae", "val/r2", "val/spearman", "val/top1_regret")
 
 
 def scalars(row: dict) -> dict[str, float]:
-    """The tags and values of a metrics row: training keys by TAGS, validation keys val_X as val/X."""
+    """The tags and values of a metrics row: training keys by TAGS, validation keys val_X as val/X (a mixture's
+    datasets' val_NAME_X as val/NAME_X)."""
     out = {TAGS[k]: v for k, v in row.items() if k in TAGS}
-    out.update({"val/" + k[4:]: v for k, v in row.items() if k.startswith("val_") and k not in VAL_COUNTS})
+    out.update({"val/" + k[4:]: v for k, v in row.items() if k.startswith("val_") and not k.endswith(VAL_COUNTS)})
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
