@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .augment import AUGMENTS
 from .base import Loader, LoaderError
 from .dataset import ShardDataset, open_dataset
 from .device import resolve_device
@@ -73,6 +74,7 @@ def open_loader(
     num_threads: int | None = None,
     progress: bool = True,
     grasps_per_scene: int | None = None,
+    augment: str = "off",
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
@@ -98,6 +100,8 @@ def open_loader(
         num_threads: dali: DALI's CPU threads.
         progress: Show a progress bar while the cache loads.
         grasps_per_scene: The old name of `grasps_per_sdf` (deprecated: a DeprecationWarning says so).
+        augment: "rot24" turns each group's SDF and grasps by one of the cube's 24 rotations, exactly (no
+            interpolation), drawn from (seed, epoch, scene, grasps); "off" gives the batches as stored.
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
@@ -134,7 +138,9 @@ def open_loader(
         grasps_per_sdf = grasps_per_scene
     if mode not in LOADER_MODES:
         raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    spec = PlanSpec(scenes_per_batch, grasps_per_sdf, seed, rank, world_size, drop_last, shuffle_window)
+    if augment not in AUGMENTS:
+        raise LoaderError(f"augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+    spec = PlanSpec(scenes_per_batch, grasps_per_sdf, seed, rank, world_size, drop_last, shuffle_window, augment)
     try:
         spec.check()
     except ValueError as err:
