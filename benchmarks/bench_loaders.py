@@ -25,11 +25,34 @@ from torch.utils.data import DataLoader, Dataset
 
 from gq.common.files import write_atomically
 from gq.common.table import format_table
-from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_loader, parse_window, resolve_device
+from gq.pipeline import (
+    AUGMENTS,
+    DEFAULT_WINDOW,
+    MODES,
+    EpochIndex,
+    PlanSpec,
+    keep_freed_host_memory,
+    open_dataset,
+    open_loader,
+    parse_window,
+    resolve_device,
+)
+from gq.pipeline.cache import CacheLoader
 from gq.shards import ShardReader
 
 CONFIGS = [(128, 1), (8, 16)]  # (scenes per batch, grasps per scene): 128 grasps per batch each
 SEED_BATCH = 128
+TWO_PASS = "cache-2pass"  # the cache loader with the SDF gather it had before one-pass gathers: the baseline
+
+
+class TwoPassCacheLoader(CacheLoader):
+    """The cache loader gathering SDFs as it did before: an index_select in the shard dtype, then `.float()`.
+
+    Kept here only, as the baseline the one-pass gather (pipeline/base.py `_gather_sdf`) is measured against.
+    """
+
+    def _gather_sdf(self, idx: EpochIndex, g0: int, g1: int) -> torch.Tensor:
+        return self.sdf.index_select(0, idx.rows[g0:g1]).unsqueeze(1).float()
 
 
 class SeedNpzDataset(Dataset):
@@ -166,6 +189,7 @@ def measure(
     rank: int = 0,
     world_size: int = 1,
     whole_epoch: bool = False,
+    augment: str = "off",
 ) -> dict:
     """One row, timed in the calling process (main runs each row in a fresh one).
 
@@ -175,21 +199,27 @@ def measure(
     keep_freed_host_memory()  # the same process setting for every row, seed baselines included
     dev = resolve_device(device)
     extra = {}
-    if loader in MODES:
+    if loader == TWO_PASS:
+        spec = PlanSpec(s, g, 0, rank, world_size, False, window)
+        make = lambda: TwoPassCacheLoader(open_dataset(shards_dir), split=split, spec=spec, device=dev, progress=False)  # noqa: E731
+    else:
+        make = lambda: open_loader(  # noqa: E731
+            shards_dir,
+            mode=loader,
+            split=split,
+            scenes_per_batch=s,
+            grasps_per_sdf=g,
+            seed=0,
+            device=dev,
+            rank=rank,
+            world_size=world_size,
+            shuffle_window=window,
+            progress=False,
+            augment=augment,
+        )
+    if loader in MODES or loader == TWO_PASS:
         r = _time(
-            lambda: open_loader(
-                shards_dir,
-                mode=loader,
-                split=split,
-                scenes_per_batch=s,
-                grasps_per_sdf=g,
-                seed=0,
-                device=dev,
-                rank=rank,
-                world_size=world_size,
-                shuffle_window=window,
-                progress=False,
-            ),
+            make,
             lambda b: b,
             lambda b: b.num_grasps,
             dev,
@@ -206,6 +236,7 @@ def measure(
             rank=rank,
             world_size=world_size,
             shuffle_window=window or "all",
+            augment="off" if loader == TWO_PASS else augment,
         )
         source.close()
     else:
@@ -267,6 +298,14 @@ def _summary(rows: list[dict]) -> list[str]:
             f"({read / 1e6:,.1f} MB of {epoch['split_bytes'] / 1e6:,.1f} MB, mean of "
             f"{epoch['epochs_counted']} epochs; target <= 1.05)"
         )
+    for s, g in CONFIGS:
+        one, two = pick.get(("cache", s, g, 1, 0)), pick.get((TWO_PASS, s, g, 1, 0))
+        if one and two:
+            target = ">= 2" if s == 128 else ">= 1, no loss"
+            lines.append(
+                f"cache one-pass / two-pass SDF gather samples/s at S={s} G={g}: "
+                f"{_ratio(one['samples_per_s'], two['samples_per_s'])} (target {target})"
+            )
     cache = pick.get(("cache", 8, 16, 1, 0))
     if cache and cache.get("load_s"):
         lines.append(
@@ -302,7 +341,7 @@ def _summary(rows: list[dict]) -> list[str]:
     "--repeat",
     default=1,
     show_default=True,
-    help="Time each row this many times, each in a fresh process, and keep the best (noisy machines).",
+    help="Time each row this many times, each in a fresh process, round the rows, and keep the best (noisy machines).",
 )
 @click.option("--split", default="train", show_default=True)
 @click.option(
@@ -323,6 +362,18 @@ def _summary(rows: list[dict]) -> list[str]:
     show_default=True,
     help="Also time the cache as each rank of this many (its resident share); 1: skip.",
 )
+@click.option(
+    "--gather-baseline",
+    is_flag=True,
+    help=f"Also time the cache with its former two-pass SDF gather ({TWO_PASS} rows: index_select, then .float()).",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(AUGMENTS),
+    default="off",
+    show_default=True,
+    help="Our loaders' augmentation (the baseline rows never augment).",
+)
 @click.option("--workers", default=os.cpu_count(), show_default=True, help="DataLoader workers of the seed's npz path.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows here as JSON.")
 def main(
@@ -335,6 +386,8 @@ def main(
     shuffle_window: str,
     loaders: str,
     ranks: int,
+    gather_baseline: bool,
+    augment: str,
     workers: int,
     json_path: Path | None,
 ) -> None:
@@ -354,7 +407,13 @@ def main(
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise click.BadParameter(f"{unknown[0]}: choose among {', '.join(MODES)}", param_hint="--loaders")
-    plan = [dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8)) for mode in modes for s, g in CONFIGS]
+    plan = [
+        dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8), augment=augment)
+        for mode in modes
+        for s, g in CONFIGS
+    ]
+    if gather_baseline:
+        plan += [dict(loader=TWO_PASS, s=s, g=g) for s, g in CONFIGS]
     split_shards = len(ShardReader(shards_dir).split_shards(split))
     if "cache" in modes and 1 < ranks <= split_shards:
         plan += [dict(loader="cache", s=8, g=16, rank=r, world_size=ranks) for r in range(ranks)]
@@ -373,19 +432,25 @@ def main(
                 "directory the shards were built from"
             )
         plan += [dict(loader="seed-npz", s=SEED_BATCH, g=1), dict(loader="seed-memory", s=SEED_BATCH, g=1)]
-    rows = []
-    for row in plan:
-        loader, s, g = row.pop("loader"), row.pop("s"), row.pop("g")
-        tries = []
-        for _ in range(repeat):  # each try a fresh process; the best of them is the row (a noisy machine only slows)
+    # Each try of each row in a fresh process; the tries go round the rows (row 1, row 2, ..., row 1, ...), so a
+    # load that comes and goes on a shared machine touches every row alike, and the best try is each row's figure
+    # (a noisy machine only slows).
+    tries: list[list[dict]] = [[] for _ in plan]
+    for _ in range(repeat):
+        for row, found in zip(plan, tries):
+            options = {k: v for k, v in row.items() if k not in ("loader", "s", "g")}
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                tries.append(
+                found.append(
                     pool.submit(
-                        measure, loader, shards_dir, paths, split, s, g, device, batches, workers, window, **row
+                        measure, row["loader"], shards_dir, paths, split, row["s"], row["g"], device, batches,
+                        workers, window, **options,
                     ).result()
-                )
-        best = max(tries, key=lambda r: r["samples_per_s"])
-        rows.append({**best, "first_batch_s": min(r["first_batch_s"] for r in tries), "tries": len(tries)})
+                )  # fmt: skip
+    rows = [
+        {**max(found, key=lambda r: r["samples_per_s"]), "first_batch_s": min(r["first_batch_s"] for r in found),
+         "tries": len(found)}
+        for found in tries
+    ]  # fmt: skip
     dev = rows[0]["device"]
 
     base = {row["loader"]: row for row in rows if row["loader"].startswith("seed")}

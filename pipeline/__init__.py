@@ -6,6 +6,7 @@ and yield bit-identical batches. `open_dataset` opens and quick-verifies a datas
 several loaders to share. DALI is imported only when a "dali" loader is opened.
 """
 
+from .augment import AUGMENTS
 from .base import EpochIndex, Loader, LoaderError
 from .batch import Batch
 from .dataset import ShardDataset, open_dataset
@@ -24,6 +25,7 @@ from .plan import (
 from .registry import LOADER_MODES, MODES, LoaderMode, open_loader
 
 __all__ = [
+    "AUGMENTS",
     "Batch",
     "keep_freed_host_memory",
     "MODES",
