@@ -15,6 +15,9 @@ from gq.pipeline import LoaderError, open_loader
 from gq.pipeline.augment import QUATERNIONS, ROTATIONS, draw_rotations, turn_grasps
 from gq.shards import GRASP_DIM, SCORE_COLUMN, ShardReader
 from gq.synth import forward_kinematics, make_scene, score_grasps
+from gq.train import FitConfig, fit
+from gq.train.checkpoint import load_checkpoint
+from gq.train.config import ConfigError
 
 GRID = 16
 MATRICES = np.stack([r.matrix for r in ROTATIONS])
@@ -193,3 +196,20 @@ def test_cache_and_dali_turn_every_batch_identically_and_resume_exactly(dataset:
 def test_an_unknown_augmentation_is_refused(dataset: Path) -> None:
     with pytest.raises(LoaderError, match="augment 'rot90': choose one of off, rot24"):
         open_loader(dataset, augment="rot90")
+
+
+def _fit(dataset: Path, out: Path, **options) -> dict:
+    small = dict(base_channels=4, fc_dims=(32, 16), threads=1, progress=False, scenes_per_batch=3, grasps_per_sdf=4)
+    return fit(FitConfig(shards=str(dataset), out=str(out), **{**small, "augment": "rot24", **options}))
+
+
+def test_fit_with_rot24_resumes_to_the_same_weights_and_refuses_another_augmentation(dataset: Path, tmp_path) -> None:
+    straight = _fit(dataset, tmp_path / "straight", max_steps=8, ckpt_every=4)
+    options = json.loads((tmp_path / "straight" / "config.json").read_text())["options"]
+    assert straight["augment"] == options["augment"] == "rot24"
+    _fit(dataset, tmp_path / "halves", max_steps=4)
+    with pytest.raises(ConfigError, match=r"--augment off \(the run: rot24\)"):
+        _fit(dataset, tmp_path / "halves", max_steps=8, resume=True, augment="off")
+    _fit(dataset, tmp_path / "halves", max_steps=8, resume=True)
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("straight", "halves"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
