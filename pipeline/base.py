@@ -198,9 +198,10 @@ class Loader:
         """The SDFs of groups g0..g1 as float32 [S, 1, D, D, D], each turned by its group's rotation when augmenting.
 
         Each record is converted as it is copied (`copy_` from the shard dtype): one pass over the batch, where
-        an `index_select` then `.float()` makes two and allocates the half-precision batch between them (at
-        S=128 on a CPU the one pass is ~2x faster: docs/benchmarks.md, "Cache gather"). On CUDA one index_select
-        and one conversion (two kernels) cost less than S copies' launches, so without rotations it keeps those.
+        an `index_select` then `.float()` makes two and allocates the half-precision batch between them (on a
+        CPU 1.2-1.7 x faster at S=128 G=1, and faster at S=8 G=16 too: docs/benchmarks.md, "Cache gather"). On
+        CUDA one index_select and one conversion (two kernels) cost less than S copies' launches, so without
+        rotations it keeps those.
         """
         if idx.rotations is None and self.device.type == "cuda":
             return self.sdf.index_select(0, idx.rows[g0:g1]).unsqueeze(1).float()
