@@ -199,7 +199,7 @@ class Loader:
 
         Each record is converted as it is copied (`copy_` from the shard dtype): one pass over the batch, where
         an `index_select` then `.float()` makes two and allocates the half-precision batch between them (on a
-        CPU 1.2-1.7 x faster at S=128 G=1, and faster at S=8 G=16 too: docs/benchmarks.md, "Cache gather"). On
+        CPU 1.2-1.4 x faster at S=128 G=1, and no slower at S=8 G=16: docs/benchmarks.md, "Cache gather"). On
         CUDA one index_select and one conversion (two kernels) cost less than S copies' launches, so without
         rotations it keeps those.
         """
