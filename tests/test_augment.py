@@ -213,3 +213,21 @@ def test_fit_with_rot24_resumes_to_the_same_weights_and_refuses_another_augmenta
     _fit(dataset, tmp_path / "halves", max_steps=8, resume=True)
     a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("straight", "halves"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_rest_of_an_epoch_on_another_world_size_turns_each_group_as_drawn(dataset: Path) -> None:
+    kwargs = dict(scenes_per_batch=2, grasps_per_sdf=5, seed=6, augment="rot24", progress=False)
+    with open_loader(dataset, rank=0, world_size=2, drop_last=True, **kwargs) as first:
+        it = iter(first)
+        for _ in range(2):
+            next(it)
+        state = first.state_dict()
+    with open_loader(dataset, **kwargs) as rest:
+        rest.load_state_dict(state)
+        assert rest.past  # the rest of the epoch begun on two ranks
+        expected = _expected_batches(rest)  # from its plan's groups: their scenes and first grasp slots
+        got = list(rest)
+    assert len(got) == len(expected) > 0
+    for batch, want in zip(got, expected):
+        assert np.array_equal(batch.sdf.numpy(), want["sdf"])
+        np.testing.assert_allclose(batch.grasps.numpy(), want["grasps"], atol=1e-6)
