@@ -25,11 +25,34 @@ from torch.utils.data import DataLoader, Dataset
 
 from gq.common.files import write_atomically
 from gq.common.table import format_table
-from gq.pipeline import DEFAULT_WINDOW, MODES, keep_freed_host_memory, open_loader, parse_window, resolve_device
+from gq.pipeline import (
+    AUGMENTS,
+    DEFAULT_WINDOW,
+    MODES,
+    EpochIndex,
+    PlanSpec,
+    keep_freed_host_memory,
+    open_dataset,
+    open_loader,
+    parse_window,
+    resolve_device,
+)
+from gq.pipeline.cache import CacheLoader
 from gq.shards import ShardReader
 
 CONFIGS = [(128, 1), (8, 16)]  # (scenes per batch, grasps per scene): 128 grasps per batch each
 SEED_BATCH = 128
+GATHER_BLOCKS = 10  # the gather comparison alternates the two gathers in this many blocks of batches each
+
+
+class TwoPassCacheLoader(CacheLoader):
+    """The cache loader gathering SDFs as it did before: an index_select in the shard dtype, then `.float()`.
+
+    Kept here only, as the baseline the one-pass gather (pipeline/base.py `_gather_sdf`) is measured against.
+    """
+
+    def _gather_sdf(self, idx: EpochIndex, g0: int, g1: int) -> torch.Tensor:
+        return self.sdf.index_select(0, idx.rows[g0:g1]).unsqueeze(1).float()
 
 
 class SeedNpzDataset(Dataset):
@@ -116,6 +139,64 @@ def _time(make, to_device, count, device: torch.device, batches: int) -> dict:
     }
 
 
+def measure_gather(shards_dir: Path, split: str, s: int, g: int, device: str, batches: int, window: int | None) -> dict:
+    """The cache loader's one-pass SDF gather against its former two-pass one, in one process over the same plan.
+
+    The two loaders yield the same batches; they take turns, `batches / GATHER_BLOCKS` batches at a time, so
+    whatever else runs on the machine slows both alike. Each one's figure is its fastest block (a noisy machine
+    only slows); the median of the per-block ratios is given too. A third turn only writes zeros to a fresh
+    float32 batch of the same shape: the floor of any gather that hands out float32 SDFs (`write_floor`).
+    """
+    keep_freed_host_memory()
+    dev = resolve_device(device)
+    dataset = open_dataset(shards_dir)
+    spec = PlanSpec(s, g, window=window)
+    loaders = {
+        "one_pass": CacheLoader(dataset, split=split, spec=spec, device=dev, progress=False),
+        "two_pass": TwoPassCacheLoader(dataset, split=split, spec=spec, device=dev, progress=False),
+    }
+    per_block = max(1, batches // GATHER_BLOCKS)
+    if len(loaders["one_pass"]) < WARMUP + GATHER_BLOCKS * per_block:
+        raise click.UsageError(f"an epoch has {len(loaders['one_pass'])} batches, too few for the gather comparison")
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    batches_of = {name: iter(loader) for name, loader in loaders.items()}
+    for it in batches_of.values():
+        for _ in range(WARMUP):
+            next(it)
+    shape = (s, 1) + (loaders["one_pass"].grid,) * 3
+    batches_of["write_floor"] = iter(lambda: torch.zeros(shape, device=dev), None)
+    times: dict[str, list[float]] = {name: [] for name in batches_of}
+    samples = []
+    for _ in range(GATHER_BLOCKS):
+        count = 0
+        for name, it in batches_of.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(per_block):
+                batch = next(it)
+                count += batch.num_grasps if name == "one_pass" else 0
+            sync()
+            times[name].append(time.perf_counter() - start)
+        samples.append(count)  # the same batches for both loaders
+    for loader in loaders.values():
+        loader.close()
+    best = {name: max(n / t for n, t in zip(samples, ts)) for name, ts in times.items()}
+    return {
+        "loader": "gather",
+        "device": str(dev),
+        "scenes_per_batch": s,
+        "grasps_per_scene": g,
+        "one_pass_samples_per_s": best["one_pass"],
+        "two_pass_samples_per_s": best["two_pass"],
+        "write_floor_samples_per_s": best["write_floor"],
+        "ratio": best["one_pass"] / best["two_pass"],
+        "median_block_ratio": float(np.median(np.array(times["two_pass"]) / np.array(times["one_pass"]))),
+        "blocks": GATHER_BLOCKS,
+        "batches_per_block": per_block,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def _seed_batch_to(device: torch.device):
     return lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
@@ -166,6 +247,7 @@ def measure(
     rank: int = 0,
     world_size: int = 1,
     whole_epoch: bool = False,
+    augment: str = "off",
 ) -> dict:
     """One row, timed in the calling process (main runs each row in a fresh one).
 
@@ -176,20 +258,22 @@ def measure(
     dev = resolve_device(device)
     extra = {}
     if loader in MODES:
+        make = lambda: open_loader(  # noqa: E731
+            shards_dir,
+            mode=loader,
+            split=split,
+            scenes_per_batch=s,
+            grasps_per_sdf=g,
+            seed=0,
+            device=dev,
+            rank=rank,
+            world_size=world_size,
+            shuffle_window=window,
+            progress=False,
+            augment=augment,
+        )
         r = _time(
-            lambda: open_loader(
-                shards_dir,
-                mode=loader,
-                split=split,
-                scenes_per_batch=s,
-                grasps_per_sdf=g,
-                seed=0,
-                device=dev,
-                rank=rank,
-                world_size=world_size,
-                shuffle_window=window,
-                progress=False,
-            ),
+            make,
             lambda b: b,
             lambda b: b.num_grasps,
             dev,
@@ -206,6 +290,7 @@ def measure(
             rank=rank,
             world_size=world_size,
             shuffle_window=window or "all",
+            augment=augment,
         )
         source.close()
     else:
@@ -267,6 +352,17 @@ def _summary(rows: list[dict]) -> list[str]:
             f"({read / 1e6:,.1f} MB of {epoch['split_bytes'] / 1e6:,.1f} MB, mean of "
             f"{epoch['epochs_counted']} epochs; target <= 1.05)"
         )
+    for row in rows:
+        if row["loader"] == "gather":
+            target = ">= 2" if row["scenes_per_batch"] == 128 else ">= 1, no loss"
+            floor = row["write_floor_samples_per_s"] / row["two_pass_samples_per_s"]
+            lines.append(
+                f"cache one-pass / two-pass SDF gather samples/s at S={row['scenes_per_batch']} "
+                f"G={row['grasps_per_scene']}: {row['ratio']:.2f} (median of {row['blocks']} alternating blocks "
+                f"{row['median_block_ratio']:.2f}; {row['one_pass_samples_per_s']:,.0f} against "
+                f"{row['two_pass_samples_per_s']:,.0f}, {row['threads']} torch thread(s); target {target}); "
+                f"writing the float32 batch alone: {floor:.2f} x two-pass"
+            )
     cache = pick.get(("cache", 8, 16, 1, 0))
     if cache and cache.get("load_s"):
         lines.append(
@@ -302,7 +398,7 @@ def _summary(rows: list[dict]) -> list[str]:
     "--repeat",
     default=1,
     show_default=True,
-    help="Time each row this many times, each in a fresh process, and keep the best (noisy machines).",
+    help="Time each row this many times, each in a fresh process, round the rows, and keep the best (noisy machines).",
 )
 @click.option("--split", default="train", show_default=True)
 @click.option(
@@ -323,6 +419,19 @@ def _summary(rows: list[dict]) -> list[str]:
     show_default=True,
     help="Also time the cache as each rank of this many (its resident share); 1: skip.",
 )
+@click.option(
+    "--gather-baseline",
+    is_flag=True,
+    help="Also compare the cache's one-pass SDF gather with its former two-pass one (index_select, then .float()), "
+    "in one process per S, G, taking turns.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(AUGMENTS),
+    default="off",
+    show_default=True,
+    help="Our loaders' augmentation (the baseline rows never augment).",
+)
 @click.option("--workers", default=os.cpu_count(), show_default=True, help="DataLoader workers of the seed's npz path.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows here as JSON.")
 def main(
@@ -335,6 +444,8 @@ def main(
     shuffle_window: str,
     loaders: str,
     ranks: int,
+    gather_baseline: bool,
+    augment: str,
     workers: int,
     json_path: Path | None,
 ) -> None:
@@ -354,7 +465,11 @@ def main(
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise click.BadParameter(f"{unknown[0]}: choose among {', '.join(MODES)}", param_hint="--loaders")
-    plan = [dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8)) for mode in modes for s, g in CONFIGS]
+    plan = [
+        dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8), augment=augment)
+        for mode in modes
+        for s, g in CONFIGS
+    ]
     split_shards = len(ShardReader(shards_dir).split_shards(split))
     if "cache" in modes and 1 < ranks <= split_shards:
         plan += [dict(loader="cache", s=8, g=16, rank=r, world_size=ranks) for r in range(ranks)]
@@ -373,19 +488,29 @@ def main(
                 "directory the shards were built from"
             )
         plan += [dict(loader="seed-npz", s=SEED_BATCH, g=1), dict(loader="seed-memory", s=SEED_BATCH, g=1)]
-    rows = []
-    for row in plan:
-        loader, s, g = row.pop("loader"), row.pop("s"), row.pop("g")
-        tries = []
-        for _ in range(repeat):  # each try a fresh process; the best of them is the row (a noisy machine only slows)
+    # Each try of each row in a fresh process; the tries go round the rows (row 1, row 2, ..., row 1, ...), so a
+    # load that comes and goes on a shared machine touches every row alike, and the best try is each row's figure
+    # (a noisy machine only slows).
+    tries: list[list[dict]] = [[] for _ in plan]
+    for _ in range(repeat):
+        for row, found in zip(plan, tries):
+            options = {k: v for k, v in row.items() if k not in ("loader", "s", "g")}
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                tries.append(
+                found.append(
                     pool.submit(
-                        measure, loader, shards_dir, paths, split, s, g, device, batches, workers, window, **row
+                        measure, row["loader"], shards_dir, paths, split, row["s"], row["g"], device, batches,
+                        workers, window, **options,
                     ).result()
-                )
-        best = max(tries, key=lambda r: r["samples_per_s"])
-        rows.append({**best, "first_batch_s": min(r["first_batch_s"] for r in tries), "tries": len(tries)})
+                )  # fmt: skip
+    rows = [
+        {**max(found, key=lambda r: r["samples_per_s"]), "first_batch_s": min(r["first_batch_s"] for r in found),
+         "tries": len(found)}
+        for found in tries
+    ]  # fmt: skip
+    gathers = []
+    for s, g in CONFIGS if gather_baseline else ():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            gathers.append(pool.submit(measure_gather, shards_dir, split, s, g, device, batches, window).result())
     dev = rows[0]["device"]
 
     base = {row["loader"]: row for row in rows if row["loader"].startswith("seed")}
@@ -431,10 +556,10 @@ def main(
         )
     for line in format_table(columns, table):
         click.echo(line)
-    for line in _summary(rows):
+    for line in _summary(rows + gathers):
         click.echo(f"  {line}")
     if json_path:
-        write_atomically(json_path, json.dumps(rows, indent=2) + "\n")
+        write_atomically(json_path, json.dumps(rows + gathers, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ several loaders to share; `open_mixture` opens several datasets as one, each wit
 epoch (a list of datasets given to `open_loader` does the same). DALI is imported only when a "dali" loader is opened.
 """
 
+from .augment import AUGMENTS
 from .base import EpochIndex, Loader, LoaderError
 from .batch import Batch
 from .dataset import ShardDataset, open_dataset
@@ -26,6 +27,7 @@ from .plan import (
 from .registry import LOADER_MODES, MODES, LoaderMode, open_loader
 
 __all__ = [
+    "AUGMENTS",
     "Batch",
     "keep_freed_host_memory",
     "MODES",

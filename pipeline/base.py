@@ -11,6 +11,7 @@ import torch
 from gq.common.errors import UsageError
 from gq.shards import GRASP_DIM, LABEL_DIM, SCORE_COLUMN, ScoreStats
 
+from .augment import ROTATIONS, plan_rotations, turn_grasps
 from .batch import Batch
 from .checks import check_records
 from .dataset import LocalLease, ShardDataset, ShardLease
@@ -33,6 +34,9 @@ class EpochIndex:
     rows: torch.Tensor  # int64 [groups]: the resident row holding each group's record
     label_index: torch.Tensor  # int64 [grasps]: each grasp's row of the resident labels viewed as [rows * G, 20]
     scene_of_grasp: torch.Tensor  # int64 [grasps]: each grasp's group position within its batch
+    host_rows: np.ndarray  # `rows` on the host, for the per-record copies that gather the SDFs
+    rotations: np.ndarray | None  # int64 [groups]: each group's rotation (pipeline/augment.py); None: augment off
+    grasp_rotations: torch.Tensor | None  # int64 [grasps]: the rotation of each grasp's group, on the device
 
 
 class Loader:
@@ -178,26 +182,49 @@ class Loader:
 
         group_of_grasp = plan.group_of_grasp()
         rows = self._rows(plan)
+        rotations = plan_rotations(plan) if self.spec.augment == "rot24" else None
         return EpochIndex(
             group_scene=dev(plan.group_scene),
             rows=dev(rows),
             label_index=dev(rows[group_of_grasp] * self.max_grasps + plan.slots),
             scene_of_grasp=dev(plan.place_in_batch()[group_of_grasp]),
+            host_rows=rows,
+            rotations=rotations,
+            grasp_rotations=None if rotations is None else dev(rotations[group_of_grasp]),
         )
 
     def _batch(self, plan: EpochPlan, b: int, idx: EpochIndex) -> Batch:
-        """Batch b: its SDFs and labels gathered from the resident records (two index_selects)."""
+        """Batch b: its SDFs and labels gathered from the resident records, turned when augmenting."""
         g0, g1 = plan.groups(b)
         a, z = plan.grasp_range(b)
         lab = self.labels.view(-1, LABEL_DIM).index_select(0, idx.label_index[a:z])
-        sdf = self.sdf.index_select(0, idx.rows[g0:g1])
+        grasps = lab[:, :GRASP_DIM]
+        if idx.grasp_rotations is not None:
+            grasps = turn_grasps(grasps, idx.grasp_rotations[a:z], self.grid)
         return Batch(
-            sdf=sdf.unsqueeze(1).float(),
-            grasps=lab[:, :GRASP_DIM].contiguous(),
+            sdf=self._gather_sdf(idx, g0, g1),
+            grasps=grasps.contiguous(),
             scores=lab[:, SCORE_COLUMN].contiguous(),
             scene_of_grasp=idx.scene_of_grasp[a:z],
             scene_ids=idx.group_scene[g0:g1],
         )
+
+    def _gather_sdf(self, idx: EpochIndex, g0: int, g1: int) -> torch.Tensor:
+        """The SDFs of groups g0..g1 as float32 [S, 1, D, D, D], each turned by its group's rotation when augmenting.
+
+        Each record is converted as it is copied (`copy_` from the shard dtype): one pass over the batch, where
+        an `index_select` then `.float()` makes two and allocates the half-precision batch between them (on a
+        CPU 1.2-1.4 x faster at S=128 G=1, and no slower at S=8 G=16: docs/benchmarks.md, "Cache gather"). On
+        CUDA one index_select and one conversion (two kernels) cost less than S copies' launches, so without
+        rotations it keeps those.
+        """
+        if idx.rotations is None and self.device.type == "cuda":
+            return self.sdf.index_select(0, idx.rows[g0:g1]).unsqueeze(1).float()
+        out = torch.empty((g1 - g0, 1) + tuple(self.sdf.shape[1:]), dtype=torch.float32, device=self.device)
+        for i, row in enumerate(idx.host_rows[g0:g1].tolist()):
+            record = self.sdf[row]
+            out[i, 0].copy_(record if idx.rotations is None else ROTATIONS[idx.rotations[g0 + i]].turn_grid(record))
+        return out
 
     def _check(self, sdf: torch.Tensor, labels: torch.Tensor, records: np.ndarray) -> None:
         """Check resident records (split record numbers `records`, one per row) against the index."""

@@ -82,6 +82,7 @@ class PlanSpec:
     world_size: int = 1
     drop_last: bool = False
     window: int | None = None  # shards per shuffle window; None: all of the rank's shards
+    augment: str = "off"  # "rot24": each group's SDF and grasps turned by one of 24 rotations (pipeline/augment.py)
 
     def check(self) -> None:
         if self.scenes_per_batch < 1:

@@ -11,6 +11,7 @@ import torch
 
 from gq.shards import DatasetError
 
+from .augment import AUGMENTS
 from .base import Loader, LoaderError
 from .dataset import ShardDataset
 from .device import resolve_device
@@ -80,6 +81,7 @@ def open_loader(
     repeats: list[float] | None = None,
     cache_dir: str | Path | None = None,
     cache_limit: int | str | None = None,
+    augment: str = "off",
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
@@ -112,6 +114,8 @@ def open_loader(
         repeats: With a list of datasets, instead of weights: each one's scenes per train epoch, in passes over it.
         cache_dir: A URL's local shard cache (`open_dataset`) [default: $XDG_CACHE_HOME/gq or ~/.cache/gq].
         cache_limit: The most bytes that cache holds, in bytes or as text ("20GB") [default: the disk's space].
+        augment: "rot24" turns each group's SDF and grasps by one of the cube's 24 rotations, exactly (no
+            interpolation), drawn from (seed, epoch, scene, grasps); "off" gives the batches as stored.
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
@@ -150,7 +154,9 @@ def open_loader(
         grasps_per_sdf = grasps_per_scene
     if mode not in LOADER_MODES:
         raise LoaderError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    spec = PlanSpec(scenes_per_batch, grasps_per_sdf, seed, rank, world_size, drop_last, shuffle_window)
+    if augment not in AUGMENTS:
+        raise LoaderError(f"augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+    spec = PlanSpec(scenes_per_batch, grasps_per_sdf, seed, rank, world_size, drop_last, shuffle_window, augment)
     try:
         spec.check()
     except ValueError as err:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from gq.common.grasps import GRASP_DIM
+from gq.common.rotations import matrix_to_quaternion
 
 from .hand import JOINT_LIMITS, TIPS, forward_kinematics
 from .primitives import grid_axis
-from .rotations import matrix_to_quaternion
 from .score import interpolate, normals
 
 TABLE_Z = -0.3

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rotations import quaternion_to_matrix
+from gq.common.rotations import quaternion_to_matrix
 
 FINGERS = ("ring", "middle", "fore", "thumb")
 

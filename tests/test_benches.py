@@ -53,8 +53,15 @@ def test_bench_shards(tmp_path: Path) -> None:
 def test_bench_loaders(tiny, tmp_path: Path) -> None:
     scenes, shards = tiny
     out = tmp_path / "l.json"
-    bench("bench_loaders.py", out, "--shards", shards, "--seed-scenes", scenes, "--batches", 2)
+    result = bench(
+        "bench_loaders.py", out, "--shards", shards, "--seed-scenes", scenes, "--batches", 2, "--gather-baseline"
+    )
     rows = json.loads(out.read_text())
+    gathers = [r for r in rows if r["loader"] == "gather"]  # the one-pass SDF gather against the former two-pass one
+    assert [(r["scenes_per_batch"], r["grasps_per_scene"]) for r in gathers] == [(128, 1), (8, 16)]
+    assert all(r["ratio"] > 0 and r["write_floor_samples_per_s"] > 0 for r in gathers)
+    assert result.stdout.count("one-pass / two-pass SDF gather") == 2
+    rows = [r for r in rows if r["loader"] != "gather"]
     assert [r["loader"] for r in rows] == [
         "cache",
         "cache",

@@ -11,10 +11,11 @@ from helpers import load_tool
 
 import gq.synth as synth
 from gq.common.ownership import RECORD
+from gq.common.rotations import matrix_to_quaternion, quaternion_to_matrix
 from gq.synth import hand, primitives, score, writer
 from gq.synth.objects import MARGIN, normalise, random_object
 from gq.synth.primitives import KINDS, Primitive, grid_axis, sample_grid, union_sdf
-from gq.synth.rotations import matrix_to_quaternion, quaternion_to_matrix, random_rotations
+from gq.synth.rotations import random_rotations
 
 KEYS = {"sdf", "grasps", "scores", "translation", "global_scale"}
 

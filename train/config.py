@@ -17,7 +17,7 @@ from gq.common.inputs import InputError, parse_json, read_small_file
 from gq.common.options import flag, option
 from gq.common.sizes import SizeError, parse_size
 from gq.models import GRID_DIVISOR, MODEL_KINDS, ModelSizeError, check_model_size
-from gq.pipeline import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_window
+from gq.pipeline import AUGMENTS, DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ class FitConfig:
     shuffle_window: int | str = option(
         DEFAULT_WINDOW, help="Shards per shuffle window (each rank reads its shards a window at a time), or 'all'."
     )
+    augment: str = option(
+        "off", choices=AUGMENTS,
+        help="rot24: turn each training SDF and its grasps by one of the cube's 24 rotations, exactly (valid when "
+        "labels do not depend on the object's pose: docs/loading.md).",
+    )  # fmt: skip
     epochs: int = option(100, help="Passes over the train split.")
     max_steps: int | None = option(None, help="Stop after this many steps (overrides --epochs).")
     max_time: float | None = option(None, help="Stop after this many seconds of training (validation not counted).")

@@ -309,7 +309,8 @@ class FitRecipe:
                       shuffle_window=cfg.window, progress=progress)  # fmt: skip
         self.train_loader = self._stack.enter_context(
             open_loader(dataset, split="train", scenes_per_batch=cfg.scenes_per_batch,
-                        grasps_per_sdf=cfg.grasps_per_sdf, seed=cfg.seed, drop_last=dist.enabled, **common)
+                        grasps_per_sdf=cfg.grasps_per_sdf, seed=cfg.seed, drop_last=dist.enabled, augment=cfg.augment,
+                        **common)
         )  # fmt: skip
         self.open_s += time.perf_counter() - opening  # with the first next(): the loader's time to first batch
         self.val_loader = self._stack.enter_context(
@@ -588,6 +589,7 @@ class FitRecipe:
             "scenes_per_batch": cfg.scenes_per_batch,
             "grasps_per_sdf": cfg.grasps_per_sdf,
             "shuffle_window": cfg.shuffle_window,
+            "augment": cfg.augment,
             "resident_bytes": self.train_loader.resident_bytes,
         }
         self.run.write_summary(summary)
