@@ -45,6 +45,7 @@ COMMANDS: dict = {
         "generalisation": "gq.benchmarks.bench_generalisation:main",
         "scale": "gq.benchmarks.bench_scale:main",
         "cluster": "gq.benchmarks.bench_cluster:main",
+        "remote": "gq.benchmarks.bench_remote:main",
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
