@@ -160,27 +160,26 @@ def test_the_row_that_was_killed_for_memory_is_skipped_where_it_cannot_fit() -> 
     assert why is not None and f"~{needed / 1e9:.1f} GB" in why and "GB are free" in why
 
 
-@pytest.mark.slow  # a moto server, and each of the 6 rows in a fresh spawned process: ~40 s
+@pytest.mark.slow  # a moto server, and each of the 3 rows in a fresh spawned process: ~30 s
 def test_bench_remote(tmp_path: Path) -> None:
     for module in ("moto", "flask", "s3fs"):
         pytest.importorskip(module, reason="the s3 and dev extras run the benchmark's S3 server")
     out = tmp_path / "r.json"
-    small = ["--scenes", 60, "--grid", 16, "--grasps", 16, "--records-per-shard", 2, "--epochs", 2, "-S", 2, "-G", 8]
-    result = bench("bench_remote.py", out, *small, "--shuffle-window", 1, "--loaders", "cache,dali")
+    small = ["--scenes", 160, "--grid", 16, "--grasps", 16, "--records-per-shard", 2, "--epochs", 2, "-S", 2, "-G", 8]
+    result = bench("bench_remote.py", out, *small, "--shuffle-window", 1, "--loaders", "dali")
     figures = json.loads(out.read_text())
     rows = figures["rows"]
-    assert [(r["loader"], r["limit"]) for r in rows] == [
-        ("cache", None), ("dali", None), ("cache", 1.0), ("dali", 1.0), ("cache", 0.25), ("dali", 0.25),
-    ]  # fmt: skip
+    assert [(r["loader"], r["limit"]) for r in rows] == [("dali", None), ("dali", 1.0), ("dali", 0.25)]
     split = rows[0]["epochs"][0]
-    assert split["grasps"] == 16 * split["scenes"] and figures["split_shards"] >= 16
+    assert split["grasps"] == 16 * split["scenes"] and figures["split_shards"] >= 48
     for row in rows:  # every epoch of every row delivers the whole split
         assert [(e["scenes"], e["grasps"]) for e in row["epochs"]] == [(split["scenes"], split["grasps"])] * 2
         assert row["grasps_per_s"] > 0
-    assert all(x == 0 for r in rows[:2] for x in r["downloaded_per_split"])  # the local dataset: nothing served
-    for row in rows[2:]:  # from the URL: every shard downloaded in the first epoch (and the small metadata)
-        assert 1.0 <= row["downloaded_per_split"][0] <= 1.1
-    assert rows[3]["downloaded_per_split"][1] == 0  # all of the split cached: nothing downloaded again
-    assert 0.9 <= rows[5]["downloaded_per_split"][1] <= 1.1  # a quarter cached: each shard once more, no more
-    assert "x local" in result.stdout and "at a 25% cache: downloaded per epoch / split" in result.stdout
+    local, whole, quarter = (r["downloaded_per_split"] for r in rows)
+    assert local == [0, 0]  # nothing served
+    # every shard once, beside the metadata (5 % of so small a split) and the next epoch's first shards
+    assert 1.0 <= whole[0] <= 1.25 and 1.0 <= quarter[0] <= 1.25
+    assert 0.8 <= quarter[1] <= 1.2  # a quarter cached: each shard once more in the second epoch
+    assert whole[1] <= 0.25  # most of the split still cached
+    assert "later x local" in result.stdout and "at a 25% cache: downloaded per epoch / split" in result.stdout
     assert "no Streaming rows: give --streaming-python" in result.stdout
