@@ -5,8 +5,9 @@ points the standard client settings at it (AWS_ENDPOINT_URL, fake credentials, a
 s3fs, unchanged, talk to it over HTTP as they would to S3. A thin middleware in front of moto measures and
 disturbs what is served, through control paths under `/_gq/` (no bucket name may start with "_"):
 
-- `GET /_gq/stats`: `{"bytes": N, "gets": {"bucket/key": count}}`, the response body bytes of every GET
-  request since the last reset (objects and listings: what clients downloaded) and the GETs of each path;
+- `GET /_gq/stats`: `{"bytes": N, "gets": {"bucket/key": count}, "writes": ["PUT bucket/key", ...]}`, the
+  response body bytes of every GET request since the last reset (objects and listings: what clients
+  downloaded), the GETs of each path, and every other request (PUT, DELETE, POST) in the order they came;
 - `POST /_gq/reset`: zero them and drop every pending fault;
 - `POST /_gq/fault` with JSON `{"key": "bucket/key", "mode": MODE, "times": N, "delay": S}`: the next N GETs of
   that object are disturbed: `error` answers 500 InternalError, `truncate` serves the first half of the body
@@ -33,13 +34,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 CONTROL = "/_gq/"
-PIECE = 64 << 10  # what `slow` serves at a time
+PIECE = 64 << 10  # bodies are served (and counted) in pieces of this size
 FAULTS = ("error", "truncate", "corrupt", "slow")
 CLIENT_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+_OVERRIDING = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")  # would lead clients elsewhere
 _ERROR_BODY = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
 
 
@@ -58,15 +60,19 @@ class Meter:
         self.lock = threading.Lock()
         self.bytes = 0
         self.gets: Counter[str] = Counter()
+        self.writes: list[str] = []
         self.faults: dict[str, Fault] = {}
 
     def __call__(self, environ: dict, start_response) -> Iterator[bytes]:
         path = environ.get("PATH_INFO", "")
         if path.startswith(CONTROL):
             return self._control(path[len(CONTROL) :], environ, start_response)
-        if environ["REQUEST_METHOD"] != "GET":
-            return self.app(environ, start_response)
         key = path.lstrip("/")
+        if environ["REQUEST_METHOD"] != "GET":
+            if environ["REQUEST_METHOD"] != "HEAD":
+                with self.lock:
+                    self.writes.append(f"{environ['REQUEST_METHOD']} {key}")
+            return self.app(environ, start_response)
         with self.lock:
             self.gets[key] += 1
             fault = self.faults.get(key)
@@ -99,24 +105,25 @@ class Meter:
             if k.lower() != "content-length" and not (damaged and k.lower().startswith("x-amz-checksum-"))
         ] + [("Content-Length", str(len(body)))]
         start_response(status, headers)
-        if fault is not None and fault.mode == "slow":
-            return self._counted((body[i : i + PIECE] for i in range(0, len(body), PIECE)), fault.delay)
-        return self._counted([body])
+        delay = fault.delay if fault is not None and fault.mode == "slow" else 0.0
+        return self._counted((body[i : i + PIECE] for i in range(0, len(body), PIECE)), delay)
 
     def _counted(self, pieces, delay: float = 0.0) -> Iterator[bytes]:
+        """The pieces, each counted once the server has sent it (it asks for the next one then): a client that
+        hangs up early is not counted for what it did not take."""
         for piece in pieces:
             if delay:
                 time.sleep(delay)
+            yield piece
             with self.lock:
                 self.bytes += len(piece)
-            yield piece
 
     def _control(self, action: str, environ: dict, start_response) -> list[bytes]:
         with self.lock:
             if action == "stats":
-                reply = {"bytes": self.bytes, "gets": dict(self.gets)}
+                reply = {"bytes": self.bytes, "gets": dict(self.gets), "writes": self.writes}
             elif action == "reset":
-                self.bytes, self.gets, self.faults = 0, Counter(), {}
+                self.bytes, self.gets, self.writes, self.faults = 0, Counter(), [], {}
                 reply = {}
             elif action == "fault":
                 length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -147,7 +154,7 @@ class S3Server:
             return json.loads(reply.read())
 
     def stats(self) -> dict:
-        """`{"bytes": N, "gets": {"bucket/key": count}}` since the last reset."""
+        """`{"bytes": N, "gets": {"bucket/key": count}, "writes": ["PUT bucket/key", ...]}` since the last reset."""
         return self._call("stats")
 
     def bytes_served(self) -> int:
@@ -157,6 +164,10 @@ class S3Server:
     def gets(self, key: str) -> int:
         """GET requests of `bucket/key` since the last reset."""
         return self.stats()["gets"].get(key, 0)
+
+    def writes(self) -> list[str]:
+        """ "METHOD bucket/key" of every request other than GET and HEAD since the last reset, in order."""
+        return self.stats()["writes"]
 
     def reset(self) -> None:
         """Zero the counts and drop pending faults."""
@@ -170,7 +181,8 @@ class S3Server:
 @contextlib.contextmanager
 def s3_server(*, set_env: bool = True) -> Iterator[S3Server]:
     """A moto S3 server in a subprocess on 127.0.0.1 (a free port), stopped on exit. With `set_env`, the
-    process's client settings (AWS_ENDPOINT_URL, fake credentials, region) point at it until then."""
+    process's client settings (AWS_ENDPOINT_URL, fake credentials, region) point at it until then, and the
+    settings that would take precedence (AWS_ENDPOINT_URL_S3, AWS_PROFILE, AWS_SESSION_TOKEN) are set aside."""
     process = subprocess.Popen(
         [sys.executable, "-m", "gq.benchmarks.s3_server", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -181,8 +193,10 @@ def s3_server(*, set_env: bool = True) -> Iterator[S3Server]:
         if not line.startswith("http://"):
             raise RuntimeError(f"the S3 test server did not start (exit status {process.wait(timeout=30)})")
         server = S3Server(line.strip(), process)
-        saved = {k: os.environ.get(k) for k in (*CLIENT_ENV, "AWS_ENDPOINT_URL")}
+        saved = {k: os.environ.get(k) for k in (*CLIENT_ENV, "AWS_ENDPOINT_URL", *_OVERRIDING)}
         if set_env:
+            for key in _OVERRIDING:
+                os.environ.pop(key, None)
             os.environ.update(CLIENT_ENV, AWS_ENDPOINT_URL=server.endpoint_url)
         try:
             yield server
@@ -215,6 +229,7 @@ def serve(host: str, port: int) -> None:
     app = Meter(DomainDispatcherApplication(create_backend_app))
     server = make_server(host, port, app, threaded=True, request_handler=QuietHandler)
     print(f"http://{host}:{server.server_port}", flush=True)
+    os.dup2(2, 1)  # anything printed later goes to stderr: a pipe nobody reads would fill and stall the server
     server.serve_forever()
 
 

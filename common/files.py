@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,16 @@ def temporary_file(path: Path) -> tuple[int, Path]:
         os.unlink(tmp)
         raise
     return fd, Path(tmp)
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkstemp's 8 random characters
+
+
+def temporary_target(name: str) -> str | None:
+    """The name a `temporary_file` called `name` was made for, or None when `name` is not one: how a cleaner
+    tells a temporary left by a killed writer from a file of the user's."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> None:

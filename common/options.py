@@ -60,10 +60,12 @@ def click_options(
     cls: type,
     *,
     exclude: Sequence[str] = (),
+    only: Sequence[str] | None = None,
     defaults: dict[str, Any] | None = None,
     help: dict[str, str] | None = None,
 ) -> Callable[[Callable], Callable]:
-    """A decorator adding one click option per `option(...)` field of `cls` (in field order), less `exclude`.
+    """A decorator adding one click option per `option(...)` field of `cls` (in field order), less `exclude`
+    (or only those in `only`: a few of a config's options on another command).
 
     `defaults` and `help` override a field's default and help text for this command only.
     """
@@ -71,7 +73,7 @@ def click_options(
     hints = typing.get_type_hints(cls)
     decorators = []
     for f in dataclasses.fields(cls):
-        if "help" not in f.metadata or f.name in exclude:
+        if "help" not in f.metadata or f.name in exclude or (only is not None and f.name not in only):
             continue
         meta = f.metadata
         default = defaults.get(f.name, f.default)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +14,12 @@ from gq.shards.verify import corrupt_files
 
 from .batch import Batch
 from .checks import check_records
-from .dataset import ShardDataset
+from .dataset import LocalLease, ShardDataset, ShardLease
 from .plan import EpochPlan, PlanSpec, Segment, make_plan, num_batches
+
+# Shards a loader asks its lease for beyond those it reads now: their downloads run while it reads (a remote
+# dataset), so a step waits for the network only when the network is slower than training.
+PREFETCH_SHARDS = 4
 
 
 class LoaderError(UsageError):
@@ -63,6 +67,10 @@ class Loader:
         self._len = num_batches(self.records, spec)
         self.sdf: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        # The shard files this loader reads: a subclass takes a lease sized for what it holds at once (a no-op
+        # for a local dataset); `_keep_local` moves the window of shards it holds along the plan.
+        self.lease: ShardLease = LocalLease()
+        self._window: list[int] = []
 
     @property
     def grid(self) -> int:
@@ -209,9 +217,21 @@ class Loader:
     def _make_resident(self, plan: EpochPlan, b: int) -> None:
         """Make sure every record batch `b` uses is resident and checked."""
 
+    def _keep_local(self, shards: Sequence[int], ready: int) -> None:
+        """Hold exactly `shards` (the next ones, in the order they are needed) and wait until the first `ready`
+        of them are local: those held before and not among them are released first, the rest download in the
+        background."""
+        window = list(dict.fromkeys(int(k) for k in shards))
+        self.lease.release(set(self._window).difference(window))
+        self.lease.prefetch(window)
+        self._window = window
+        self.lease.acquire(dict.fromkeys(int(k) for k in shards[:ready]))
+
     def close(self) -> None:
         """Release what the loader holds; it cannot be iterated afterwards."""
         self.sdf = self.labels = None
+        self.lease.close()
+        self._window = []
 
     def __enter__(self) -> Loader:
         return self

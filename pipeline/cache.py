@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -21,11 +22,15 @@ from tqdm import tqdm
 from gq.common.memory import available_memory
 from gq.shards import LABEL_DIM
 
-from .base import Loader, LoaderError
-from .dataset import ShardDataset
+from .base import PREFETCH_SHARDS, Loader, LoaderError
+from .dataset import LocalLease, ShardDataset
 from .plan import EpochPlan, PlanSpec
 
 log = logging.getLogger("pipeline")
+
+# Shards read at once from a remote dataset's local copies (a local dataset is read on every core): each is held
+# in the cache while it is read, so the cache limit must hold these beside the ones downloading ahead.
+CACHED_READ_THREADS = 4
 
 
 def free_memory(device: torch.device) -> int:
@@ -131,12 +136,18 @@ class CacheLoader(Loader):
             disable=(not self.progress) or None,
             dynamic_ncols=True,
         )
-        if self.device.type == "cuda":
-            self._load_staged(parts, bar, first)
-        else:
-            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-                for done in [pool.submit(self._load_shard, *part) for part in parts]:
-                    bar.update(done.result())  # in shard order: the first bad record's error is raised here
+        # Shards are held in the cache only while they are read (and a few ahead, downloading): the lease ends
+        # with the load, and so does its share of the cache limit.
+        cores = os.cpu_count() or 1
+        self.lease = self.dataset.lease(min(cores, CACHED_READ_THREADS) + PREFETCH_SHARDS)
+        try:
+            if self.device.type == "cuda":
+                self._load_staged(parts, bar, first)
+            else:
+                self._load_parallel(parts, bar, min(cores, CACHED_READ_THREADS) if self.lease.bounded else cores)
+        finally:
+            self.lease.close()
+            self.lease, self._window = LocalLease(), []
         bar.close()
         took = time.perf_counter() - start
         self.load_s += took
@@ -155,6 +166,19 @@ class CacheLoader(Loader):
             self.check_s,
             f", besides its own {first:,}: the rest of an epoch begun on another world size" if first else "",
         )
+
+    def _load_parallel(self, parts: list[tuple[int, int, int]], bar: tqdm, threads: int) -> None:
+        """CPU: read shards on `threads` threads, in order; the shards read and the next few are held local."""
+        shards = [shard for shard, _, _ in parts]
+        with ThreadPoolExecutor(threads) as pool:
+            reading: deque[Future] = deque()
+            for i, part in enumerate(parts):
+                if len(reading) == threads:
+                    bar.update(reading.popleft().result())  # in shard order: the first bad record's error is raised
+                self._keep_local(shards[i - len(reading) : i + 1 + PREFETCH_SHARDS], ready=len(reading) + 1)
+                reading.append(pool.submit(self._load_shard, *part))
+            while reading:
+                bar.update(reading.popleft().result())
 
     def _load_shard(self, shard: int, a: int, z: int) -> int:
         """Read one shard's records into cache rows a..z and check them; returns the bytes read."""
@@ -176,7 +200,9 @@ class CacheLoader(Loader):
             for _ in range(2)
         ]
         copied: list[torch.cuda.Event | None] = [None, None]
+        shards = [shard for shard, _, _ in parts]
         for i, (shard, a, z) in enumerate(parts):
+            self._keep_local(shards[i : i + 1 + PREFETCH_SHARDS], ready=1)
             if copied[i % 2] is not None:
                 copied[i % 2].synchronize()  # this buffer's last copy to the device has finished
             stage = (staging[i % 2][0][: z - a], staging[i % 2][1][: z - a])

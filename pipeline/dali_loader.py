@@ -10,6 +10,11 @@ and the data stays there; without it they run on the CPU with `device_id=None`. 
 queue holds the next window while the current one is used. Arriving shards are copied into a ring
 of resident shards (as many as a batch can span), checked against the index (`checks.py`), and
 batches are cut from the ring by the same index operations as the cache's.
+
+A remote dataset's shards are read from the local cache, where DALI must find each one it opens: the loader
+holds the shards of listed positions delivered .. delivered + prefetch + DALI_READS_AHEAD (what DALI may read
+before the next `next()`) local before it opens the pipeline and before each `next()`, with PREFETCH_SHARDS more
+downloading behind them, and releases each once it is copied into the ring.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from gq.shards import LABEL_DIM
 
-from .base import Loader, LoaderError
+from .base import PREFETCH_SHARDS, Loader, LoaderError
 from .cache import check_fits, free_memory
 from .dataset import ShardDataset
 from .plan import EpochPlan, PlanSpec, shard_order
 
 # Epochs of shard order one pipeline lists (it is rebuilt after them, or when iteration jumps).
 EPOCHS_PER_PIPELINE = 64
+# Shards DALI's numpy reader may have opened beyond `prefetch` past the last one delivered: its own read-ahead
+# of one sample and the one it reads while the consumer takes another. Measured: with DALI 2.4 on the CPU it
+# reads positions < delivered + prefetch + 3, before `next()` returns position delivered; one more for margin.
+DALI_READS_AHEAD = 4
 
 
 class DaliLoader(Loader):
@@ -60,6 +69,9 @@ class DaliLoader(Loader):
         self._listed: list[tuple[int, int]] = []  # (epoch, position in its shard order) of each shard listed
         self._delivered = 0  # shards of `_listed` the pipeline has delivered
         self._used = np.zeros(self._record.shape, dtype=bool)  # (shard, slot) records the current plan uses
+        self._order = np.zeros(0, dtype=np.int64)  # the shard of each position listed
+        self._reads = self.prefetch + DALI_READS_AHEAD + 1  # positions from `_delivered` that must be local
+        self.lease = dataset.lease(self._reads + PREFETCH_SHARDS)
 
     @property
     def resident_bytes(self) -> int:
@@ -114,6 +126,8 @@ class DaliLoader(Loader):
             (plan.epoch + i, k + (first if i == 0 else 0)) for i, o in enumerate(orders) for k in range(len(o))
         ]
         self._delivered = 0
+        self._order = order
+        self._keep_listed_local()  # DALI starts reading when its iterator is made
         on_gpu = self.device.type == "cuda"
 
         # exec_dynamic: outputs are reference-counted, so DALIGenericIterator hands them to torch
@@ -153,6 +167,7 @@ class DaliLoader(Loader):
         while self._loaded <= last:
             if self._delivered == len(self._listed):  # the pipeline's epochs are used up: list the next ones
                 self._open(plan, self._loaded)
+            self._keep_listed_local()
             out = next(self._iter)[0]
             self._delivered += 1
             ring = self._loaded % self._capacity * r
@@ -165,6 +180,12 @@ class DaliLoader(Loader):
             pick = slice(0, len(used)) if len(used) == 0 or used[-1] == len(used) - 1 else torch.from_numpy(used)
             self._check(sdf[pick], labels[pick], self._record[shard, used])
             self._loaded += 1
+
+    def _keep_listed_local(self) -> None:
+        """Hold local the shards DALI may read before the next `next()` returns, and download a few more; the
+        shard delivered last is in the ring already, so it is released."""
+        d = self._delivered
+        self._keep_local(self._order[d : d + self._reads + PREFETCH_SHARDS], ready=self._reads)
 
     def _release(self) -> None:
         """Stop DALI's threads: drop the iterator and pipeline and collect them now."""

@@ -73,6 +73,8 @@ def open_loader(
     num_threads: int | None = None,
     progress: bool = True,
     grasps_per_scene: int | None = None,
+    cache_dir: str | Path | None = None,
+    cache_limit: int | str | None = None,
 ) -> Loader:
     """Open a loader of `Batch`es over one split of a shard dataset, for one rank.
 
@@ -81,7 +83,8 @@ def open_loader(
     epoch; the next pass is the next epoch. Use it as a context manager (or call `close()`).
 
     Args:
-        dataset: A dataset directory, or a `ShardDataset` from `open_dataset` that several loaders share.
+        dataset: A dataset directory or URL (s3://, gs://, https://), or a `ShardDataset` from `open_dataset`
+            that several loaders share.
         mode: "cache" reads this rank's shards of the split once into one device tensor; "dali" streams
             them with DALI, whole shards at a time, a window ahead.
         split: "train", "val" or "test".
@@ -98,6 +101,8 @@ def open_loader(
         num_threads: dali: DALI's CPU threads.
         progress: Show a progress bar while the cache loads.
         grasps_per_scene: The old name of `grasps_per_sdf` (deprecated: a DeprecationWarning says so).
+        cache_dir: A URL's local shard cache (`open_dataset`) [default: $XDG_CACHE_HOME/gq or ~/.cache/gq].
+        cache_limit: The most bytes that cache holds, in bytes or as text ("20GB") [default: the disk's space].
 
     Returns:
         A `Loader`: iterable over `Batch`es, with `len()` (batches per epoch), `set_epoch`,
@@ -108,6 +113,8 @@ def open_loader(
         LoaderError: An unknown mode, settings that cannot work (S = 0, G above the dataset's grasp
             slots, a split with no scenes or no batches), or a cache that does not fit in memory.
         DatasetError: The directory is not a usable dataset, or a record fails its checksum.
+        CacheError: A URL's cache cannot hold the shards the loader needs at once (the smallest limit that
+            works is in the message), or its disk is full.
 
     Example:
         ```python
@@ -139,8 +146,12 @@ def open_loader(
         spec.check()
     except ValueError as err:
         raise LoaderError(str(err)) from None
-    data = dataset if isinstance(dataset, ShardDataset) else open_dataset(dataset)
-    root, max_grasps = data.root, data.reader.layout.max_grasps
+    data = (
+        dataset
+        if isinstance(dataset, ShardDataset)
+        else open_dataset(dataset, cache_dir=cache_dir, cache_limit=cache_limit)
+    )
+    root, max_grasps = data.source, data.reader.layout.max_grasps
     if grasps_per_sdf > max_grasps:
         raise LoaderError(
             f"grasps_per_sdf {grasps_per_sdf}: more than the {max_grasps} grasp slots per scene of {root}"

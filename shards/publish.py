@@ -25,7 +25,8 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from gq.common.files import write_atomically
 from gq.common.inputs import parse_json, read_small_file
 from gq.common.ownership import BesideBuild
 
-from .format import MANIFEST, DatasetError, file_crc32
+from .format import MANIFEST, DatasetError, FileEntry, file_crc32
 from .manifest import read_manifest
 from .outdir import TOOL, dataset_entries
 from .remote import RemoteStore, read_remote_manifest
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".gq-upload.json"  # an upload in progress: the objects it (and the replaced dataset) wrote
 UPLOADER = "gq shards upload"
+TRANSFERS = 4  # files sent or fetched at once: object storage serves several streams faster than one
 
 
 def _marker_objects(store: RemoteStore) -> set[str] | None:
@@ -95,8 +97,27 @@ def replaceable(store: RemoteStore, *, overwrite: bool) -> set[str]:
     return owned & set(objects)
 
 
-def _bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=(not progress) or None)
+def _transfer(files: Sequence[FileEntry], work: Callable[[FileEntry], None], desc: str, progress: bool) -> None:
+    """`work(entry)` for every file, TRANSFERS at a time, with a progress bar in bytes. The first failure stops
+    the rest: what has not started is dropped, what runs is waited for (so nothing writes after the return)."""
+    bar = tqdm(
+        total=sum(f.bytes for f in files),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        disable=(not progress) or None,
+    )
+    with bar, ThreadPoolExecutor(TRANSFERS) as pool:
+        futures = {pool.submit(work, entry): entry for entry in files}
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update(futures[future].bytes)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def upload(src: str | Path, url: str, *, overwrite: bool = False, progress: bool = False) -> dict:
@@ -118,21 +139,22 @@ def upload(src: str | Path, url: str, *, overwrite: bool = False, progress: bool
     names = [f.name for f in manifest.files]
     store.put_bytes(MARKER, json.dumps({"tool": UPLOADER, "objects": sorted(owned | {*names, MANIFEST})}).encode())
     store.delete([MANIFEST])  # from here until the new one is written, readers see no dataset
-    total = sum(f.bytes for f in manifest.files)
-    with _bar(total, "upload", progress) as bar:
-        for entry in manifest.files:
-            if file_crc32(src / entry.name) != entry.crc32:
-                raise DatasetError(
-                    f"{src / entry.name}: its CRC-32 differs from the manifest's (changed since the build); "
-                    f"nothing more uploaded and no dataset is at {store.url}: rebuild {src}, then upload again"
-                )
-            store.upload(src / entry.name, entry.name)
-            bar.update(entry.bytes)
+
+    def send(entry: FileEntry) -> None:
+        if file_crc32(src / entry.name) != entry.crc32:
+            raise DatasetError(
+                f"{src / entry.name}: its CRC-32 differs from the manifest's (changed since the build); "
+                f"nothing more uploaded and no dataset is at {store.url}: rebuild {src}, then upload again"
+            )
+        store.upload(src / entry.name, entry.name)
+
+    _transfer(manifest.files, send, "upload", progress)
     store.put_bytes(MANIFEST, raw)
     stale = sorted(owned - {*names, MANIFEST, MARKER})
     store.delete(stale)
     store.delete([MARKER])
-    return {"url": store.url, "files": len(names) + 1, "bytes": total + len(raw), "removed": len(stale)}
+    total = sum(f.bytes for f in manifest.files) + len(raw)
+    return {"url": store.url, "files": len(names) + 1, "bytes": total, "removed": len(stale)}
 
 
 def download(url: str, out: str | Path, *, overwrite: bool = False, progress: bool = False) -> dict:
@@ -143,18 +165,20 @@ def download(url: str, out: str | Path, *, overwrite: bool = False, progress: bo
     out = Path(out).absolute()
     beside = BesideBuild(out, tool=TOOL, overwrite=overwrite)  # checks `out` before the first byte moves
     manifest, raw = read_remote_manifest(store)
-    fetched = 0
-    with beside, _bar(sum(f.bytes for f in manifest.files), "download", progress) as bar:
+    fetched = [len(raw)]  # bytes downloaded, tries that did not match included
+    with beside:
         tmp = beside.create(dataset_entries(manifest.num_shards))
-        for entry in manifest.files:
-            fetched += store.fetch(entry.name, tmp / entry.name, size=entry.bytes, crc32=entry.crc32)
-            bar.update(entry.bytes)
+
+        def fetch(entry: FileEntry) -> None:
+            fetched.append(store.fetch(entry.name, tmp / entry.name, size=entry.bytes, crc32=entry.crc32))
+
+        _transfer(manifest.files, fetch, "download", progress)
         write_atomically(tmp / MANIFEST, raw)
         result = verify(tmp, quick=True)  # the index and headers agree with the manifest
         if not result.ok:
             raise DatasetError(f"{url}: the dataset there fails its checks ({result.problems[0]}); nothing written")
         beside.commit()
-    return {"url": store.url, "out": str(out), "files": len(manifest.files) + 1, "bytes": fetched + len(raw)}
+    return {"url": store.url, "out": str(out), "files": len(manifest.files) + 1, "bytes": sum(fetched)}
 
 
 @contextlib.contextmanager

@@ -49,6 +49,8 @@ ATTEMPTS = 5  # tries of one call before RemoteError
 BASE_DELAY_S = 0.5  # the first wait between tries; doubled after each
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme of two letters or more: "C:\\" is no URL
 _PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+_S3 = ("s3", "s3a")
+_UNLISTED = ("http", "https")  # a web page's links are no listing: sizes are asked one by one
 _LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
@@ -168,7 +170,7 @@ class RemoteStore:
                         f"{url}: {what} failed {tries} times, last: {_brief(err)}; check the network, the endpoint "
                         f"(AWS_ENDPOINT_URL) and the credentials, then run again"
                     ) from None
-                log.debug("%s: %s failed (%s); again in %.2f s", url, what, _brief(err), delay)
+                log.info("%s: %s failed (%s); again in %.1f s", url, what, _brief(err), delay)
                 time.sleep(delay)
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -192,7 +194,8 @@ class RemoteStore:
     def read_head(self, name: str, count: int) -> bytes:
         """The first `count` bytes of an object (fewer if it is shorter)."""
         url = self.url_of(name)
-        return self._call(url, "reading", lambda: self.fs.cat_file(url, start=0, end=count))
+        head = self._call(url, "reading", lambda: self.fs.cat_file(url, start=0, end=count))
+        return head[:count]  # a web server that ignores the byte range sends the whole file
 
     def exists(self, name: str) -> bool:
         url = self.url_of(name)
@@ -218,6 +221,19 @@ class RemoteStore:
             return self._call(self.url, "listing", find)
         except RemoteNotFoundError:
             raise RemoteNotFoundError(f"{self.url}: no such bucket; create it first (gq creates none)") from None
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int]:
+        """The byte sizes of those of `names` that exist: one listing where the storage has listings, else
+        (http, https) one request each."""
+        names = list(names)
+        if self.protocol not in _UNLISTED:
+            listed = self.list()
+            return {name: listed[name] for name in names if name in listed}
+        found = {}
+        for name in names:
+            with contextlib.suppress(RemoteNotFoundError):
+                found[name] = self.size(name)
+        return found
 
     def copy_to(self, name: str, dest: Path) -> int:
         """Download `name` into `dest` through a temporary beside it, unchecked (for `verify`, which checks it
@@ -268,8 +284,11 @@ class RemoteStore:
         return tmp
 
     def _get(self, url: str, tmp: Path, dest: Path) -> None:
+        # One stream per object: s3fs would split a large one into parts fetched at once, but only after a first
+        # request whose body it drops, and the callers fetch several objects at once anyway.
+        options = {"max_concurrency": 1} if self.protocol in _S3 else {}
         try:
-            self.fs.get_file(url, str(tmp))
+            self.fs.get_file(url, str(tmp), **options)
         except OSError as err:
             if err.errno in _LOCAL_ERRNOS:
                 raise _local_error(err, dest, url) from None
@@ -310,7 +329,7 @@ def _client(url: str, protocol: str, storage_options: dict):
             return _CLIENTS[key]
         fsspec = import_extra("fsspec", "s3")
         options: dict = {"skip_instance_cache": True}  # fsspec's own cache would ignore the environment
-        if protocol in ("s3", "s3a"):
+        if protocol in _S3:
             import_extra("s3fs", "s3")
             # Listings are read anew each time (a dataset may be replaced), and the retries are ours.
             options |= {"use_listings_cache": False, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
@@ -322,7 +341,7 @@ def _client(url: str, protocol: str, storage_options: dict):
             raise RemoteError(f"{url}: reading {protocol}:// needs {package}: pip install {package}") from None
         except ValueError as err:
             raise RemoteError(f"{url}: {err}; use s3://, gs://, https:// or another fsspec URL") from None
-        if protocol in ("s3", "s3a"):
+        if protocol in _S3:
             fs.retries = 1  # s3fs's own loop over the same errors
         _CLIENTS[key] = fs
         return fs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,13 +207,18 @@ def verify(
     progress: bool = False,
     shard_files: Callable[[int], AbstractContextManager] | None = None,
     label: str | None = None,
+    remote_sizes: Mapping[str, int] | None = None,
 ) -> VerifyResult:
     """Check the dataset in `root`; `quick` checks sizes, headers and the index, not the bytes.
 
     `shard_files(k)`, when given, is entered around the reading of shard k's records: a copy of a remote
     dataset (`verify_remote`) fetches the shard's files there, and drops them after. `label` names the
-    dataset in the summary and messages instead of `root`."""
+    dataset in the summary and messages instead of `root`. `remote_sizes` (with `quick`): the sizes of the
+    files of a remote dataset whose local copy in `root` (its folder in the shard cache) holds only some of
+    them; a file not in `root` is checked by its remote size (a fetch checks its whole-file CRC-32)."""
     root = Path(root)
+    if remote_sizes is not None and not quick:
+        raise ValueError("remote_sizes is for the quick verify of a partial local copy")
     shown = label or str(root)
     shard_files = shard_files or (lambda k: contextlib.nullcontext())
     try:
@@ -238,10 +243,11 @@ def verify(
                 problems.append(f"{name}: shard {k}: not listed in the manifest")
     for name, entry in listed.items():
         path = root / name
-        if not path.exists():
+        size = path.stat().st_size if path.exists() else (remote_sizes or {}).get(name)
+        if size is None:
             problems.append(f"{name}: listed in the manifest but missing")
-        elif path.stat().st_size != entry.bytes:
-            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif size != entry.bytes:
+            problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
     for k in range(m.num_shards):
         if (root / sdf_name(k)).exists():
             problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))

@@ -34,21 +34,21 @@ def verify_remote(url: str, *, quick: bool = False, progress: bool = False) -> V
         manifest, raw = read_remote_manifest(store)
     except DatasetError as err:
         return VerifyResult(Path(), [str(err)], quick=quick)
-    listing = store.list()
+    sizes = store.sizes(entry.name for entry in manifest.files)
     with tempfile.TemporaryDirectory(prefix="gq-verify-") as folder:
         root = Path(folder)
         (root / MANIFEST).write_bytes(raw)
         for entry in manifest.files:
-            if entry.name not in listing:
+            if entry.name not in sizes:
                 continue  # verify names it as missing
             if entry.name == INDEX:
                 store.copy_to(INDEX, root / INDEX)
             else:
-                _stand_in(root / entry.name, store.read_head(entry.name, HEADER_BYTES), listing[entry.name])
+                _stand_in(root / entry.name, store.read_head(entry.name, HEADER_BYTES), sizes[entry.name])
 
         @contextlib.contextmanager
         def shard_files(shard: int) -> Iterator[None]:
-            names = [name for name in (sdf_name(shard), labels_name(shard)) if name in listing]
+            names = [name for name in (sdf_name(shard), labels_name(shard)) if name in sizes]
             try:
                 for name in names:
                     store.copy_to(name, root / name)

@@ -198,3 +198,23 @@ def tmpfs(folder: Path, options: str, *, skip: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+# Runs a module as `python -m` would, with the named packages unimportable, as on a plain install.
+WITHOUT_MODULES = """
+import runpy, sys
+blocked = set(sys.argv[1].split(","))
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def without_modules(modules: tuple[str, ...], module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args...` with `modules` unimportable."""
+    cmd = [sys.executable, "-c", WITHOUT_MODULES, ",".join(modules), module, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 trimesh = pytest.importorskip("trimesh")
 mesh2sdf = pytest.importorskip("mesh2sdf")
 
-from helpers import REPO, run_tool, tree_bytes  # noqa: E402
+from helpers import REPO, run_tool, tree_bytes, without_modules  # noqa: E402
 
 from gq.common.ownership import RECORD  # noqa: E402
 from gq.meshes import ImportOptions, MeshError, import_meshes, is_closed, mesh_sdf  # noqa: E402
@@ -298,24 +297,6 @@ def test_import_caps_workers_at_what_helps(tmp_path: Path) -> None:
 # -- without the meshes extra: every --help works, a command that needs it is one line naming it ----------------
 
 EXTRA_MODULES = ("trimesh", "mesh2sdf", "igl", "pybullet", "pybullet_data", "scipy")
-# Runs a module as `python -m` would, with the named packages unimportable, as on a plain install.
-WITHOUT_MODULES = """
-import runpy, sys
-blocked = set(sys.argv[1].split(","))
-class Missing:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Missing())
-sys.argv = sys.argv[2:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
-
-
-def without_modules(modules: tuple[str, ...], module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m module args...` with `modules` unimportable."""
-    cmd = [sys.executable, "-c", WITHOUT_MODULES, ",".join(modules), module, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def without_meshes_extra(module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:

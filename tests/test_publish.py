@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
+import shutil
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import invoke, make_source, tree_bytes
+from helpers import invoke, make_source, tree_bytes, without_modules
 
 from gq.shards import BuildOptions, build_shards, remote
 from gq.shards.format import MANIFEST
@@ -81,14 +86,37 @@ def test_upload_refuses_what_it_did_not_write(s3, s3_bucket: str, dataset: Path,
     assert _objects(url) == {**_published(dataset), "extra/notes.txt": b"mine"}
 
 
-def test_replace_removes_only_the_old_datasets_objects(s3, s3_bucket: str, dataset: Path, shared_dataset) -> None:
+def test_replace_writes_in_order_and_removes_only_the_old_datasets_objects(
+    s3, s3_bucket: str, dataset: Path, shared_dataset, tmp_path: Path
+) -> None:
     url = f"{s3_bucket}/ds"
     assert _upload(dataset, url).returncode == 0
+    store = RemoteStore(url, attempts=2)
+    old = json.loads(store.read_small(MANIFEST))  # a reader opened the old dataset
     smaller = shared_dataset(8, grid=16, grasps=32, seed=4, records_per_shard=4)
+    s3.reset()
     assert _upload(smaller, url, "--overwrite").returncode == 0
     assert _objects(url) == _published(smaller)  # the old dataset's extra shards are gone
+    # The order of writes: marker, old manifest gone, the data files, the manifest last, then the old dataset's
+    # objects the new one does not list, then the marker.
+    key = f"{s3_bucket[5:]}/ds"
+    writes = s3.writes()
+    new_files = [f["name"] for f in json.loads((smaller / MANIFEST).read_text())["files"]]
+    stale = sorted({f["name"] for f in old["files"]} - set(new_files))
+    data = len(new_files) + 2
+    assert writes[:2] == [f"PUT {key}/{MARKER}", f"DELETE {key}/{MANIFEST}"]
+    assert sorted(writes[2:data]) == sorted(f"PUT {key}/{name}" for name in new_files)  # several at once
+    assert writes[data:] == [
+        f"PUT {key}/{MANIFEST}",
+        *(f"DELETE {key}/{name}" for name in stale),
+        f"DELETE {key}/{MARKER}",
+    ]
+    # The reader of the old dataset: a replaced object no longer matches its manifest, and is refused.
+    entry = next(f for f in old["files"] if f["name"] == "sdf-00000.npy")
+    with pytest.raises(RemoteMismatchError, match="sdf-00000.npy: downloaded 2 times"):
+        store.fetch(entry["name"], tmp_path / "sdf.npy", size=entry["bytes"], crc32=entry["crc32"])
+    assert list(tmp_path.iterdir()) == []
     # An upload killed after its marker: the next one recognises and replaces it, without --overwrite.
-    store = RemoteStore(url)
     store.delete([MANIFEST])
     store.put_bytes(MARKER, json.dumps({"tool": "gq shards upload", "objects": sorted(_published(dataset))}).encode())
     assert _upload(dataset, f"{url}").returncode == 0
@@ -210,3 +238,72 @@ def test_download_of_a_damaged_dataset_leaves_nothing(s3, s3_bucket: str, datase
     assert f"{url}/labels-00001.npy: downloaded 5 times" in got.stderr and len(got.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
     assert tree_bytes(dataset)  # the shared dataset is untouched (checked at the session's end too)
+
+
+def test_without_the_s3_extra_help_works_and_a_url_names_the_extra(dataset: Path, tmp_path: Path) -> None:
+    """On a plain install (no fsspec, no s3fs): every command's --help, and a URL is one line naming the extra."""
+    missing = ("fsspec", "s3fs", "botocore", "aiobotocore")
+    for command in (["build"], ["merge"], ["verify"], ["upload"], ["download"]):
+        result = without_modules(missing, "gq.tools.cli", "shards", *command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
+    for command in (
+        ["upload", dataset, "s3://bucket/ds"],
+        ["download", "s3://bucket/ds", tmp_path / "copy"],
+        ["verify", "s3://bucket/ds"],
+    ):
+        result = without_modules(missing, "gq.tools.cli", "shards", *command)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "fsspec is not installed" in lines[0] and "pip install 'gq-pipeline[s3]'" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def _web_server(folder: Path) -> Iterator[str]:
+    """Python's own web server on 127.0.0.1 serving `folder` (no listings fsspec reads, no byte ranges)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_a_dataset_on_a_web_server(dataset: Path, tmp_path: Path) -> None:
+    """Any fsspec URL: a dataset served by a plain web server verifies and downloads as one in a bucket."""
+    pytest.importorskip("aiohttp", reason="fsspec reads http:// with aiohttp (the s3 extra)")
+    with _web_server(dataset.parent) as site:
+        url = f"{site}/{dataset.name}"
+        for flags in ((), ("--quick",)):
+            done = invoke(verify_shards.cli, url, *flags, name="gq shards verify")
+            assert done.returncode == 0 and done.stdout.startswith(f"OK {url}: 24 scenes"), done.stdout
+        assert invoke(remote_shards.download, url, tmp_path / "copy", name="d").returncode == 0
+        missing = invoke(verify_shards.cli, f"{site}/nothing-here", name="gq shards verify")
+        assert missing.returncode == 1 and "nothing-here/manifest.json: missing" in missing.stdout
+    assert _published(tmp_path / "copy") == _published(dataset)
+
+
+def test_a_failed_upload_leaves_no_dataset_and_the_next_one_replaces_it(
+    s3_bucket: str, dataset: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    damaged = bytearray((copy / "sdf-00002.npy").read_bytes())
+    damaged[-1] ^= 1  # same size: only the file's CRC-32 tells
+    (copy / "sdf-00002.npy").write_bytes(bytes(damaged))
+    url = f"{s3_bucket}/ds"
+    failed = _upload(copy, url)
+    assert failed.returncode == 2 and len(failed.stderr.splitlines()) == 1
+    assert "sdf-00002.npy: its CRC-32 differs from the manifest's" in failed.stderr
+    left = RemoteStore(url).list()
+    assert MANIFEST not in left and MARKER in left  # no dataset for readers; the marker names what is there
+    assert _upload(dataset, url).returncode == 0  # an unfinished upload is replaced without --overwrite
+    assert _objects(url) == _published(dataset)

@@ -49,6 +49,8 @@ COMMANDS: dict = {
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+# Libraries whose INFO lines ("Found credentials in environment variables.") would drown gq's own.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec")
 
 
 def with_version(command: click.Command) -> click.Command:
@@ -108,6 +110,8 @@ def main() -> None:
     gq eval and gq predict use a checkpoint; gq compare and gq bench measure; gq gpu-check checks a GPU machine.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

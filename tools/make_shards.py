@@ -126,6 +126,8 @@ def main(
     opts = BuildOptions(**options)
     interrupted = (
         f"--out is as it was and the complete new shards are kept beside it: rerun with --resume to finish {out}"
+        if not is_remote(out) or stage is not None
+        else f"nothing was published at {out}; give --stage DIR to keep a build that --resume can finish"
     )
     with one_line_errors(interrupted=interrupted), output(out, stage=stage, overwrite=overwrite) as local:
         summary = build_shards(
@@ -140,7 +142,8 @@ def main(
             allow_missing_scenes=allow_missing_scenes,
             part=part,
         )
-    summary["out"] = out
+    if is_remote(out):
+        summary["out"] = out  # where it is published; the local folder is gone or is --stage
     click.echo(summary_text(summary, summary["wall_s"]))
 
 

@@ -10,6 +10,7 @@ import click
 
 from gq.common.options import one_line_errors
 from gq.shards import merge_parts
+from gq.shards.remote import is_remote
 from gq.tools.make_shards import output, stage_option, summary_text
 
 
@@ -34,7 +35,8 @@ def main(parts: tuple[Path, ...], out: str, stage: Path | None, overwrite: bool)
     start = time.perf_counter()
     with one_line_errors(), output(out, stage=stage, overwrite=overwrite) as local:
         summary = merge_parts(parts, local, overwrite=overwrite)
-    summary["out"] = out
+    if is_remote(out):
+        summary["out"] = out  # where it is published; the local folder is gone or is --stage
     click.echo(summary_text(summary, time.perf_counter() - start))
 
 

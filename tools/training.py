@@ -67,13 +67,17 @@ def _given(options: dict) -> dict:
     return {name: value for name, value in options.items() if ctx.get_parameter_source(name) in EXPLICIT}
 
 
+# --cache-dir and --cache-limit of the commands that read a dataset without training (eval, predict): fit's own.
+_cache_options = click_options(FitConfig, only=("cache_dir", "cache_limit"))
+
+
 # Every fit and compare option comes from FitConfig's fields (help text, type, default, choices live there).
 @cli.command("fit")
 @click_options(
     FitConfig,
     defaults={"shards": None, "out": None},  # required, but may come from --config or the run resumed
     help={
-        "shards": "Shard dataset directory [required, unless --config or the run resumed gives it].",
+        "shards": "Shard dataset directory or URL [required, unless --config or the run resumed gives it].",
         "out": "Run directory [required, unless --config gives it].",
     },
 )
@@ -170,7 +174,8 @@ def compare_cmd(**options) -> None:
 
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard dataset directory.")
+@click.option("--shards", required=True, help="Shard dataset directory, or its URL (s3://bucket/prefix, ...).")
+@_cache_options
 @click.option(
     "--split", type=click.Choice(SPLITS), default="test", show_default=True,
     help="test: held out, how good a finished model is; val: what training chose its best.pt by (biased upward); "
@@ -203,7 +208,8 @@ def eval_cmd(checkpoint: Path, **options) -> None:
 @click.option(
     "--scenes", type=click.Path(path_type=Path), help="Processed directory: <scene>/scene.npz (scores optional)."
 )
-@click.option("--shards", type=click.Path(path_type=Path), help="Shard dataset (with --split).")
+@click.option("--shards", help="Shard dataset directory or URL (with --split).")
+@_cache_options
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option(
     "--mesh", type=click.Path(path_type=Path), help="One mesh file (with --grasps), prepared as import_meshes does."
@@ -239,7 +245,9 @@ def eval_cmd(checkpoint: Path, **options) -> None:
 def predict_cmd(
     checkpoint: Path,
     scenes: Path | None,
-    shards: Path | None,
+    shards: str | None,
+    cache_dir: str | None,
+    cache_limit: str | None,
     split: str,
     mesh: Path | None,
     grasps: Path | None,
@@ -279,7 +287,7 @@ def predict_cmd(
     if scenes:
         predictions = predict_scenes(estimator, scenes, progress=sys.stderr.isatty())
     elif shards:
-        predictions = predict_shards(estimator, shards, split=split)
+        predictions = predict_shards(estimator, shards, split=split, cache_dir=cache_dir, cache_limit=cache_limit)
     else:
         predictions = predict_mesh(
             estimator,

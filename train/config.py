@@ -15,6 +15,7 @@ from gq.common.errors import UsageError
 from gq.common.extras import missing_extra
 from gq.common.inputs import InputError, parse_json, read_small_file
 from gq.common.options import flag, option
+from gq.common.sizes import SizeError, parse_size
 from gq.models import GRID_DIVISOR, MODEL_KINDS, ModelSizeError, check_model_size
 from gq.pipeline import DEFAULT_GRASPS_PER_SDF, DEFAULT_WINDOW, MODES, parse_window
 
@@ -25,7 +26,7 @@ LR_SCHEDULES = ("plateau", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 # Options that may change between a run and its --resume: they do not change what is computed.
 RESUMABLE = {"resume", "overwrite", "epochs", "max_steps", "max_time", "log_every", "ckpt_every", "threads", "progress",
-             "tensorboard", "wandb"}  # fmt: skip
+             "tensorboard", "wandb", "cache_dir", "cache_limit"}  # fmt: skip
 # What one command does rather than how the run trains: taken from the command line only, never from a file
 # (a resumed run's config.json says resume: true; given back as --config for a new run it must not resume).
 ACTIONS = ("resume", "overwrite")
@@ -60,8 +61,15 @@ class ConfigError(UsageError):
 class FitConfig:
     """A run's options; each field with help text is a `fit` / `compare` option (gq.tools.training derives them)."""
 
-    shards: str = option(help="Shard dataset directory.")
+    shards: str = option(help="Shard dataset directory, or its URL (s3://bucket/prefix, gs://..., https://...).")
     out: str = option(help="Run directory.")
+    cache_dir: str | None = option(
+        None, help="Local cache of a --shards URL, shared by the ranks of a node [default: $XDG_CACHE_HOME/gq or "
+        "~/.cache/gq]."
+    )  # fmt: skip
+    cache_limit: str | None = option(
+        None, help="The most that cache holds, e.g. 800KB, 20GB, 1.5TiB [default: the disk's space]."
+    )  # fmt: skip
     loader: str = option("cache", choices=MODES, help="Full cache in memory, or DALI streaming of whole shards.")
     model: str | None = option(
         None, choices=tuple(MODEL_KINDS),
@@ -142,7 +150,7 @@ class FitConfig:
             self.fc_dims = parse_fc_dims(self.fc_dims)
         elif isinstance(self.fc_dims, list):  # as JSON holds it
             self.fc_dims = tuple(self.fc_dims)
-        for name in ("shards", "out", "init_from"):  # paths are recorded as text in config.json
+        for name in ("shards", "out", "init_from", "cache_dir"):  # paths are recorded as text in config.json
             if getattr(self, name) is not None:
                 setattr(self, name, str(getattr(self, name)))
 
@@ -171,6 +179,11 @@ class FitConfig:
             parse_window(self.shuffle_window)
         except ValueError as err:
             raise ConfigError(f"{name('shuffle_window')}: {err}") from None
+        if self.cache_limit is not None:
+            try:
+                parse_size(self.cache_limit, what=name("cache_limit"))
+            except SizeError as err:
+                raise ConfigError(str(err)) from None
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"{name('seed')} {self.seed}: must be an integer from 0 to {MAX_SEED} (2**63 - 1)")
         if self.max_time is not None and self.max_time <= 0:

@@ -29,17 +29,21 @@ def evaluate_checkpoint(
     scenes_per_batch: int = 8,
     prefix: str | None = None,
     warn: Callable[[str], None] = log.warning,
+    cache_dir: str | Path | None = None,
+    cache_limit: int | str | None = None,
 ) -> dict[str, float]:
     """Metrics (score units) of CHECKPOINT (ours, or a seed state_dict) over every grasp of `split`.
 
     Keys are prefixed `prefix` (default: the split's name and "_"); a checkpoint trained on another
     dataset is evaluated with a warning (to `warn`), a model of another grid size is refused. The baseline
     (`<split>_mse_mean_baseline`) predicts the dataset's train mean (its manifest's score statistics), whatever
-    the checkpoint's own units: a seed state_dict's are raw scores (mean 0), which is no baseline.
+    the checkpoint's own units: a seed state_dict's are raw scores (mean 0), which is no baseline. `shards` may
+    be a URL, read through the shard cache in `cache_dir` of at most `cache_limit` (`open_dataset`).
     """
     dev = resolve_device(device)
     model, trained = load_model(checkpoint)
-    dataset = open_dataset(shards)  # read and quick-verified once: for the checks below and the loader
+    # Read and quick-verified once: for the checks below and the loader.
+    dataset = open_dataset(shards, cache_dir=cache_dir, cache_limit=cache_limit)
     layout = dataset.reader.layout
     if model.input_size != layout.grid:
         raise ConfigError(f"{checkpoint}: model input size {model.input_size} != the dataset's grid {layout.grid}")

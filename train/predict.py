@@ -8,6 +8,7 @@ are known; `write_parquet` saves them and `best_grasps` picks each object's K be
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,32 +212,47 @@ def _grasp_indices(batch_grasps: np.ndarray, stored: np.ndarray, where: str) -> 
 
 @torch.no_grad()
 def predict_shards(
-    estimator: Estimator, shards_dir: str | Path, *, split: str, scenes_per_batch: int = 8, loader: str = "cache"
+    estimator: Estimator,
+    shards_dir: str | Path,
+    *,
+    split: str,
+    scenes_per_batch: int = 8,
+    loader: str = "cache",
+    cache_dir: str | Path | None = None,
+    cache_limit: int | str | None = None,
 ) -> Predictions:
-    """Every scene of one split of a shard dataset, whole scenes per batch (the epoch plan shuffles each
-    scene's grasps, so rows are matched back to their stored order)."""
-    dataset = open_dataset(shards_dir)  # read and quick-verified once: the grid check, the loader, the labels
+    """Every scene of one split of a shard dataset (a directory or a URL, read through the shard cache in
+    `cache_dir`), whole scenes per batch (the epoch plan shuffles each scene's grasps, so rows are matched back to
+    their stored order, read from the scene's shard, held local while it is read)."""
+    # Read and quick-verified once: the grid check, the loader, the labels.
+    dataset = open_dataset(shards_dir, cache_dir=cache_dir, cache_limit=cache_limit)
     reader = dataset.reader
     if reader.layout.grid != estimator.grid:
         raise PredictError(f"--shards {shards_dir}: grid {reader.layout.grid}, the model reads {estimator.grid}")
     parts = []
-    with open_loader(
-        dataset,
-        mode=loader,
-        split=split,
-        scenes_per_batch=scenes_per_batch,
-        grasps_per_sdf=reader.layout.max_grasps,
-        seed=0,
-        device=estimator.device,
-        progress=False,
-    ) as data:
+    with (
+        open_loader(
+            dataset,
+            mode=loader,
+            split=split,
+            scenes_per_batch=scenes_per_batch,
+            grasps_per_sdf=reader.layout.max_grasps,
+            seed=0,
+            device=estimator.device,
+            progress=False,
+        ) as data,
+        contextlib.closing(dataset.lease(1)) as stored,
+    ):
         for batch in data:
             pred = estimator.units.decode(estimator.model(batch.sdf, batch.grasps, batch.scene_of_grasp).float())
             pred, grasps = pred.cpu().numpy(), batch.grasps.cpu().numpy()
             owner = batch.scene_of_grasp.cpu().numpy()
             for s, scene in enumerate(batch.scene_ids.tolist()):
                 rows = np.flatnonzero(owner == s)
-                labels = reader.labels(scene)
+                shard = reader.locate(scene)[0]
+                stored.acquire([shard])
+                labels = np.array(reader.labels(scene))  # a copy: the file may leave the cache once released
+                stored.release([shard])
                 name = str(reader.column("name", [scene])[0])
                 index = _grasp_indices(grasps[rows], np.asarray(labels[:, :GRASP_DIM]), f"{shards_dir} scene {name}")
                 ordered = np.empty(len(rows), np.float32)

@@ -233,7 +233,7 @@ class FitRecipe:
         stack.callback(self.run.close)
         # Opened and quick-verified once: its identity is checked against last.pt, then both loaders share it.
         opening = time.perf_counter()
-        self.dataset = open_dataset(cfg.shards)
+        self.dataset = open_dataset(cfg.shards, cache_dir=cfg.cache_dir, cache_limit=cfg.cache_limit)
         self.open_s = time.perf_counter() - opening  # part of the time to the first batch
         self.identity = self.dataset.fingerprint
         resumed = self._resumable_checkpoint() if cfg.resume else None
