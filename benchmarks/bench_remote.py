@@ -175,9 +175,9 @@ def report(rows: list[dict]) -> list[str]:
     """The table, then the figures the issue targets as ratios measured in this run."""
     local = {r["loader"]: r for r in rows if r["limit"] is None}
     columns = [
-        ("reader", "<10"), ("cache", ">6"), ("limit", ">9"), ("epoch 1", ">8"), ("later epochs", ">12"),
-        ("scenes/s", ">9,.0f"), ("grasps/s", ">10,.0f"), ("x local", ">7"), ("later x local", ">13"),
-        ("downloaded / split, per epoch", "<29"),
+        ("reader", "<10"), ("cache", ">6"), ("limit", ">9"), ("held at end", ">11"), ("epoch 1", ">8"),
+        ("later epochs", ">12"), ("scenes/s", ">9,.0f"), ("grasps/s", ">10,.0f"), ("x local", ">7"),
+        ("later x local", ">13"), ("downloaded / split, per epoch", "<29"),
     ]  # fmt: skip
     table = []
     for r in rows:
@@ -186,7 +186,8 @@ def report(rows: list[dict]) -> list[str]:
             (
                 _reader(r["loader"]),
                 _label(r["limit"]),
-                "-" if r["limit_bytes"] is None else f"{r['limit_bytes'] / 1e6:.1f}MB",
+                "-" if r["limit_bytes"] is None else f"{r['limit_bytes'] / 1e6:.2f}MB",
+                "-" if r["limit_bytes"] is None else f"{r['cache_bytes_at_end'] / 1e6:.2f}MB",
                 f"{r['first_epoch_s']:.2f} s",
                 "-" if r["later_epoch_s"] is None else f"{r['later_epoch_s']:.2f} s",
                 r["scenes_per_s"],
