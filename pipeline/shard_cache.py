@@ -18,11 +18,12 @@ Locks are `flock`s, released by the kernel when their holder dies, so a killed p
 - .lock, exclusive around accounting, eviction and reservations.
 
 The limit holds at every moment: before a download, its bytes are reserved (a record in .reserved) while the
-cache-wide lock is held, evicting least-recently-used shards that nobody holds until the files present plus
-the reservations fit. Use refreshes a shard's mtime, which is what LRU orders by. A download writes through
-`RemoteStore.fetch` (a temporary name, then a rename once its size and CRC-32 match the manifest), so a shard
-file under its own name is always complete and checked; the temporary of a killed download (its name says
-which file it was for, and no process holds that shard's download lock) is removed by the next accounting.
+cache-wide lock is held, evicting least-recently-used shards that nobody holds (and the metadata of datasets
+that no process has open) until the files present plus the reservations fit. Use refreshes a shard's mtime,
+which is what LRU orders by. A download writes through `RemoteStore.fetch` (a temporary name, then a rename once
+its size and CRC-32 match the manifest), so a shard file under its own name is always complete and checked; the
+temporary of a killed download (its name says which file it was for, and no process holds that shard's download
+lock) is removed by the next accounting.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class _Usage:
     """What the cache folder holds, as one accounting pass found it."""
 
     used: int  # bytes of files plus reservations
-    shards: list[tuple[float, Path, str, int]]  # complete or partial shards: (last use, folder, unit, bytes)
+    # Shards (whole or partial) and metadata, the candidates for eviction: (last use, folder, unit, bytes).
+    shards: list[tuple[float, Path, str, int]]
 
 
 class ShardCache:
@@ -198,6 +200,7 @@ class ShardCache:
         index (fetched if missing): a dataset's metadata, held while it is open."""
         folder = self.root / key
         path = folder / MANIFEST
+        self.hold(store, key, META, [index])  # first: held, the metadata is not evicted while the manifest is put
         with _locked(folder / ".locks" / f"{META}.dl"):  # so no accounting takes its temporary for a dead one
             if not (path.exists() and path.read_bytes() == manifest):
                 record = self.root / ".reserved" / f"{key}.{META}"
@@ -206,7 +209,6 @@ class ShardCache:
                     write_atomically(path, manifest)
                 finally:
                     record.unlink(missing_ok=True)
-        self.hold(store, key, META, [index])
 
     def release(self, key: str, unit: str) -> None:
         """Give back one `hold`; at the last the unit may be evicted again."""
@@ -322,7 +324,7 @@ class ShardCache:
                     continue
                 stat = item.stat(follow_symlinks=False)
                 used += stat.st_size
-                if unit is not None and unit != META and target is None:
+                if unit is not None and target is None:
                     slot = shards.setdefault((entry.name, unit), [0.0, folder, unit, 0])
                     slot[0], slot[3] = max(slot[0], stat.st_mtime), slot[3] + stat.st_size
         return _Usage(used, sorted(tuple(s) for s in shards.values()))
@@ -340,7 +342,8 @@ class ShardCache:
         return False
 
     def _evict(self, shards: list[tuple[float, Path, str, int]], needed: int) -> int:
-        """Remove least-recently-used shards nobody holds until `needed` bytes are free; returns the bytes freed."""
+        """Remove least-recently-used shards nobody holds until `needed` bytes are free; returns the bytes freed.
+        The metadata of a dataset that no process has open (its META pin is free) goes the same way."""
         freed = 0
         for _, folder, unit, nbytes in shards:
             if freed >= needed:
@@ -349,8 +352,8 @@ class ShardCache:
             if fd is None:
                 continue  # held by a loader (of this process or another)
             try:
-                k = int(unit)
-                for name in (sdf_name(k), labels_name(k)):
+                names = (MANIFEST, INDEX) if unit == META else (sdf_name(int(unit)), labels_name(int(unit)))
+                for name in names:
                     (folder / name).unlink(missing_ok=True)
             finally:
                 os.close(fd)

@@ -215,7 +215,8 @@ def verify(
     dataset (`verify_remote`) fetches the shard's files there, and drops them after. `label` names the
     dataset in the summary and messages instead of `root`. `remote_sizes` (with `quick`): the sizes of the
     files of a remote dataset whose local copy in `root` (its folder in the shard cache) holds only some of
-    them; a file not in `root` is checked by its remote size (a fetch checks its whole-file CRC-32)."""
+    them; the shard files are checked by their remote sizes, not their headers (a fetch checks the whole
+    file's CRC-32 against the manifest, and the loaders every record), the index as a local one."""
     root = Path(root)
     if remote_sizes is not None and not quick:
         raise ValueError("remote_sizes is for the quick verify of a partial local copy")
@@ -243,12 +244,15 @@ def verify(
                 problems.append(f"{name}: shard {k}: not listed in the manifest")
     for name, entry in listed.items():
         path = root / name
-        size = path.stat().st_size if path.exists() else (remote_sizes or {}).get(name)
+        if remote_sizes is not None and name != INDEX:
+            size = remote_sizes.get(name)  # a cached copy was checked against the manifest when it was fetched
+        else:
+            size = path.stat().st_size if path.exists() else None
         if size is None:
             problems.append(f"{name}: listed in the manifest but missing")
         elif size != entry.bytes:
             problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
-    for k in range(m.num_shards):
+    for k in range(m.num_shards if remote_sizes is None else 0):  # a cache may evict a copy at any moment
         if (root / sdf_name(k)).exists():
             problems += _check_header(root / sdf_name(k), layout.sdf_shape(), np.dtype(layout.dtype))
         if (root / labels_name(k)).exists():

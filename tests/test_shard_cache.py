@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import invoke
+from helpers import invoke, tmpfs
 
 from gq.common.sizes import SizeError, format_size, parse_size
 from gq.pipeline import open_dataset, open_loader
@@ -30,6 +30,7 @@ from gq.pipeline.shard_cache import CacheError, ShardCache
 from gq.shards import DatasetError, read_manifest, remote
 from gq.shards.format import labels_name, sdf_name
 from gq.shards.publish import upload
+from gq.shards.remote import LocalWriteError, RemoteStore
 from gq.tools.training import cli
 from gq.train.checkpoint import load_checkpoint
 
@@ -57,8 +58,12 @@ def url(local: Path, s3, s3_bucket: str) -> str:
     return url
 
 
+def _batches_iter(loader):
+    return ((b.sdf, b.grasps, b.scores, b.scene_of_grasp, b.scene_ids) for b in loader)
+
+
 def _batches(loader) -> list[tuple[torch.Tensor, ...]]:
-    return [(b.sdf, b.grasps, b.scores, b.scene_of_grasp, b.scene_ids) for b in loader]
+    return list(_batches_iter(loader))
 
 
 def _same(a: list, b: list) -> None:
@@ -260,8 +265,8 @@ def test_a_local_dataset_is_never_under_the_cache(local: Path, tmp_path: Path) -
     assert np.array_equal(dataset.reader.index["scene"], open_dataset(local).reader.index["scene"])
 
 
-@pytest.mark.slow  # two fits and four evaluations, ~30 s on 2 cores
-def test_fit_and_eval_on_a_url_equal_them_on_the_local_copy(local: Path, url: str, tmp_path: Path) -> None:
+@pytest.mark.slow  # two fits, four evaluations and two predictions, ~30 s on 2 cores
+def test_fit_eval_and_predict_on_a_url_equal_them_on_the_local_copy(local: Path, url: str, tmp_path: Path) -> None:
     common = ["--max-steps", 12, "-S", 2, "-G", 4, "--log-every", 2, "--val-every", 6, "--loader", "dali"]
     common += ["--base-channels", 4, "--fc-dims", "32,16", "--threads", 1, "--quiet"]
     cache = ["--cache-dir", tmp_path / "cache", "--cache-limit", "1MB"]
@@ -277,6 +282,12 @@ def test_fit_and_eval_on_a_url_equal_them_on_the_local_copy(local: Path, url: st
         for shards, more in ((local, []), (url, cache))
     ]
     assert evals[0] == evals[1] and evals[0]["test_grasps"] > 0
+    ckpt = tmp_path / "url" / "last.pt"
+    for name, shards, more in (("local", local, []), ("url", url, cache)):
+        out = tmp_path / f"{name}.parquet"
+        result = invoke(cli, "predict", ckpt, "--shards", shards, *more, "--out", out, name="gq predict")
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "url.parquet").read_bytes()
 
 
 _HOLD_ONE = """
@@ -313,3 +324,56 @@ def test_a_download_killed_midway_leaves_nothing_that_is_used(
     settings = dict(scenes_per_batch=2, grasps_per_sdf=2, seed=3, progress=False)
     with open_loader(local, **settings) as a, open_loader(url, cache_dir=cache_dir, **settings) as b:
         _same(_batches(a), _batches(b))
+
+
+def test_open_runs_the_quick_verify_on_the_remote_sizes(local: Path, url: str, tmp_path: Path) -> None:
+    RemoteStore(url).put_bytes(sdf_name(3), b"not a shard")
+    with pytest.raises(DatasetError, match=rf"{url}: not a usable dataset: {sdf_name(3)}: 11 bytes, manifest says"):
+        open_dataset(url, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("mode", ["cache", "dali"])
+def test_resume_mid_epoch_on_a_url_continues_as_the_local_copy(
+    local: Path, url: str, tmp_path: Path, mode: str
+) -> None:
+    settings = dict(mode=mode, scenes_per_batch=2, grasps_per_sdf=2, seed=4, shuffle_window=2, progress=False)
+    with open_loader(local, **settings) as loader:
+        want = _batches(loader)
+    remote = dict(cache_dir=tmp_path / "cache", cache_limit=_split_bytes(local) // 2, **settings)
+    with open_loader(url, **remote) as loader:
+        first = [b for _, b in zip(range(5), _batches_iter(loader))]
+        state = loader.state_dict()
+    with open_loader(url, **remote) as loader:
+        loader.load_state_dict(state)
+        rest = _batches(loader)
+    _same(want, first + rest)
+
+
+@pytest.mark.parametrize("mode", ["cache", "dali"])
+def test_a_full_cache_disk_is_one_line(local: Path, url: str, tmp_path: Path, mode: str) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with tmpfs(disk, "size=200k", skip="cannot mount a tmpfs here"):  # the metadata and a few shards
+        with (
+            pytest.raises(LocalWriteError, match=f"{disk}/.*No space left on device") as err,
+            open_loader(url, mode=mode, cache_dir=disk, grasps_per_sdf=2, progress=False) as loader,
+        ):
+            _batches(loader)
+        assert "\n" not in str(err.value)
+        assert not list(disk.rglob("*.tmp"))
+
+
+def test_the_metadata_of_a_dataset_nobody_has_open_is_evicted_last_used_first(url: str, tmp_path: Path) -> None:
+    remote = open_dataset(url, cache_dir=tmp_path / "cache").remote
+    manifest, index = (remote.folder / "manifest.json").read_bytes(), remote.entries["scenes.parquet"]
+    meta, shard = len(manifest) + index.bytes, sum(e.bytes for e in remote.files(0))
+    cache = ShardCache(tmp_path / "small", limit=2 * meta + shard)  # the shard fits only without a's metadata
+    a, b = "a" * 16 + "-00000000", "b" * 16 + "-00000000"  # two datasets in one cache
+    for key in (a, b):
+        cache.folder(key)
+        cache.hold_meta(remote.store, key, manifest, index)
+    cache.release(a, "meta")  # a is closed: its metadata may go; b's is held
+    cache.hold(remote.store, b, "0", remote.files(0))
+    assert not (tmp_path / "small" / a / "scenes.parquet").exists()
+    assert (tmp_path / "small" / b / "scenes.parquet").exists() and (tmp_path / "small" / b / sdf_name(0)).exists()
+    assert _disk_bytes(tmp_path / "small") <= cache.limit
