@@ -183,3 +183,23 @@ def test_bench_remote(tmp_path: Path) -> None:
     assert whole[1] <= 0.25  # most of the split still cached
     assert "later x local" in result.stdout and "at a 25% cache: downloaded per epoch / split" in result.stdout
     assert "no Streaming rows: give --streaming-python" in result.stdout
+
+
+def test_the_streaming_copy_lists_the_splits_scenes_and_batches_them_as_gq_does(shared_dataset) -> None:
+    """What bench_remote hands Streaming's side (no Streaming here): every scene of the split, once, with its
+    grasps; and its collate function gives gq's batch layout for scenes of different grasp counts."""
+    from gq.benchmarks.bench_remote import split_records
+    from gq.benchmarks.streaming_side import collate
+    from gq.shards import ShardReader
+
+    shards = shared_dataset(60, grid=16, grasps=64, seed=2, records_per_shard=8)
+    reader, spec = ShardReader(shards), split_records(shards, "train")
+    listed = [scene for shard in spec["shards"] for scene in shard["scenes"]]
+    assert sorted(listed) == sorted(reader.split_scenes("train").tolist())
+    assert [s["grasps"] for s in spec["shards"]][0] == reader.column("num_grasps", spec["shards"][0]["scenes"]).tolist()
+    samples = [{"scene": s, "sdf": reader.sdf(s), "labels": reader.labels(s)[:n]} for s, n in zip(listed[:2], (3, 5))]
+    batch = collate(samples)
+    assert batch["sdf"].shape == (2, 1, 16, 16, 16) and batch["sdf"].dtype == torch.float32
+    assert batch["grasps"].shape == (8, 19) and batch["scores"].shape == (8,)
+    assert batch["scene_of_grasp"].tolist() == [0] * 3 + [1] * 5 and batch["scene_ids"].tolist() == listed[:2]
+    assert torch.equal(batch["scores"][3:], torch.tensor(reader.scores(listed[1])[:5]))
