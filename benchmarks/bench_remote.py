@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from gq.benchmarks import streaming_side
-from gq.benchmarks.bench_loaders import _split_file_bytes
+from gq.benchmarks.bench_loaders import split_file_bytes
 from gq.benchmarks.s3_server import CONTROL, s3_server
 from gq.common.files import write_atomically
 from gq.common.options import one_line_errors
@@ -293,7 +293,7 @@ def main(
         shards = tmp / "shards"
         build_shards(tmp / "scenes", shards, BuildOptions(grid=grid, max_grasps=grasps,
                      records_per_shard=records_per_shard), progress=False)  # fmt: skip
-        split_bytes = _split_file_bytes(shards, split)
+        split_bytes = split_file_bytes(shards, split)
         split_shards = len(ShardReader(shards).split_shards(split))
         with s3_server() as server:
             RemoteStore(f"s3://{BUCKET}").fs.mkdir(BUCKET)
