@@ -36,6 +36,7 @@ import torch
 from gq.benchmarks import streaming_side
 from gq.benchmarks.bench_loaders import split_file_bytes
 from gq.benchmarks.s3_server import CONTROL, s3_server
+from gq.common.extras import missing_extra
 from gq.common.files import write_atomically
 from gq.common.options import one_line_errors
 from gq.common.table import format_table
@@ -128,7 +129,7 @@ def split_records(shards: Path, split: str) -> dict:
                     key: index[col][chosen & (index["shard"] == k)].tolist()
                     for key, col in (("slots", "slot"), ("scenes", "scene"), ("grasps", "num_grasps"))
                 },
-            }  # fmt: skip
+            }
             for k in reader.split_shards(split).tolist()
         ],
     }
@@ -279,6 +280,10 @@ def main(
     for value, name in ((epochs, "--epochs"), (repeat, "--repeat")):
         if value < 1:
             raise click.BadParameter(f"{value}: at least 1", param_hint=name)
+    # The server is moto's (the dev extra) and the client s3fs (the s3 extra): said before any work.
+    missing = missing_extra("moto", "dev") or missing_extra("flask", "dev") or missing_extra("s3fs", "s3")
+    if missing:
+        raise click.UsageError(missing)
     settings = {
         "scenes": scenes, "grid": grid, "grasps_per_scene": grasps, "records_per_shard": records_per_shard,
         "split": split, "epochs": epochs, "scenes_per_batch": scenes_per_batch, "grasps_per_sdf": grasps_per_sdf,
