@@ -207,7 +207,7 @@ def _bytes_read() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
-def _split_file_bytes(shards_dir: Path, split: str) -> int:
+def split_file_bytes(shards_dir: Path, split: str) -> int:
     """Bytes of the split's shard files on disk (SDF and labels files, headers and padding included)."""
     reader = ShardReader(shards_dir)
     return sum(
@@ -282,7 +282,7 @@ def measure(
         source = r.pop("source")
         it = r.pop("iterator")
         if whole_epoch:
-            extra = {**_epoch_bytes(source, it), "split_bytes": _split_file_bytes(shards_dir, split)}
+            extra = {**_epoch_bytes(source, it), "split_bytes": split_file_bytes(shards_dir, split)}
         resident = source.resident_bytes
         extra.update(
             load_s=getattr(source, "load_s", None),

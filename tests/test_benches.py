@@ -176,3 +176,48 @@ def test_bench_stats(tmp_path: Path) -> None:
     assert figures["stats_s"] > 0 and figures["verify_s"] > 0
     assert figures["seed_stats_s"] == pytest.approx(figures["stats_s"] * 15_547 / 12)
     assert 0 <= figures["false_positive_rate"] <= 1 and "15547 scenes: stats" in result.stdout
+
+
+@pytest.mark.slow  # a moto server, and each of the 3 rows in a fresh spawned process: ~30 s
+def test_bench_remote(tmp_path: Path) -> None:
+    for module in ("moto", "flask", "s3fs"):
+        pytest.importorskip(module, reason="the s3 and dev extras run the benchmark's S3 server")
+    out = tmp_path / "r.json"
+    small = ["--scenes", 160, "--grid", 16, "--grasps", 16, "--records-per-shard", 2, "--epochs", 2, "-S", 2, "-G", 8]
+    result = bench("bench_remote.py", out, *small, "--shuffle-window", 1, "--loaders", "dali")
+    figures = json.loads(out.read_text())
+    rows = figures["rows"]
+    assert [(r["loader"], r["limit"]) for r in rows] == [("dali", None), ("dali", 1.0), ("dali", 0.25)]
+    split = rows[0]["epochs"][0]
+    assert split["grasps"] == 16 * split["scenes"] and figures["split_shards"] >= 48
+    for row in rows:  # every epoch of every row delivers the whole split
+        assert [(e["scenes"], e["grasps"]) for e in row["epochs"]] == [(split["scenes"], split["grasps"])] * 2
+        assert row["grasps_per_s"] > 0
+    local, whole, quarter = (r["downloaded_per_split"] for r in rows)
+    assert local == [0, 0]  # nothing served
+    # every shard once, beside the metadata (5 % of so small a split) and the next epoch's first shards
+    assert 1.0 <= whole[0] <= 1.25 and 1.0 <= quarter[0] <= 1.25
+    assert 0.8 <= quarter[1] <= 1.2  # a quarter cached: each shard once more in the second epoch
+    assert whole[1] <= 0.25  # most of the split still cached
+    assert "later x local" in result.stdout and "at a 25% cache: downloaded per epoch / split" in result.stdout
+    assert "no Streaming rows: give --streaming-python" in result.stdout
+
+
+def test_the_streaming_copy_lists_the_splits_scenes_and_batches_them_as_gq_does(shared_dataset) -> None:
+    """What bench_remote hands Streaming's side (no Streaming here): every scene of the split, once, with its
+    grasps; and its collate function gives gq's batch layout for scenes of different grasp counts."""
+    from gq.benchmarks.bench_remote import split_records
+    from gq.benchmarks.streaming_side import collate
+    from gq.shards import ShardReader
+
+    shards = shared_dataset(60, grid=16, grasps=64, seed=2, records_per_shard=8)
+    reader, spec = ShardReader(shards), split_records(shards, "train")
+    listed = [scene for shard in spec["shards"] for scene in shard["scenes"]]
+    assert sorted(listed) == sorted(reader.split_scenes("train").tolist())
+    assert [s["grasps"] for s in spec["shards"]][0] == reader.column("num_grasps", spec["shards"][0]["scenes"]).tolist()
+    samples = [{"scene": s, "sdf": reader.sdf(s), "labels": reader.labels(s)[:n]} for s, n in zip(listed[:2], (3, 5))]
+    batch = collate(samples)
+    assert batch["sdf"].shape == (2, 1, 16, 16, 16) and batch["sdf"].dtype == torch.float32
+    assert batch["grasps"].shape == (8, 19) and batch["scores"].shape == (8,)
+    assert batch["scene_of_grasp"].tolist() == [0] * 3 + [1] * 5 and batch["scene_ids"].tolist() == listed[:2]
+    assert torch.equal(batch["scores"][3:], torch.tensor(reader.scores(listed[1])[:5]))

@@ -49,6 +49,7 @@ COMMANDS: dict = {
         "scale": "gq.benchmarks.bench_scale:main",
         "cluster": "gq.benchmarks.bench_cluster:main",
         "stats": "gq.benchmarks.bench_stats:main",
+        "remote": "gq.benchmarks.bench_remote:main",
     },
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
