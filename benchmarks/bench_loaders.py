@@ -207,6 +207,19 @@ def _bytes_read() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
+def window_and_modes(shuffle_window: str, loaders: str) -> tuple[int | None, list[str]]:
+    """--shuffle-window and --loaders (comma-separated modes) of a loader benchmark, checked as click options."""
+    try:
+        window = parse_window(shuffle_window)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--shuffle-window") from None
+    modes = loaders.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]}: choose among {', '.join(MODES)}", param_hint="--loaders")
+    return window, modes
+
+
 def split_file_bytes(shards_dir: Path, split: str) -> int:
     """Bytes of the split's shard files on disk (SDF and labels files, headers and padding included)."""
     reader = ShardReader(shards_dir)
@@ -457,14 +470,7 @@ def main(
     CPU reader uses plain reads, so every byte it reads is counted).
     """
     logging.basicConfig(level=logging.WARNING)
-    try:
-        window = parse_window(shuffle_window)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--shuffle-window") from None
-    modes = loaders.split(",")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise click.BadParameter(f"{unknown[0]}: choose among {', '.join(MODES)}", param_hint="--loaders")
+    window, modes = window_and_modes(shuffle_window, loaders)
     plan = [
         dict(loader=mode, s=s, g=g, whole_epoch=(mode, s) == ("dali", 8), augment=augment)
         for mode in modes

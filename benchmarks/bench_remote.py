@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from gq.benchmarks import streaming_side
-from gq.benchmarks.bench_loaders import split_file_bytes
+from gq.benchmarks.bench_loaders import split_file_bytes, window_and_modes
 from gq.benchmarks.s3_server import CONTROL, s3_server
 from gq.common.extras import missing_extra
 from gq.common.files import write_atomically
@@ -46,7 +46,6 @@ from gq.pipeline import (
     MODES,
     keep_freed_host_memory,
     open_loader,
-    parse_window,
     resolve_device,
 )
 from gq.shards import BuildOptions, ShardReader, build_shards
@@ -269,14 +268,7 @@ def main(
     server over the split's bytes (gq's shard files; for Streaming, its MDS shards).
     """
     logging.basicConfig(level=logging.WARNING)
-    try:
-        window = parse_window(shuffle_window)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--shuffle-window") from None
-    modes = loaders.split(",")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise click.BadParameter(f"{unknown[0]}: choose among {', '.join(MODES)}", param_hint="--loaders")
+    window, modes = window_and_modes(shuffle_window, loaders)
     for value, name in ((epochs, "--epochs"), (repeat, "--repeat")):
         if value < 1:
             raise click.BadParameter(f"{value}: at least 1", param_hint=name)

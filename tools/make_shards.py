@@ -50,6 +50,13 @@ def _part(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+out_option = click.option(
+    "--out",
+    "out",
+    required=True,
+    metavar="DIR|URL",
+    help="Dataset directory to write, or a URL (s3://bucket/prefix) to publish it at (built locally, then uploaded).",
+)
 stage_option = click.option(
     "--stage",
     type=click.Path(path_type=Path),
@@ -74,13 +81,7 @@ def output(out: str, *, stage: Path | None, overwrite: bool) -> Iterator[Path]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    metavar="DIR|URL",
-    help="Dataset directory to write, or a URL (s3://bucket/prefix) to publish it at (built locally, then uploaded).",
-)
+@out_option
 @stage_option
 @click_options(BuildOptions)  # what shapes the bytes: every field of BuildOptions, help text beside it
 @click.option("--workers", type=int, default=None, help="Decoding processes [default: all cores].")

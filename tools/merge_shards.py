@@ -11,18 +11,12 @@ import click
 from gq.common.options import one_line_errors
 from gq.shards import merge_parts
 from gq.shards.remote import is_remote
-from gq.tools.make_shards import output, stage_option, summary_text
+from gq.tools.make_shards import out_option, output, stage_option, summary_text
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    metavar="DIR|URL",
-    help="Dataset directory to write, or a URL (s3://bucket/prefix) to publish it at (built locally, then uploaded).",
-)
+@out_option
 @stage_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in --out.")
 def main(parts: tuple[Path, ...], out: str, stage: Path | None, overwrite: bool) -> None:
