@@ -1,4 +1,5 @@
-"""CUDA paths: the cache and DALI loaders on the GPU, bf16 + channels-last, torch.compile, NCCL.
+"""CUDA paths: the cache and DALI loaders on the GPU (rotation augmentation and mixtures too), bf16 +
+channels-last, torch.compile, NCCL.
 
 Every test here is marked `cuda` and skips with a reason where torch sees no CUDA device; the GPU
 check (benchmarks/gpu_check.sh) runs them with `-m cuda` on a GPU machine.
@@ -62,19 +63,49 @@ def test_cache_on_cuda_equals_cache_on_cpu(shards: Path, s: int, g: int) -> None
         _assert_same(_epochs(cpu), _epochs(gpu))
 
 
-@pytest.mark.parametrize("s,g", [(3, 5), (8, 16)])
-def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int) -> None:
+def _needs_dali_on_cuda() -> None:
     pytest.importorskip("nvidia.dali", reason="DALI is not installed (benchmarks/stage_wheels.sh stages it)")
     from nvidia.dali import backend
 
     if backend.GetCUDADeviceCount() < 1:
         pytest.skip("this DALI build sees no CUDA device")
+
+
+@pytest.mark.parametrize("s,g,augment", [(3, 5, "off"), (8, 16, "off"), (8, 16, "rot24")])
+def test_dali_on_cuda_equals_cache_on_cuda(shards: Path, s: int, g: int, augment: str) -> None:
+    _needs_dali_on_cuda()
     kwargs = dict(split="train", scenes_per_batch=s, grasps_per_sdf=g, seed=7, device="cuda", progress=False)
     with (
-        open_loader(shards, mode="cache", **kwargs) as cache,
-        open_loader(shards, mode="dali", **kwargs) as dali,
+        open_loader(shards, mode="cache", augment=augment, **kwargs) as cache,
+        open_loader(shards, mode="dali", augment=augment, **kwargs) as dali,
     ):
         _assert_same(_epochs(cache), _epochs(dali))
+
+
+def test_rot24_on_cuda_turns_as_on_cpu(shards: Path) -> None:
+    """The rotation on the device: SDFs (permute, flip: moves only) and everything but the grasps are equal bit
+    for bit; the turned grasps to float32 rounding, as CUDA may fuse the quaternion product's multiply-adds."""
+    kwargs = dict(split="train", scenes_per_batch=8, grasps_per_sdf=16, seed=7, progress=False, augment="rot24")
+    with (
+        open_loader(shards, mode="cache", device="cpu", **kwargs) as cpu,
+        open_loader(shards, mode="cache", device="cuda", **kwargs) as gpu,
+    ):
+        a, b = _epochs(cpu), _epochs(gpu)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        for name in ("sdf", "scores", "scene_of_grasp", "scene_ids"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        torch.testing.assert_close(x.grasps, y.grasps, rtol=0, atol=1e-6)
+
+
+def test_a_mixture_on_cuda_equals_it_on_cpu(shards: Path, shared_dataset) -> None:
+    other = shared_dataset(40, grid=GRID, grasps=GRASPS, seed=4, records_per_shard=16, val_fraction=0.2)
+    kwargs = dict(split="train", scenes_per_batch=8, grasps_per_sdf=16, seed=7, progress=False, weights=[0.7, 0.3])
+    with (
+        open_loader([shards, other], mode="cache", device="cpu", **kwargs) as cpu,
+        open_loader([shards, other], mode="cache", device="cuda", **kwargs) as gpu,
+    ):
+        _assert_same(_epochs(cpu), _epochs(gpu))
 
 
 def _fit_cli(shards: Path, out: Path, *flags: str, steps: int = 12) -> dict:
