@@ -42,6 +42,9 @@ def test_bench_shards(tmp_path: Path) -> None:
             "read_npz_s",
             "bytes_per_scene",
             "input_bytes_per_scene",
+            "writer_from_memory_s",  # ShardWriter fed arrays, no files
+            "merge_4_parts_s",
+            "merge_over_copy",  # against a plain copy of the parts' files
         ):
             assert figures[kind][key] > 0
         assert figures[kind]["seed_bytes_per_scene"] == 16**3 * 4 + 16 * 20 * 4

@@ -82,3 +82,19 @@ def test_the_readme_says_how_to_install_from_a_clone_and_into_an_existing_cuda_e
     install = (REPO / "README.md").read_text().split("## Install")[1].split("\n## ")[0]
     assert "not on a package index" in install and "git clone" in install
     assert "pip install -e '.[meshes]'" in install and "torch must not be in that list" in install
+
+
+def test_the_simulator_loop_of_the_writing_page_runs_and_writes_a_dataset(tmp_path: Path) -> None:
+    """docs/writing.md's first example, as printed but for fewer objects, in a folder of its own."""
+    text = (REPO / "docs" / "writing.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "range(1000)" in code
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace("range(1000)", "range(12)")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[:3] == ["12", "scenes", "in"]
+    verify = subprocess.run(
+        [sys.executable, "-m", "gq.tools.cli", "shards", "verify", "data/shards"], cwd=tmp_path, capture_output=True
+    )
+    assert verify.returncode == 0, verify.stderr[-2000:]
