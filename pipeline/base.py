@@ -248,6 +248,11 @@ class Loader:
     def _make_resident(self, plan: EpochPlan, b: int) -> None:
         """Make sure every record batch `b` uses is resident and checked."""
 
+    def _lease(self, at_once: int) -> ShardLease:
+        """The dataset's lease for holding `at_once` shards at a time, or all of the split's shards where it has
+        fewer: a loader never holds more distinct shards than that, so a cache limit need not make room for more."""
+        return self.dataset.lease(min(at_once, len(self.records.shards())))
+
     def _keep_local(self, shards: Sequence[int], ready: int) -> None:
         """Hold exactly `shards` (the next ones, in the order they are needed) and wait until the first `ready`
         of them are local: those held before and not among them are released first, the rest download in the

@@ -139,7 +139,7 @@ class CacheLoader(Loader):
         # Shards are held in the cache only while they are read (and a few ahead, downloading): the lease ends
         # with the load, and so does its share of the cache limit.
         cores = os.cpu_count() or 1
-        self.lease = self.dataset.lease(min(cores, CACHED_READ_THREADS) + PREFETCH_SHARDS)
+        self.lease = self._lease(min(cores, CACHED_READ_THREADS) + PREFETCH_SHARDS)
         try:
             if self.device.type == "cuda":
                 self._load_staged(parts, bar, first)

@@ -71,7 +71,7 @@ class DaliLoader(Loader):
         self._used = np.zeros(self._record.shape, dtype=bool)  # (shard, slot) records the current plan uses
         self._order = np.zeros(0, dtype=np.int64)  # the shard of each position listed
         self._reads = self.prefetch + DALI_READS_AHEAD + 1  # positions from `_delivered` that must be local
-        self.lease = dataset.lease(self._reads + PREFETCH_SHARDS)
+        self.lease = self._lease(self._reads + PREFETCH_SHARDS)
 
     @property
     def resident_bytes(self) -> int:
