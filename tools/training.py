@@ -23,6 +23,7 @@ from click.core import ParameterSource
 from gq.common.errors import UsageError
 from gq.common.options import click_options, one_line_errors
 from gq.common.table import format_table
+from gq.meshes import OPEN_MESH_MODES, SDF_BACKENDS
 from gq.pipeline import MODES
 from gq.shards import SPLITS
 from gq.train import evaluate_checkpoint, fit
@@ -228,14 +229,14 @@ def eval_cmd(checkpoint: Path, **options) -> None:
 )
 @click.option(
     "--open-meshes",
-    type=click.Choice(["refuse", "winding", "repair"]),
+    type=click.Choice(OPEN_MESH_MODES),
     default="refuse",
     show_default=True,
     help="With --mesh: how to sign a mesh that is not closed.",
 )
 @click.option(
     "--sdf-backend",
-    type=click.Choice(["mesh2sdf", "warp"]),
+    type=click.Choice(SDF_BACKENDS),
     default="mesh2sdf",
     show_default=True,
     help="With --mesh: the SDF backend (as gq import-meshes made the training data).",
